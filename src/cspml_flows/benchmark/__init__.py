@@ -1,0 +1,1 @@
+"""Benchmark protocols (``mp20bt``, ``mpts52``), scoring, baselines and reports."""

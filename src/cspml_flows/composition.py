@@ -1,0 +1,134 @@
+"""Formula parsing with clear errors, and the canonical site-role order shared by queries and templates.
+
+A composition's *roles* are its elements ordered by reduced amount (ascending, as in pymatgen's anonymous
+formula ``ABC3``), then by Pauling electronegativity, then by atomic number. Two compositions with the same
+anonymous formula are compared role by role; elements whose amounts tie form a *tie group* whose members
+may be permuted when substituting onto a template.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+
+from pymatgen.core import Composition, Element
+
+from cspml_flows.errors import CompositionError
+
+_TOKEN = re.compile(r"([A-Z][a-z]?)|(\d+(?:\.\d+)?)|(\()|(\))|(\s+)")
+
+
+def _check_tokens(formula: str) -> None:
+    pos, depth = 0, 0
+    while pos < len(formula):
+        m = _TOKEN.match(formula, pos)
+        if not m:
+            raise CompositionError(f"malformed formula {formula!r}: unexpected {formula[pos]!r} at position {pos}")
+        sym, _num, opening, closing, _ws = m.groups()
+        if sym and not Element.is_valid_symbol(sym):
+            raise CompositionError(f"unknown element {sym!r} in formula {formula!r}")
+        depth += 1 if opening else -1 if closing else 0
+        if depth < 0:
+            raise CompositionError(f"malformed formula {formula!r}: unbalanced parentheses")
+        pos = m.end()
+    if depth:
+        raise CompositionError(f"malformed formula {formula!r}: unbalanced parentheses")
+
+
+@lru_cache(maxsize=65536)
+def parse_composition(formula: str) -> Composition:
+    """Parse a formula such as ``SrTiO3`` or ``Li3PS4``; raise :class:`CompositionError` on bad input."""
+    if not isinstance(formula, str) or not formula.strip():
+        raise CompositionError("empty formula")
+    formula = formula.strip()
+    _check_tokens(formula)
+    try:
+        comp = Composition(formula)
+    except Exception as exc:  # pymatgen raises several types
+        raise CompositionError(f"malformed formula {formula!r}: {exc}") from None
+    if comp.num_atoms <= 0 or any(not isinstance(el, Element) for el in comp):
+        raise CompositionError(f"formula {formula!r} has no real elements")
+    return comp
+
+
+def as_composition(value: str | Composition) -> Composition:
+    """Accept a formula string or a Composition."""
+    return value if isinstance(value, Composition) else parse_composition(value)
+
+
+@dataclass(frozen=True)
+class Roles:
+    """Elements of a reduced composition in canonical role order."""
+
+    elements: tuple[str, ...]
+    amounts: tuple[float, ...]
+
+    @property
+    def anonymous_formula(self) -> str:
+        return anonymous_formula_from_amounts(self.amounts)
+
+    @property
+    def reduced_formula(self) -> str:
+        return Composition(dict(zip(self.elements, self.amounts, strict=True))).reduced_formula
+
+    def tie_groups(self) -> list[list[int]]:
+        """Indices of roles grouped by equal amounts (in role order)."""
+        groups: list[list[int]] = []
+        for i, amt in enumerate(self.amounts):
+            if groups and abs(self.amounts[groups[-1][0]] - amt) < 1e-8:
+                groups[-1].append(i)
+            else:
+                groups.append([i])
+        return groups
+
+    def permutations(self, limit: int = 24) -> list[tuple[int, ...]]:
+        """Role permutations that only swap elements within tie groups; identity first."""
+        per_group = [list(itertools.permutations(g)) for g in self.tie_groups()]
+        out: list[tuple[int, ...]] = []
+        for combo in itertools.product(*per_group):
+            out.append(tuple(i for g in combo for i in g))
+            if len(out) >= limit:
+                break
+        return out
+
+
+def _electronegativity(symbol: str) -> float:
+    x = Element(symbol).X
+    return float(x) if x == x else 4.0  # noble gases without a Pauling value go last
+
+
+def anonymous_formula_from_amounts(amounts: tuple[float, ...]) -> str:
+    letters = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+    out = []
+    for i, amt in enumerate(sorted(amounts)):
+        label = letters[i] if i < 26 else f"Z{i}"
+        out.append(label + ("" if abs(amt - 1) < 1e-8 else f"{amt:g}"))
+    return "".join(out)
+
+
+@lru_cache(maxsize=65536)
+def _roles_cached(reduced_formula: str) -> Roles:
+    comp = Composition(reduced_formula)
+    items = sorted(
+        ((el.symbol, float(amt)) for el, amt in comp.items()),
+        key=lambda t: (t[1], _electronegativity(t[0]), Element(t[0]).Z),
+    )
+    return Roles(tuple(e for e, _ in items), tuple(a for _, a in items))
+
+
+def roles(comp: str | Composition) -> Roles:
+    """Canonical roles of a composition (reduced)."""
+    comp = as_composition(comp)
+    reduced, _ = comp.get_reduced_composition_and_factor()
+    formula = "".join(f"{el.symbol}{amt:g}" for el, amt in reduced.items())
+    return _roles_cached(formula)
+
+
+def reduced_formula(comp: str | Composition) -> str:
+    return as_composition(comp).reduced_formula
+
+
+def anonymous_formula(comp: str | Composition) -> str:
+    return roles(comp).anonymous_formula

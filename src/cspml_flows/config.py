@@ -1,0 +1,79 @@
+"""Paths and settings: environment variables first, then a YAML config file, then defaults.
+
+- ``CSPML_DATA_DIR`` / config key ``data_dir``: the benchmark data folder (``../shared/data`` by default).
+- ``CSPML_HOME`` / config key ``home``: where the default template store, models and caches live.
+- ``CSPML_CONFIG``: a YAML file with those keys (default: ``<home>/config.yaml`` if it exists).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cspml_flows.errors import ConfigError
+
+DATA_ENV = "CSPML_DATA_DIR"
+HOME_ENV = "CSPML_HOME"
+CONFIG_ENV = "CSPML_CONFIG"
+
+
+def _project_root() -> Path:
+    """The source checkout root when installed in editable mode (src/cspml_flows/config.py)."""
+    return Path(__file__).resolve().parents[2]
+
+
+def load_config(path: str | Path | None = None) -> dict[str, Any]:
+    """Read the YAML config named by ``path`` or ``CSPML_CONFIG``; empty if neither is set."""
+    path = path or os.environ.get(CONFIG_ENV)
+    if not path:
+        return {}
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {p} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p} must hold a mapping, got {type(data).__name__}")
+    return data
+
+
+def home_dir(config: dict[str, Any] | None = None) -> Path:
+    """Folder for the default store, models and caches."""
+    config = load_config() if config is None else config
+    value = os.environ.get(HOME_ENV) or config.get("home") or Path.home() / ".cspml-flows"
+    path = Path(value).expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def data_dir(config: dict[str, Any] | None = None, required: bool = True) -> Path:
+    """The benchmark data folder holding ``mp_20_biternary/`` and ``mpts_52/``."""
+    config = load_config() if config is None else config
+    value = os.environ.get(DATA_ENV) or config.get("data_dir")
+    candidates = [Path(value).expanduser()] if value else [
+        Path.cwd() / ".." / "shared" / "data",
+        _project_root() / ".." / "shared" / "data",
+        Path.cwd() / "shared" / "data",
+    ]
+    for cand in candidates:
+        if (cand / "mp_20_biternary").is_dir() or (cand / "mpts_52").is_dir():
+            return cand.resolve()
+    if required:
+        tried = ", ".join(str(c) for c in candidates)
+        raise ConfigError(f"benchmark data folder not found (tried {tried}); set {DATA_ENV} or 'data_dir'")
+    return candidates[0]
+
+
+def default_store_path(config: dict[str, Any] | None = None) -> Path:
+    """Folder of the embedded on-disk template store."""
+    return home_dir(config) / "store"
+
+
+def default_model_path(config: dict[str, Any] | None = None) -> Path:
+    """File of the default trained similarity model."""
+    return home_dir(config) / "models" / "cspml.joblib"

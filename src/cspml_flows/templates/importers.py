@@ -1,0 +1,292 @@
+"""Importers that turn user data into template documents in a :class:`TemplateStore`.
+
+Sources: a CDVAE/Materials-Project-style CSV with a ``cif`` column, a folder of CIF/POSCAR files, another
+maggma Store with ``structure`` documents, and the Materials Project API (optional ``mp-api`` extra).
+Imports are resumable: documents whose ``material_id`` is already in the store are skipped, and work is
+written in batches so an interrupted import keeps what it finished.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from pymatgen.core import Structure
+
+from cspml_flows.errors import CSPMLError, StructureReadError
+from cspml_flows.templates.schema import TemplateDoc, template_doc_from_structure
+from cspml_flows.templates.store import TemplateStore
+
+log = logging.getLogger(__name__)
+
+# CSV column -> TemplateDoc field (the shared MP-20 and MPTS-52 files use both spellings)
+_PROPERTY_COLUMNS = {
+    "e_above_hull": "e_above_hull",
+    "energy_above_hull": "e_above_hull",
+    "formation_energy_per_atom": "formation_energy_per_atom",
+    "energy_per_atom": "energy_per_atom",
+}
+STRUCTURE_SUFFIXES = (".cif", ".vasp", ".poscar")
+
+
+@dataclass
+class ImportReport:
+    """What an import did."""
+
+    source: str
+    added: int = 0
+    skipped_existing: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)
+
+    def summary(self) -> str:
+        msg = f"{self.source}: {self.added} added, {self.skipped_existing} already present"
+        return msg + (f", {len(self.failed)} unreadable" if self.failed else "")
+
+
+def read_structure(path: str | Path) -> Structure:
+    """Read a CIF or POSCAR file; raise :class:`StructureReadError` naming the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise StructureReadError(f"structure file not found: {p}")
+    try:
+        s = Structure.from_file(str(p))
+    except Exception as exc:
+        raise StructureReadError(f"cannot read structure file {p}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    if len(s) == 0:
+        raise StructureReadError(f"structure file {p} has no sites")
+    return s
+
+
+def structure_from_cif_string(cif: str, name: str = "<cif>") -> Structure:
+    try:
+        s = Structure.from_str(cif, fmt="cif")
+    except Exception as exc:
+        raise StructureReadError(f"cannot parse CIF of {name}: {exc}") from None
+    if len(s) == 0:
+        raise StructureReadError(f"CIF of {name} has no sites")
+    return s
+
+
+def _doc_from_row(args: tuple[str, str, str, dict[str, Any]]) -> TemplateDoc | tuple[str, str]:
+    material_id, cif, source, props = args
+    try:
+        s = structure_from_cif_string(cif, material_id)
+        return template_doc_from_structure(s, material_id, source=source, **props)
+    except Exception as exc:  # keep going; report at the end
+        return (material_id, str(exc))
+
+
+def _doc_from_file(args: tuple[str, str, str]) -> TemplateDoc | tuple[str, str]:
+    material_id, path, source = args
+    try:
+        return template_doc_from_structure(read_structure(path), material_id, source=source)
+    except Exception as exc:
+        return (material_id, str(exc))
+
+
+def _run_batches(
+    store: TemplateStore,
+    tasks: Sequence[tuple],
+    worker: Callable[[Any], TemplateDoc | tuple[str, str]],
+    report: ImportReport,
+    workers: int,
+    batch_size: int,
+    progress: Callable[[int, int], None] | None,
+) -> ImportReport:
+    existing = store.ids()
+    todo = [t for t in tasks if t[0] not in existing]
+    report.skipped_existing += len(tasks) - len(todo)
+    workers = max(1, min(workers, os.cpu_count() or 1))
+    pool = ProcessPoolExecutor(max_workers=workers) if workers > 1 and len(todo) > 50 else None
+    try:
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start : start + batch_size]
+            results = (
+                list(pool.map(worker, chunk, chunksize=max(1, len(chunk) // (4 * workers))))
+                if pool
+                else [worker(t) for t in chunk]
+            )
+            docs = [r for r in results if isinstance(r, TemplateDoc)]
+            report.failed.extend(r for r in results if not isinstance(r, TemplateDoc))
+            report.added += store.add(docs)
+            if progress:
+                progress(min(start + batch_size, len(todo)), len(todo))
+    finally:
+        if pool:
+            pool.shutdown()
+    return report
+
+
+def import_csv(
+    store: TemplateStore,
+    path: str | Path,
+    source: str | None = None,
+    id_column: str = "material_id",
+    cif_column: str = "cif",
+    exclude_ids: Iterable[str] = (),
+    workers: int = 2,
+    batch_size: int = 1000,
+    progress: Callable[[int, int], None] | None = None,
+) -> ImportReport:
+    """Import a CSV (optionally gzipped) with an id column and a CIF column."""
+    p = Path(path)
+    if not p.is_file():
+        raise CSPMLError(f"CSV file not found: {p}")
+    try:
+        df = pd.read_csv(p)
+    except Exception as exc:
+        raise CSPMLError(f"cannot read CSV {p}: {exc}") from None
+    for col in (id_column, cif_column):
+        if col not in df.columns:
+            raise CSPMLError(f"CSV {p} has no '{col}' column (columns: {', '.join(map(str, df.columns))})")
+    source = source or p.name.split(".")[0] if source is None else source
+    excluded = set(exclude_ids)
+    prop_cols = {c: f for c, f in _PROPERTY_COLUMNS.items() if c in df.columns}
+    tasks = []
+    for row in df.to_dict("records"):
+        mid = str(row[id_column])
+        if mid in excluded:
+            continue
+        props = {f: (None if pd.isna(row[c]) else float(row[c])) for c, f in prop_cols.items()}
+        tasks.append((mid, row[cif_column], str(source), props))
+    report = ImportReport(source=str(p))
+    return _run_batches(store, tasks, _doc_from_row, report, workers, batch_size, progress)
+
+
+def structure_files(folder: str | Path) -> list[Path]:
+    """CIF/POSCAR files in a folder: ``*.cif``, ``*.vasp``, ``*.poscar``, ``POSCAR*``, ``CONTCAR*``."""
+    d = Path(folder)
+    if not d.is_dir():
+        raise CSPMLError(f"structure folder not found: {d}")
+    files = sorted(
+        f
+        for f in d.iterdir()
+        if f.is_file()
+        and (f.suffix.lower() in STRUCTURE_SUFFIXES or f.name.upper().startswith(("POSCAR", "CONTCAR")))
+    )
+    if not files:
+        raise CSPMLError(f"no CIF/POSCAR files in {d}")
+    return files
+
+
+def import_folder(
+    store: TemplateStore,
+    folder: str | Path,
+    source: str | None = None,
+    id_prefix: str = "",
+    strict: bool = True,
+    workers: int = 2,
+    batch_size: int = 1000,
+) -> ImportReport:
+    """Import every CIF/POSCAR file of a folder; the id is ``id_prefix + file name stem``.
+
+    With ``strict`` a broken file stops the import before anything is written, naming the file.
+    """
+    files = structure_files(folder)
+    source = source or f"folder:{Path(folder).name}"
+    tasks = [(f"{id_prefix}{f.stem if f.suffix else f.name}", str(f), source) for f in files]
+    if strict:
+        for _, path, _ in tasks:
+            read_structure(path)
+    report = ImportReport(source=str(folder))
+    return _run_batches(store, tasks, _doc_from_file, report, workers, batch_size, None)
+
+
+def docs_from_structures(
+    structures: Iterable[tuple[str, Structure]], source: str = "user", **properties: Any
+) -> Iterator[TemplateDoc]:
+    for mid, s in structures:
+        yield template_doc_from_structure(s, mid, source=source, **properties)
+
+
+def template_doc_from_mapping(doc: dict[str, Any], source: str) -> TemplateDoc:
+    """Convert a document with a ``structure`` (dict or Structure) and MP-style property names."""
+    raw = doc.get("structure")
+    if raw is None:
+        raise CSPMLError(f"document {doc.get('material_id', doc.get('task_id', '?'))} has no 'structure'")
+    s = raw if isinstance(raw, Structure) else Structure.from_dict(raw)
+    mid = doc.get("material_id") or doc.get("task_id")
+    if mid is None:
+        raise CSPMLError("document has neither 'material_id' nor 'task_id'")
+    props = {
+        "e_above_hull": doc.get("energy_above_hull", doc.get("e_above_hull")),
+        "formation_energy_per_atom": doc.get("formation_energy_per_atom"),
+        "energy_per_atom": doc.get("energy_per_atom", doc.get("uncorrected_energy_per_atom")),
+    }
+    return template_doc_from_structure(s, str(mid), source=source, **props)
+
+
+def import_store(
+    store: TemplateStore, other: Any, criteria: dict | None = None, source: str | None = None
+) -> ImportReport:
+    """Copy structures from another maggma Store (documents with ``structure`` and an id)."""
+    other.connect()
+    report = ImportReport(source=other.name)
+    existing = store.ids()
+    batch: list[TemplateDoc] = []
+    for d in other.query(criteria or {}):
+        mid = str(d.get("material_id") or d.get("task_id"))
+        if mid in existing:
+            report.skipped_existing += 1
+            continue
+        try:
+            batch.append(template_doc_from_mapping(d, source or other.name))
+        except Exception as exc:
+            report.failed.append((mid, str(exc)))
+        if len(batch) >= 1000:
+            report.added += store.add(batch)
+            batch = []
+    report.added += store.add(batch)
+    return report
+
+
+MP_FIELDS = ["material_id", "structure", "energy_above_hull", "formation_energy_per_atom", "energy_per_atom"]
+
+
+def import_materials_project(
+    store: TemplateStore,
+    chemsys: str | list[str] | None = None,
+    formula: str | list[str] | None = None,
+    api_key: str | None = None,
+    max_e_above_hull: float | None = 0.1,
+    rester: Any = None,
+) -> ImportReport:
+    """Import structures from the Materials Project API (needs the ``mp`` extra and an API key).
+
+    ``rester`` may be an existing ``mp_api.client.MPRester`` (or any object with the same
+    ``materials.summary.search``), which is how tests exercise this path offline.
+    """
+    if rester is None:
+        try:
+            from mp_api.client import MPRester
+        except ImportError:
+            raise CSPMLError("the Materials Project importer needs mp-api: pip install 'cspml-flows[mp]'") from None
+        rester = MPRester(api_key) if api_key else MPRester()
+    kwargs: dict[str, Any] = {"fields": MP_FIELDS}
+    if chemsys:
+        kwargs["chemsys"] = chemsys
+    if formula:
+        kwargs["formula"] = formula
+    if max_e_above_hull is not None:
+        kwargs["energy_above_hull"] = (0, max_e_above_hull)
+    results = rester.materials.summary.search(**kwargs)
+    report = ImportReport(source="materials-project")
+    docs = []
+    existing = store.ids()
+    for r in results:
+        d = r.model_dump() if hasattr(r, "model_dump") else dict(r)
+        if str(d.get("material_id")) in existing:
+            report.skipped_existing += 1
+            continue
+        try:
+            docs.append(template_doc_from_mapping(d, "materials-project"))
+        except Exception as exc:
+            report.failed.append((str(d.get("material_id")), str(exc)))
+    report.added += store.add(docs)
+    return report
