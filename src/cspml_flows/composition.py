@@ -9,6 +9,7 @@ may be permuted when substituting onto a template.
 from __future__ import annotations
 
 import itertools
+import math
 import re
 from dataclasses import dataclass
 from functools import lru_cache
@@ -25,7 +26,11 @@ def _check_tokens(formula: str) -> None:
     while pos < len(formula):
         m = _TOKEN.match(formula, pos)
         if not m:
-            raise CompositionError(f"malformed formula {formula!r}: unexpected {formula[pos]!r} at position {pos}")
+            char = formula[pos]
+            hint = " (element symbols start with a capital letter, e.g. 'NaCl')" if char.islower() else ""
+            raise CompositionError(
+                f"malformed formula {formula!r}: unexpected {char!r} at position {pos}{hint}"
+            )
         sym, _num, opening, closing, _ws = m.groups()
         if sym and not Element.is_valid_symbol(sym):
             raise CompositionError(f"unknown element {sym!r} in formula {formula!r}")
@@ -40,7 +45,9 @@ def _check_tokens(formula: str) -> None:
 @lru_cache(maxsize=65536)
 def parse_composition(formula: str) -> Composition:
     """Parse a formula such as ``SrTiO3`` or ``Li3PS4``; raise :class:`CompositionError` on bad input."""
-    if not isinstance(formula, str) or not formula.strip():
+    if not isinstance(formula, str):
+        raise CompositionError(f"formula must be a string, got {type(formula).__name__}")
+    if not formula.strip():
         raise CompositionError("empty formula")
     formula = formula.strip()
     _check_tokens(formula)
@@ -99,31 +106,46 @@ def _electronegativity(symbol: str) -> float:
     return float(x) if x == x else 4.0  # noble gases without a Pauling value go last
 
 
+def _amount_str(amt: float) -> str:
+    """An amount as pymatgen's anonymized formula writes it: '' for 1, '2' for 2.0, '0.5' for 0.5."""
+    if amt == 1:
+        return ""
+    if abs(amt % 1) < 1e-8:
+        return str(int(amt))
+    return str(amt)
+
+
 def anonymous_formula_from_amounts(amounts: tuple[float, ...]) -> str:
     letters = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
     out = []
     for i, amt in enumerate(sorted(amounts)):
         label = letters[i] if i < 26 else f"Z{i}"
-        out.append(label + ("" if abs(amt - 1) < 1e-8 else f"{amt:g}"))
+        out.append(label + _amount_str(float(amt)))
     return "".join(out)
 
 
 @lru_cache(maxsize=65536)
-def _roles_cached(reduced_formula: str) -> Roles:
-    comp = Composition(reduced_formula)
-    items = sorted(
-        ((el.symbol, float(amt)) for el, amt in comp.items()),
-        key=lambda t: (t[1], _electronegativity(t[0]), Element(t[0]).Z),
-    )
-    return Roles(tuple(e for e, _ in items), tuple(a for _, a in items))
+def _roles_cached(items: tuple[tuple[str, float], ...]) -> Roles:
+    ordered = sorted(items, key=lambda t: (round(t[1], 8), _electronegativity(t[0]), Element(t[0]).Z))
+    return Roles(tuple(e for e, _ in ordered), tuple(a for _, a in ordered))
 
 
 def roles(comp: str | Composition) -> Roles:
-    """Canonical roles of a composition (reduced)."""
-    comp = as_composition(comp)
-    reduced, _ = comp.get_reduced_composition_and_factor()
-    formula = "".join(f"{el.symbol}{amt:g}" for el, amt in reduced.items())
-    return _roles_cached(formula)
+    """Canonical roles of a composition (reduced).
+
+    Integer compositions are divided by the greatest common divisor of their amounts (``H2O2`` has the
+    roles of ``HO``, as in pymatgen's anonymized formula); fractional ones are kept as they are.
+    Oxidation-state decorated species count as their element.
+    """
+    comp = as_composition(comp).element_composition
+    amounts = [(el.symbol, float(amt)) for el, amt in comp.items() if amt > Composition.amount_tolerance]
+    if not amounts:
+        raise CompositionError(f"composition {comp.formula!r} has no atoms")
+    if all(abs(a - round(a)) < 1e-8 for _, a in amounts):
+        ints = [round(a) for _, a in amounts]
+        div = math.gcd(*ints)
+        amounts = [(sym, float(n // div)) for (sym, _), n in zip(amounts, ints, strict=True)]
+    return _roles_cached(tuple(sorted(amounts)))
 
 
 def reduced_formula(comp: str | Composition) -> str:

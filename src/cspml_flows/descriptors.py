@@ -4,7 +4,8 @@ Two descriptors, both built on one element-property table:
 
 - :func:`magpie_stats`: the Magpie ``ElementProperty`` statistics (22 properties x min, max, range, mean,
   avg_dev, mode = 132 numbers), identical to ``matminer.featurizers.composition.ElementProperty
-  .from_preset("magpie")`` but computed for thousands of compositions at once.
+  .from_preset("magpie")`` (whose default replaces unknown element properties by the mean over all
+  elements) but computed for thousands of compositions at once.
 - :func:`role_properties`: the properties of each element in canonical role order (see
   :mod:`cspml_flows.composition`), padded with NaN, for role-by-role comparison of compositions that share
   an anonymous formula.
@@ -20,7 +21,7 @@ from pymatgen.core import Composition, Element
 
 from cspml_flows.composition import Roles, roles
 
-DESCRIPTOR_VERSION = "magpie-v1"
+DESCRIPTOR_VERSION = "magpie-v2"  # v2: magpie_stats imputes missing element properties like matminer
 MAGPIE_PROPERTIES = (
     "Number", "MendeleevNumber", "AtomicWeight", "MeltingT", "Column", "Row", "CovalentRadius",
     "Electronegativity", "NsValence", "NpValence", "NdValence", "NfValence", "NValence", "NsUnfilled",
@@ -37,12 +38,16 @@ MAX_ROLES = 6
 N_ELEMENTS = 119
 
 
-@lru_cache(maxsize=1)
-def element_table() -> np.ndarray:
-    """Array [Z, property] of the Magpie element properties (row 0 unused, NaN where unknown)."""
+@lru_cache(maxsize=2)
+def element_table(impute_nan: bool = False) -> np.ndarray:
+    """Array [Z, property] of the Magpie element properties (row 0 unused and NaN).
+
+    A property an element lacks is NaN, or with ``impute_nan`` (matminer's ``ElementProperty`` default,
+    used by :func:`magpie_stats`) the mean of that property over the elements that have it.
+    """
     from matminer.utils.data import MagpieData
 
-    data = MagpieData(impute_nan=False).all_elemental_props
+    data = MagpieData(impute_nan=impute_nan).all_elemental_props
     table = np.full((N_ELEMENTS, len(MAGPIE_PROPERTIES)), np.nan)
     for j, prop in enumerate(MAGPIE_PROPERTIES):
         for sym, value in data[prop].items():
@@ -74,26 +79,26 @@ def _padded(comps: Sequence[Composition | str]) -> tuple[np.ndarray, np.ndarray]
 
 def magpie_stats(comps: Sequence[Composition | str]) -> np.ndarray:
     """Magpie ElementProperty statistics for many compositions: array (n, 132), matminer's column order."""
-    table = element_table()
+    table = element_table(impute_nan=True)
     zs, fr = _padded(comps)
     props = table[zs]  # (n, E, P)
-    mask = fr > 0
+    mask = (fr > 0)[:, :, None]
     w = fr[:, :, None]
     with np.errstate(invalid="ignore"):
-        mean = np.nansum(w * props, axis=1)
-        avg_dev = np.nansum(w * np.abs(props - mean[:, None, :]), axis=1)
-        big = np.where(mask[:, :, None], props, np.inf)
-        small = np.where(mask[:, :, None], props, -np.inf)
-        minimum = np.min(big, axis=1)
-        maximum = np.max(small, axis=1)
-        # matminer's mode: property of the most abundant element, smallest value on ties
-        top = fr == fr.max(axis=1, keepdims=True)
+        # padding columns (Z=0) contribute nothing; a NaN property of a real element makes the stat NaN
+        real = np.where(mask, props, 0.0)
+        mean = np.sum(w * real, axis=1)
+        avg_dev = np.sum(w * np.where(mask, np.abs(props - mean[:, None, :]), 0.0), axis=1)
+        minimum = np.min(np.where(mask, props, np.inf), axis=1)
+        maximum = np.max(np.where(mask, props, -np.inf), axis=1)
+        # matminer's mode: property of the most abundant element (np.isclose), smallest value on ties
+        top = np.isclose(fr, fr.max(axis=1, keepdims=True)) & (fr > 0)
         mode = np.min(np.where(top[:, :, None], props, np.inf), axis=1)
     stats = {"minimum": minimum, "maximum": maximum, "range": maximum - minimum, "mean": mean,
              "avg_dev": avg_dev, "mode": mode}  # fmt: skip
     out = np.stack([stats[s] for s in MAGPIE_STATS], axis=2)  # (n, P, S): matminer orders prop-major
-    out = out.reshape(len(zs), -1)
-    out[~np.isfinite(out)] = np.nan
+    out = out.reshape(len(zs), len(MAGPIE_PROPERTIES) * len(MAGPIE_STATS))
+    out[np.isinf(out)] = np.nan
     return out
 
 

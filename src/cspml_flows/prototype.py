@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
-from pymatgen.analysis.prototypes import get_protostructure_label_from_spg_analyzer
+import numpy as np
 from pymatgen.analysis.structure_matcher import StructureMatcher
 from pymatgen.core import Structure
 from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
@@ -26,13 +27,48 @@ class PrototypeInfo:
     nsites_primitive: int
 
 
+@lru_cache(maxsize=1)
+def _label_functions():
+    """pymatgen's prototype-label helpers, imported on first use.
+
+    Importing ``pymatgen.analysis.prototypes`` decodes its whole AFLOW prototype library (about 6 s), which
+    every ``import cspml_flows`` would otherwise pay even when no label is computed.
+    """
+    from pymatgen.analysis.prototypes import (
+        get_protostructure_label_from_spg_analyzer,
+        get_prototype_from_protostructure,
+    )
+
+    return get_protostructure_label_from_spg_analyzer, get_prototype_from_protostructure
+
+
+def preload_label_data() -> None:
+    """Import the label helpers now (before forking worker processes, so that each need not)."""
+    _label_functions()
+
+
+def prototype_label(sga: SpacegroupAnalyzer) -> str | None:
+    """Element-independent AFLOW-style prototype label: ``ABC3_cP5_221_a_b_c`` for every cubic perovskite.
+
+    The plain AFLOW label orders elements alphabetically, so SrTiO3 (``A3BC_cP5_221_c_a_b``) and BaZrO3
+    (``AB3C_cP5_221_a_c_b``) would differ; pymatgen's canonical prototype orders by amount and picks the
+    smallest equivalent Wyckoff assignment. ``None`` where spglib's Wyckoff positions are inconsistent.
+    """
+    protostructure_label, canonical_prototype = _label_functions()
+    full = protostructure_label(sga)
+    if full.startswith("Invalid"):
+        return None
+    return canonical_prototype(full)
+
+
 def prototype_info(structure: Structure, symprec: float = 0.1) -> PrototypeInfo:
-    """AFLOW-style prototype label (without chemical system), space group and primitive-cell size."""
+    """Prototype label (see :func:`prototype_label`), space group and primitive-cell size."""
     try:
         sga = SpacegroupAnalyzer(structure, symprec=symprec, angle_tolerance=5)
         number, symbol = sga.get_space_group_number(), sga.get_space_group_symbol()
-        label = get_protostructure_label_from_spg_analyzer(sga).split(":")[0]
-        if label.startswith("Invalid"):
+        try:
+            label = prototype_label(sga)
+        except Exception:  # a label failure should not lose the space group
             label = None
         pearson = sga.get_pearson_symbol()
         n_conv = int(pearson[2:])
@@ -40,3 +76,88 @@ def prototype_info(structure: Structure, symprec: float = 0.1) -> PrototypeInfo:
         return PrototypeInfo(label, number, symbol, nprim)
     except Exception:  # spglib can fail on odd cells; fall back to the cell as given
         return PrototypeInfo(None, None, None, len(structure))
+
+
+def _merge_partition(args: tuple[list[int], list[dict]]) -> list[tuple[int, int]]:
+    """Pairs of label groups (by position) whose representatives match under fit_anonymous."""
+    group_ids, rep_dicts = args
+    reps = [Structure.from_dict(d) for d in rep_dicts]
+    sm = structure_matcher()
+    merged: list[tuple[int, int]] = []
+    for i in range(len(reps)):
+        for j in range(i + 1, len(reps)):
+            try:
+                if sm.fit_anonymous(reps[i], reps[j]):
+                    merged.append((group_ids[i], group_ids[j]))
+            except Exception:
+                continue
+    return merged
+
+
+def cluster_prototypes(
+    anonymous_formulas: list[str],
+    nsites_primitive: list[int],
+    labels: list[str | None],
+    structures: list[dict],
+    workers: int = 1,
+    max_groups_per_partition: int = 60,
+) -> list[int]:
+    """Prototype cluster id per structure.
+
+    Structures with the same anonymous formula, primitive-cell size and spglib prototype label start in
+    one group; groups of a partition whose representatives match under
+    ``StructureMatcher(stol=0.5, angle_tol=10, ltol=0.3).fit_anonymous`` are merged (union-find).
+    Partitions with more than ``max_groups_per_partition`` groups are merged only among groups of the
+    same space-group number, to bound the quadratic cost.
+    """
+    n = len(labels)
+    group_of: dict[tuple, int] = {}
+    gid = np.empty(n, dtype=np.int64)
+    first: list[int] = []
+    for i in range(n):
+        key = (anonymous_formulas[i], nsites_primitive[i], labels[i] if labels[i] else f"__none_{i}")
+        if key not in group_of:
+            group_of[key] = len(first)
+            first.append(i)
+        gid[i] = group_of[key]
+    parent = list(range(len(first)))
+
+    def find(x: int) -> int:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    partitions: dict[tuple, list[int]] = {}
+    for key, g in group_of.items():
+        part = (key[0], key[1])
+        partitions.setdefault(part, []).append(g)
+    tasks = []
+    for groups in partitions.values():
+        if len(groups) < 2:
+            continue
+        if len(groups) > max_groups_per_partition:
+            by_sg: dict[str, list[int]] = {}
+            for g in groups:
+                lab = labels[first[g]] or ""
+                by_sg.setdefault(lab.split("_")[2] if lab.count("_") >= 2 else "?", []).append(g)
+            subsets = [s for s in by_sg.values() if len(s) > 1]
+        else:
+            subsets = [groups]
+        tasks.extend((s, [structures[first[g]] for g in s]) for s in subsets)
+    tasks.sort(key=lambda t: -len(t[0]))
+    if workers > 1 and len(tasks) > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            results = list(pool.map(_merge_partition, tasks))
+    else:
+        results = [_merge_partition(t) for t in tasks]
+    for pairs in results:
+        for a, b in pairs:
+            ra, rb = find(a), find(b)
+            if ra != rb:
+                parent[max(ra, rb)] = min(ra, rb)
+    roots = np.array([find(g) for g in range(len(first))])
+    _, cluster = np.unique(roots[gid], return_inverse=True)
+    return cluster.tolist()

@@ -20,8 +20,9 @@ import pandas as pd
 from pymatgen.core import Structure
 
 from cspml_flows.errors import CSPMLError, StructureReadError
+from cspml_flows.prototype import preload_label_data
 from cspml_flows.templates.schema import TemplateDoc, template_doc_from_structure
-from cspml_flows.templates.store import TemplateStore
+from cspml_flows.templates.store import TemplateStore, redact_uri
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,8 @@ def read_structure(path: str | Path) -> Structure:
     try:
         s = Structure.from_file(str(p))
     except Exception as exc:
-        raise StructureReadError(f"cannot read structure file {p}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise StructureReadError(f"cannot read structure file {p}: {reason}") from None
     if len(s) == 0:
         raise StructureReadError(f"structure file {p} has no sites")
     return s
@@ -73,19 +75,20 @@ def structure_from_cif_string(cif: str, name: str = "<cif>") -> Structure:
     return s
 
 
-def _doc_from_row(args: tuple[str, str, str, dict[str, Any]]) -> TemplateDoc | tuple[str, str]:
+def _doc_from_row(args: tuple[str, str, str, dict[str, Any]]) -> dict | tuple[str, str]:
     material_id, cif, source, props = args
     try:
         s = structure_from_cif_string(cif, material_id)
-        return template_doc_from_structure(s, material_id, source=source, **props)
+        return template_doc_from_structure(s, material_id, source=source, **props).model_dump(mode="json")
     except Exception as exc:  # keep going; report at the end
         return (material_id, str(exc))
 
 
-def _doc_from_file(args: tuple[str, str, str]) -> TemplateDoc | tuple[str, str]:
+def _doc_from_file(args: tuple[str, str, str]) -> dict | tuple[str, str]:
     material_id, path, source = args
     try:
-        return template_doc_from_structure(read_structure(path), material_id, source=source)
+        doc = template_doc_from_structure(read_structure(path), material_id, source=source)
+        return doc.model_dump(mode="json")
     except Exception as exc:
         return (material_id, str(exc))
 
@@ -93,17 +96,28 @@ def _doc_from_file(args: tuple[str, str, str]) -> TemplateDoc | tuple[str, str]:
 def _run_batches(
     store: TemplateStore,
     tasks: Sequence[tuple],
-    worker: Callable[[Any], TemplateDoc | tuple[str, str]],
+    worker: Callable[[Any], dict | tuple[str, str]],
     report: ImportReport,
     workers: int,
     batch_size: int,
     progress: Callable[[int, int], None] | None,
 ) -> ImportReport:
     existing = store.ids()
-    todo = [t for t in tasks if t[0] not in existing]
-    report.skipped_existing += len(tasks) - len(todo)
+    todo, seen = [], set()
+    for t in tasks:
+        if t[0] in existing:
+            report.skipped_existing += 1
+        elif t[0] in seen:  # store.add(assume_new=True) would write both copies
+            report.failed.append((t[0], f"duplicate id {t[0]!r} in the input; only the first is imported"))
+        else:
+            seen.add(t[0])
+            todo.append(t)
+    batch_size = max(1, batch_size)
     workers = max(1, min(workers, os.cpu_count() or 1))
-    pool = ProcessPoolExecutor(max_workers=workers) if workers > 1 and len(todo) > 50 else None
+    pool = None
+    if workers > 1 and len(todo) > 50:
+        preload_label_data()  # forked workers inherit it instead of each importing it
+        pool = ProcessPoolExecutor(max_workers=workers)
     try:
         for start in range(0, len(todo), batch_size):
             chunk = todo[start : start + batch_size]
@@ -112,9 +126,9 @@ def _run_batches(
                 if pool
                 else [worker(t) for t in chunk]
             )
-            docs = [r for r in results if isinstance(r, TemplateDoc)]
-            report.failed.extend(r for r in results if not isinstance(r, TemplateDoc))
-            report.added += store.add(docs)
+            docs = [r for r in results if isinstance(r, dict)]
+            report.failed.extend(r for r in results if not isinstance(r, dict))
+            report.added += store.add(docs, assume_new=True)
             if progress:
                 progress(min(start + batch_size, len(todo)), len(todo))
     finally:
@@ -139,23 +153,27 @@ def import_csv(
     if not p.is_file():
         raise CSPMLError(f"CSV file not found: {p}")
     try:
-        df = pd.read_csv(p)
+        df = pd.read_csv(p, dtype={id_column: str})  # ids stay text ('0123' or ids in a column with gaps)
     except Exception as exc:
         raise CSPMLError(f"cannot read CSV {p}: {exc}") from None
     for col in (id_column, cif_column):
         if col not in df.columns:
             raise CSPMLError(f"CSV {p} has no '{col}' column (columns: {', '.join(map(str, df.columns))})")
-    source = source or p.name.split(".")[0] if source is None else source
-    excluded = set(exclude_ids)
+    if source is None:
+        source = p.name.split(".")[0]
+    excluded = {str(i) for i in exclude_ids}
     prop_cols = {c: f for c, f in _PROPERTY_COLUMNS.items() if c in df.columns}
     tasks = []
-    for row in df.to_dict("records"):
+    report = ImportReport(source=str(p))
+    for i, row in enumerate(df.to_dict("records")):
+        if pd.isna(row[id_column]):
+            report.failed.append((f"row {i}", f"no {id_column}"))
+            continue
         mid = str(row[id_column])
         if mid in excluded:
             continue
         props = {f: (None if pd.isna(row[c]) else float(row[c])) for c, f in prop_cols.items()}
         tasks.append((mid, row[cif_column], str(source), props))
-    report = ImportReport(source=str(p))
     return _run_batches(store, tasks, _doc_from_row, report, workers, batch_size, progress)
 
 
@@ -227,7 +245,7 @@ def import_store(
 ) -> ImportReport:
     """Copy structures from another maggma Store (documents with ``structure`` and an id)."""
     other.connect()
-    report = ImportReport(source=other.name)
+    report = ImportReport(source=redact_uri(str(other.name)))
     existing = store.ids()
     batch: list[TemplateDoc] = []
     for d in other.query(criteria or {}):
@@ -235,8 +253,9 @@ def import_store(
         if mid in existing:
             report.skipped_existing += 1
             continue
+        existing.add(mid)  # the same id twice in the other store is imported once
         try:
-            batch.append(template_doc_from_mapping(d, source or other.name))
+            batch.append(template_doc_from_mapping(d, source or report.source))
         except Exception as exc:
             report.failed.append((mid, str(exc)))
         if len(batch) >= 1000:
@@ -266,7 +285,8 @@ def import_materials_project(
         try:
             from mp_api.client import MPRester
         except ImportError:
-            raise CSPMLError("the Materials Project importer needs mp-api: pip install 'cspml-flows[mp]'") from None
+            msg = "the Materials Project importer needs mp-api: pip install 'cspml-flows[mp]'"
+            raise CSPMLError(msg) from None
         rester = MPRester(api_key) if api_key else MPRester()
     kwargs: dict[str, Any] = {"fields": MP_FIELDS}
     if chemsys:
@@ -284,6 +304,7 @@ def import_materials_project(
         if str(d.get("material_id")) in existing:
             report.skipped_existing += 1
             continue
+        existing.add(str(d.get("material_id")))
         try:
             docs.append(template_doc_from_mapping(d, "materials-project"))
         except Exception as exc:

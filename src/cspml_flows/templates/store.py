@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,22 @@ from cspml_flows.templates.schema import TemplateDoc
 
 COLLECTION = "templates"
 KEY = "material_id"
+DEFAULT_DATABASE = "cspml"
+
+
+def mongo_database_name(uri: str) -> str:
+    """The database named in a MongoDB URI's path (``mongodb://host:27017/NAME?opts``), else ``cspml``.
+
+    Parsed by hand: pymongo's parser resolves ``mongodb+srv://`` hosts through DNS.
+    """
+    rest = uri.split("://", 1)[-1].split("?", 1)[0]
+    database = rest.split("/", 1)[1] if "/" in rest else ""
+    return database.strip("/") or DEFAULT_DATABASE
+
+
+def redact_uri(uri: str) -> str:
+    """A URI with the password of its user information replaced by ``***``."""
+    return re.sub(r"^([a-z][a-z0-9+.-]*://[^:/@]+):[^@/]*@", r"\1:***@", uri, flags=re.IGNORECASE)
 
 
 def store_from_uri(uri: str | Path | None, collection: str = COLLECTION, create: bool = True) -> Store:
@@ -32,7 +49,7 @@ def store_from_uri(uri: str | Path | None, collection: str = COLLECTION, create:
         uri = default_store_path()
     text = str(uri)
     if text.startswith(("mongodb://", "mongodb+srv://")):
-        database = text.rsplit("/", 1)[-1].split("?")[0] or "cspml"
+        database = mongo_database_name(text)
         return MongoURIStore(uri=text, collection_name=collection, database=database, key=KEY)
     if text.startswith("memory://"):
         return MemoryStore(collection_name=text[len("memory://") :] or collection, key=KEY)
@@ -63,14 +80,15 @@ class TemplateStore:
 
     @property
     def name(self) -> str:
-        return self.store.name
+        """The store's name for messages (a MongoDB URI without its password)."""
+        return redact_uri(str(self.store.name))
 
     def connect(self) -> None:
         if not self._connected:
             try:
                 self.store.connect()
             except Exception as exc:
-                raise StoreError(f"cannot open template store {self.store.name}: {exc}") from None
+                raise StoreError(f"cannot open template store {self.name}: {exc}") from None
             self._connected = True
 
     def close(self) -> None:
@@ -91,20 +109,35 @@ class TemplateStore:
     def ids(self) -> set[str]:
         return {str(i) for i in self.store.distinct(KEY)}
 
-    def add(self, docs: Iterable[TemplateDoc | dict[str, Any]]) -> int:
-        """Insert new documents in one bulk write and update existing ones; returns how many were written."""
-        rows = [d.model_dump(mode="json") if isinstance(d, TemplateDoc) else dict(d) for d in docs]
+    def add(self, docs: Iterable[TemplateDoc | dict[str, Any]], assume_new: bool = False) -> int:
+        """Insert new documents in one bulk write and update existing ones; returns how many were written.
+
+        ``assume_new`` skips the lookup of existing keys when the caller already filtered them out.
+        """
+        by_key: dict[str, dict[str, Any]] = {}
+        for d in docs:
+            row = d.model_dump(mode="json") if isinstance(d, TemplateDoc) else dict(d)
+            row.pop("_id", None)  # an id from another store must not clash with ours
+            if row.get(KEY) is None:
+                raise StoreError(f"template document without '{KEY}' (fields: {', '.join(map(str, row))})")
+            row[KEY] = str(row[KEY])
+            by_key[row[KEY]] = row  # a key given twice in one call: the last document wins
+        rows = list(by_key.values())
         if not rows:
             return 0
-        keys = [r[KEY] for r in rows]
-        existing = {str(d[KEY]) for d in self.store.query({KEY: {"$in": keys}}, properties=[KEY])}
+        keys = list(by_key)
+        existing = set() if assume_new else {
+            str(d[KEY]) for d in self.store.query({KEY: {"$in": keys}}, properties=[KEY])
+        }
         new = [r for r in rows if r[KEY] not in existing]
         old = [r for r in rows if r[KEY] in existing]
         if new:
             # maggma's update() upserts one document at a time, which is quadratic on embedded stores
             self.store._collection.insert_many(new)
         if old:
-            self.store.update(old, key=KEY)
+            self.store.update(old, key=KEY)  # a writable JSONStore rewrites its file here
+        elif new and isinstance(self.store, JSONStore) and not self.store.read_only:
+            self.store.update_json_file()  # the direct insert bypassed JSONStore's own file write
         return len(rows)
 
     def docs(self, criteria: dict | None = None, properties: list[str] | None = None) -> Iterator[dict]:

@@ -1,0 +1,239 @@
+"""``cspml benchmark``: one protocol and setting, the learned model beside the baselines, JSON + Markdown.
+
+The model is trained on the pool without any query's ``material_id`` (and, in the strict setting, without
+any query's reduced formula), so nothing about a query leaks into the learned similarity. Prediction then
+uses the whole pool with the protocol's per-query exclusions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import pickle
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pymatgen.core import Structure
+
+from cspml_flows.benchmark.baselines import pymatgen_rank, random_rank
+from cspml_flows.benchmark.ceiling import coverage
+from cspml_flows.benchmark.protocols import SETTINGS, load_queries, pool_store
+from cspml_flows.benchmark.scoring import rms_table, summarize
+from cspml_flows.composition import roles
+from cspml_flows.config import home_dir
+from cspml_flows.errors import ConfigError, ModelError
+from cspml_flows.learning.model import SimilarityModel, training_hash
+from cspml_flows.predict.predictor import CSPPredictor, Prediction
+from cspml_flows.predict.retrieve import rank
+from cspml_flows.templates.importers import structure_from_cif_string
+from cspml_flows.templates.index import TemplateIndex
+
+log = logging.getLogger(__name__)
+TOP = 20
+
+
+@dataclass
+class BenchmarkConfig:
+    protocol: str
+    setting: str = "standard"
+    limit: int | None = None
+    workers: int = 2
+    seed: int = 0
+    baselines: tuple[str, ...] = ("random", "nearest", "pymatgen_substitution")
+    retrain: bool = False
+
+
+def _parse(args: tuple[str, str]) -> Structure:
+    return structure_from_cif_string(args[1], args[0])
+
+
+def _cached(path: Path, build):
+    if path.is_file():
+        try:
+            with path.open("rb") as fh:
+                return pickle.load(fh)
+        except Exception:
+            pass
+    value = build()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.with_suffix(".tmp").open("wb") as fh:
+        pickle.dump(value, fh, protocol=pickle.HIGHEST_PROTOCOL)
+    path.with_suffix(".tmp").replace(path)
+    return value
+
+
+def query_structures(protocol: str, ids: list[str], cifs: list[str], workers: int) -> list[Structure]:
+    key = hashlib.sha1("|".join(ids).encode()).hexdigest()[:12]
+
+    def build() -> list[Structure]:
+        if workers > 1 and len(ids) > 50:
+            from concurrent.futures import ProcessPoolExecutor
+
+            with ProcessPoolExecutor(max_workers=workers) as pool:
+                return list(pool.map(_parse, zip(ids, cifs, strict=True), chunksize=64))
+        return [_parse(a) for a in zip(ids, cifs, strict=True)]
+
+    return _cached(home_dir() / "benchmark" / f"queries-{protocol}-{key}.pkl", build)
+
+
+def benchmark_model(index: TemplateIndex, query_ids: list[str], query_formulas: list[str], cfg: BenchmarkConfig,
+                    log_fn=print) -> tuple[SimilarityModel, dict]:  # fmt: skip
+    """Train (or load the cached) model on the pool minus the queries."""
+    mask = ~np.isin(index.ids, query_ids)
+    if cfg.setting == "strict":
+        mask &= ~np.isin(index.formulas, list(set(query_formulas)))
+    sub = index.subset(mask)
+    path = home_dir() / "benchmark" / f"model-{cfg.protocol}-{cfg.setting}-{training_hash(sub)}.joblib"
+    if path.is_file() and not cfg.retrain:
+        try:
+            model = SimilarityModel.load(path)
+            return model, model.meta.get("report", {})
+        except ModelError:
+            pass
+    model, report = SimilarityModel.train(sub, seed=cfg.seed, log=log_fn)
+    model.save(path)
+    return model, report.as_dict()
+
+
+def run_benchmark(cfg: BenchmarkConfig, log_fn=print) -> dict[str, Any]:
+    if cfg.setting not in SETTINGS:
+        raise ConfigError(f"unknown setting {cfg.setting!r}; choose one of {', '.join(SETTINGS)}")
+    t_all = time.perf_counter()
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    store = pool_store(cfg.protocol, workers=cfg.workers)
+    index = TemplateIndex.from_store(store, workers=cfg.workers)
+    store.close()
+    timings["pool_seconds"] = time.perf_counter() - t
+    log_fn(f"pool: {len(index)} templates, {len(set(index.cluster.tolist()))} prototype clusters")
+
+    t = time.perf_counter()
+    q = load_queries(cfg.protocol, limit=cfg.limit, seed=cfg.seed)
+    gts = query_structures(cfg.protocol, q.material_ids, q.cifs, cfg.workers)
+    comps = [g.composition for g in gts]
+    q_roles = [roles(c) for c in comps]
+    formulas = [r.reduced_formula for r in q_roles]
+    timings["query_parse_seconds"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    full_q = load_queries(cfg.protocol)  # the model never sees any query of the protocol
+    all_formulas = formulas if cfg.limit is None else [
+        roles(s.composition).reduced_formula for s in query_structures(cfg.protocol, full_q.material_ids,
+                                                                       full_q.cifs, cfg.workers)
+    ]  # fmt: skip
+    model, train_report = benchmark_model(index, full_q.material_ids, all_formulas, cfg, log_fn)
+    timings["train_seconds"] = time.perf_counter() - t
+
+    strict = cfg.setting == "strict"
+    exclude = [{mid} for mid in q.material_ids]
+    predictor = CSPPredictor(index, model)
+    t = time.perf_counter()
+    preds = predictor.predict(comps, top=TOP, exclude_ids=exclude, strict=strict)
+    predict_seconds = time.perf_counter() - t
+    log_fn(f"predicted {len(comps)} compositions in {predict_seconds:.1f} s")
+
+    t = time.perf_counter()
+    rms = rms_table(gts, [[c.structure for c in p.candidates] for p in preds], workers=cfg.workers)
+    score_seconds = time.perf_counter() - t
+    metrics = summarize(rms)
+    log_fn(f"scored in {score_seconds:.1f} s: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+
+    t = time.perf_counter()
+    covered = coverage(index, gts, q.material_ids, strict, workers=cfg.workers)
+    timings["ceiling_seconds"] = time.perf_counter() - t
+    ceiling = float(covered.mean()) if len(covered) else float("nan")
+    has_anon = float(np.mean([len(_allowed(index, r, mid, strict)) > 0 for r, mid in zip(q_roles, q.material_ids,
+                                                                                          strict=True)]))  # fmt: skip
+
+    baselines: dict[str, Any] = {}
+    for name in cfg.baselines:
+        t = time.perf_counter()
+        if name == "random":
+            ranked = random_rank(index, q_roles, TOP, exclude, strict, seed=cfg.seed)
+        elif name == "nearest":
+            ranked = rank(None, index, q_roles, top=TOP, exclude_ids=exclude, strict=strict, metric="nearest")
+        elif name == "pymatgen_substitution":
+            ranked = pymatgen_rank(index, q_roles, TOP, exclude, strict)
+        else:
+            raise ConfigError(f"unknown baseline {name!r}")
+        bp = predictor.realize(comps, ranked, TOP, dedup=False)
+        b_seconds = time.perf_counter() - t
+        b_rms = rms_table(gts, [[c.structure for c in p.candidates] for p in bp], workers=cfg.workers)
+        baselines[name] = {**summarize(b_rms), "predict_seconds": b_seconds}
+        log_fn(f"baseline {name}: top1={baselines[name]['top1']:.4f} top5={baselines[name]['top5']:.4f}")
+
+    n = len(comps)
+    smact_ok = float(np.mean([p.smact_valid for p in preds])) if preds else float("nan")
+    result = {
+        "protocol": cfg.protocol,
+        "setting": cfg.setting,
+        "n_queries": n,
+        "limit": cfg.limit,
+        "seed": cfg.seed,
+        "n_templates": len(index),
+        "n_prototype_clusters": len(set(index.cluster.tolist())),
+        "queries_with_same_anonymous_formula_template": has_anon,
+        "ceiling": ceiling,
+        **metrics,
+        "top1_over_ceiling": metrics["top1"] / ceiling if ceiling else float("nan"),
+        "top5_over_ceiling": metrics["top5"] / ceiling if ceiling else float("nan"),
+        "ungated": summarize_ungated(preds, rms),
+        "smact_valid_fraction": smact_ok,
+        "no_prediction_fraction": float(np.mean([not p.candidates for p in preds])) if preds else float("nan"),
+        "predict_seconds": predict_seconds,
+        "compositions_per_second": n / predict_seconds if predict_seconds else float("nan"),
+        "score_seconds": score_seconds,
+        "baselines": baselines,
+        "training": train_report,
+        "timings": {**timings, "total_seconds": time.perf_counter() - t_all},
+        "workers": cfg.workers,
+    }
+    return result
+
+
+def _allowed(index: TemplateIndex, r, mid: str, strict: bool) -> np.ndarray:
+    members = index.by_anon.get(r.anonymous_formula, np.zeros(0, dtype=int))
+    ok = index.ids[members] != mid
+    if strict:
+        ok &= index.formulas[members] != r.reduced_formula
+    return members[ok]
+
+
+def summarize_ungated(preds: list[Prediction], rms: list[list[float | None]]) -> dict[str, float]:
+    """Share of SMACT-invalid queries: their predictions can never count under the standard gate."""
+    invalid = [not p.smact_valid for p in preds]
+    return {"smact_invalid_queries": float(np.mean(invalid)) if invalid else float("nan")}
+
+
+def write_reports(result: dict[str, Any], json_path: str | Path | None, md_path: str | Path | None) -> None:
+    if json_path:
+        p = Path(json_path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(json.dumps(result, indent=2, default=float))
+    if md_path:
+        p = Path(md_path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(markdown_table([result]))
+
+
+def markdown_table(results: list[dict[str, Any]]) -> str:
+    """One row per method and protocol/setting: match rates beside the ceiling, RMSE and speed."""
+    lines = [
+        "| protocol | setting | n | method | top-1 | top-5 | top-20 | RMSE top-1 | ceiling | top-1/ceiling | comp/s |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        rows = [("cspml (learned)", r, r["compositions_per_second"])]
+        rows += [(name, b, r["n_queries"] / b["predict_seconds"] if b.get("predict_seconds") else float("nan"))
+                 for name, b in r["baselines"].items()]  # fmt: skip
+        for name, m, speed in rows:
+            lines.append(
+                f"| {r['protocol']} | {r['setting']} | {r['n_queries']} | {name} | {m['top1']:.1%} | {m['top5']:.1%} "
+                f"| {m['top20']:.1%} | {m['rmse_top1']:.4f} | {r['ceiling']:.1%} | {m['top1'] / r['ceiling']:.2f} "
+                f"| {speed:.0f} |"
+            )
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,1 @@
+"""Pair labelling, pair features and the learned CSPML similarity model."""

@@ -1,0 +1,1 @@
+"""Pure prediction functions: retrieval, substitution, validity, deduplication (no jobflow here)."""

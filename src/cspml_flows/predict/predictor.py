@@ -1,0 +1,140 @@
+"""The prediction API: compositions in, ranked pymatgen Structures out."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pymatgen.core import Composition, Structure
+
+from cspml_flows.composition import Roles, as_composition, roles
+from cspml_flows.config import default_model_path
+from cspml_flows.learning.model import SimilarityModel
+from cspml_flows.predict.dedup import _same
+from cspml_flows.predict.retrieve import Ranked, rank
+from cspml_flows.predict.substitute import substitute
+from cspml_flows.predict.validity import MIN_DISTANCE, smact_valid
+from cspml_flows.prototype import structure_matcher
+from cspml_flows.templates.index import TemplateIndex
+from cspml_flows.templates.store import TemplateStore
+
+
+@dataclass
+class Candidate:
+    """One predicted structure."""
+
+    rank: int
+    structure: Structure
+    score: float
+    template_id: str
+    template_formula: str
+    prototype: str | None
+    template_spacegroup: int
+    min_distance: float
+    assignment: dict[str, str]
+
+    def summary(self) -> dict:
+        return {
+            "rank": self.rank, "score": round(self.score, 4), "template_id": self.template_id,
+            "template_formula": self.template_formula, "prototype": self.prototype,
+            "template_spacegroup": self.template_spacegroup, "min_distance": round(self.min_distance, 3),
+            "assignment": self.assignment,
+        }  # fmt: skip
+
+
+@dataclass
+class Prediction:
+    """Ranked candidates for one composition. ``smact_valid`` flags charge neutrality (not a filter)."""
+
+    formula: str
+    anonymous_formula: str
+    smact_valid: bool
+    candidates: list[Candidate] = field(default_factory=list)
+    message: str | None = None
+
+
+class CSPPredictor:
+    """Template retrieval with the learned similarity, element substitution, validity gate and dedup."""
+
+    def __init__(self, index: TemplateIndex, model: SimilarityModel | None, prefilter: int = 48):
+        self.index = index
+        self.model = model
+        self.prefilter = prefilter
+        self._equiv: dict[tuple, bool] = {}
+
+    @classmethod
+    def from_paths(cls, store: str | Path | None = None, model: str | Path | None = None,
+                   workers: int = 2) -> CSPPredictor:  # fmt: skip
+        """Open a template store (default: embedded) and a trained model (default: ``$CSPML_HOME``)."""
+        sim = SimilarityModel.load(model or default_model_path())
+        ts = TemplateStore.open(store, create=False)
+        try:
+            index = TemplateIndex.from_store(ts, workers=workers)
+        finally:
+            ts.close()
+        return cls(index, sim)
+
+    def predict(
+        self,
+        compositions: Sequence[str | Composition],
+        top: int = 5,
+        exclude_ids: Sequence[set[str]] | None = None,
+        strict: bool = False,
+        metric: str = "learned",
+        dedup: bool = True,
+    ) -> list[Prediction]:
+        """Predict ``top`` distinct structures for each composition (invalid formulas raise CompositionError)."""
+        comps = [as_composition(c) for c in compositions]
+        rl = [roles(c) for c in comps]
+        ranked = rank(self.model, self.index, rl, top=top * 2 + 2 if dedup else top, exclude_ids=exclude_ids,
+                      strict=strict, prefilter=self.prefilter, metric=metric)  # fmt: skip
+        return self.realize(comps, ranked, top, dedup)
+
+    def realize(self, comps: Sequence[Composition], ranked: Sequence[list[Ranked]], top: int,
+                dedup: bool = True) -> list[Prediction]:  # fmt: skip
+        """Turn ranked (template, assignment) lists into structures: substitute, gate, deduplicate."""
+        return [self._build(c, roles(c), cands, top, dedup) for c, cands in zip(comps, ranked, strict=True)]
+
+    def _build(self, comp: Composition, r: Roles, cands: list[Ranked], top: int, dedup: bool) -> Prediction:
+        pred = Prediction(comp.reduced_formula, r.anonymous_formula, smact_valid(comp))
+        if not cands:
+            n_anon = len(self.index.by_anon.get(r.anonymous_formula, []))
+            pred.message = (
+                f"no usable template with anonymous formula {r.anonymous_formula} for {comp.reduced_formula} "
+                f"({n_anon} in the store before exclusions, {len(self.index)} templates in all)"
+            )
+            return pred
+        kept: list[tuple[Ranked, Structure, float]] = []
+        for c in cands:
+            s, dmin = substitute(self.index, c.template, r, c.perm)
+            if dmin < MIN_DISTANCE:
+                continue
+            if dedup and any(self._equivalent(k, ks, c, s) for k, ks, _ in kept):
+                continue
+            kept.append((c, s, dmin))
+            if len(kept) >= top:
+                break
+        for i, (c, s, dmin) in enumerate(kept):
+            t_roles = self.index.roles[c.template]
+            pred.candidates.append(
+                Candidate(
+                    rank=i + 1, structure=s, score=c.score, template_id=str(self.index.ids[c.template]),
+                    template_formula=str(self.index.formulas[c.template]),
+                    prototype=self.index.prototype[c.template] or None,
+                    template_spacegroup=int(self.index.spacegroup[c.template]), min_distance=dmin,
+                    assignment={t_roles.elements[k]: r.elements[j] for k, j in enumerate(c.perm)},
+                )
+            )  # fmt: skip
+        if not pred.candidates:
+            pred.message = f"every candidate for {comp.reduced_formula} failed the {MIN_DISTANCE} A distance rule"
+        return pred
+
+    def _equivalent(self, a: Ranked, sa: Structure, b: Ranked, sb: Structure) -> bool:
+        """Two assignments onto the same template that give the same structure (checked once, cached)."""
+        if a.template != b.template:
+            return False
+        key = (a.template, a.perm, b.perm)
+        if key not in self._equiv:
+            self._equiv[key] = _same(structure_matcher(), sa, sb)
+        return self._equiv[key]

@@ -1,0 +1,44 @@
+"""Put a query's elements onto a template's sites and rescale the cell."""
+
+from __future__ import annotations
+
+import numpy as np
+from pymatgen.core import Lattice, Structure
+
+from cspml_flows.composition import Roles
+from cspml_flows.descriptors import MAGPIE_PROPERTIES, element_table
+from cspml_flows.templates.index import TemplateIndex
+
+_VOL_COL = MAGPIE_PROPERTIES.index("GSvolume_pa")
+
+
+def element_volume(symbols: list[str] | tuple[str, ...]) -> np.ndarray:
+    """DFT ground-state volume per atom of each element (Magpie GSvolume_pa)."""
+    from pymatgen.core import Element
+
+    table = element_table()
+    return np.array([table[Element(s).Z, _VOL_COL] for s in symbols])
+
+
+def volume_scale(query: Roles, template: Roles, perm: tuple[int, ...]) -> float:
+    """Ratio of predicted to template volume: elemental volumes summed over the formula, role by role."""
+    q_el = [query.elements[j] for j in perm]
+    vq = element_volume(q_el)
+    vt = element_volume(template.elements)
+    amounts = np.asarray(template.amounts)
+    if not (np.all(np.isfinite(vq)) and np.all(np.isfinite(vt))):
+        return 1.0
+    return float((amounts * vq).sum() / (amounts * vt).sum())
+
+
+def substitute(index: TemplateIndex, t: int, query: Roles, perm: tuple[int, ...]) -> tuple[Structure, float]:
+    """The template ``t`` with role ``r`` taken by ``query.elements[perm[r]]``, volume rescaled.
+
+    Returns the structure and its minimum interatomic distance.
+    """
+    matrix, frac, site_roles, dmin = index.cell(t)
+    scale = volume_scale(query, index.roles[t], perm) ** (1 / 3)
+    q_el = [query.elements[j] for j in perm]
+    species = [q_el[r] for r in site_roles]
+    s = Structure(Lattice(matrix * scale), species, frac, validate_proximity=False)
+    return s, dmin * scale

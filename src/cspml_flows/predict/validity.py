@@ -1,0 +1,67 @@
+"""Validity rules of the standard CSP evaluation (DiffCSP ``compute_metrics.py``).
+
+- composition: SMACT charge neutrality with the Pauling electronegativity test; single-element and
+  all-metal compositions pass. This is a *flag* on predictions, not a filter.
+- structure: every interatomic distance at least 0.5 A and volume at least 0.1 A^3; candidates failing
+  this are dropped.
+"""
+
+from __future__ import annotations
+
+import itertools
+from functools import lru_cache
+
+import numpy as np
+from pymatgen.core import Composition, Structure
+
+MIN_DISTANCE = 0.5
+MIN_VOLUME = 0.1
+
+
+@lru_cache(maxsize=100000)
+def _smact_valid_formula(formula: str) -> bool:
+    import smact
+    from smact.screening import pauling_test
+
+    comp = Composition(formula)
+    symbols = tuple(el.symbol for el in comp)
+    if len(symbols) == 1:
+        return True
+    if all(s in smact.metals for s in symbols):
+        return True
+    space = smact.element_dictionary(symbols)
+    elems = [space[s] for s in symbols]
+    electronegs = [e.pauling_eneg for e in elems]
+    ox_combos = [e.oxidation_states for e in elems]
+    counts = [int(round(comp[s])) for s in symbols]
+    threshold = max(counts)
+    for ox_states in itertools.product(*ox_combos):
+        cn_e, _ = smact.neutral_ratios(ox_states, stoichs=[(c,) for c in counts], threshold=threshold)
+        if cn_e:
+            try:
+                ok = pauling_test(ox_states, electronegs)
+            except TypeError:  # an element without a Pauling electronegativity
+                ok = True
+            if ok:
+                return True
+    return False
+
+
+def smact_valid(comp: Composition | str) -> bool:
+    """SMACT charge-neutrality validity of a composition (counts of the reduced formula)."""
+    c = comp if isinstance(comp, Composition) else Composition(comp)
+    reduced = c.reduced_composition
+    return _smact_valid_formula("".join(f"{el.symbol}{int(round(a))}" for el, a in reduced.items()))
+
+
+def min_distance(structure: Structure) -> float:
+    if len(structure) == 1:
+        return float(min(structure.lattice.abc))
+    dm = structure.distance_matrix
+    np.fill_diagonal(dm, np.inf)
+    return float(dm.min())
+
+
+def structure_valid(structure: Structure, cutoff: float = MIN_DISTANCE) -> bool:
+    """Distance rule of the standard evaluation."""
+    return structure.volume >= MIN_VOLUME and min_distance(structure) >= cutoff

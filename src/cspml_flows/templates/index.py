@@ -1,0 +1,167 @@
+"""An in-memory, array-based view of a template store for fast retrieval.
+
+Built once from the store (one full read) and cached on disk beside ``$CSPML_HOME``; rebuilt when the
+store's document count or newest ``last_updated`` changes. Structures stay as dicts until a prediction needs
+them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from pymatgen.core import Lattice, Structure
+
+from cspml_flows.composition import Roles, roles
+from cspml_flows.config import home_dir
+from cspml_flows.descriptors import DESCRIPTOR_VERSION, magpie_stats, role_fractions, role_properties
+from cspml_flows.prototype import cluster_prototypes
+from cspml_flows.templates.store import TemplateStore
+
+log = logging.getLogger(__name__)
+INDEX_VERSION = 2
+_FIELDS = [
+    "material_id", "structure", "formula", "anonymous_formula", "nsites_primitive", "prototype",
+    "e_above_hull", "volume_per_atom", "spacegroup_number", "round", "source",
+]  # fmt: skip
+
+
+@dataclass
+class TemplateIndex:
+    """Arrays over all templates of a store."""
+
+    ids: np.ndarray
+    formulas: np.ndarray
+    anon: np.ndarray
+    roles: list[Roles]
+    nprim: np.ndarray
+    prototype: np.ndarray
+    e_above_hull: np.ndarray
+    spacegroup: np.ndarray
+    structures: list[dict]
+    cluster: np.ndarray
+    stats: np.ndarray
+    role_props: np.ndarray
+    role_fracs: np.ndarray
+    signature: str = ""
+    by_anon: dict[str, np.ndarray] = field(default_factory=dict)
+    _cells: dict[int, tuple] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.by_anon:
+            order = np.argsort(self.anon, kind="stable")
+            keys, starts = np.unique(self.anon[order], return_index=True)
+            bounds = [*starts[1:], len(order)]
+            self.by_anon = {k: order[s:e] for k, s, e in zip(keys, starts, bounds, strict=True)}
+        self.cluster_size = np.bincount(self.cluster)[self.cluster] if len(self.cluster) else self.cluster
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    # ---- construction -------------------------------------------------------------------------------
+    @classmethod
+    def from_docs(cls, docs: list[dict], workers: int = 1, signature: str = "") -> TemplateIndex:
+        if not docs:
+            return cls.empty()
+        rl = [roles(d["formula"]) for d in docs]
+        anon = np.array([r.anonymous_formula for r in rl])
+        nprim = np.array([int(d.get("nsites_primitive") or len(d["structure"]["sites"])) for d in docs])
+        proto = np.array([d.get("prototype") or "" for d in docs], dtype=object)
+        structures = [d["structure"] for d in docs]
+        cluster = np.asarray(
+            cluster_prototypes(list(anon), list(nprim), [p or None for p in proto], structures, workers=workers)
+        )
+        ehull = np.array([np.nan if d.get("e_above_hull") is None else d["e_above_hull"] for d in docs])
+        return cls(
+            ids=np.array([str(d["material_id"]) for d in docs]),
+            formulas=np.array([d["formula"] for d in docs]),
+            anon=anon,
+            roles=rl,
+            nprim=nprim,
+            prototype=proto,
+            e_above_hull=ehull,
+            spacegroup=np.array([d.get("spacegroup_number") or 0 for d in docs]),
+            structures=structures,
+            cluster=cluster,
+            stats=magpie_stats([r.reduced_formula for r in rl]),
+            role_props=role_properties(rl),
+            role_fracs=role_fractions(rl),
+            signature=signature,
+        )
+
+    @classmethod
+    def empty(cls) -> TemplateIndex:
+        z = np.zeros(0)
+        return cls(np.array([], dtype=str), np.array([], dtype=str), np.array([], dtype=str), [],
+                   z.astype(int), np.array([], dtype=object), z, z.astype(int), [], z.astype(int),
+                   np.zeros((0, 132)), np.zeros((0, 6, 12)), np.zeros((0, 6)))  # fmt: skip
+
+    @classmethod
+    def from_store(cls, store: TemplateStore, workers: int = 2, cache: bool | Path = True) -> TemplateIndex:
+        """Build (or load from cache) the index of a store; raises StoreError when the store is empty."""
+        n = store.require_nonempty()
+        newest = store.store.query_one(properties=["last_updated"], sort={"last_updated": -1}) or {}
+        signature = f"{INDEX_VERSION}|{DESCRIPTOR_VERSION}|{store.name}|{n}|{newest.get('last_updated')}"
+        path = None
+        if cache:
+            digest = hashlib.sha1(store.name.encode()).hexdigest()[:16]
+            path = Path(cache) if isinstance(cache, Path) else home_dir() / "cache" / f"index-{digest}.pkl"
+            if path.is_file():
+                try:
+                    with path.open("rb") as fh:
+                        idx = pickle.load(fh)
+                    if idx.signature == signature:
+                        return idx
+                except Exception:  # stale or truncated cache: rebuild
+                    log.info("rebuilding unreadable index cache %s", path)
+        docs = list(store.docs(properties=_FIELDS))
+        docs.sort(key=lambda d: str(d["material_id"]))
+        idx = cls.from_docs(docs, workers=workers, signature=signature)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            with tmp.open("wb") as fh:
+                pickle.dump(idx, fh, protocol=pickle.HIGHEST_PROTOCOL)
+            tmp.replace(path)
+        return idx
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_cells"] = {}
+        return state
+
+    # ---- access ---------------------------------------------------------------------------------------
+    def structure(self, i: int) -> Structure:
+        return Structure.from_dict(self.structures[i])
+
+    def cell(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+        """Lattice matrix, fractional coordinates, role index per site, and minimum interatomic distance."""
+        if i not in self._cells:
+            s = self.structure(i)
+            role_of = {el: k for k, el in enumerate(self.roles[i].elements)}
+            site_roles = np.array([role_of[site.specie.symbol] for site in s])
+            dm = s.distance_matrix
+            np.fill_diagonal(dm, np.inf)
+            dmin = float(dm.min()) if len(s) > 1 else _self_image_distance(s.lattice)
+            self._cells[i] = (s.lattice.matrix.copy(), s.frac_coords.copy(), site_roles, dmin)
+        return self._cells[i]
+
+    def subset(self, mask: np.ndarray) -> TemplateIndex:
+        """A new index over the templates where ``mask`` is True (cluster ids kept)."""
+        sel = np.flatnonzero(mask)
+        return TemplateIndex(
+            ids=self.ids[sel], formulas=self.formulas[sel], anon=self.anon[sel],
+            roles=[self.roles[i] for i in sel], nprim=self.nprim[sel], prototype=self.prototype[sel],
+            e_above_hull=self.e_above_hull[sel], spacegroup=self.spacegroup[sel],
+            structures=[self.structures[i] for i in sel], cluster=self.cluster[sel], stats=self.stats[sel],
+            role_props=self.role_props[sel], role_fracs=self.role_fracs[sel],
+            signature=self.signature + f"|subset{hashlib.sha1(sel.tobytes()).hexdigest()[:8]}",
+        )  # fmt: skip
+
+
+def _self_image_distance(lattice: Lattice) -> float:
+    return float(min(lattice.abc))
