@@ -34,21 +34,29 @@ def cmd_import(args: argparse.Namespace) -> int:
     store = TemplateStore.open(args.store)
     try:
         if args.source == "csv":
-            reports = [importers.import_csv(store, p, workers=args.workers, progress=_progress(Path(p).name))
-                       for p in args.paths]  # fmt: skip
+            reports = [
+                importers.import_csv(store, p, workers=args.workers, progress=_progress(Path(p).name))
+                for p in args.paths
+            ]
         elif args.source == "folder":
-            reports = [importers.import_folder(store, p, workers=args.workers, strict=not args.skip_invalid)
-                       for p in args.paths]  # fmt: skip
+            reports = [
+                importers.import_folder(store, p, workers=args.workers, strict=not args.skip_invalid)
+                for p in args.paths
+            ]
         elif args.source == "shared":
             root = data_dir()
             files = args.paths or list(DEMO_FILES)
-            reports = [importers.import_csv(store, root / f, source=f, workers=args.workers,
-                                            progress=_progress(f)) for f in files]  # fmt: skip
+            reports = [
+                importers.import_csv(store, root / f, source=f, workers=args.workers, progress=_progress(f))
+                for f in files
+            ]
         elif args.source == "store":
             from cspml_flows.templates.store import store_from_uri
 
-            reports = [importers.import_store(store, store_from_uri(p, collection=args.collection, create=False))
-                       for p in args.paths]  # fmt: skip
+            reports = [
+                importers.import_store(store, store_from_uri(p, collection=args.collection, create=False))
+                for p in args.paths
+            ]
         elif args.source == "mp":
             reports = [importers.import_materials_project(store, chemsys=args.paths or None)]
         else:  # argparse restricts choices
@@ -73,15 +81,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         t = time.perf_counter()
         index = TemplateIndex.from_store(store, workers=args.workers)
-        print(f"{len(index)} templates, {len(set(index.cluster.tolist()))} prototype clusters "
-              f"({time.perf_counter() - t:.0f} s)")  # fmt: skip
+        print(
+            f"{len(index)} templates, {len(set(index.cluster.tolist()))} prototype clusters "
+            f"({time.perf_counter() - t:.0f} s)"
+        )
     finally:
         store.close()
     model, report = SimilarityModel.train(index, seed=args.seed)
     path = model.save(args.model or default_model_path())
-    print(f"held-out pairs: accuracy {report.pair_accuracy:.3f}, ROC-AUC {report.roc_auc:.3f} "
-          f"(unlearned distance: {report.baseline_accuracy:.3f}, {report.baseline_roc_auc:.3f}); "
-          f"label agreement with fit_anonymous {report.label_agreement}")  # fmt: skip
+    print(
+        f"held-out pairs: accuracy {report.pair_accuracy:.3f}, ROC-AUC {report.roc_auc:.3f} "
+        f"(unlearned distance: {report.baseline_accuracy:.3f}, {report.baseline_roc_auc:.3f}); "
+        f"label agreement with fit_anonymous {report.label_agreement}"
+    )
     print(f"trained in {report.train_seconds:.0f} s -> {path}")
     return 0
 
@@ -112,8 +124,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 f.write_text(to_cif(sym))
                 row["cif"] = str(f)
             entry["candidates"].append(row)
-            print(f"  {c.rank:>4} {c.score:>6.3f}  {symbol + ' (' + str(number) + ')':<14} {c.template_id:<14} "
-                  f"{c.template_formula:<18} {c.prototype or '-'}")  # fmt: skip
+            print(
+                f"  {c.rank:>4} {c.score:>6.3f}  {symbol + ' (' + str(number) + ')':<14} {c.template_id:<14} "
+                f"{c.template_formula:<18} {c.prototype or '-'}"
+            )
         summary.append(entry)
     if out:
         (out / "predictions.json").write_text(json.dumps(summary, indent=2))
@@ -124,8 +138,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_benchmark(args: argparse.Namespace) -> int:
     from cspml_flows.benchmark.runner import BenchmarkConfig, markdown_table, run_benchmark, write_reports
 
-    cfg = BenchmarkConfig(protocol=args.protocol, setting=args.setting, limit=args.limit, workers=args.workers,
-                          seed=args.seed, baselines=tuple(args.baselines), retrain=args.retrain)  # fmt: skip
+    cfg = BenchmarkConfig(
+        protocol=args.protocol,
+        setting=args.setting,
+        limit=args.limit,
+        workers=args.workers,
+        seed=args.seed,
+        baselines=tuple(args.baselines),
+        retrain=args.retrain,
+    )
     result = run_benchmark(cfg, log_fn=lambda m: print(m, file=sys.stderr, flush=True))
     write_reports(result, args.json, args.markdown)
     print(markdown_table([result]))
@@ -137,8 +158,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from cspml_flows.config import default_model_path, default_store_path
 
     print(f"1/3 importing {', '.join(DEMO_FILES)} into {default_store_path()} (resumable)")
-    cmd_import(argparse.Namespace(source="shared", paths=list(DEMO_FILES), store=None, workers=args.workers,
-                                  skip_invalid=False, collection="templates"))  # fmt: skip
+    cmd_import(
+        argparse.Namespace(
+            source="shared",
+            paths=list(DEMO_FILES),
+            store=None,
+            workers=args.workers,
+            skip_invalid=False,
+            collection="templates",
+        )
+    )
     model = default_model_path()
     if not model.is_file():
         print("2/3 training the similarity model")
@@ -146,9 +175,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     else:
         print(f"2/3 using the trained model {model}")
     print(f"3/3 predicting {', '.join(DEMO_COMPOSITIONS)}")
-    return cmd_predict(argparse.Namespace(compositions=list(DEMO_COMPOSITIONS), top=args.top, out=args.out,
-                                          store=None, model=None, workers=args.workers,
-                                          exclude_same_formula=False))  # fmt: skip
+    return cmd_predict(
+        argparse.Namespace(
+            compositions=list(DEMO_COMPOSITIONS),
+            top=args.top,
+            out=args.out,
+            store=None,
+            model=None,
+            workers=args.workers,
+            exclude_same_formula=False,
+        )
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -179,8 +216,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--store")
     s.add_argument("--model")
     s.add_argument("--workers", type=int, default=2)
-    s.add_argument("--exclude-same-formula", action="store_true",
-                   help="ignore templates of the query's own formula (predict as if unseen)")
+    s.add_argument(
+        "--exclude-same-formula",
+        action="store_true",
+        help="ignore templates of the query's own formula (predict as if unseen)",
+    )
     s.set_defaults(func=cmd_predict)
 
     s = sub.add_parser("benchmark", help="run a benchmark protocol")

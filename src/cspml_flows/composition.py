@@ -28,9 +28,7 @@ def _check_tokens(formula: str) -> None:
         if not m:
             char = formula[pos]
             hint = " (element symbols start with a capital letter, e.g. 'NaCl')" if char.islower() else ""
-            raise CompositionError(
-                f"malformed formula {formula!r}: unexpected {char!r} at position {pos}{hint}"
-            )
+            raise CompositionError(f"malformed formula {formula!r}: unexpected {char!r} at position {pos}{hint}")
         sym, _num, opening, closing, _ws = m.groups()
         if sym and not Element.is_valid_symbol(sym):
             raise CompositionError(f"unknown element {sym!r} in formula {formula!r}")

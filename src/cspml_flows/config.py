@@ -55,11 +55,15 @@ def data_dir(config: dict[str, Any] | None = None, required: bool = True) -> Pat
     """The benchmark data folder holding ``mp_20_biternary/`` and ``mpts_52/``."""
     config = load_config() if config is None else config
     value = os.environ.get(DATA_ENV) or config.get("data_dir")
-    candidates = [Path(value).expanduser()] if value else [
-        Path.cwd() / ".." / "shared" / "data",
-        _project_root() / ".." / "shared" / "data",
-        Path.cwd() / "shared" / "data",
-    ]
+    candidates = (
+        [Path(value).expanduser()]
+        if value
+        else [
+            Path.cwd() / ".." / "shared" / "data",
+            _project_root() / ".." / "shared" / "data",
+            Path.cwd() / "shared" / "data",
+        ]
+    )
     for cand in candidates:
         if (cand / "mp_20_biternary").is_dir() or (cand / "mpts_52").is_dir():
             return cand.resolve()
@@ -69,11 +73,14 @@ def data_dir(config: dict[str, Any] | None = None, required: bool = True) -> Pat
     return candidates[0]
 
 
-def default_store_path(config: dict[str, Any] | None = None) -> Path:
-    """Folder of the embedded on-disk template store."""
-    return home_dir(config) / "store"
+def default_store_path(config: dict[str, Any] | None = None) -> Path | str:
+    """The template store: config key ``store`` (folder, .json file or mongodb:// URI), else the embedded
+    on-disk store ``<home>/store``."""
+    config = load_config() if config is None else config
+    return config.get("store") or home_dir(config) / "store"
 
 
 def default_model_path(config: dict[str, Any] | None = None) -> Path:
-    """File of the default trained similarity model."""
-    return home_dir(config) / "models" / "cspml.joblib"
+    """File of the trained similarity model: config key ``model``, else ``<home>/models/cspml.joblib``."""
+    config = load_config() if config is None else config
+    return Path(config["model"]).expanduser() if config.get("model") else home_dir(config) / "models" / "cspml.joblib"

@@ -23,17 +23,45 @@ from cspml_flows.composition import Roles, roles
 
 DESCRIPTOR_VERSION = "magpie-v2"  # v2: magpie_stats imputes missing element properties like matminer
 MAGPIE_PROPERTIES = (
-    "Number", "MendeleevNumber", "AtomicWeight", "MeltingT", "Column", "Row", "CovalentRadius",
-    "Electronegativity", "NsValence", "NpValence", "NdValence", "NfValence", "NValence", "NsUnfilled",
-    "NpUnfilled", "NdUnfilled", "NfUnfilled", "NUnfilled", "GSvolume_pa", "GSbandgap", "GSmagmom",
+    "Number",
+    "MendeleevNumber",
+    "AtomicWeight",
+    "MeltingT",
+    "Column",
+    "Row",
+    "CovalentRadius",
+    "Electronegativity",
+    "NsValence",
+    "NpValence",
+    "NdValence",
+    "NfValence",
+    "NValence",
+    "NsUnfilled",
+    "NpUnfilled",
+    "NdUnfilled",
+    "NfUnfilled",
+    "NUnfilled",
+    "GSvolume_pa",
+    "GSbandgap",
+    "GSmagmom",
     "SpaceGroupNumber",
-)  # fmt: skip
+)
 MAGPIE_STATS = ("minimum", "maximum", "range", "mean", "avg_dev", "mode")
 # Properties compared site role by site role (chemically meaningful, few missing values).
 ROLE_PROPERTIES = (
-    "Number", "MendeleevNumber", "AtomicWeight", "Column", "Row", "CovalentRadius", "Electronegativity",
-    "NValence", "NsValence", "NpValence", "NdValence", "GSvolume_pa",
-)  # fmt: skip
+    "Number",
+    "MendeleevNumber",
+    "AtomicWeight",
+    "Column",
+    "Row",
+    "CovalentRadius",
+    "Electronegativity",
+    "NValence",
+    "NsValence",
+    "NpValence",
+    "NdValence",
+    "GSvolume_pa",
+)
 MAX_ROLES = 6
 N_ELEMENTS = 119
 
@@ -94,8 +122,14 @@ def magpie_stats(comps: Sequence[Composition | str]) -> np.ndarray:
         # matminer's mode: property of the most abundant element (np.isclose), smallest value on ties
         top = np.isclose(fr, fr.max(axis=1, keepdims=True)) & (fr > 0)
         mode = np.min(np.where(top[:, :, None], props, np.inf), axis=1)
-    stats = {"minimum": minimum, "maximum": maximum, "range": maximum - minimum, "mean": mean,
-             "avg_dev": avg_dev, "mode": mode}  # fmt: skip
+    stats = {
+        "minimum": minimum,
+        "maximum": maximum,
+        "range": maximum - minimum,
+        "mean": mean,
+        "avg_dev": avg_dev,
+        "mode": mode,
+    }
     out = np.stack([stats[s] for s in MAGPIE_STATS], axis=2)  # (n, P, S): matminer orders prop-major
     out = out.reshape(len(zs), len(MAGPIE_PROPERTIES) * len(MAGPIE_STATS))
     out[np.isinf(out)] = np.nan

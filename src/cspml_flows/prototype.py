@@ -61,10 +61,24 @@ def prototype_label(sga: SpacegroupAnalyzer) -> str | None:
     return canonical_prototype(full)
 
 
+class _DatasetSGA(SpacegroupAnalyzer):
+    """SpacegroupAnalyzer that takes its symmetry operations from the spglib dataset it already holds.
+
+    pymatgen calls ``spglib.get_symmetry`` again for the operations (as costly as the dataset itself);
+    the dataset's rotations and translations are the same operations in the same basis.
+    """
+
+    def _get_symmetry(self):
+        data = self._space_group_data
+        trans = np.round(np.asarray(data.translations) * 1000) / 1000
+        trans[np.abs(trans) == 1] = 0
+        return np.asarray(data.rotations), trans
+
+
 def prototype_info(structure: Structure, symprec: float = 0.1) -> PrototypeInfo:
     """Prototype label (see :func:`prototype_label`), space group and primitive-cell size."""
     try:
-        sga = SpacegroupAnalyzer(structure, symprec=symprec, angle_tolerance=5)
+        sga = _DatasetSGA(structure, symprec=symprec, angle_tolerance=5)
         number, symbol = sga.get_space_group_number(), sga.get_space_group_symbol()
         try:
             label = prototype_label(sga)

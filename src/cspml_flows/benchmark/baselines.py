@@ -21,8 +21,14 @@ from cspml_flows.predict.retrieve import Ranked, _exclusion_mask
 from cspml_flows.templates.index import TemplateIndex
 
 
-def random_rank(index: TemplateIndex, queries: Sequence[Roles], top: int, exclude_ids: Sequence[set[str]],
-                strict: bool, seed: int = 0) -> list[list[Ranked]]:  # fmt: skip
+def random_rank(
+    index: TemplateIndex,
+    queries: Sequence[Roles],
+    top: int,
+    exclude_ids: Sequence[set[str]],
+    strict: bool,
+    seed: int = 0,
+) -> list[list[Ranked]]:
     rng = np.random.default_rng(seed)
     out = []
     for q, ex in zip(queries, exclude_ids, strict=True):
@@ -35,10 +41,14 @@ def random_rank(index: TemplateIndex, queries: Sequence[Roles], top: int, exclud
 
 
 @lru_cache(maxsize=1)
-def _substitution_probability():
+def _lambda_tables() -> tuple[dict[frozenset, float], dict[str, float], float]:
+    """pymatgen's lambda table and species priors keyed by species strings (Species hashing is slow)."""
     from pymatgen.analysis.structure_prediction.substitution_probability import SubstitutionProbability
 
-    return SubstitutionProbability()
+    sp = SubstitutionProbability()
+    lam = {frozenset(str(s) for s in key): value for key, value in sp._l.items()}
+    log_px = {str(key): math.log(value) for key, value in sp._px.items() if value > 0}
+    return lam, log_px, sp.alpha
 
 
 @lru_cache(maxsize=200000)
@@ -65,32 +75,32 @@ def oxidation_species(r: Roles) -> tuple[Species, ...]:
     return tuple(out)
 
 
-def _log_cond_prob(sp: object, t_species: tuple[Species, ...], q_species: tuple[Species, ...]) -> float:
+def log_cond_prob(t_species: tuple[str, ...], q_species: tuple[str, ...]) -> float:
+    """log of ``SubstitutionProbability.cond_prob_list(t_species, q_species)``; unseen species get alpha."""
+    lam, log_px, alpha = _lambda_tables()
     total = 0.0
     for a, b in zip(t_species, q_species, strict=True):
-        try:
-            total += math.log(sp.cond_prob(a, b))
-        except (KeyError, ValueError, ZeroDivisionError):
-            total += sp.alpha  # pair or species unseen in the lambda table
+        key = frozenset((a, b)) if a != b else frozenset((a,))
+        total += lam.get(key, alpha) - log_px.get(b, 0.0)
     return total
 
 
-def pymatgen_rank(index: TemplateIndex, queries: Sequence[Roles], top: int, exclude_ids: Sequence[set[str]],
-                  strict: bool) -> list[list[Ranked]]:  # fmt: skip
-    sp = _substitution_probability()
+def pymatgen_rank(
+    index: TemplateIndex, queries: Sequence[Roles], top: int, exclude_ids: Sequence[set[str]], strict: bool
+) -> list[list[Ranked]]:
     out = []
     for q, ex in zip(queries, exclude_ids, strict=True):
         members = index.by_anon.get(q.anonymous_formula, np.zeros(0, dtype=int))
         cand = members[_exclusion_mask(index, members, q, ex, strict)]
-        q_species = oxidation_species(q)
+        q_species = tuple(str(x) for x in oxidation_species(q))
         ranked: dict[tuple[int, tuple[int, ...]], Ranked] = {}
         cache: dict[tuple[str, tuple[int, ...]], float] = {}
         for t in cand:
-            t_species = oxidation_species(index.roles[t])
+            t_species = tuple(str(x) for x in oxidation_species(index.roles[t]))
             for p in q.permutations(limit=6):
                 key = (str(index.formulas[t]), p)
                 if key not in cache:
-                    cache[key] = _log_cond_prob(sp, t_species, tuple(q_species[j] for j in p))
+                    cache[key] = log_cond_prob(t_species, tuple(q_species[j] for j in p))
                 score = cache[key] - 1e-3 * (0 if np.isnan(index.e_above_hull[t]) else index.e_above_hull[t])
                 ck = (int(index.cluster[t]), p)
                 if ck not in ranked or score > ranked[ck].score:

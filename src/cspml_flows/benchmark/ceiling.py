@@ -51,8 +51,10 @@ def coverage(
         reps: dict[int, int] = {}
         for m in members:
             reps.setdefault(int(index.cluster[m]), int(m))
-        order = sorted(reps.values(), key=lambda m: (index.prototype[m] != info.label,
-                                                     index.spacegroup[m] != info.spacegroup_number))  # fmt: skip
+        order = sorted(
+            reps.values(),
+            key=lambda m: (index.prototype[m] != info.label, index.spacegroup[m] != info.spacegroup_number),
+        )
         if len(order) > MAX_CLUSTERS:
             order = [m for m in order if index.spacegroup[m] == info.spacegroup_number][:MAX_CLUSTERS]
         tasks.append((gt.as_dict(), [[index.structures[m]] for m in order]))

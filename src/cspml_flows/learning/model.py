@@ -79,12 +79,21 @@ class SimilarityModel:
         self.meta = meta or {}
 
     # ---- features -------------------------------------------------------------------------------------
-    def features(self, q: QueryBatch, qi: np.ndarray, q_role: np.ndarray, index: TemplateIndex, t: np.ndarray) -> np.ndarray:
-        """Pair features for query rows ``qi`` (with role properties ``q_role`` already permuted) and templates ``t``."""
+    def features(
+        self, q: QueryBatch, qi: np.ndarray, q_role: np.ndarray, index: TemplateIndex, t: np.ndarray
+    ) -> np.ndarray:
+        """Pair features for query rows ``qi`` (role properties ``q_role`` already permuted), templates ``t``."""
         return pair_features(
-            q_role, q.role_fracs[qi], q.stats[qi], index.role_props[t], index.stats[t],
-            index.cluster_size[t].astype(float), index.e_above_hull[t], index.nprim[t].astype(float), self.std,
-        )  # fmt: skip
+            q_role,
+            q.role_fracs[qi],
+            q.stats[qi],
+            index.role_props[t],
+            index.stats[t],
+            index.cluster_size[t].astype(float),
+            index.e_above_hull[t],
+            index.nprim[t].astype(float),
+            self.std,
+        )
 
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
         if self.clf is None:
@@ -95,7 +104,9 @@ class SimilarityModel:
 
     # ---- training -------------------------------------------------------------------------------------
     @staticmethod
-    def _pairs_xy(index: TemplateIndex, model: SimilarityModel, a: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _pairs_xy(
+        index: TemplateIndex, model: SimilarityModel, a: np.ndarray, t: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
         q = QueryBatch(index.roles, index.stats, index.role_props, index.role_fracs)
         x = model.features(q, a, index.role_props[a], index, t)
         return x, pair_labels(index, a, t)
@@ -109,7 +120,7 @@ class SimilarityModel:
         max_anchors: int = 20000,
         n_near: int = 24,
         n_random: int = 8,
-        max_iter: int = 300,
+        max_iter: int = 150,
         check_labels: int = 200,
         refit_all: bool = True,
         log=print,
@@ -146,8 +157,9 @@ class SimilarityModel:
         b_auc = roc_auc_score(y_te, -x_te[:, dist_col]) if len(np.unique(y_te)) == 2 else float("nan")
         agreement = _label_agreement(index, a_te, t_te, check_labels, rng) if check_labels else None
         if refit_all:
-            a_all, t_all = sample_pairs(index, np.concatenate([anchors, test_idx]), np.arange(len(index)), std,
-                                        n_near, n_random, seed + 2)  # fmt: skip
+            a_all, t_all = sample_pairs(
+                index, np.concatenate([anchors, test_idx]), np.arange(len(index)), std, n_near, n_random, seed + 2
+            )
             x_all, y_all = cls._pairs_xy(index, model, a_all, t_all)
             clf = cls._classifier(max_iter, seed)
             clf.fit(x_all, y_all)
@@ -161,21 +173,33 @@ class SimilarityModel:
             "sklearn": sklearn.__version__,
         }
         report = TrainingReport(
-            n_templates=len(index), n_train_pairs=len(y_tr), n_test_pairs=len(y_te),
-            positive_fraction=float(y_tr.mean()), pair_accuracy=float(acc), roc_auc=float(auc),
-            baseline_accuracy=float(b_acc), baseline_roc_auc=float(b_auc), label_agreement=agreement,
+            n_templates=len(index),
+            n_train_pairs=len(y_tr),
+            n_test_pairs=len(y_te),
+            positive_fraction=float(y_tr.mean()),
+            pair_accuracy=float(acc),
+            roc_auc=float(auc),
+            baseline_accuracy=float(b_acc),
+            baseline_roc_auc=float(b_auc),
+            label_agreement=agreement,
             train_seconds=time.perf_counter() - t0,
-        )  # fmt: skip
+        )
         model.meta["report"] = report.as_dict()
         return model, report
 
     @staticmethod
     def _classifier(max_iter: int, seed: int) -> HistGradientBoostingClassifier:
         return HistGradientBoostingClassifier(
-            max_iter=max_iter, learning_rate=0.1, max_leaf_nodes=63, min_samples_leaf=40,
-            l2_regularization=1.0, early_stopping=True, validation_fraction=0.1, n_iter_no_change=20,
+            max_iter=max_iter,
+            learning_rate=0.1,
+            max_leaf_nodes=31,
+            min_samples_leaf=40,
+            l2_regularization=1.0,
+            early_stopping=True,
+            validation_fraction=0.1,
+            n_iter_no_change=20,
             random_state=seed,
-        )  # fmt: skip
+        )
 
     # ---- persistence ----------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:

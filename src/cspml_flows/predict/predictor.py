@@ -11,11 +11,9 @@ from pymatgen.core import Composition, Structure
 from cspml_flows.composition import Roles, as_composition, roles
 from cspml_flows.config import default_model_path
 from cspml_flows.learning.model import SimilarityModel
-from cspml_flows.predict.dedup import _same
 from cspml_flows.predict.retrieve import Ranked, rank
 from cspml_flows.predict.substitute import substitute
 from cspml_flows.predict.validity import MIN_DISTANCE, smact_valid
-from cspml_flows.prototype import structure_matcher
 from cspml_flows.templates.index import TemplateIndex
 from cspml_flows.templates.store import TemplateStore
 
@@ -36,11 +34,15 @@ class Candidate:
 
     def summary(self) -> dict:
         return {
-            "rank": self.rank, "score": round(self.score, 4), "template_id": self.template_id,
-            "template_formula": self.template_formula, "prototype": self.prototype,
-            "template_spacegroup": self.template_spacegroup, "min_distance": round(self.min_distance, 3),
+            "rank": self.rank,
+            "score": round(self.score, 4),
+            "template_id": self.template_id,
+            "template_formula": self.template_formula,
+            "prototype": self.prototype,
+            "template_spacegroup": self.template_spacegroup,
+            "min_distance": round(self.min_distance, 3),
             "assignment": self.assignment,
-        }  # fmt: skip
+        }
 
 
 @dataclass
@@ -61,11 +63,11 @@ class CSPPredictor:
         self.index = index
         self.model = model
         self.prefilter = prefilter
-        self._equiv: dict[tuple, bool] = {}
 
     @classmethod
-    def from_paths(cls, store: str | Path | None = None, model: str | Path | None = None,
-                   workers: int = 2) -> CSPPredictor:  # fmt: skip
+    def from_paths(
+        cls, store: str | Path | None = None, model: str | Path | None = None, workers: int = 2
+    ) -> CSPPredictor:
         """Open a template store (default: embedded) and a trained model (default: ``$CSPML_HOME``)."""
         sim = SimilarityModel.load(model or default_model_path())
         ts = TemplateStore.open(store, create=False)
@@ -87,12 +89,21 @@ class CSPPredictor:
         """Predict ``top`` distinct structures for each composition (invalid formulas raise CompositionError)."""
         comps = [as_composition(c) for c in compositions]
         rl = [roles(c) for c in comps]
-        ranked = rank(self.model, self.index, rl, top=top * 2 + 2 if dedup else top, exclude_ids=exclude_ids,
-                      strict=strict, prefilter=self.prefilter, metric=metric)  # fmt: skip
+        ranked = rank(
+            self.model,
+            self.index,
+            rl,
+            top=top * 2 + 2 if dedup else top,
+            exclude_ids=exclude_ids,
+            strict=strict,
+            prefilter=self.prefilter,
+            metric=metric,
+        )
         return self.realize(comps, ranked, top, dedup)
 
-    def realize(self, comps: Sequence[Composition], ranked: Sequence[list[Ranked]], top: int,
-                dedup: bool = True) -> list[Prediction]:  # fmt: skip
+    def realize(
+        self, comps: Sequence[Composition], ranked: Sequence[list[Ranked]], top: int, dedup: bool = True
+    ) -> list[Prediction]:
         """Turn ranked (template, assignment) lists into structures: substitute, gate, deduplicate."""
         return [self._build(c, roles(c), cands, top, dedup) for c, cands in zip(comps, ranked, strict=True)]
 
@@ -119,22 +130,25 @@ class CSPPredictor:
             t_roles = self.index.roles[c.template]
             pred.candidates.append(
                 Candidate(
-                    rank=i + 1, structure=s, score=c.score, template_id=str(self.index.ids[c.template]),
+                    rank=i + 1,
+                    structure=s,
+                    score=c.score,
+                    template_id=str(self.index.ids[c.template]),
                     template_formula=str(self.index.formulas[c.template]),
                     prototype=self.index.prototype[c.template] or None,
-                    template_spacegroup=int(self.index.spacegroup[c.template]), min_distance=dmin,
+                    template_spacegroup=int(self.index.spacegroup[c.template]),
+                    min_distance=dmin,
                     assignment={t_roles.elements[k]: r.elements[j] for k, j in enumerate(c.perm)},
                 )
-            )  # fmt: skip
+            )
         if not pred.candidates:
             pred.message = f"every candidate for {comp.reduced_formula} failed the {MIN_DISTANCE} A distance rule"
         return pred
 
     def _equivalent(self, a: Ranked, sa: Structure, b: Ranked, sb: Structure) -> bool:
-        """Two assignments onto the same template that give the same structure (checked once, cached)."""
+        """Two element assignments onto the same template that give the same crystal (template symmetry)."""
         if a.template != b.template:
             return False
-        key = (a.template, a.perm, b.perm)
-        if key not in self._equiv:
-            self._equiv[key] = _same(structure_matcher(), sa, sb)
-        return self._equiv[key]
+        return any(
+            all(b.perm[g[r]] == a.perm[r] for r in range(len(g))) for g in self.index.role_symmetries(a.template)
+        )

@@ -33,8 +33,9 @@ class Ranked:
     cluster: int
 
 
-def _exclusion_mask(index: TemplateIndex, members: np.ndarray, query: Roles, exclude_ids: set[str],
-                    strict: bool) -> np.ndarray:  # fmt: skip
+def _exclusion_mask(
+    index: TemplateIndex, members: np.ndarray, query: Roles, exclude_ids: set[str], strict: bool
+) -> np.ndarray:
     ok = np.ones(len(members), dtype=bool)
     if exclude_ids:
         ok &= ~np.isin(index.ids[members], list(exclude_ids))
@@ -85,8 +86,9 @@ def rank(
 
                 d = unlearned_distance(qb.stats[i][None], index.stats[cand], std)
                 order = np.argsort(d, kind="stable")[:top]
-                nearest_out[i] = [Ranked(int(cand[j]), perms_of[i][0], float(-d[j]), int(index.cluster[cand[j]]))
-                                  for j in order]  # fmt: skip
+                nearest_out[i] = [
+                    Ranked(int(cand[j]), perms_of[i][0], float(-d[j]), int(index.cluster[cand[j]])) for j in order
+                ]
                 continue
             d = role_distance(qb.role_props[i][None], t_roles[ok], std)
             keep = cand[np.argsort(d, kind="stable")[:prefilter]] if len(cand) > prefilter else cand

@@ -32,12 +32,11 @@ def _smact_valid_formula(formula: str) -> bool:
     space = smact.element_dictionary(symbols)
     elems = [space[s] for s in symbols]
     electronegs = [e.pauling_eneg for e in elems]
-    ox_combos = [e.oxidation_states for e in elems]
-    counts = [int(round(comp[s])) for s in symbols]
+    ox_combos = [e.oxidation_states or [] for e in elems]
+    counts = [round(comp[s]) for s in symbols]
     threshold = max(counts)
     for ox_states in itertools.product(*ox_combos):
-        cn_e, _ = smact.neutral_ratios(ox_states, stoichs=[(c,) for c in counts], threshold=threshold)
-        if cn_e:
+        if smact.neutral_ratios(ox_states, stoichs=[(c,) for c in counts], threshold=threshold):
             try:
                 ok = pauling_test(ox_states, electronegs)
             except TypeError:  # an element without a Pauling electronegativity
@@ -51,7 +50,7 @@ def smact_valid(comp: Composition | str) -> bool:
     """SMACT charge-neutrality validity of a composition (counts of the reduced formula)."""
     c = comp if isinstance(comp, Composition) else Composition(comp)
     reduced = c.reduced_composition
-    return _smact_valid_formula("".join(f"{el.symbol}{int(round(a))}" for el, a in reduced.items()))
+    return _smact_valid_formula("".join(f"{el.symbol}{round(a)}" for el, a in reduced.items()))
 
 
 def min_distance(structure: Structure) -> float:

@@ -185,8 +185,7 @@ def structure_files(folder: str | Path) -> list[Path]:
     files = sorted(
         f
         for f in d.iterdir()
-        if f.is_file()
-        and (f.suffix.lower() in STRUCTURE_SUFFIXES or f.name.upper().startswith(("POSCAR", "CONTCAR")))
+        if f.is_file() and (f.suffix.lower() in STRUCTURE_SUFFIXES or f.name.upper().startswith(("POSCAR", "CONTCAR")))
     )
     if not files:
         raise CSPMLError(f"no CIF/POSCAR files in {d}")

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from pymatgen.core import Lattice, Structure
+from pymatgen.core import Structure
 
 from cspml_flows.composition import Roles, roles
 from cspml_flows.config import home_dir
@@ -25,9 +25,18 @@ from cspml_flows.templates.store import TemplateStore
 log = logging.getLogger(__name__)
 INDEX_VERSION = 2
 _FIELDS = [
-    "material_id", "structure", "formula", "anonymous_formula", "nsites_primitive", "prototype",
-    "e_above_hull", "volume_per_atom", "spacegroup_number", "round", "source",
-]  # fmt: skip
+    "material_id",
+    "structure",
+    "formula",
+    "anonymous_formula",
+    "nsites_primitive",
+    "prototype",
+    "e_above_hull",
+    "volume_per_atom",
+    "spacegroup_number",
+    "round",
+    "source",
+]
 
 
 @dataclass
@@ -96,9 +105,21 @@ class TemplateIndex:
     @classmethod
     def empty(cls) -> TemplateIndex:
         z = np.zeros(0)
-        return cls(np.array([], dtype=str), np.array([], dtype=str), np.array([], dtype=str), [],
-                   z.astype(int), np.array([], dtype=object), z, z.astype(int), [], z.astype(int),
-                   np.zeros((0, 132)), np.zeros((0, 6, 12)), np.zeros((0, 6)))  # fmt: skip
+        return cls(
+            np.array([], dtype=str),
+            np.array([], dtype=str),
+            np.array([], dtype=str),
+            [],
+            z.astype(int),
+            np.array([], dtype=object),
+            z,
+            z.astype(int),
+            [],
+            z.astype(int),
+            np.zeros((0, 132)),
+            np.zeros((0, 6, 12)),
+            np.zeros((0, 6)),
+        )
 
     @classmethod
     def from_store(cls, store: TemplateStore, workers: int = 2, cache: bool | Path = True) -> TemplateIndex:
@@ -141,27 +162,85 @@ class TemplateIndex:
     def cell(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
         """Lattice matrix, fractional coordinates, role index per site, and minimum interatomic distance."""
         if i not in self._cells:
-            s = self.structure(i)
+            d = self.structures[i]
+            matrix = np.asarray(d["lattice"]["matrix"], dtype=float)
+            frac = np.asarray([site["abc"] for site in d["sites"]], dtype=float)
             role_of = {el: k for k, el in enumerate(self.roles[i].elements)}
-            site_roles = np.array([role_of[site.specie.symbol] for site in s])
-            dm = s.distance_matrix
-            np.fill_diagonal(dm, np.inf)
-            dmin = float(dm.min()) if len(s) > 1 else _self_image_distance(s.lattice)
-            self._cells[i] = (s.lattice.matrix.copy(), s.frac_coords.copy(), site_roles, dmin)
+            site_roles = np.array([role_of[site["species"][0]["element"]] for site in d["sites"]])
+            self._cells[i] = (matrix, frac, site_roles, min_periodic_distance(matrix, frac))
         return self._cells[i]
+
+    def role_symmetries(self, i: int) -> list[tuple[int, ...]]:
+        """Permutations of tied roles that a symmetry of the template maps onto itself (identity included).
+
+        Two element assignments p1, p2 onto this template give the same crystal when p2[g[r]] == p1[r] for
+        every role r and some g here. Found from spglib operations of the template with tied roles merged.
+        """
+        key = ("sym", i)
+        if key in self._cells:
+            return self._cells[key]
+        r = self.roles[i]
+        ident = tuple(range(len(r.elements)))
+        groups = r.tie_groups()
+        result = [ident]
+        if any(len(g) > 1 for g in groups):
+            matrix, frac, site_roles, _ = self.cell(i)
+            group_of_role = np.empty(len(r.elements), dtype=int)
+            for gi, g in enumerate(groups):
+                group_of_role[g] = gi
+            merged = group_of_role[site_roles]
+            try:
+                import spglib
+
+                ds = spglib.get_symmetry((matrix, frac, merged + 1), symprec=0.1)
+            except Exception:
+                ds = None
+            found = {ident}
+            if ds is not None:
+                for rot, trans in zip(ds["rotations"], ds["translations"], strict=True):
+                    new = frac @ rot.T + trans
+                    diff = new[:, None, :] - frac[None, :, :]
+                    close = np.all(np.abs(diff - np.round(diff)) < 0.02, axis=2) & (merged[:, None] == merged[None, :])
+                    if not np.all(close.any(axis=1)):
+                        continue
+                    target = close.argmax(axis=1)
+                    mapping = dict()
+                    ok = True
+                    for a, b in zip(site_roles, site_roles[target], strict=True):
+                        if mapping.setdefault(int(a), int(b)) != int(b):
+                            ok = False
+                            break
+                    if ok and len(mapping) == len(ident):
+                        found.add(tuple(mapping[k] for k in ident))
+            result = sorted(found)
+        self._cells[key] = result
+        return result
 
     def subset(self, mask: np.ndarray) -> TemplateIndex:
         """A new index over the templates where ``mask`` is True (cluster ids kept)."""
         sel = np.flatnonzero(mask)
         return TemplateIndex(
-            ids=self.ids[sel], formulas=self.formulas[sel], anon=self.anon[sel],
-            roles=[self.roles[i] for i in sel], nprim=self.nprim[sel], prototype=self.prototype[sel],
-            e_above_hull=self.e_above_hull[sel], spacegroup=self.spacegroup[sel],
-            structures=[self.structures[i] for i in sel], cluster=self.cluster[sel], stats=self.stats[sel],
-            role_props=self.role_props[sel], role_fracs=self.role_fracs[sel],
+            ids=self.ids[sel],
+            formulas=self.formulas[sel],
+            anon=self.anon[sel],
+            roles=[self.roles[i] for i in sel],
+            nprim=self.nprim[sel],
+            prototype=self.prototype[sel],
+            e_above_hull=self.e_above_hull[sel],
+            spacegroup=self.spacegroup[sel],
+            structures=[self.structures[i] for i in sel],
+            cluster=self.cluster[sel],
+            stats=self.stats[sel],
+            role_props=self.role_props[sel],
+            role_fracs=self.role_fracs[sel],
             signature=self.signature + f"|subset{hashlib.sha1(sel.tobytes()).hexdigest()[:8]}",
-        )  # fmt: skip
+        )
 
 
-def _self_image_distance(lattice: Lattice) -> float:
-    return float(min(lattice.abc))
+def min_periodic_distance(matrix: np.ndarray, frac: np.ndarray) -> float:
+    """Shortest interatomic distance in a periodic cell (including a site's own images)."""
+    shifts = np.array([[i, j, k] for i in (-1, 0, 1) for j in (-1, 0, 1) for k in (-1, 0, 1)], dtype=float)
+    diff = frac[:, None, None, :] - frac[None, :, None, :] + shifts[None, None, :, :]
+    dist = np.linalg.norm(diff @ matrix, axis=-1)
+    dist[dist < 1e-8] = np.inf
+    return float(dist.min())

@@ -126,9 +126,9 @@ class TemplateStore:
         if not rows:
             return 0
         keys = list(by_key)
-        existing = set() if assume_new else {
-            str(d[KEY]) for d in self.store.query({KEY: {"$in": keys}}, properties=[KEY])
-        }
+        existing = (
+            set() if assume_new else {str(d[KEY]) for d in self.store.query({KEY: {"$in": keys}}, properties=[KEY])}
+        )
         new = [r for r in rows if r[KEY] not in existing]
         old = [r for r in rows if r[KEY] in existing]
         if new:

@@ -1,0 +1,84 @@
+"""Checks of engine shortcuts against the library calls they replace."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from pymatgen.core import Lattice, Structure
+
+from cspml_flows.benchmark.scoring import _rms, summarize
+from cspml_flows.prototype import prototype_info, structure_matcher
+from cspml_flows.templates.index import TemplateIndex, min_periodic_distance
+from cspml_flows.templates.schema import template_doc_from_structure
+
+
+def _index(structs: dict[str, Structure]) -> TemplateIndex:
+    return TemplateIndex.from_docs(
+        [template_doc_from_structure(s, mid).model_dump(mode="json") for mid, s in structs.items()]
+    )
+
+
+def test_fast_rms_equals_get_rms_dist(nacl, kbr, cscl, zincblende):
+    """Scoring reduces the ground truth once; results must equal StructureMatcher.get_rms_dist."""
+    sm = structure_matcher()
+    gt = kbr
+    preds = [nacl.copy(), zincblende.copy(), cscl.copy()]
+    preds[0].replace_species({"Na": "K", "Cl": "Br"})
+    preds[0].perturb(0.05, min_distance=0.01)
+    preds[1].replace_species({"Zn": "K", "S": "Br"})
+    preds[2].replace_species({"Cs": "K", "Cl": "Br"})
+    fast = _rms((gt.as_dict(), [p.as_dict() for p in preds]))
+    for p, f in zip(preds, fast, strict=True):
+        ref = sm.get_rms_dist(p, gt)
+        if ref is None:
+            assert f is None
+        else:
+            assert f == pytest.approx(ref[0], abs=1e-6)
+    assert fast[0] is not None
+
+
+def test_summarize_topk_and_rmse():
+    rms = [[None, 0.1, None], [0.2, None, None], [None, None, None], [None, None, 0.3]]
+    out = summarize(rms, ks=(1, 2, 3))
+    assert out["top1"] == 0.25
+    assert out["top2"] == 0.5
+    assert out["top3"] == 0.75
+    assert out["rmse_top1"] == pytest.approx(0.2)
+    assert out["rmse_top2"] == pytest.approx(0.15)
+
+
+def test_role_symmetries_detects_swap_equivalence(nacl):
+    # rocksalt: swapping the two elements gives the same crystal
+    # NiAs-type: no symmetry maps Ni sites onto As sites (the loose benchmark matcher may still pair them)
+    nias = Structure(
+        Lattice.hexagonal(3.6, 5.0),
+        ["Ni", "Ni", "As", "As"],
+        [[0, 0, 0], [0, 0, 0.5], [1 / 3, 2 / 3, 0.25], [2 / 3, 1 / 3, 0.75]],
+    )
+    idx = _index({"rs": nacl, "nias": nias})
+    rs = int(np.flatnonzero(idx.ids == "rs")[0])
+    ni = int(np.flatnonzero(idx.ids == "nias")[0])
+    assert (1, 0) in idx.role_symmetries(rs)
+    assert idx.role_symmetries(ni) == [(0, 1)]
+
+
+def test_min_periodic_distance_matches_pymatgen(zincblende, cscl):
+    for s in (zincblende, cscl, Structure(Lattice.cubic(3.0), ["Cu"], [[0, 0, 0]])):
+        dm = s.lattice.get_all_distances(s.frac_coords, s.frac_coords)
+        if len(s) == 1:
+            expected = min(s.lattice.abc)
+        else:
+            np.fill_diagonal(dm, np.inf)
+            expected = min(dm.min(), min(s.lattice.abc))
+        assert min_periodic_distance(s.lattice.matrix, s.frac_coords) == pytest.approx(expected, abs=1e-6)
+
+
+def test_prototype_info_fast_path_matches_spacegroup_analyzer(srtio3, bazro3, zincblende):
+    from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
+
+    from cspml_flows.prototype import prototype_label
+
+    for s in (srtio3, bazro3, zincblende):
+        info = prototype_info(s)
+        assert info.label == prototype_label(SpacegroupAnalyzer(s, symprec=0.1, angle_tolerance=5))
+    assert prototype_info(srtio3).label == prototype_info(bazro3).label
