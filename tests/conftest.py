@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 from pymatgen.core import Lattice, Structure
-
-DEFAULT_DATA_DIR = Path("/work/shared/data")
 
 
 @pytest.fixture(autouse=True)
@@ -22,11 +19,11 @@ def cspml_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.Mon
 
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
-    """The read-only benchmark data folder (``CSPML_DATA_DIR`` if set); skips when it is absent."""
-    path = Path(os.environ.get("CSPML_DATA_DIR") or DEFAULT_DATA_DIR)
-    if not (path / "mp_20_biternary").is_dir():
-        pytest.skip(f"benchmark data not found at {path}")
-    return path
+    """The read-only benchmark data folder: ``CSPML_DATA_DIR`` if set, else ``../shared/data`` beside the
+    checkout. Missing data is an error, not a skip: CI always has it."""
+    from cspml_flows.config import data_dir as find_data_dir
+
+    return find_data_dir(config={})
 
 
 FCC = [[0, 0, 0], [0, 0.5, 0.5], [0.5, 0, 0.5], [0.5, 0.5, 0]]
@@ -87,3 +84,108 @@ def zincblende() -> Structure:
 def structures(nacl, kbr, srtio3, bazro3, cscl, zincblende) -> dict[str, Structure]:
     """All hand-built structures by a short id."""
     return {"nacl": nacl, "kbr": kbr, "srtio3": srtio3, "bazro3": bazro3, "cscl": cscl, "zns": zincblende}
+
+
+# ---------------------------------------------------------------- engine fixtures (learning, predict, CLI)
+#
+# A real template index (400 Materials Project structures plus hand-built prototypes) and a similarity model
+# trained on it once per session. Nothing here writes to CSPML_HOME: TemplateIndex.from_docs and
+# SimilarityModel.train keep everything in memory.
+
+N_INDEX_ROWS = 400  # first rows of mp_20_biternary/val.csv.gz in the session index
+TRAIN_MAX_ITER = 100  # boosting rounds for the session model (the default 300 only adds time here)
+
+
+def _b2(a: str, b: str, lattice_a: float) -> Structure:
+    return Structure(Lattice.cubic(lattice_a), [a, b], [[0, 0, 0], [0.5, 0.5, 0.5]])
+
+
+def _zincblende(a: str, b: str, lattice_a: float) -> Structure:
+    return _fcc_pair(a, b, lattice_a, 0.25)
+
+
+def hand_built_structures() -> dict[str, Structure]:
+    """Prototype families by short id: rocksalt, CsCl (B2), zincblende, cubic perovskite."""
+    out = {
+        # rocksalt (Fm-3m), experimental lattice constants
+        "nacl": _rocksalt("Na", "Cl", 5.64),
+        "kcl": _rocksalt("K", "Cl", 6.29),
+        "nabr": _rocksalt("Na", "Br", 5.97),
+        "lif": _rocksalt("Li", "F", 4.03),
+        "mgo": _rocksalt("Mg", "O", 4.21),
+        "kbr": _rocksalt("K", "Br", 6.60),
+        # CsCl type (Pm-3m)
+        "cscl": _b2("Cs", "Cl", 4.12),
+        "csbr": _b2("Cs", "Br", 4.29),
+        "csi": _b2("Cs", "I", 4.57),
+        # zincblende (F-43m)
+        "zns": _zincblende("Zn", "S", 5.41),
+        "gaas": _zincblende("Ga", "As", 5.65),
+        "inp": _zincblende("In", "P", 5.87),
+        # cubic perovskites (Pm-3m)
+        "srtio3": _perovskite("Sr", "Ti", "O", 3.905),
+        "catio3": _perovskite("Ca", "Ti", "O", 3.84),
+        "batio3": _perovskite("Ba", "Ti", "O", 4.00),
+        "bazro3": _perovskite("Ba", "Zr", "O", 4.19),
+    }
+    return out
+
+
+@pytest.fixture(scope="session")
+def hand_structures() -> dict[str, Structure]:
+    """:func:`hand_built_structures`, built once (treat as read-only; copy before modifying)."""
+    return hand_built_structures()
+
+
+@pytest.fixture(scope="session")
+def hand_docs(hand_structures) -> list[dict]:
+    """Template documents of the hand-built structures, ids ``hand-<short id>``, on the convex hull."""
+    from cspml_flows.templates.schema import template_doc_from_structure
+
+    return [
+        template_doc_from_structure(s, f"hand-{key}", source="hand-built", e_above_hull=0.0).model_dump(mode="json")
+        for key, s in hand_structures.items()
+    ]
+
+
+@pytest.fixture(scope="session")
+def val_docs(data_dir: Path) -> list[dict]:
+    """Template documents of the first N_INDEX_ROWS rows of mp_20_biternary/val (with e_above_hull, as
+    ``import_csv`` stores them)."""
+    import pandas as pd
+
+    from cspml_flows.templates.schema import template_doc_from_structure
+
+    df = pd.read_csv(data_dir / "mp_20_biternary" / "val.csv.gz", nrows=N_INDEX_ROWS)
+    return [
+        template_doc_from_structure(
+            Structure.from_str(cif, fmt="cif"), str(mid), source="mp_20_biternary/val", e_above_hull=float(ehull)
+        ).model_dump(mode="json")
+        for mid, cif, ehull in zip(df["material_id"], df["cif"], df["e_above_hull"], strict=True)
+    ]
+
+
+@pytest.fixture(scope="session")
+def template_index(val_docs, hand_docs):
+    """TemplateIndex over the 400 real structures and the hand-built ones (read-only: use ``subset``)."""
+    from cspml_flows.templates.index import TemplateIndex
+
+    return TemplateIndex.from_docs(val_docs + hand_docs, workers=1)
+
+
+@pytest.fixture(scope="session")
+def trained(template_index):
+    """(SimilarityModel, TrainingReport) trained once on ``template_index``."""
+    from threadpoolctl import threadpool_limits
+
+    from cspml_flows.learning.model import SimilarityModel
+
+    # One OpenMP thread: on a small shared machine, HistGradientBoosting's thread pool is 10-50x slower
+    # than a single thread when other processes compete for the cores.
+    with threadpool_limits(limits=1, user_api="openmp"):
+        return SimilarityModel.train(template_index, check_labels=20, max_iter=TRAIN_MAX_ITER, log=lambda _msg: None)
+
+
+@pytest.fixture(scope="session")
+def trained_model(trained):
+    return trained[0]

@@ -173,9 +173,7 @@ def test_permutations_identity_first_and_limit():
     assert perms[0] == (0, 1, 2, 3)
     assert len(perms) == 6 == len(set(perms))
     assert all(p[3] == 3 for p in perms)  # O (amount 4) never moves
-    assert sorted(p[:3] for p in perms) == sorted(
-        [(0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0)]
-    )
+    assert sorted(p[:3] for p in perms) == sorted([(0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0)])
     limited = r.permutations(limit=4)
     assert len(limited) == 4
     assert limited == perms[:4]

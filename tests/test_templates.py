@@ -122,7 +122,7 @@ def test_prototype_info_falls_back_when_spglib_fails(nacl, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("spglib failed")
 
-    monkeypatch.setattr(prototype_module, "SpacegroupAnalyzer", broken)
+    monkeypatch.setattr(prototype_module, "_DatasetSGA", broken)
     assert prototype_info(nacl) == PrototypeInfo(None, None, None, len(nacl))
 
 
@@ -138,9 +138,7 @@ def test_structure_matcher_uses_csp_tolerances(nacl, kbr):
 
 
 def test_template_doc_from_structure_fields(srtio3):
-    doc = template_doc_from_structure(
-        srtio3, "mp-5229", source="unit", e_above_hull=0.0, energy_per_atom=-8.1
-    )
+    doc = template_doc_from_structure(srtio3, "mp-5229", source="unit", e_above_hull=0.0, energy_per_atom=-8.1)
     assert doc.material_id == "mp-5229"
     assert doc.formula == "SrTiO3"
     assert doc.anonymous_formula == "ABC3"
@@ -282,9 +280,7 @@ def test_folder_store_is_readable_from_another_process(tmp_path, docs):
                            "ehull": ts.get("t-nacl").e_above_hull, "formula": ts.get("t-kbr").formula}}))
         """
     )
-    out = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
-    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result == {
         "count": 4,
@@ -436,9 +432,7 @@ def test_structure_from_cif_string(nacl):
 
 def test_import_csv_real_rows(mem_store, val_csv, val_rows):
     seen = []
-    report = import_csv(
-        mem_store, val_csv, workers=1, progress=lambda done, total: seen.append((done, total))
-    )
+    report = import_csv(mem_store, val_csv, workers=1, progress=lambda done, total: seen.append((done, total)))
     assert isinstance(report, ImportReport)
     assert report.failed == []
     assert (report.added, report.skipped_existing) == (N_ROWS, 0)
@@ -670,9 +664,7 @@ def test_template_doc_from_mapping_errors(nacl):
         template_doc_from_mapping({"material_id": "x"}, "src")
     with pytest.raises(CSPMLError, match="neither"):
         template_doc_from_mapping({"structure": nacl.as_dict()}, "src")
-    doc = template_doc_from_mapping(
-        {"task_id": "t", "structure": nacl}, "src"
-    )  # a Structure object works too
+    doc = template_doc_from_mapping({"task_id": "t", "structure": nacl}, "src")  # a Structure object works too
     assert (doc.material_id, doc.formula, doc.source) == ("t", "NaCl", "src")
 
 
@@ -713,22 +705,42 @@ class FakeRester:
 @pytest.fixture
 def mp_results(nacl, kbr, cscl):
     return [
-        FakeSummaryDoc(material_id="mp-22862", structure=nacl.as_dict(), energy_above_hull=0.0,
-                       formation_energy_per_atom=-2.11, energy_per_atom=-3.42),
-        {"material_id": FakeMPID("mp-23251"), "structure": kbr, "energy_above_hull": 0.02,
-         "formation_energy_per_atom": -1.9, "energy_per_atom": -3.1},
-        {"material_id": "mp-22865", "structure": cscl.as_dict(), "energy_above_hull": 0.05,
-         "formation_energy_per_atom": None, "energy_per_atom": -3.0},
+        FakeSummaryDoc(
+            material_id="mp-22862",
+            structure=nacl.as_dict(),
+            energy_above_hull=0.0,
+            formation_energy_per_atom=-2.11,
+            energy_per_atom=-3.42,
+        ),
+        {
+            "material_id": FakeMPID("mp-23251"),
+            "structure": kbr,
+            "energy_above_hull": 0.02,
+            "formation_energy_per_atom": -1.9,
+            "energy_per_atom": -3.1,
+        },
+        {
+            "material_id": "mp-22865",
+            "structure": cscl.as_dict(),
+            "energy_above_hull": 0.05,
+            "formation_energy_per_atom": None,
+            "energy_per_atom": -3.0,
+        },
         {"material_id": "mp-nostruct", "structure": None, "energy_above_hull": 0.0},
-    ]  # fmt: skip
+    ]
 
 
 def test_import_materials_project(mem_store, mp_results):
     rester = FakeRester(mp_results)
     report = import_materials_project(mem_store, chemsys="Na-Cl", rester=rester)
     assert rester.calls == [{"fields": MP_FIELDS, "chemsys": "Na-Cl", "energy_above_hull": (0, 0.1)}]
-    assert set(MP_FIELDS) == {"material_id", "structure", "energy_above_hull", "formation_energy_per_atom",
-                              "energy_per_atom"}  # fmt: skip
+    assert set(MP_FIELDS) == {
+        "material_id",
+        "structure",
+        "energy_above_hull",
+        "formation_energy_per_atom",
+        "energy_per_atom",
+    }
     assert report.source == "materials-project"
     assert report.added == 3
     assert [mid for mid, _ in report.failed] == ["mp-nostruct"]

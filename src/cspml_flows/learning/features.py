@@ -7,6 +7,8 @@ pairs.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 from cspml_flows.descriptors import MAGPIE_PROPERTIES, MAGPIE_STATS
@@ -21,17 +23,24 @@ class Standardizer:
     """Column-wise mean/std scaling fitted on template descriptors (NaN-aware)."""
 
     def __init__(self, stats: np.ndarray, role_props: np.ndarray):
-        self.stats_mu = np.nanmean(stats, axis=0)
-        self.stats_sd = np.nanstd(stats, axis=0) + 1e-9
-        flat = role_props.reshape(-1, role_props.shape[-1])
-        self.role_mu = np.nanmean(flat, axis=0)
-        self.role_sd = np.nanstd(flat, axis=0) + 1e-9
+        with np.errstate(invalid="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns: mean 0, scale 1
+            flat = role_props.reshape(-1, role_props.shape[-1])
+            self.stats_mu, self.stats_sd = _mu_sd(stats)
+            self.role_mu, self.role_sd = _mu_sd(flat)
 
     def stats(self, x: np.ndarray) -> np.ndarray:
         return np.nan_to_num((x - self.stats_mu) / self.stats_sd)
 
     def roles(self, x: np.ndarray) -> np.ndarray:
         return (x - self.role_mu) / self.role_sd
+
+
+def _mu_sd(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """NaN-aware column mean and standard deviation; constant or empty columns get scale 1."""
+    mu = np.nan_to_num(np.nanmean(x, axis=0))
+    sd = np.nan_to_num(np.nanstd(x, axis=0))
+    return mu, np.where(sd < 1e-6, 1.0, sd)
 
 
 def unlearned_distance(q_stats: np.ndarray, t_stats: np.ndarray, std: Standardizer) -> np.ndarray:

@@ -77,6 +77,15 @@ class SimilarityModel:
         self.std = std
         self.clf = clf
         self.meta = meta or {}
+        # feature columns that were entirely missing in training (role slots no pair fills, templates
+        # without e_above_hull); they are zeroed so the classifier sees a constant column
+        self.empty_cols: np.ndarray | None = None
+
+    def _prep(self, x: np.ndarray) -> np.ndarray:
+        if self.empty_cols is not None and self.empty_cols.any():
+            x = x.copy()
+            x[:, self.empty_cols] = 0.0
+        return x
 
     # ---- features -------------------------------------------------------------------------------------
     def features(
@@ -100,7 +109,7 @@ class SimilarityModel:
             raise ModelError("model is not trained")
         if len(x) == 0:
             return np.zeros(0)
-        return self.clf.predict_proba(x)[:, 1]
+        return self.clf.predict_proba(self._prep(x))[:, 1]
 
     # ---- training -------------------------------------------------------------------------------------
     @staticmethod
@@ -145,9 +154,10 @@ class SimilarityModel:
         if len(np.unique(y_tr)) < 2:
             raise ModelError("training pairs are all of one class: the store needs more structures sharing prototypes")
         log(f"training pairs: {len(y_tr)} ({y_tr.mean():.1%} positive); held-out pairs: {len(y_te)}")
+        model.empty_cols = np.all(np.isnan(x_tr), axis=0)
         clf = cls._classifier(max_iter, seed)
-        clf.fit(x_tr, y_tr)
-        p_te = clf.predict_proba(x_te)[:, 1] if len(x_te) else np.zeros(0)
+        clf.fit(model._prep(x_tr), y_tr)
+        p_te = clf.predict_proba(model._prep(x_te))[:, 1] if len(x_te) else np.zeros(0)
         dist_col = _dist_column()
         acc = accuracy_score(y_te, p_te > 0.5) if len(y_te) else float("nan")
         auc = roc_auc_score(y_te, p_te) if len(np.unique(y_te)) == 2 else float("nan")
@@ -162,7 +172,7 @@ class SimilarityModel:
             )
             x_all, y_all = cls._pairs_xy(index, model, a_all, t_all)
             clf = cls._classifier(max_iter, seed)
-            clf.fit(x_all, y_all)
+            clf.fit(model._prep(x_all), y_all)
         model.clf = clf
         model.meta = {
             "format": MODEL_FORMAT,
@@ -205,7 +215,7 @@ class SimilarityModel:
     def save(self, path: str | Path) -> Path:
         p = Path(path)
         p.parent.mkdir(parents=True, exist_ok=True)
-        joblib.dump({"meta": self.meta, "std": self.std, "clf": self.clf}, p)
+        joblib.dump({"meta": self.meta, "std": self.std, "clf": self.clf, "empty_cols": self.empty_cols}, p)
         return p
 
     @classmethod
@@ -225,7 +235,9 @@ class SimilarityModel:
                 f"model {p} was made with descriptor {meta.get('descriptor_version')} / format "
                 f"{meta.get('format')}; this version needs {DESCRIPTOR_VERSION} / {MODEL_FORMAT}: retrain it"
             )
-        return cls(blob["std"], blob["clf"], meta)
+        model = cls(blob["std"], blob["clf"], meta)
+        model.empty_cols = blob.get("empty_cols")
+        return model
 
 
 def _dist_column() -> int:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from pymatgen.core import Composition, Structure
@@ -14,6 +14,7 @@ from cspml_flows.learning.model import SimilarityModel
 from cspml_flows.predict.retrieve import Ranked, rank
 from cspml_flows.predict.substitute import substitute
 from cspml_flows.predict.validity import MIN_DISTANCE, smact_valid
+from cspml_flows.prototype import structure_matcher
 from cspml_flows.templates.index import TemplateIndex
 from cspml_flows.templates.store import TemplateStore
 
@@ -63,6 +64,7 @@ class CSPPredictor:
         self.index = index
         self.model = model
         self.prefilter = prefilter
+        self._matcher = None
 
     @classmethod
     def from_paths(
@@ -118,8 +120,12 @@ class CSPPredictor:
             return pred
         kept: list[tuple[Ranked, Structure, float]] = []
         for c in cands:
-            s, dmin = substitute(self.index, c.template, r, c.perm)
-            if dmin < MIN_DISTANCE:
+            for t in (c.template, *c.alternates):
+                s, dmin = substitute(self.index, t, r, c.perm)
+                if dmin >= MIN_DISTANCE:
+                    c = replace(c, template=t, alternates=())
+                    break
+            else:
                 continue
             if dedup and any(self._equivalent(k, ks, c, s) for k, ks, _ in kept):
                 continue
@@ -146,9 +152,18 @@ class CSPPredictor:
         return pred
 
     def _equivalent(self, a: Ranked, sa: Structure, b: Ranked, sb: Structure) -> bool:
-        """Two element assignments onto the same template that give the same crystal (template symmetry)."""
-        if a.template != b.template:
+        """Whether two candidates are the same crystal: on one template, by the template's role symmetry;
+        otherwise by StructureMatcher when the primitive cells have the same size (substitution and volume
+        scaling can bring two templates of different clusters onto one structure)."""
+        if a.template == b.template:
+            return any(
+                all(b.perm[g[r]] == a.perm[r] for r in range(len(g))) for g in self.index.role_symmetries(a.template)
+            )
+        if self.index.nprim[a.template] != self.index.nprim[b.template]:
             return False
-        return any(
-            all(b.perm[g[r]] == a.perm[r] for r in range(len(g))) for g in self.index.role_symmetries(a.template)
-        )
+        if self._matcher is None:
+            self._matcher = structure_matcher()
+        try:
+            return bool(self._matcher.fit(sa, sb))
+        except Exception:
+            return False

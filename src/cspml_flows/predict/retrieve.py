@@ -25,12 +25,14 @@ from cspml_flows.templates.index import TemplateIndex
 
 @dataclass(frozen=True)
 class Ranked:
-    """One ranked candidate: template row, query-role permutation, score."""
+    """One ranked candidate: template row, query-role permutation, score; ``alternates`` are the next
+    templates of the same cluster and assignment, best first (used when the template fails validity)."""
 
     template: int
     perm: tuple[int, ...]
     score: float
     cluster: int
+    alternates: tuple[int, ...] = ()
 
 
 def _exclusion_mask(
@@ -115,7 +117,7 @@ def rank(
     return _aggregate(index, qi, ti, pi, prob, perms_of, len(queries), top, vote)
 
 
-def _aggregate(index, qi, ti, pi, prob, perms_of, n_queries, top, vote) -> list[list[Ranked]]:
+def _aggregate(index, qi, ti, pi, prob, perms_of, n_queries, top, vote, n_alt: int = 3) -> list[list[Ranked]]:
     out: list[list[Ranked]] = [[] for _ in range(n_queries)]
     order = np.lexsort((-prob, pi, index.cluster[ti], qi))  # by query, cluster, perm, prob desc
     qs, cs, ps = qi[order], index.cluster[ti][order], pi[order]
@@ -129,7 +131,8 @@ def _aggregate(index, qi, ti, pi, prob, perms_of, n_queries, top, vote) -> list[
         rest = p_sorted[s + 1 : e]
         score = best + vote * (1 - best) * (1 - np.prod(1 - rest)) if len(rest) else best
         q = int(qs[s])
-        out[q].append(Ranked(int(ti[order[s]]), perms_of[q][int(ps[s])], float(score), int(cs[s])))
+        alt = tuple(int(x) for x in ti[order[s + 1 : min(e, s + 1 + n_alt)]])
+        out[q].append(Ranked(int(ti[order[s]]), perms_of[q][int(ps[s])], float(score), int(cs[s]), alt))
     for q in range(n_queries):
         out[q].sort(key=lambda r: -r.score)
         out[q] = out[q][:top]
