@@ -1,4 +1,4 @@
-"""Command line: ``cspml import | train | predict | benchmark | demo``. Thin: parse, call the API, print."""
+"""Command line: ``cspml import | train | predict | benchmark | demo | campaign``. Thin: parse, call the API, print."""
 
 from __future__ import annotations
 
@@ -77,6 +77,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from cspml_flows.templates.index import TemplateIndex
     from cspml_flows.templates.store import TemplateStore
 
+    if getattr(args, "hetero", False):
+        from cspml_flows.hetero.cli import train_hetero
+
+        return train_hetero(args)
     store = TemplateStore.open(args.store, create=False)
     try:
         t = time.perf_counter()
@@ -87,7 +91,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
     finally:
         store.close()
-    model, report = SimilarityModel.train(index, seed=args.seed)
+    model, report = SimilarityModel.train(index, seed=args.seed, max_iter=args.max_iter, check_labels=args.check_labels)
     path = model.save(args.model or default_model_path())
     print(
         f"held-out pairs: accuracy {report.pair_accuracy:.3f}, ROC-AUC {report.roc_auc:.3f} "
@@ -104,8 +108,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from cspml_flows.predict.predictor import CSPPredictor
 
     comps = [parse_composition(c) for c in args.compositions]  # bad formulas fail before any loading
-    predictor = CSPPredictor.from_paths(args.store, args.model, workers=args.workers)
-    preds = predictor.predict(comps, top=args.top, strict=args.exclude_same_formula)
+    if getattr(args, "polymorphs", None) or getattr(args, "templates", None):
+        from cspml_flows.hetero.cli import predictions
+
+        preds = predictions(args, comps)  # hetero polymorph ranking and/or user-defined templates
+    else:
+        predictor = CSPPredictor.from_paths(args.store, args.model, workers=args.workers)
+        preds = predictor.predict(comps, top=args.top, strict=args.exclude_same_formula)
     out = Path(args.out) if args.out else None
     summary = []
     for p in preds:
@@ -138,6 +147,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_benchmark(args: argparse.Namespace) -> int:
     from cspml_flows.benchmark.runner import BenchmarkConfig, markdown_table, run_benchmark, write_reports
 
+    if getattr(args, "model", "cspml") == "hetero":
+        from cspml_flows.hetero.cli import benchmark_hetero
+
+        return benchmark_hetero(args)
     cfg = BenchmarkConfig(
         protocol=args.protocol,
         setting=args.setting,
@@ -188,6 +201,49 @@ def cmd_demo(args: argparse.Namespace) -> int:
     )
 
 
+def cmd_campaign_run(args: argparse.Namespace) -> int:
+    from cspml_flows.campaign import load_campaign, run_campaign
+
+    cfg = load_campaign(args.config)
+    if args.rounds:
+        cfg = cfg.model_copy(update={"rounds": args.rounds})
+    result = run_campaign(cfg, log=lambda m: print(m, flush=True), report=not args.no_report)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+def cmd_campaign_report(args: argparse.Namespace) -> int:
+    from cspml_flows.campaign import finished_rounds, load_campaign
+    from cspml_flows.report import write_report
+
+    cfg = load_campaign(args.config)
+    print(write_report(cfg, finished_rounds(cfg)))
+    return 0
+
+
+def cmd_campaign_benchmark(args: argparse.Namespace) -> int:
+    from cspml_flows.flows.benchmark import RelaxBenchmarkConfig, run_relax_benchmark
+
+    cfg = RelaxBenchmarkConfig(
+        protocol=args.protocol,
+        queries=args.queries,
+        top=args.top,
+        calculator=args.calculator,
+        steps=args.steps,
+        fmax=args.fmax,
+        seed=args.seed,
+        workers=args.workers,
+        out=args.out,
+        chunk=args.chunk,
+        pool=args.pool,
+    )
+    result = run_relax_benchmark(cfg, log=lambda m: print(m, file=sys.stderr, flush=True))
+    print(result["markdown"])
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cspml", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true")
@@ -207,6 +263,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", help="output model file (default $CSPML_HOME/models/cspml.joblib)")
     s.add_argument("--workers", type=int, default=2)
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--max-iter", type=int, default=150, help="boosting rounds (early stopping may use fewer)")
+    s.add_argument(
+        "--check-labels", type=int, default=200, help="held-out pairs whose cluster label is checked by fit_anonymous"
+    )
+    s.add_argument("--hetero", action="store_true", help="train the heterogeneous composition<->structure model")
+    s.add_argument("--core-model", help="with --hetero: core model to fuse (default $CSPML_HOME/models/cspml.joblib)")
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("predict", help="predict structures for compositions")
@@ -221,6 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="ignore templates of the query's own formula (predict as if unseen)",
     )
+    s.add_argument("--polymorphs", type=int, metavar="K", help="K distinct structures ranked by the hetero model")
+    s.add_argument("--templates", metavar="DIR", help="folder of CIF/POSCAR files added as templates (no retraining)")
+    s.add_argument("--hetero-model", help="hetero model file (default $CSPML_HOME/models/hetero.joblib)")
     s.set_defaults(func=cmd_predict)
 
     s = sub.add_parser("benchmark", help="run a benchmark protocol")
@@ -231,15 +296,45 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--baselines", nargs="*", default=["random", "nearest", "pymatgen_substitution"])
     s.add_argument("--retrain", action="store_true", help="ignore a cached benchmark model")
+    s.add_argument("--model", default="cspml", choices=["cspml", "hetero"], help="hetero: compare with CSPML")
+    s.add_argument("--no-extra", action="store_true", help="hetero: skip polymorph/leave-prototype-out evaluations")
     s.add_argument("--json")
     s.add_argument("--markdown")
     s.set_defaults(func=cmd_benchmark)
+
+    from cspml_flows.hetero.cli import add_hetero_parsers
+
+    add_hetero_parsers(sub)  # inverse, hetero-campaign
 
     s = sub.add_parser("demo", help="end to end on the embedded default store")
     s.add_argument("--out", default="out/demo")
     s.add_argument("--top", type=int, default=3)
     s.add_argument("--workers", type=int, default=2)
     s.set_defaults(func=cmd_demo)
+    s = sub.add_parser("campaign", help="validation campaigns: predict, relax, hull, promote over rounds")
+    csub = s.add_subparsers(dest="campaign_command", required=True)
+    c = csub.add_parser("run", help="run (or resume) a campaign locally with jobflow run_locally")
+    c.add_argument("config", help="campaign YAML, e.g. configs/campaign_emt.yaml")
+    c.add_argument("--rounds", type=int, help="override the number of rounds")
+    c.add_argument("--no-report", action="store_true")
+    c.add_argument("--json", help="write the round summaries to this JSON file")
+    c.set_defaults(func=cmd_campaign_run)
+    c = csub.add_parser("report", help="rewrite the Markdown report of a campaign's finished rounds")
+    c.add_argument("config")
+    c.set_defaults(func=cmd_campaign_report)
+    c = csub.add_parser("benchmark", help="relax top-k candidates of benchmark queries: flow vs plain ASE loop")
+    c.add_argument("--protocol", default="mp20bt", choices=["mp20bt", "mpts52"])
+    c.add_argument("--queries", type=int, default=100)
+    c.add_argument("--top", type=int, default=5)
+    c.add_argument("--calculator", default="chgnet", choices=["chgnet", "emt"])
+    c.add_argument("--steps", type=int, default=300)
+    c.add_argument("--fmax", type=float, default=0.05)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--workers", type=int, default=2)
+    c.add_argument("--out", default="out/bench/relax")
+    c.add_argument("--chunk", type=int, default=5, help="queries per alternation of the two methods")
+    c.add_argument("--pool", help="an existing pool store folder (default: import under $CSPML_HOME)")
+    c.set_defaults(func=cmd_campaign_benchmark)
     return p
 
 

@@ -153,14 +153,15 @@ class CSPPredictor:
 
     def _equivalent(self, a: Ranked, sa: Structure, b: Ranked, sb: Structure) -> bool:
         """Whether two candidates are the same crystal: on one template, by the template's role symmetry;
-        otherwise by StructureMatcher when the primitive cells have the same size (substitution and volume
-        scaling can bring two templates of different clusters onto one structure)."""
+        otherwise by StructureMatcher when the templates share space group and primitive-cell size
+        (substitution and volume scaling can bring two templates of different clusters onto one structure)."""
         if a.template == b.template:
             return any(
                 all(b.perm[g[r]] == a.perm[r] for r in range(len(g))) for g in self.index.role_symmetries(a.template)
             )
-        if self.index.nprim[a.template] != self.index.nprim[b.template]:
-            return False
+        ix = self.index
+        if ix.nprim[a.template] != ix.nprim[b.template] or ix.spacegroup[a.template] != ix.spacegroup[b.template]:
+            return False  # a different primitive cell or space group cannot give the same crystal
         if self._matcher is None:
             self._matcher = structure_matcher()
         try:

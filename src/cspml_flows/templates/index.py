@@ -124,9 +124,8 @@ class TemplateIndex:
     @classmethod
     def from_store(cls, store: TemplateStore, workers: int = 2, cache: bool | Path = True) -> TemplateIndex:
         """Build (or load from cache) the index of a store; raises StoreError when the store is empty."""
-        n = store.require_nonempty()
-        newest = store.store.query_one(properties=["last_updated"], sort={"last_updated": -1}) or {}
-        signature = f"{INDEX_VERSION}|{DESCRIPTOR_VERSION}|{store.name}|{n}|{newest.get('last_updated')}"
+        store.require_nonempty()
+        signature = f"{INDEX_VERSION}|{DESCRIPTOR_VERSION}|{store.name}|{store.fingerprint()}"
         path = None
         if cache:
             digest = hashlib.sha1(store.name.encode()).hexdigest()[:16]

@@ -11,7 +11,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
+import sqlite3
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -103,7 +105,23 @@ class TemplateStore:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def _sqlite_file(self) -> Path | None:
+        """The sqlite file of an embedded MontyStore collection, if that is the backend."""
+        st = self.store
+        if isinstance(st, MontyStore) and st.storage == "sqlite":
+            f = Path(st.database_path) / st.database_name / f"{st.collection_name}.collection"
+            return f if f.is_file() else None
+        return None
+
     def count(self) -> int:
+        """Number of documents (montydb decodes every document to count; sqlite is asked directly)."""
+        f = self._sqlite_file()
+        if f is not None:
+            try:
+                with contextlib.closing(sqlite3.connect(f"file:{f}?mode=ro", uri=True)) as con:
+                    return int(con.execute("SELECT COUNT(*) FROM documents").fetchone()[0])
+            except sqlite3.Error:
+                pass  # another montydb layout: ask the store
         return self.store.count()
 
     def ids(self) -> set[str]:
@@ -153,7 +171,18 @@ class TemplateStore:
         return TemplateDoc(**d)
 
     def require_nonempty(self) -> int:
+        """The document count; StoreError when the store is empty."""
         n = self.count()
         if n == 0:
             raise StoreError(f"template store {self.name} is empty: import structures first ('cspml import')")
         return n
+
+    def fingerprint(self) -> str:
+        """A cheap token that changes whenever the store's content changes: the sqlite file's size and
+        modification time for the embedded store, else the count and the newest ``last_updated``."""
+        f = self._sqlite_file()
+        if f is not None:
+            st = f.stat()
+            return f"{self.count()}|{st.st_size}|{st.st_mtime_ns}"
+        newest = self.store.query_one(properties=["last_updated"], sort={"last_updated": -1}) or {}
+        return f"{self.count()}|{newest.get('last_updated')}"
