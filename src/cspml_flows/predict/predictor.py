@@ -64,7 +64,8 @@ class CSPPredictor:
         self.index = index
         self.model = model
         self.prefilter = prefilter
-        self._matcher = None
+        self._matcher = structure_matcher()
+        self._reduced_cache: dict[tuple[int, tuple[int, ...]], Structure] = {}
 
     @classmethod
     def from_paths(
@@ -119,6 +120,7 @@ class CSPPredictor:
             )
             return pred
         kept: list[tuple[Ranked, Structure, float]] = []
+        self._reduced_cache.clear()
         for c in cands:
             for t in (c.template, *c.alternates):
                 s, dmin = substitute(self.index, t, r, c.perm)
@@ -153,18 +155,27 @@ class CSPPredictor:
 
     def _equivalent(self, a: Ranked, sa: Structure, b: Ranked, sb: Structure) -> bool:
         """Whether two candidates are the same crystal: on one template, by the template's role symmetry;
-        otherwise by StructureMatcher when the templates share space group and primitive-cell size
-        (substitution and volume scaling can bring two templates of different clusters onto one structure)."""
+        otherwise by StructureMatcher when the templates share primitive-cell size and either a prototype
+        cluster or space group and element-independent prototype label (substitution and volume scaling can
+        bring two templates of different clusters onto one structure)."""
         if a.template == b.template:
             return any(
                 all(b.perm[g[r]] == a.perm[r] for r in range(len(g))) for g in self.index.role_symmetries(a.template)
             )
-        ix = self.index
-        if ix.nprim[a.template] != ix.nprim[b.template] or ix.spacegroup[a.template] != ix.spacegroup[b.template]:
-            return False  # a different primitive cell or space group cannot give the same crystal
-        if self._matcher is None:
-            self._matcher = structure_matcher()
+        ix, i, j = self.index, a.template, b.template
+        if ix.nprim[i] != ix.nprim[j]:
+            return False  # primitive cells of different size cannot give the same crystal
+        same_label = ix.spacegroup[i] == ix.spacegroup[j] and ix.prototype[i] == ix.prototype[j]
+        if ix.cluster[i] != ix.cluster[j] and not same_label:
+            return False  # another prototype cluster with another space group or Wyckoff occupation
         try:
-            return bool(self._matcher.fit(sa, sb))
+            return bool(self._matcher.fit(self._reduced(a, sa), self._reduced(b, sb), skip_structure_reduction=True))
         except Exception:
             return False
+
+    def _reduced(self, c: Ranked, s: Structure) -> Structure:
+        """Primitive Niggli cell of a candidate, computed once per prediction (the bulk of a fit's cost)."""
+        key = (c.template, c.perm)
+        if key not in self._reduced_cache:
+            self._reduced_cache[key] = self._matcher._get_reduced_structure(s, primitive_cell=True, niggli=True)
+        return self._reduced_cache[key]

@@ -118,22 +118,27 @@ def rank(
 
 
 def _aggregate(index, qi, ti, pi, prob, perms_of, n_queries, top, vote, n_alt: int = 3) -> list[list[Ranked]]:
+    """Collapse scored (query, template, perm) rows into one candidate per (query, cluster, perm), vectorised:
+    score = best + vote * (1 - best) * P(at least one other member matches), the others independent."""
     out: list[list[Ranked]] = [[] for _ in range(n_queries)]
-    order = np.lexsort((-prob, pi, index.cluster[ti], qi))  # by query, cluster, perm, prob desc
-    qs, cs, ps = qi[order], index.cluster[ti][order], pi[order]
+    cl = index.cluster[ti]
+    order = np.lexsort((-prob, pi, cl, qi))  # by query, cluster, perm, prob desc
+    qs, cs, ps, p_sorted = qi[order], cl[order], pi[order], prob[order]
     new = np.ones(len(order), dtype=bool)
     new[1:] = (qs[1:] != qs[:-1]) | (cs[1:] != cs[:-1]) | (ps[1:] != ps[:-1])
     starts = np.flatnonzero(new)
     ends = np.append(starts[1:], len(order))
-    p_sorted = prob[order]
-    for s, e in zip(starts, ends, strict=True):
-        best = p_sorted[s]
-        rest = p_sorted[s + 1 : e]
-        score = best + vote * (1 - best) * (1 - np.prod(1 - rest)) if len(rest) else best
-        q = int(qs[s])
+    log_miss = np.log1p(-np.clip(p_sorted, 0.0, 1.0 - 1e-12))
+    rest = np.exp(np.add.reduceat(log_miss, starts) - log_miss[starts])  # P(no other member matches)
+    best = p_sorted[starts]
+    score = best + vote * (1.0 - best) * (1.0 - rest)
+    g_query = qs[starts]
+    by_score = np.lexsort((-score, g_query))
+    g_sorted = g_query[by_score]
+    first = np.searchsorted(g_sorted, g_sorted, side="left")
+    keep = by_score[(np.arange(len(by_score)) - first) < top]
+    for g in keep:
+        s, e, q = starts[g], ends[g], int(g_query[g])
         alt = tuple(int(x) for x in ti[order[s + 1 : min(e, s + 1 + n_alt)]])
-        out[q].append(Ranked(int(ti[order[s]]), perms_of[q][int(ps[s])], float(score), int(cs[s]), alt))
-    for q in range(n_queries):
-        out[q].sort(key=lambda r: -r.score)
-        out[q] = out[q][:top]
+        out[q].append(Ranked(int(ti[order[s]]), perms_of[q][int(ps[s])], float(score[g]), int(cs[s]), alt))
     return out
