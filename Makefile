@@ -12,6 +12,7 @@ export OPENBLAS_NUM_THREADS ?= 1
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0  # first: otherwise chgnet pulls a multi-GB CUDA build
 	$(BIN)/python -m pip install -q -e ".[test]"
 	touch $(STAMP)
 

@@ -1,0 +1,65 @@
+"""Stores of the validation flows: the results (relaxation cache) store and the jobflow JobStore.
+
+URIs: a folder path (embedded on-disk MontyStore, sqlite, readable by other processes), ``mongodb://`` /
+``mongodb+srv://`` (a MongoDB server), or ``memory://NAME`` (mongomock-backed maggma MemoryStore shared by
+every opener in this process; tests only).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from jobflow import JobStore
+from maggma.core import Store
+from maggma.stores import MemoryStore, MongoURIStore, MontyStore
+
+from cspml_flows.errors import StoreError
+from cspml_flows.templates.store import mongo_database_name, redact_uri
+
+RESULTS_COLLECTION = "relaxations"
+STATE_COLLECTION = "campaign_state"
+_MEMORY: dict[str, MemoryStore] = {}
+
+
+def make_store(uri: str | Path, collection: str, key: str = "key", create: bool = True) -> Store:
+    """A maggma Store (not connected) for ``uri``; ``create=False`` refuses a missing folder."""
+    text = str(uri)
+    if text.startswith(("mongodb://", "mongodb+srv://")):
+        return MongoURIStore(uri=text, collection_name=collection, database=mongo_database_name(text), key=key)
+    if text.startswith("memory://"):
+        name = f"{text[len('memory://') :] or 'default'}:{collection}"
+        if name not in _MEMORY:
+            _MEMORY[name] = MemoryStore(collection_name=name, key=key)
+        return _MEMORY[name]
+    path = Path(text).expanduser()
+    if not path.exists():
+        if not create:
+            raise StoreError(f"store folder not found: {path}")
+        path.mkdir(parents=True, exist_ok=True)
+    return MontyStore(collection, database_path=str(path), storage="sqlite", key=key)
+
+
+def open_store(uri: str | Path, collection: str, key: str = "key", create: bool = True) -> Store:
+    """:func:`make_store`, connected; a store that cannot be opened raises StoreError naming it."""
+    store = make_store(uri, collection, key=key, create=create)
+    try:
+        if isinstance(store, MemoryStore):
+            if store._coll is None:  # shared in-process store: connect once, never reset
+                store.connect()
+        else:
+            store.connect()
+    except Exception as exc:
+        raise StoreError(f"cannot open store {redact_uri(str(uri))} ({collection}): {exc}") from None
+    return store
+
+
+def close_store(store: Store) -> None:
+    if not isinstance(store, MemoryStore):
+        store.close()
+
+
+def job_store(uri: str | Path) -> JobStore:
+    """jobflow JobStore on maggma: job outputs in ``outputs``, large atomate2 objects in ``data``."""
+    docs = make_store(uri, "outputs", key="uuid")
+    data = make_store(uri, "outputs_data", key="blob_uuid")
+    return JobStore(docs, additional_stores={"data": data})
