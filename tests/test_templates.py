@@ -783,3 +783,14 @@ def test_import_materials_project_without_mp_api(mem_store, monkeypatch):
     monkeypatch.setitem(sys.modules, "mp_api.client", None)
     with pytest.raises(CSPMLError, match="mp-api"):
         import_materials_project(mem_store, chemsys="Na-Cl", api_key="x")
+
+
+def test_empty_index_and_empty_subset(nacl):
+    from cspml_flows.templates.index import TemplateIndex
+    from cspml_flows.templates.schema import template_doc_from_structure
+
+    empty = TemplateIndex.empty()
+    assert len(empty) == 0 and empty.by_anon == {}
+    idx = TemplateIndex.from_docs([template_doc_from_structure(nacl, "nacl").model_dump(mode="json")])
+    none = idx.subset(np.zeros(1, dtype=bool))
+    assert len(none) == 0 and none.by_anon == {}

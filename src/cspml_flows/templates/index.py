@@ -61,7 +61,7 @@ class TemplateIndex:
     _cells: dict[int, tuple] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
-        if not self.by_anon:
+        if not self.by_anon and len(self.anon):
             order = np.argsort(self.anon, kind="stable")
             keys, starts = np.unique(self.anon[order], return_index=True)
             bounds = [*starts[1:], len(order)]
