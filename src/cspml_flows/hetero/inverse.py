@@ -1,0 +1,203 @@
+"""Inverse design: which compositions crystallise in a given structure?
+
+Element substitutions consistent with the structure's anonymous formula are enumerated (each role of the
+prototype takes one element of the user's list, distinct elements), compositions that SMACT cannot charge
+balance are dropped, and the rest are ranked by the hetero model's score of (composition, structure). Each
+answer carries the substituted, volume-rescaled structure from the core engine.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from pymatgen.core import Composition, Element, Structure
+
+from cspml_flows.composition import Roles, roles
+from cspml_flows.errors import CompositionError, CSPMLError
+from cspml_flows.hetero.model import Bank, HeteroModel
+from cspml_flows.learning.model import QueryBatch
+from cspml_flows.predict.substitute import substitute
+from cspml_flows.predict.validity import MIN_DISTANCE, smact_valid
+from cspml_flows.templates.index import TemplateIndex
+
+MAX_ENUMERATED = 500_000
+
+
+class NoCompositionError(CSPMLError):
+    """No composition from the given elements fits the structure (or passes the charge-balance filter)."""
+
+
+@dataclass
+class InverseCandidate:
+    rank: int
+    formula: str
+    score: float
+    assignment: dict[str, str]  # template element -> candidate element
+    smact_valid: bool
+    structure: Structure | None = None
+    min_distance: float = float("nan")
+
+    def summary(self) -> dict:
+        return {
+            "rank": self.rank,
+            "formula": self.formula,
+            "score": round(self.score, 4),
+            "assignment": self.assignment,
+            "smact_valid": self.smact_valid,
+            "min_distance": round(self.min_distance, 3),
+        }
+
+
+@dataclass
+class InverseResult:
+    template_formula: str
+    anonymous_formula: str
+    n_enumerated: int
+    n_charge_balanced: int
+    candidates: list[InverseCandidate] = field(default_factory=list)
+
+
+def check_elements(elements: Sequence[str]) -> list[str]:
+    """Distinct valid element symbols in the given order; raise CompositionError on an empty or bad list."""
+    if not elements:
+        raise CompositionError("empty element list: give the elements to substitute (e.g. --elements Li Na K O S)")
+    out: list[str] = []
+    for e in elements:
+        sym = str(e).strip()
+        if not Element.is_valid_symbol(sym):
+            raise CompositionError(f"unknown element {sym!r} in the element list")
+        if sym not in out:
+            out.append(sym)
+    return out
+
+
+def enumerate_assignments(template: Roles, elements: Sequence[str]) -> list[tuple[str, ...]]:
+    """Element tuples in the template's role order: distinct elements, one per role."""
+    n = len(template.elements)
+    if len(elements) < n:
+        raise NoCompositionError(
+            f"no valid composition: the structure has {n} distinct site roles ({template.anonymous_formula}) "
+            f"but only {len(elements)} distinct element(s) were given"
+        )
+    count = int(np.prod(range(len(elements) - n + 1, len(elements) + 1)))
+    if count > MAX_ENUMERATED:
+        raise CSPMLError(f"{count} element assignments to enumerate (limit {MAX_ENUMERATED}): give fewer elements")
+    return list(itertools.permutations(elements, n))
+
+
+def _query(template: Roles, assigned: tuple[str, ...]) -> tuple[Roles, tuple[int, ...]]:
+    comp = Composition(dict(zip(assigned, template.amounts, strict=True)))
+    q = roles(comp)
+    perm = tuple(q.elements.index(e) for e in assigned)
+    return q, perm
+
+
+def score_assignments(
+    model: HeteroModel | None, bank: Bank, t: int, assignments: Sequence[tuple[str, ...]], method: str = "hetero"
+) -> tuple[list[Roles], list[tuple[int, ...]], np.ndarray]:
+    """Scores of element assignments onto template row ``t`` (higher is better).
+
+    ``method``: ``hetero`` (the fused model), ``tower`` (the tower alone), ``descriptor`` (minus the
+    unlearned Magpie distance to the template's composition), ``pymatgen`` (log substitution probability).
+    """
+    from cspml_flows.descriptors import role_properties
+
+    index = bank.index
+    tr = index.roles[t]
+    qs, perms = zip(*(_query(tr, a) for a in assignments), strict=True) if assignments else ((), ())
+    qs, perms = list(qs), list(perms)
+    if not qs:
+        return [], [], np.zeros(0)
+    if method == "pymatgen":
+        from cspml_flows.benchmark.baselines import log_cond_prob, oxidation_species
+
+        t_species = tuple(str(x) for x in oxidation_species(tr))
+        scores = []
+        for q, p in zip(qs, perms, strict=True):
+            sp = [str(x) for x in oxidation_species(q)]
+            scores.append(log_cond_prob(t_species, tuple(sp[j] for j in p)))
+        return qs, perms, np.array(scores)
+    qb = QueryBatch.from_roles(qs)
+    if method == "descriptor":
+        from cspml_flows.learning.features import Standardizer, unlearned_distance
+
+        std = model.std if model is not None else Standardizer(index.stats, index.role_props)
+        return qs, perms, -unlearned_distance(qb.stats, index.stats[[t]], std)
+    if model is None:
+        raise CSPMLError(f"method {method!r} needs a hetero model")
+    qi = np.arange(len(qs))
+    q_role = np.concatenate([role_properties([q], [p]) for q, p in zip(qs, perms, strict=True)])
+    ti = np.full(len(qs), t)
+    if method == "tower":
+        _, tower, _ = model.components(bank, qb, qi, q_role, ti, None)
+        return qs, perms, tower
+    # the linear fusion (the optional second stage ranks structures for one composition, not the reverse)
+    core = model.core if model.use_core else None
+    return qs, perms, model.fuse(*model.components(bank, qb, qi, q_role, ti, core))
+
+
+def inverse_design(
+    model: HeteroModel,
+    bank: Bank,
+    t: int,
+    elements: Sequence[str],
+    top: int = 20,
+    charge_balance: bool = True,
+    build: bool = True,
+    method: str = "hetero",
+) -> InverseResult:
+    """Rank compositions from ``elements`` for template row ``t`` of ``bank.index``."""
+    elements = check_elements(elements)
+    index: TemplateIndex = bank.index
+    tr = index.roles[t]
+    assignments = enumerate_assignments(tr, elements)
+    comps = [Composition(dict(zip(a, tr.amounts, strict=True))) for a in assignments]
+    ok = [smact_valid(c) for c in comps] if charge_balance else [True] * len(comps)
+    kept = [a for a, good in zip(assignments, ok, strict=True) if good]
+    result = InverseResult(tr.reduced_formula, tr.anonymous_formula, len(assignments), len(kept))
+    if not kept:
+        raise NoCompositionError(
+            f"no valid composition: none of the {len(assignments)} substitutions of {', '.join(elements)} into "
+            f"{tr.anonymous_formula} ({tr.reduced_formula}) is charge-balanced by SMACT"
+        )
+    qs, perms, scores = score_assignments(model, bank, t, kept, method)
+    best: dict[str, int] = {}
+    for k, q in enumerate(qs):  # one answer per composition: its best assignment
+        f = q.reduced_formula
+        if f not in best or scores[k] > scores[best[f]]:
+            best[f] = k
+    order = sorted(best.values(), key=lambda k: -scores[k])
+    rank = 0
+    for k in order:
+        if rank >= top:
+            break
+        cand = InverseCandidate(
+            rank=rank + 1,
+            formula=qs[k].reduced_formula,
+            score=float(scores[k]),
+            assignment={tr.elements[r]: kept[k][r] for r in range(len(tr.elements))},
+            smact_valid=smact_valid(qs[k].reduced_formula),
+        )
+        if build:
+            s, dmin = substitute(index, t, qs[k], perms[k])
+            if dmin < MIN_DISTANCE:
+                continue
+            cand.structure, cand.min_distance = s, dmin
+        result.candidates.append(cand)
+        rank += 1
+    return result
+
+
+def inverse_from_structure(
+    model: HeteroModel, structure: Structure, elements: Sequence[str], top: int = 20, name: str = "user"
+) -> InverseResult:
+    """Inverse design for a pymatgen Structure (e.g. read from a user CIF)."""
+    from cspml_flows.hetero.encoders import geometry_features
+    from cspml_flows.hetero.user_templates import user_index
+
+    ui = user_index({name: structure})
+    geom = geometry_features(list(ui.ids), ui.structures, ui.roles, list(ui.spacegroup), list(ui.nprim), 1, False)
+    return inverse_design(model, model.bank(ui, geom), 0, elements, top=top)

@@ -1,0 +1,537 @@
+"""Heterogeneous composition <-> structure model: encoders, training, polymorphs, inverse design, user
+templates, CLI, jobflow campaigns (ASE EMT) and bad input.
+
+Real data: the session ``template_index`` (400 MP-20 val structures plus hand-built prototypes)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from jobflow import JobStore, run_locally
+from maggma.stores import MemoryStore
+from pymatgen.core import Composition, Lattice, Structure
+
+from cspml_flows.cli import main
+from cspml_flows.composition import roles
+from cspml_flows.errors import CompositionError, ConfigError, ModelError, StructureReadError
+from cspml_flows.flows import CalculatorSettings
+from cspml_flows.flows.schemas import StabilityOutput
+from cspml_flows.hetero.encoders import MAX_ROLES, structure_geometry
+from cspml_flows.hetero.evaluate import _objective
+from cspml_flows.hetero.flows import InverseMaker, MetastableMaker, load_hetero_campaign, run_hetero_campaign
+from cspml_flows.hetero.inverse import NoCompositionError, inverse_design, inverse_from_structure
+from cspml_flows.hetero.model import HeteroModel, TrainingGroups, index_geometry
+from cspml_flows.hetero.rank import HeteroPredictor, hetero_rank
+from cspml_flows.hetero.user_templates import add_user_templates
+from cspml_flows.predict.predictor import CSPPredictor
+from cspml_flows.prototype import structure_matcher
+from cspml_flows.templates.index import TemplateIndex
+from cspml_flows.templates.schema import template_doc_from_structure
+from cspml_flows.templates.store import TemplateStore
+
+
+@pytest.fixture(scope="session")
+def hetero_trained(template_index, trained_model):
+    from threadpoolctl import threadpool_limits
+
+    geom = index_geometry(template_index, workers=1, cache=False)
+    with threadpool_limits(limits=1, user_api="openmp"):
+        model, report = HeteroModel.train(
+            template_index, core=trained_model, geom=geom, epochs=25, workers=1, log=lambda _m: None
+        )
+    return model, report, geom
+
+
+@pytest.fixture(scope="session")
+def hetero_model(hetero_trained) -> HeteroModel:
+    return hetero_trained[0]
+
+
+@pytest.fixture(scope="session")
+def hetero_bank(hetero_trained, template_index):
+    model, _, geom = hetero_trained
+    return model.bank(template_index, geom)
+
+
+def _row(index: TemplateIndex, mid: str) -> int:
+    return int(np.flatnonzero(index.ids == mid)[0])
+
+
+# ---------------------------------------------------------------- structure encoder
+
+
+def test_geometry_is_element_agnostic_and_counts_coordination(hand_structures):
+    nacl, kbr = hand_structures["nacl"], hand_structures["kbr"]
+    g_nacl = structure_geometry(nacl, roles(nacl.composition), 225, 2)
+    g_kbr = structure_geometry(kbr, roles(kbr.composition), 225, 2)
+    cn = g_nacl[: MAX_ROLES * MAX_ROLES].reshape(MAX_ROLES, MAX_ROLES)
+    assert cn[0, 1] == pytest.approx(6) and cn[1, 0] == pytest.approx(6)  # rocksalt: 6 unlike neighbours
+    assert cn[0, 0] == 0
+    # same prototype, other elements: identical geometry except the volume ratio (last entry)
+    assert np.allclose(g_nacl[:-1], g_kbr[:-1], atol=1e-6)
+    srtio3 = hand_structures["srtio3"]
+    r = roles(srtio3.composition)  # Sr, Ti, O
+    cn = structure_geometry(srtio3, r, 221, 5)[: MAX_ROLES * MAX_ROLES].reshape(MAX_ROLES, MAX_ROLES)
+    assert cn[1, 2] == pytest.approx(6)  # Ti-O octahedra
+    cscl = hand_structures["cscl"]
+    cn = structure_geometry(cscl, roles(cscl.composition), 221, 2)[: MAX_ROLES * MAX_ROLES]
+    assert cn.reshape(MAX_ROLES, MAX_ROLES)[0, 1] == pytest.approx(8)
+
+
+def test_geometry_cache_round_trip(template_index, cspml_home):
+    sub = template_index.subset(np.arange(len(template_index)) < 30)
+    first = index_geometry(sub, workers=1)
+    assert (cspml_home / "hetero").is_dir()
+    again = index_geometry(sub, workers=1)
+    assert np.array_equal(first, again)
+    assert np.array_equal(first, index_geometry(sub, workers=1, cache=False))
+
+
+# ---------------------------------------------------------------- training
+
+
+def _polymorph_index() -> TemplateIndex:
+    """Rocksalt and CsCl-type halides; NaCl and KCl exist in both, the rocksalt being the ground state."""
+    rs = {"NaCl": 5.64, "KCl": 6.29, "NaBr": 5.97, "KBr": 6.6, "LiF": 4.03, "RbCl": 6.58}
+    b2 = {"NaCl": 3.4, "KCl": 3.8, "CsCl": 4.12, "CsBr": 4.29, "CsI": 4.57, "TlCl": 3.84}
+    docs = []
+    for f, a in rs.items():
+        el = roles(f).elements
+        s = Structure(Lattice.cubic(a), [el[0]] * 4 + [el[1]] * 4, _fcc8())
+        docs.append(template_doc_from_structure(s, f"rs-{f}", e_above_hull=0.0).model_dump(mode="json"))
+    for f, a in b2.items():
+        el = roles(f).elements
+        s = Structure(Lattice.cubic(a), list(el), [[0, 0, 0], [0.5, 0.5, 0.5]])
+        e = 0.1 if f in rs else 0.0
+        docs.append(template_doc_from_structure(s, f"b2-{f}", e_above_hull=e).model_dump(mode="json"))
+    return TemplateIndex.from_docs(docs)
+
+
+def _fcc8():
+    fcc = [[0, 0, 0], [0, 0.5, 0.5], [0.5, 0, 0.5], [0.5, 0.5, 0]]
+    return fcc + [[(x + 0.5) % 1 for x in site] for site in fcc]
+
+
+def test_training_targets_weight_positives_by_energy():
+    idx = _polymorph_index()
+    geom = index_geometry(idx, workers=1, cache=False)
+    model = HeteroModel.init(idx, geom)
+    rows = np.arange(len(idx))
+    groups = TrainingGroups.build(model, idx, rows, rows)
+    nacl = _row(idx, "rs-NaCl")
+    g = next(i for i in range(len(groups.phi)) if np.allclose(groups.phi[i], model.phi(*_q(idx, nacl))[0]))
+    cand, y = groups.cand[g][groups.valid[g]], groups.y[g][groups.valid[g]]
+    assert not np.isin(idx.formulas[cand], ["NaCl"]).any()  # never its own formula
+    rs_mass = y[np.char.startswith(idx.ids[cand].astype(str), "rs-")].sum()
+    b2_mass = y[np.char.startswith(idx.ids[cand].astype(str), "b2-")].sum()
+    assert y.sum() == pytest.approx(1.0)
+    assert rs_mass / b2_mass == pytest.approx(np.exp(0.1 / 0.05), rel=1e-6)  # exp(-E/TAU) per prototype
+
+
+def _q(idx, i):
+    return idx.role_props[[i]], idx.role_fracs[[i]], idx.stats[[i]]
+
+
+def test_tower_gradient_matches_finite_differences():
+    idx = _polymorph_index()
+    geom = index_geometry(idx, workers=1, cache=False)
+    model = HeteroModel.init(idx, geom, dim=4, seed=1)
+    rows = np.arange(len(idx))
+    groups = TrainingGroups.build(model, idx, rows, rows)
+    bank = model.bank(idx, geom)
+    model.w = np.random.default_rng(0).normal(0, 0.1, model.w.shape)
+
+    def loss(m: HeteroModel) -> float:
+        total = 0.0
+        for i in range(len(groups.phi)):
+            c = groups.cand[i][groups.valid[i]]
+            s = m.tower(np.repeat(groups.phi[[i]], len(c), axis=0), bank.psi[c])
+            s = s - s.max()
+            p = np.exp(s) / np.exp(s).sum()
+            total -= np.sum(groups.y[i][groups.valid[i]] * np.log(p))
+        return total / len(groups.phi)
+
+    sel = np.arange(len(groups.phi))
+    value, grads = model.loss_and_grads(bank, groups, sel)
+    assert value == pytest.approx(loss(model), rel=1e-9)  # the training loss is the listwise InfoNCE above
+    rng = np.random.default_rng(2)
+    for param, grad in zip((model.A, model.B, model.w), grads, strict=True):
+        for _ in range(5):
+            k = tuple(rng.integers(0, n) for n in param.shape)
+            old = param[k]
+            param[k] = old + 1e-6
+            up = loss(model)
+            param[k] = old - 1e-6
+            down = loss(model)
+            param[k] = old
+            assert grad[k] == pytest.approx((up - down) / 2e-6, rel=1e-4, abs=1e-7)
+    losses = model.fit_towers(bank, groups, epochs=30, lr=0.05, l2=0.0, batch=len(groups.phi))
+    assert losses[-1] < losses[0] - 0.1
+
+
+def test_training_report_and_fusion_not_worse_than_cspml(hetero_trained):
+    model, report, _ = hetero_trained
+    v = report["variants"]
+    assert set(v) == {"cspml", "tower", "hetero"}
+    assert report["n_val_queries"] >= 20
+    objective = {k: _objective(m) for k, m in v.items()}
+    # lam = 0, mu = 0 is in the grid and is CSPML itself, so the chosen fusion cannot be worse on it
+    assert objective["hetero"] >= objective["cspml"] - 1e-12
+    assert model.core is not None and model.use_core
+    assert 0 <= v["tower"]["recall@1"] <= v["tower"]["recall@5"] <= v["tower"]["recall@10"] <= 1
+    assert v["tower"]["recall@5"] > 0.3  # far above chance on held-out formulas
+    assert report["tower_loss"][-1] < report["tower_loss"][0]
+
+
+def test_save_load_and_bad_model_files(hetero_model, hetero_bank, tmp_path):
+    path = hetero_model.save(tmp_path / "h.joblib")
+    back = HeteroModel.load(path)
+    q = [roles("KCl"), roles("BaTiO3")]
+    a = hetero_rank(hetero_model, hetero_bank, q, top=3)
+    b = hetero_rank(back, hetero_bank, q, top=3)
+    assert [[(r.template, r.perm) for r in x] for x in a] == [[(r.template, r.perm) for r in x] for x in b]
+    assert back.meta["training_hash"] == hetero_model.meta["training_hash"]
+    with pytest.raises(ModelError, match="not found"):
+        HeteroModel.load(tmp_path / "missing.joblib")
+    (tmp_path / "junk.joblib").write_text("not a model")
+    with pytest.raises(ModelError, match="cannot read"):
+        HeteroModel.load(tmp_path / "junk.joblib")
+    import joblib
+
+    blob = joblib.load(path)
+    blob["meta"]["geometry_version"] = "geom-v0"
+    joblib.dump(blob, tmp_path / "old.joblib")
+    with pytest.raises(ModelError, match="retrain"):
+        HeteroModel.load(tmp_path / "old.joblib")
+
+
+# ---------------------------------------------------------------- polymorphs
+
+
+def test_polymorphs_are_distinct_and_ranked(hetero_model, hetero_bank, template_index):
+    hp = HeteroPredictor(template_index, hetero_model, hetero_bank)
+    (pred,) = hp.predict(["KCl"], polymorphs=3, strict=True)
+    assert 1 <= len(pred.candidates) <= 3
+    scores = [c.score for c in pred.candidates]
+    assert scores == sorted(scores, reverse=True)
+    sm = structure_matcher()
+    structs = [c.structure for c in pred.candidates]
+    for i in range(len(structs)):
+        assert structs[i].composition.reduced_formula == "KCl"
+        for j in range(i):
+            assert not sm.fit(structs[i], structs[j])
+    # KCl without its own templates: rocksalt (NaCl, KBr, ... hand-built) must come first
+    assert sm.fit_anonymous(pred.candidates[0].structure, template_index.structure(_row(template_index, "hand-nacl")))
+
+
+def test_energy_aware_polymorph_ranking():
+    """Trained on halides where NaCl and KCl are rocksalt ground states with a CsCl-type polymorph 0.1 eV/atom
+    above: a held-out rocksalt/B2 chemistry gets the rocksalt first and the B2 polymorph second."""
+    idx = _polymorph_index()
+    geom = index_geometry(idx, workers=1, cache=False)
+    model = HeteroModel.init(idx, geom, seed=0)
+    rows = np.arange(len(idx))
+    model.fit_towers(model.bank(idx, geom), TrainingGroups.build(model, idx, rows, rows), epochs=60)
+    model.use_core, model.lam, model.mu = False, 1.0, 0.0
+    hp = HeteroPredictor(idx, model, model.bank(idx, geom))
+    (pred,) = hp.predict(["NaCl"], polymorphs=2, strict=True)
+    assert [c.template_id.split("-")[0] for c in pred.candidates] == ["rs", "b2"]
+
+
+# ---------------------------------------------------------------- inverse design
+
+
+def test_inverse_design_on_a_perovskite(hetero_model, hand_structures):
+    elements = ["Ba", "Ca", "Sr", "Ti", "Zr", "O", "Cl"]
+    res = inverse_from_structure(hetero_model, hand_structures["srtio3"], elements, top=15)
+    formulas = [c.formula for c in res.candidates]
+    assert res.n_enumerated == 7 * 6 * 5
+    assert 0 < res.n_charge_balanced < res.n_enumerated
+    assert len(formulas) == len(set(formulas))
+    assert all(c.smact_valid for c in res.candidates)
+    assert all(roles(f).anonymous_formula == "ABC3" for f in formulas)
+    scores = [c.score for c in res.candidates]
+    assert scores == sorted(scores, reverse=True)
+    known = {"BaTiO3", "CaTiO3", "BaZrO3", "SrZrO3", "CaZrO3"}
+    assert len(known & set(formulas[:10])) >= 2, formulas
+    for c in res.candidates:
+        assert c.structure.composition.reduced_formula == c.formula
+        assert c.min_distance >= 0.5
+    assert all(c.assignment["O"] == "O" for c in res.candidates[:5])  # the best answers keep O on the X site
+
+
+def test_inverse_recall_on_real_prototype(hetero_model, hetero_bank, template_index):
+    """A real structure of the session index: the compositions that share its prototype rank high among
+    every substitution of their elements."""
+    idx = template_index
+    best = None
+    for c in np.argsort(-np.bincount(idx.cluster)):
+        members = np.flatnonzero(idx.cluster == c)
+        t = int(members[0])
+        others = sorted(set(idx.formulas[members].tolist()) - {str(idx.formulas[t])})
+        elements = sorted({e for f in [*others, str(idx.formulas[t])] for e in roles(f).elements})
+        if len(others) >= 2 and len(elements) <= 8 and not str(idx.ids[t]).startswith("hand-"):
+            best = members
+            break
+    assert best is not None
+    res = inverse_design(hetero_model, hetero_bank, t, elements, top=50, build=False)
+    ranked = [c.formula for c in res.candidates]
+    found = [f for f in others if f in ranked[:20]]
+    assert len(found) >= 1, (others, ranked[:20], res.n_charge_balanced)
+
+
+def test_inverse_bad_input(hetero_model, hand_structures):
+    s = hand_structures["srtio3"]
+    with pytest.raises(CompositionError, match="empty element list"):
+        inverse_from_structure(hetero_model, s, [])
+    with pytest.raises(CompositionError, match="unknown element"):
+        inverse_from_structure(hetero_model, s, ["Sr", "Xx", "O"])
+    with pytest.raises(NoCompositionError, match="3 distinct site roles"):
+        inverse_from_structure(hetero_model, s, ["Sr", "O"])
+    with pytest.raises(NoCompositionError, match="charge-balanced"):
+        inverse_from_structure(hetero_model, s, ["He", "Ne", "Ar"])
+
+
+# ---------------------------------------------------------------- user-defined templates
+
+
+def test_user_template_brings_back_a_removed_prototype(
+    hetero_model, hetero_trained, template_index, hand_structures, tmp_path
+):
+    idx = template_index
+    perov = idx.cluster[_row(idx, "hand-srtio3")]
+    pool = idx.subset(idx.cluster != perov)
+    geom = hetero_trained[2][idx.cluster != perov]
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    hand_structures["srtio3"].to(filename=str(folder / "SrTiO3.cif"))
+    merged, mgeom = add_user_templates(pool, folder, geom)
+    assert len(merged) == len(pool) + 1 and merged.ids[-1] == "user:SrTiO3.cif"
+    assert merged.cluster[-1] > pool.cluster.max()
+    sm = structure_matcher()
+    gt = hand_structures["bazro3"]
+    for predictor in (
+        HeteroPredictor(merged, hetero_model, hetero_model.bank(merged, mgeom)),
+        CSPPredictor(merged, hetero_model.core),
+    ):
+        kwargs = {"polymorphs": 8} if isinstance(predictor, HeteroPredictor) else {"top": 8}
+        (pred,) = predictor.predict(["BaZrO3"], exclude_ids=[{"hand-bazro3"}], **kwargs)
+        assert any(c.template_id == "user:SrTiO3.cif" for c in pred.candidates)
+        assert any(sm.fit(c.structure, gt) for c in pred.candidates)
+    # without the user file, no candidate reproduces the cubic perovskite
+    (pred,) = HeteroPredictor(pool, hetero_model, hetero_model.bank(pool, geom)).predict(["BaZrO3"], polymorphs=8)
+    assert not any(sm.fit(c.structure, gt) for c in pred.candidates)
+
+
+def test_user_template_bad_files(template_index, tmp_path, nacl):
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    (folder / "broken.cif").write_text("data_x\n_cell_length_a nonsense\nloop_\n")
+    with pytest.raises(StructureReadError, match=r"broken\.cif"):
+        add_user_templates(template_index, folder)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(Exception, match="no CIF/POSCAR"):
+        add_user_templates(template_index, empty)
+
+
+# ---------------------------------------------------------------- CLI
+
+
+@pytest.fixture
+def cli_store(tmp_path, val_docs, hand_docs) -> Path:
+    from cspml_flows.templates.store import TemplateStore
+
+    path = tmp_path / "store.json"
+    ts = TemplateStore.open(path)
+    ts.add(val_docs[:150] + hand_docs)
+    ts.close()
+    return path
+
+
+def test_cli_polymorphs_inverse_and_templates(
+    cli_store, hetero_model, trained_model, hand_structures, tmp_path, capsys
+):
+    hpath = hetero_model.save(tmp_path / "hetero.joblib")
+    cpath = trained_model.save(tmp_path / "core.joblib")
+    out = tmp_path / "out"
+    args = ["predict", "KCl", "--polymorphs", "2", "--store", str(cli_store), "--hetero-model", str(hpath)]
+    rc = main([*args, "--out", str(out), "--workers", "1"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "KCl" in text and len(list(out.glob("KCl_*.cif"))) >= 1
+    cif = tmp_path / "perovskite.cif"
+    hand_structures["srtio3"].to(filename=str(cif))
+    rc = main(["inverse", str(cif), "--elements", "Ba", "Ti", "Zr", "O", "--top", "5", "--model", str(hpath)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "BaTiO3" in text or "BaZrO3" in text
+    folder = tmp_path / "user"
+    folder.mkdir()
+    quaternary = hand_structures["nacl"].copy()  # rocksalt cell with one K on Na and one Br on Cl sites
+    quaternary.replace(0, "K")
+    quaternary.replace(4, "Br")
+    quaternary.to(filename=str(folder / "POSCAR_cscl"), fmt="poscar")
+    rc = main(["predict", "LiNa3Cl3I", "--templates", str(folder), "--store", str(cli_store), "--model", str(cpath)])
+    assert rc == 0
+    assert "user:POSCAR_cscl" in capsys.readouterr().out
+
+
+def test_cli_bad_input_one_line_errors(tmp_path, hand_structures, capsys):
+    bad = tmp_path / "bad.cif"
+    bad.write_text("this is not a CIF\n")
+    assert main(["inverse", str(bad), "--elements", "Na", "Cl"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "bad.cif" in err and "\n" not in err
+    good = tmp_path / "nacl.cif"
+    hand_structures["nacl"].to(filename=str(good))
+    assert main(["inverse", str(good), "--elements"]) == 2
+    assert "empty element list" in capsys.readouterr().err
+    assert main(["inverse", str(good), "--elements", "Na", "Cl", "--model", str(tmp_path / "none.joblib")]) == 2
+    assert "hetero model file not found" in capsys.readouterr().err
+    folder = tmp_path / "user"
+    folder.mkdir()
+    (folder / "x.cif").write_text("garbage")
+    assert main(["predict", "NaCl", "--templates", str(folder), "--store", str(tmp_path / "nostore")]) == 2
+    assert "x.cif" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- jobflow campaigns (ASE EMT)
+
+EMT = CalculatorSettings(name="emt", steps=150, fmax=0.1, batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory, hetero_model) -> str:
+    return str(hetero_model.save(tmp_path_factory.mktemp("hetero") / "hetero.joblib"))
+
+
+@pytest.fixture
+def template_folder(tmp_path: Path, hand_docs: list[dict]) -> str:
+    path = tmp_path / "templates"
+    ts = TemplateStore.open(path)
+    ts.add([dict(d) for d in hand_docs])
+    ts.close()
+    return str(path)
+
+
+def l12() -> Structure:
+    return Structure(
+        Lattice.cubic(3.75), ["Au", "Cu", "Cu", "Cu"], [[0, 0, 0], [0, 0.5, 0.5], [0.5, 0, 0.5], [0.5, 0.5, 0]]
+    )
+
+
+def _run(flow):
+    store = JobStore(MemoryStore())
+    run_locally(flow, store=store, create_folders=False, log=False)
+    store.connect()
+    return {k: v.resolve(store) for k, v in flow.output.items()}
+
+
+def test_inverse_maker_relaxes_ranked_compositions(model_file, template_folder):
+    maker = InverseMaker(template_store=template_folder, results_store="memory://hinv", hetero_model=model_file, top=3)
+    flow = maker.make(l12(), ["Cu", "Au", "Ni", "Pd"], "L12.cif")
+    assert [j.name for j in flow.jobs] == ["inverse candidates", "relax", "stability"]
+    out = _run(flow)
+    cands = out["candidates"].candidates
+    assert 1 <= len(cands) <= 3
+    assert [c.rank for c in cands] == list(range(1, len(cands) + 1))
+    assert all(c.template_id == "user:L12.cif" and c.structure["sites"] for c in cands)
+    assert all(Composition(c.formula).anonymized_formula == "AB3" for c in cands)
+    stab = StabilityOutput.coerce(out["stability"])
+    assert {r.formula for r in stab.records} == {c.formula for c in cands}
+    assert all(r.e_above_hull is not None and r.e_above_hull >= -1e-8 for r in stab.records)
+
+
+def test_metastable_maker_polymorphs(model_file, template_folder):
+    maker = MetastableMaker(
+        template_store=template_folder,
+        results_store="memory://hmeta",
+        hetero_model=model_file,
+        polymorphs=2,
+        calculator=EMT,
+        max_references=5,
+    )
+    flow = maker.make(["CuAu"])
+    assert [j.name for j in flow.jobs][:3] == ["hetero retrieve", "substitute elements", "deduplicate"]
+    out = _run(flow)
+    cands = out["candidates"].candidates
+    assert 1 <= len(cands) <= 2 and {c.formula for c in cands} == {"CuAu"}
+    assert all(c.template_id.startswith("hand-") for c in cands)
+    stab = StabilityOutput.coerce(out["stability"])
+    assert len(stab.records) == len(cands)
+
+
+def test_hetero_campaign_yaml_and_cli(model_file, template_folder, tmp_path, capsys):
+    cif = tmp_path / "L12.cif"
+    l12().to(filename=str(cif))
+    cfg = {
+        "name": "inv_test",
+        "kind": "inverse",
+        "structure": "L12.cif",
+        "elements": ["Cu", "Au", "Ni"],
+        "top": 2,
+        "calculator": EMT.model_dump(),
+        "max_references": 5,
+        "hetero_model": model_file,
+        "template_store": template_folder,
+        "results_store": "memory://hcamp",
+        "jobs_store": str(tmp_path / "jobs"),
+        "workdir": str(tmp_path / "work"),
+    }
+    path = tmp_path / "inv.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    loaded = load_hetero_campaign(path)
+    assert Path(loaded.structure) == cif.resolve()
+    summary = run_hetero_campaign(loaded, log=lambda _m: None)
+    assert 1 <= len(summary["candidates"]) <= 2
+    assert (tmp_path / "work" / "hetero_summary.json").is_file()
+    assert main(["hetero-campaign", str(path)]) == 0  # a re-run reuses the cached relaxations
+    assert "candidates relaxed" in capsys.readouterr().out
+
+
+def test_hetero_campaign_bad_input(model_file, tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"name": "x", "kind": "inverse", "elements": ["Cu"], "hetero_model": model_file}))
+    with pytest.raises(ConfigError, match="needs 'structure'"):
+        load_hetero_campaign(path)
+    path.write_text(yaml.safe_dump({"name": "x", "kind": "sideways"}))
+    assert main(["hetero-campaign", str(path)]) == 2
+    assert "kind" in capsys.readouterr().err
+    (tmp_path / "bad.cif").write_text("not a cif")
+    cfg = {"name": "x", "kind": "inverse", "structure": str(tmp_path / "bad.cif"), "elements": ["Cu", "Au"]}
+    cfg["hetero_model"] = model_file
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["hetero-campaign", str(path)]) == 2
+    assert "bad.cif" in capsys.readouterr().err
+    cfg["structure"], cfg["elements"] = str(tmp_path / "bad.cif"), []
+    l12().to(filename=cfg["structure"])
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["hetero-campaign", str(path)]) == 2
+    assert "empty element list" in capsys.readouterr().err
+
+
+def test_second_stage_stacker_scores_and_persists(hetero_model, hetero_bank, tmp_path):
+    """A fitted second stage replaces the linear fusion for composition -> structure ranking and is saved."""
+    import copy
+
+    from cspml_flows.hetero.evaluate import _stacker
+    from cspml_flows.hetero.rank import candidate_rows
+
+    rows = candidate_rows(hetero_bank, [roles("KCl"), roles("SrTiO3"), roles("GaAs")], std=hetero_model.std)
+    logit, tower, _ = hetero_model.components(hetero_bank, rows.q, rows.qi, rows.q_role, rows.ti, hetero_model.core)
+    x = HeteroModel.stack_features(hetero_bank, rows.qi, rows.ti, logit, tower)
+    assert x.shape == (len(rows.qi), 8)
+    assert np.sum(x[:, 2] == 0) >= 3  # each query's best pair is 0 relative to itself
+    y = (logit > np.median(logit)).astype(int)
+    m = copy.copy(hetero_model)
+    m.stacker = _stacker().fit(x, y)
+    z = m.score(hetero_bank, rows.q, rows.qi, rows.q_role, rows.ti)
+    assert z.shape == logit.shape and np.all(np.isfinite(z))
+    back = HeteroModel.load(m.save(tmp_path / "stacked.joblib"))
+    assert back.stacker is not None
+    assert np.allclose(back.score(hetero_bank, rows.q, rows.qi, rows.q_role, rows.ti), z)
+    assert hetero_rank(back, hetero_bank, [roles("KCl")], top=2)[0]
