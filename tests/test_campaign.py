@@ -158,22 +158,24 @@ def test_kill_mid_round_and_resume(tmp_path: Path, template_folder: str):
     path.write_text(yaml.safe_dump(cfg_dict))
     cfg = load_campaign(path)
     env = dict(os.environ, OPENBLAS_NUM_THREADS="1")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cspml_flows.cli", "campaign", "run", str(path)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    log = tmp_path / "campaign.log"
+    with log.open("w") as fh:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cspml_flows.cli", "campaign", "run", str(path)], env=env, stdout=fh, stderr=fh
+        )
     deadline = time.time() + 120
-    while time.time() < deadline and _count(cfg.results_store()) < 3 and proc.poll() is None:
+    while time.time() < deadline and _count(cfg.results_store()) < 1 and proc.poll() is None:
         time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.poll() is None, (
+        f"the campaign process ended by itself (exit {proc.returncode}) before the kill: {log.read_text()[-2000:]}"
+    )
+    proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
     rs = open_store(cfg.results_store(), RESULTS_COLLECTION)
     before = {d["key"]: d for d in rs.query({"kind": "candidate"})}
     rs.close()
-    assert len(before) >= 3, "the campaign was not killed mid-round"
+    assert len(before) >= 1, "the campaign was not killed mid-round"
     result = run_campaign(cfg, log=lambda m: None, report=False)
     r1 = result["rounds"][0]
     assert r1["n_cached"] == len(before) and r1["n_computed"] == r1["n_candidates"] - len(before) > 0
