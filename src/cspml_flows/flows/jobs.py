@@ -94,7 +94,6 @@ def retrieve_templates(
     promotion step retrieves exactly what it retrieved the first time.
     """
     from cspml_flows.predict.retrieve import rank
-    from cspml_flows.predict.validity import smact_valid
 
     index = load_index(template_store, workers)
     sim = load_model(model)
@@ -111,6 +110,13 @@ def retrieve_templates(
     ranked = rank(
         sim, index, rl, top=top * 2 + 2, exclude_ids=[later] * len(rl) if later else None, strict=strict, metric=metric
     )
+    return retrieval_output(index, comps, rl, ranked, round)
+
+
+def retrieval_output(index, comps: list, rl: list, ranked: list, round: int) -> RetrievalOutput:
+    """Ranked (template, assignment) lists of a retrieval as the stage's typed output."""
+    from cspml_flows.predict.validity import smact_valid
+
     queries = []
     for c, r, hits in zip(comps, rl, ranked, strict=True):
         q = QueryHits(formula=c.reduced_formula, anonymous_formula=r.anonymous_formula, smact_valid=smact_valid(c))

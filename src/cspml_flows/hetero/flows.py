@@ -26,7 +26,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator
 from cspml_flows.errors import ConfigError, ModelError
 from cspml_flows.flows.calculators import CalculatorSettings, structure_fingerprint
 from cspml_flows.flows.makers import DedupMaker, RelaxationMaker, StabilityMaker, SubstitutionMaker
-from cspml_flows.flows.schemas import CandidateDoc, CandidateSet, QueryHits, RetrievalOutput, TemplateHit
+from cspml_flows.flows.schemas import CandidateDoc, CandidateSet, RetrievalOutput
 
 
 @lru_cache(maxsize=4)
@@ -55,9 +55,8 @@ def hetero_retrieve(
 ) -> RetrievalOutput:
     """Rank (template, assignment) pairs with the hetero model, one per prototype cluster and assignment."""
     from cspml_flows.composition import as_composition, roles
-    from cspml_flows.flows.jobs import load_index
+    from cspml_flows.flows.jobs import load_index, retrieval_output
     from cspml_flows.hetero.rank import hetero_rank
-    from cspml_flows.predict.validity import smact_valid
 
     model = load_hetero(hetero_model)
     index = load_index(template_store, workers)
@@ -65,23 +64,7 @@ def hetero_retrieve(
     comps = [as_composition(c) for c in compositions]
     rl = [roles(c) for c in comps]
     ranked = hetero_rank(model, bank, rl, top=polymorphs * 3 + 2, strict=strict)
-    queries = []
-    for c, r, hits in zip(comps, rl, ranked, strict=True):
-        q = QueryHits(formula=c.reduced_formula, anonymous_formula=r.anonymous_formula, smact_valid=smact_valid(c))
-        q.hits = [
-            TemplateHit(
-                template_id=str(index.ids[h.template]),
-                perm=list(h.perm),
-                score=float(h.score),
-                cluster=int(h.cluster),
-                alternates=[str(index.ids[a]) for a in h.alternates],
-            )
-            for h in hits
-        ]
-        if not hits:
-            q.message = f"no template with anonymous formula {r.anonymous_formula} in {len(index)} templates"
-        queries.append(q)
-    return RetrievalOutput(queries=queries, n_templates=len(index), round=round)
+    return retrieval_output(index, comps, rl, ranked, round)
 
 
 @job
