@@ -14,9 +14,9 @@ from itertools import product
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
+from cspml_flows.config import read_yaml
 from cspml_flows.errors import CompositionError, ConfigError, CSPMLError
 from cspml_flows.flows.calculators import CalculatorSettings
 
@@ -165,13 +165,7 @@ def parse_campaign(data: Any, source: str = "campaign config") -> CampaignConfig
 def load_campaign(path: str | Path) -> CampaignConfig:
     """Read and validate a campaign YAML file."""
     p = Path(path).expanduser()
-    if not p.is_file():
-        raise ConfigError(f"campaign file not found: {p}")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"campaign file {p} is not valid YAML: {exc}") from None
-    return parse_campaign(data, str(p))
+    return parse_campaign(read_yaml(p, "campaign file"), str(p))
 
 
 # ---------------------------------------------------------------------------------------------- running

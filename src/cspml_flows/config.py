@@ -25,18 +25,24 @@ def _project_root() -> Path:
     return Path(__file__).resolve().parents[2]
 
 
+def read_yaml(path: str | Path, what: str) -> Any:
+    """Parsed YAML of a file; ConfigError names a missing file or invalid YAML (``what``: e.g. 'config file')."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ConfigError(f"{what} not found: {p}")
+    try:
+        return yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{what} {p} is not valid YAML: {exc}") from None
+
+
 def load_config(path: str | Path | None = None) -> dict[str, Any]:
     """Read the YAML config named by ``path`` or ``CSPML_CONFIG``; empty if neither is set."""
     path = path or os.environ.get(CONFIG_ENV)
     if not path:
         return {}
     p = Path(path).expanduser()
-    if not p.is_file():
-        raise ConfigError(f"config file not found: {p}")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {p} is not valid YAML: {exc}") from None
+    data = read_yaml(p, "config file") or {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {p} must hold a mapping, got {type(data).__name__}")
     return data

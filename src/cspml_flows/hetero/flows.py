@@ -19,10 +19,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from jobflow import Flow, Job, Maker, job
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
+from cspml_flows.config import read_yaml
 from cspml_flows.errors import ConfigError, ModelError
 from cspml_flows.flows.calculators import CalculatorSettings, structure_fingerprint
 from cspml_flows.flows.makers import DedupMaker, RelaxationMaker, StabilityMaker, SubstitutionMaker
@@ -230,12 +230,7 @@ class HeteroCampaignConfig(BaseModel):
 
 def load_hetero_campaign(path: str | Path) -> HeteroCampaignConfig:
     p = Path(path).expanduser()
-    if not p.is_file():
-        raise ConfigError(f"campaign file not found: {p}")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"campaign file {p} is not valid YAML: {exc}") from None
+    data = read_yaml(p, "campaign file")
     if not isinstance(data, dict):
         raise ConfigError(f"campaign file {p} must hold a mapping")
     try:
