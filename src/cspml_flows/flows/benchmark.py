@@ -65,13 +65,8 @@ def _matches(gt: Structure, s: Structure | None) -> bool:
 
 
 def run_relax_benchmark(cfg: RelaxBenchmarkConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
-    from jobflow import JobStore, run_locally
-    from maggma.stores import MemoryStore
-
     from cspml_flows.benchmark.protocols import load_queries, pool_store
     from cspml_flows.benchmark.runner import BenchmarkConfig, benchmark_model, formula_from_cif, query_structures
-    from cspml_flows.flows.jobs import relax_flow
-    from cspml_flows.flows.schemas import RelaxOutput
     from cspml_flows.predict.predictor import CSPPredictor
     from cspml_flows.templates.index import TemplateIndex
     from cspml_flows.templates.store import TemplateStore
@@ -92,6 +87,27 @@ def run_relax_benchmark(cfg: RelaxBenchmarkConfig, log: Callable[[str], None] = 
     log(f"setup {time.perf_counter() - t0:.0f} s: {sum(len(p.candidates) for p in preds)} candidates")
 
     settings = CalculatorSettings(name=cfg.calculator, steps=cfg.steps, fmax=cfg.fmax, batch_size=10**6)
+    candidates = [[c.structure for c in p.candidates] for p in preds]
+    return compare_relaxations(candidates, gts, settings, cfg, log)
+
+
+def compare_relaxations(
+    candidates: list[list[Structure]],
+    ground_truths: list[Structure],
+    settings: CalculatorSettings,
+    cfg: RelaxBenchmarkConfig,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Relax each query's ranked candidates by the plain ASE loop and through ``relax_flow``, chunk by chunk,
+    and score both against the ground truths. Writes the JSON/Markdown report after every chunk."""
+    from jobflow import JobStore, run_locally
+    from maggma.stores import MemoryStore
+
+    from cspml_flows.flows.jobs import relax_flow
+    from cspml_flows.flows.schemas import RelaxOutput
+
+    if len(candidates) != len(ground_truths):
+        raise ValueError(f"{len(candidates)} candidate lists for {len(ground_truths)} ground truths")
     maker = relax_maker(settings)
     calc = maker.calculator  # the plain loop uses the same calculator object type, loaded once
     work = Path(tempfile.mkdtemp(prefix="cspml-relax-bench-"))
@@ -99,17 +115,15 @@ def run_relax_benchmark(cfg: RelaxBenchmarkConfig, log: Callable[[str], None] = 
     job_store = JobStore(MemoryStore())
     t_plain = t_flow = 0.0
     n_struct = 0
-    relaxed_plain: list[list[Structure | None]] = []
-    relaxed_flow: list[list[Structure | None]] = []
     energy_diff: list[float] = []
     hits: dict[str, list[bool]] = {"unrelaxed_top1": [], "relaxed_top1": [], "unrelaxed_topk": [], "relaxed_topk": []}
     result: dict[str, Any] = {}
-    for start in range(0, len(preds), cfg.chunk):
-        chunk = preds[start : start + cfg.chunk]
-        structs = [c.structure for p in chunk for c in p.candidates]
+    for start in range(0, len(candidates), cfg.chunk):
+        chunk = candidates[start : start + cfg.chunk]
+        structs = [s for cands in chunk for s in cands]
         n_struct += len(structs)
         t = time.perf_counter()
-        plain = [plain_ase_relax(calc, s, cfg.steps, cfg.fmax) for s in structs]
+        plain = [plain_ase_relax(calc, s, settings.steps, settings.fmax) for s in structs]
         t_plain += time.perf_counter() - t
         t = time.perf_counter()
         flow = relax_flow([{"structure": s.as_dict()} for s in structs], settings, results_uri, "bench")
@@ -121,18 +135,16 @@ def run_relax_benchmark(cfg: RelaxBenchmarkConfig, log: Callable[[str], None] = 
             if e_plain is not None and r.energy is not None:
                 energy_diff.append(abs(e_plain - r.energy) / max(r.nsites, 1))
         i = 0
-        for p in chunk:
-            n = len(p.candidates)
-            relaxed_plain.append([s for s, _ in plain[i : i + n]])
-            relaxed_flow.append(flow_structs[i : i + n])
-            i += n
-        for g, p, r in zip(gts[start:], chunk, relaxed_flow[start:], strict=False):
-            hits["unrelaxed_top1"].append(bool(p.candidates) and _matches(g, p.candidates[0].structure))
-            hits["relaxed_top1"].append(bool(r) and _matches(g, r[0]))
-            hits["unrelaxed_topk"].append(any(_matches(g, c.structure) for c in p.candidates))
-            hits["relaxed_topk"].append(any(_matches(g, s) for s in r))
-        log(f"{start + len(chunk)}/{len(preds)} queries: plain {t_plain:.0f} s, flow {t_flow:.0f} s")
-        result = _result(cfg, settings.calc_id, start + len(chunk), n_struct, t_plain, t_flow, energy_diff, hits)
+        for gt, cands in zip(ground_truths[start : start + cfg.chunk], chunk, strict=True):
+            relaxed = flow_structs[i : i + len(cands)]
+            i += len(cands)
+            hits["unrelaxed_top1"].append(bool(cands) and _matches(gt, cands[0]))
+            hits["relaxed_top1"].append(bool(relaxed) and _matches(gt, relaxed[0]))
+            hits["unrelaxed_topk"].append(any(_matches(gt, c) for c in cands))
+            hits["relaxed_topk"].append(any(_matches(gt, s) for s in relaxed))
+        done = start + len(chunk)
+        log(f"{done}/{len(candidates)} queries: plain {t_plain:.0f} s, flow {t_flow:.0f} s")
+        result = _result(cfg, settings.calc_id, done, n_struct, t_plain, t_flow, energy_diff, hits)
         _write(result, cfg)  # after every chunk: a run cut short still leaves its numbers
     return result
 
