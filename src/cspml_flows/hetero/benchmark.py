@@ -13,29 +13,13 @@ import numpy as np
 from cspml_flows.config import home_dir
 from cspml_flows.errors import ConfigError, ModelError
 from cspml_flows.hetero.model import HeteroModel, index_geometry
-from cspml_flows.learning.model import SimilarityModel, training_hash
+from cspml_flows.learning.model import training_hash
 from cspml_flows.templates.index import TemplateIndex
-
-
-def _core_model(index: TemplateIndex, cfg, log_fn) -> tuple[SimilarityModel, dict]:
-    """The core model of ``runner.benchmark_model`` (loaded from its cache when present, else trained and
-    cached under ``$CSPML_HOME/hetero``)."""
-    name = f"model-v2-{cfg.protocol}-{cfg.setting}-{training_hash(index)}.joblib"
-    for path in (home_dir() / "benchmark" / name, home_dir() / "hetero" / name):
-        if path.is_file() and not cfg.retrain:
-            try:
-                m = SimilarityModel.load(path)
-                return m, m.meta.get("report", {})
-            except ModelError:
-                pass
-    model, report = SimilarityModel.train(index, seed=cfg.seed, log=log_fn)
-    model.save(home_dir() / "hetero" / name)
-    return model, report.as_dict()
 
 
 def run_hetero_benchmark(cfg, log_fn=print) -> dict[str, Any]:
     from cspml_flows.benchmark.protocols import SETTINGS, load_queries, pool_store
-    from cspml_flows.benchmark.runner import TOP, _cached, _parse, formula_from_cif
+    from cspml_flows.benchmark.runner import TOP, _cached, _parse, benchmark_model, formula_from_cif
     from cspml_flows.benchmark.scoring import rms_table, summarize
     from cspml_flows.hetero.evaluate import held_out_split, leave_prototype_out, polymorph_structures, train_without
     from cspml_flows.hetero.rank import HeteroPredictor
@@ -58,14 +42,15 @@ def run_hetero_benchmark(cfg, log_fn=print) -> dict[str, Any]:
     comps = [g.composition for g in gts]
     strict = cfg.setting == "strict"
     # training pool: no query id; in the strict setting no query formula either
+    all_formulas = [formula_from_cif(c) for c in full_q.cifs]
     mask = np.ones(len(index), dtype=bool)
     if strict:
-        all_formulas = [formula_from_cif(c) for c in full_q.cifs]
         mask &= ~np.isin(index.formulas, list(set(all_formulas)))
     train_index = index.subset(mask)
     geom_all = index_geometry(index, cfg.workers)
     t = time.perf_counter()
-    core, core_report = _core_model(train_index, cfg, log_fn)
+    # the core benchmark's model (same training pool, same cache)
+    core, core_report = benchmark_model(index, full_q.material_ids, all_formulas, cfg, log_fn)
     hpath = home_dir() / "hetero" / f"hetero-{cfg.protocol}-{cfg.setting}-{training_hash(train_index)}.joblib"
     hetero = None
     if hpath.is_file() and not cfg.retrain:
