@@ -31,7 +31,7 @@ from cspml_flows.descriptors import DESCRIPTOR_VERSION
 from cspml_flows.errors import ModelError
 from cspml_flows.hetero.encoders import GEOMETRY_VERSION, chemistry_block, geometry_features
 from cspml_flows.learning.features import Standardizer, role_distance
-from cspml_flows.learning.model import QueryBatch, SimilarityModel, training_hash
+from cspml_flows.learning.model import QueryBatch, SimilarityModel, read_model_file, training_hash
 from cspml_flows.templates.index import TemplateIndex
 
 HETERO_FORMAT = 1
@@ -344,34 +344,20 @@ class HeteroModel:
         blob = {k: getattr(self, k) for k in ("std", "geo_mu", "geo_sd", "A", "B", "w", "lam", "mu", "use_core")}
         blob["stacker"] = self.stacker
         blob["meta"] = self.meta
-        blob["core"] = None
-        if self.core is not None:
-            blob["core"] = {"meta": self.core.meta, "std": self.core.std, "clf": self.core.clf}
-            blob["core"]["empty_cols"] = self.core.empty_cols
+        blob["core"] = self.core.to_blob() if self.core is not None else None
         joblib.dump(blob, p)
         return p
 
     @classmethod
     def load(cls, path: str | Path) -> HeteroModel:
-        p = Path(path)
-        if not p.is_file():
-            raise ModelError(f"hetero model file not found: {p} (train one with 'cspml train --hetero')")
-        try:
-            blob = joblib.load(p)
-        except Exception as exc:
-            raise ModelError(f"cannot read hetero model file {p}: {exc}") from None
-        if not isinstance(blob, dict) or "A" not in blob:
-            raise ModelError(f"{p} is not a cspml-flows hetero model file")
-        meta = blob.get("meta", {})
-        want = (HETERO_FORMAT, DESCRIPTOR_VERSION, GEOMETRY_VERSION)
-        got = (meta.get("format"), meta.get("descriptor_version"), meta.get("geometry_version"))
-        if got != want:
-            raise ModelError(f"hetero model {p} was made with format/descriptor/geometry {got}; need {want}: retrain")
-        core = None
-        if blob.get("core") is not None:
-            c = blob["core"]
-            core = SimilarityModel(c["std"], c["clf"], c["meta"])
-            core.empty_cols = c.get("empty_cols")
+        versions = {
+            "format": HETERO_FORMAT,
+            "descriptor_version": DESCRIPTOR_VERSION,
+            "geometry_version": GEOMETRY_VERSION,
+        }
+        blob = read_model_file(path, "hetero model", "A", "train one with 'cspml train --hetero'", versions)
+        meta = blob["meta"]
+        core = SimilarityModel.from_blob(blob["core"]) if blob.get("core") is not None else None
         kw = {k: blob[k] for k in ("std", "geo_mu", "geo_sd", "A", "B", "w", "lam", "mu", "use_core")}
         return cls(**kw, core=core, meta=meta, stacker=blob.get("stacker"))
 

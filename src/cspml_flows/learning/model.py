@@ -212,32 +212,45 @@ class SimilarityModel:
         )
 
     # ---- persistence ----------------------------------------------------------------------------------
+    def to_blob(self) -> dict[str, Any]:
+        """What a model file holds (also embedded in hetero model files)."""
+        return {"meta": self.meta, "std": self.std, "clf": self.clf, "empty_cols": self.empty_cols}
+
+    @classmethod
+    def from_blob(cls, blob: dict[str, Any]) -> SimilarityModel:
+        model = cls(blob["std"], blob["clf"], blob.get("meta", {}))
+        model.empty_cols = blob.get("empty_cols")
+        return model
+
     def save(self, path: str | Path) -> Path:
         p = Path(path)
         p.parent.mkdir(parents=True, exist_ok=True)
-        joblib.dump({"meta": self.meta, "std": self.std, "clf": self.clf, "empty_cols": self.empty_cols}, p)
+        joblib.dump(self.to_blob(), p)
         return p
 
     @classmethod
     def load(cls, path: str | Path) -> SimilarityModel:
-        p = Path(path)
-        if not p.is_file():
-            raise ModelError(f"model file not found: {p} (train one with 'cspml train')")
-        try:
-            blob = joblib.load(p)
-        except Exception as exc:
-            raise ModelError(f"cannot read model file {p}: {exc}") from None
-        if not isinstance(blob, dict) or "clf" not in blob:
-            raise ModelError(f"{p} is not a cspml-flows model file")
-        meta = blob.get("meta", {})
-        if meta.get("descriptor_version") != DESCRIPTOR_VERSION or meta.get("format") != MODEL_FORMAT:
-            raise ModelError(
-                f"model {p} was made with descriptor {meta.get('descriptor_version')} / format "
-                f"{meta.get('format')}; this version needs {DESCRIPTOR_VERSION} / {MODEL_FORMAT}: retrain it"
-            )
-        model = cls(blob["std"], blob["clf"], meta)
-        model.empty_cols = blob.get("empty_cols")
-        return model
+        versions = {"format": MODEL_FORMAT, "descriptor_version": DESCRIPTOR_VERSION}
+        return cls.from_blob(read_model_file(path, "model", "clf", "train one with 'cspml train'", versions))
+
+
+def read_model_file(path: str | Path, what: str, key: str, hint: str, versions: dict[str, Any]) -> dict[str, Any]:
+    """Load a joblib model file and check that it is a cspml-flows ``what`` file (a dict with ``key``) whose
+    ``meta`` carries exactly these ``versions``; every problem is one ModelError naming the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ModelError(f"{what} file not found: {p} ({hint})")
+    try:
+        blob = joblib.load(p)
+    except Exception as exc:
+        raise ModelError(f"cannot read {what} file {p}: {exc}") from None
+    if not isinstance(blob, dict) or key not in blob:
+        raise ModelError(f"{p} is not a cspml-flows {what} file")
+    meta = blob.get("meta") or {}
+    got = {k: meta.get(k) for k in versions}
+    if got != versions:
+        raise ModelError(f"{what} {p} was made with {got}; this version needs {versions}: retrain it")
+    return blob
 
 
 def _dist_column() -> int:
