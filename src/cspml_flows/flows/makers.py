@@ -130,27 +130,44 @@ class CSPMaker(Maker):
     workers: int = 1
 
     def make(self, compositions: list[str], round: int = 1) -> Flow:
-        calc = self.calculator
         retrieve = TemplateRetrievalMaker(top=self.top, strict=self.strict, workers=self.workers).make(
             compositions, self.template_store, self.model, round, self.campaign
         )
-        substitute = SubstitutionMaker().make(retrieve.output, self.template_store)
-        dedup = DedupMaker(top=self.top).make(substitute.output)
-        relax = RelaxationMaker(calculator=calc).make(dedup.output, self.results_store)
-        stability = StabilityMaker(calculator=calc, max_references=self.max_references).make(
-            relax.output, self.template_store, self.results_store, round
+        stages, output = realize_and_validate(
+            retrieve, self.top, self.calculator, self.template_store, self.results_store, self.max_references, round
         )
-        stages = [retrieve, substitute, dedup, relax, stability]
-        output = {
-            "retrieval": retrieve.output,
-            "candidates": dedup.output,
-            "relaxed": relax.output,
-            "stability": stability.output,
-        }
         if self.promote:
             update = TemplateUpdateMaker(threshold=self.hull_threshold, campaign=self.campaign).make(
-                stability.output, self.template_store, round
+                output["stability"], self.template_store, round
             )
             stages.append(update)
             output["promotion"] = update.output
         return Flow(stages, output=output, name=f"{self.name} round {round}")
+
+
+def validate_candidates(
+    candidates, calculator: CalculatorSettings, template_store: str, results_store: str, max_references: int, round: int
+) -> tuple[list[Job], dict]:
+    """The relaxation and stability stages for a candidate set: jobs, and outputs ``relaxed``/``stability``."""
+    relax = RelaxationMaker(calculator=calculator).make(candidates, results_store)
+    stability = StabilityMaker(calculator=calculator, max_references=max_references).make(
+        relax.output, template_store, results_store, round
+    )
+    return [relax, stability], {"relaxed": relax.output, "stability": stability.output}
+
+
+def realize_and_validate(
+    retrieve: Job,
+    top: int,
+    calculator: CalculatorSettings,
+    template_store: str,
+    results_store: str,
+    max_references: int,
+    round: int,
+) -> tuple[list[Job], dict]:
+    """A retrieval job followed by substitution, deduplication (``top`` per composition), relaxation and
+    stability: the jobs in order, and outputs ``retrieval``/``candidates``/``relaxed``/``stability``."""
+    substitute = SubstitutionMaker().make(retrieve.output, template_store)
+    dedup = DedupMaker(top=top).make(substitute.output)
+    stages, output = validate_candidates(dedup.output, calculator, template_store, results_store, max_references, round)
+    return [retrieve, substitute, dedup, *stages], {"retrieval": retrieve.output, "candidates": dedup.output, **output}

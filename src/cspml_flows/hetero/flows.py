@@ -25,7 +25,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator
 from cspml_flows.config import read_yaml
 from cspml_flows.errors import ConfigError, ModelError
 from cspml_flows.flows.calculators import CalculatorSettings, structure_fingerprint
-from cspml_flows.flows.makers import DedupMaker, RelaxationMaker, StabilityMaker, SubstitutionMaker
+from cspml_flows.flows.makers import realize_and_validate, validate_candidates
 from cspml_flows.flows.schemas import CandidateDoc, CandidateSet, RetrievalOutput
 
 
@@ -140,19 +140,16 @@ class MetastableMaker(Maker):
         retrieve = HeteroRetrievalMaker(polymorphs=self.polymorphs, strict=self.strict, workers=self.workers).make(
             compositions, self.template_store, self.hetero_model, round
         )
-        substitute = SubstitutionMaker().make(retrieve.output, self.template_store)
-        dedup = DedupMaker(top=self.polymorphs).make(substitute.output)
-        relax = RelaxationMaker(calculator=self.calculator).make(dedup.output, self.results_store)
-        stability = StabilityMaker(calculator=self.calculator, max_references=self.max_references).make(
-            relax.output, self.template_store, self.results_store, round
+        stages, output = realize_and_validate(
+            retrieve,
+            self.polymorphs,
+            self.calculator,
+            self.template_store,
+            self.results_store,
+            self.max_references,
+            round,
         )
-        output = {
-            "retrieval": retrieve.output,
-            "candidates": dedup.output,
-            "relaxed": relax.output,
-            "stability": stability.output,
-        }
-        return Flow([retrieve, substitute, dedup, relax, stability], output=output, name=f"{self.name} round {round}")
+        return Flow(stages, output=output, name=f"{self.name} round {round}")
 
 
 @dataclass
@@ -171,12 +168,10 @@ class InverseMaker(Maker):
         d = structure.as_dict() if hasattr(structure, "as_dict") else structure
         cands = inverse_candidates(d, list(elements), self.hetero_model, self.top, structure_name, round)
         cands.name = "inverse candidates"
-        relax = RelaxationMaker(calculator=self.calculator).make(cands.output, self.results_store)
-        stability = StabilityMaker(calculator=self.calculator, max_references=self.max_references).make(
-            relax.output, self.template_store, self.results_store, round
+        stages, output = validate_candidates(
+            cands.output, self.calculator, self.template_store, self.results_store, self.max_references, round
         )
-        output = {"candidates": cands.output, "relaxed": relax.output, "stability": stability.output}
-        return Flow([cands, relax, stability], output=output, name=f"{self.name} round {round}")
+        return Flow([cands, *stages], output={"candidates": cands.output, **output}, name=f"{self.name} round {round}")
 
 
 # ------------------------------------------------------------------------------------------------ campaigns
