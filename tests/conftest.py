@@ -148,6 +148,18 @@ def hand_docs(hand_structures) -> list[dict]:
     ]
 
 
+@pytest.fixture
+def template_folder(tmp_path: Path, hand_docs: list[dict]) -> str:
+    """An embedded template store with the hand-built prototypes (rocksalt, B2, zincblende, perovskite)."""
+    from cspml_flows.templates.store import TemplateStore
+
+    path = tmp_path / "templates"
+    ts = TemplateStore.open(path)
+    ts.add([dict(d) for d in hand_docs])
+    ts.close()
+    return str(path)
+
+
 @pytest.fixture(scope="session")
 def val_docs(data_dir: Path) -> list[dict]:
     """Template documents of the first N_INDEX_ROWS rows of mp_20_biternary/val (with e_above_hull, as

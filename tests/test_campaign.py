@@ -21,15 +21,6 @@ from cspml_flows.templates.store import TemplateStore
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture
-def template_folder(tmp_path: Path, hand_docs: list[dict]) -> str:
-    path = tmp_path / "templates"
-    ts = TemplateStore.open(path)
-    ts.add([dict(d) for d in hand_docs])
-    ts.close()
-    return str(path)
-
-
 def base_config(tmp_path: Path, templates: str, **over) -> dict:
     cfg = {
         "name": "t",

@@ -26,16 +26,6 @@ def fcc(el: str, a: float) -> Structure:
     return Structure(Lattice.cubic(a), [el] * 4, [[0, 0, 0], [0, 0.5, 0.5], [0.5, 0, 0.5], [0.5, 0.5, 0]])
 
 
-@pytest.fixture
-def template_folder(tmp_path: Path, hand_docs: list[dict]) -> str:
-    """An embedded template store with the hand-built prototypes (rocksalt, B2, zincblende, perovskite)."""
-    path = tmp_path / "templates"
-    ts = TemplateStore.open(path)
-    ts.add([dict(d) for d in hand_docs])
-    ts.close()
-    return str(path)
-
-
 def outputs(flow: Flow, store: JobStore) -> dict:
     store.connect()
     try:

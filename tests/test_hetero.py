@@ -343,7 +343,6 @@ def test_user_template_bad_files(template_index, tmp_path, nacl):
 
 @pytest.fixture
 def cli_store(tmp_path, val_docs, hand_docs) -> Path:
-    from cspml_flows.templates.store import TemplateStore
 
     path = tmp_path / "store.json"
     ts = TemplateStore.open(path)
@@ -407,15 +406,6 @@ EMT = CalculatorSettings(name="emt", steps=150, fmax=0.1, batch_size=4)
 @pytest.fixture(scope="module")
 def model_file(tmp_path_factory, hetero_model) -> str:
     return str(hetero_model.save(tmp_path_factory.mktemp("hetero") / "hetero.joblib"))
-
-
-@pytest.fixture
-def template_folder(tmp_path: Path, hand_docs: list[dict]) -> str:
-    path = tmp_path / "templates"
-    ts = TemplateStore.open(path)
-    ts.add([dict(d) for d in hand_docs])
-    ts.close()
-    return str(path)
 
 
 def l12() -> Structure:

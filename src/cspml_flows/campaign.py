@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from cspml_flows.config import read_yaml
-from cspml_flows.errors import CompositionError, ConfigError, CSPMLError
+from cspml_flows.errors import ConfigError, CSPMLError
 from cspml_flows.flows.calculators import CalculatorSettings
 
 
@@ -97,16 +97,12 @@ class CampaignConfig(BaseModel):
     @field_validator("compositions")
     @classmethod
     def _check_formulas(cls, value: list[str] | CompositionSpace) -> list[str] | CompositionSpace:
-        from cspml_flows.composition import parse_composition
+        from cspml_flows.composition import check_formulas
 
         if isinstance(value, list):
             if not value:
                 raise ValueError("at least one composition is needed")
-            for f in value:
-                try:
-                    parse_composition(f)
-                except CompositionError as exc:
-                    raise ValueError(str(exc)) from None
+            check_formulas(value)
         return value
 
     # ---- derived paths ------------------------------------------------------------------------------

@@ -147,10 +147,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_benchmark(args: argparse.Namespace) -> int:
     from cspml_flows.benchmark.runner import BenchmarkConfig, markdown_table, run_benchmark, write_reports
 
-    if getattr(args, "model", "cspml") == "hetero":
-        from cspml_flows.hetero.cli import benchmark_hetero
-
-        return benchmark_hetero(args)
     cfg = BenchmarkConfig(
         protocol=args.protocol,
         setting=args.setting,
@@ -159,7 +155,12 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         seed=args.seed,
         baselines=tuple(args.baselines),
         retrain=args.retrain,
+        hetero_extra=not getattr(args, "no_extra", False),
     )
+    if getattr(args, "model", "cspml") == "hetero":
+        from cspml_flows.hetero.cli import benchmark_hetero
+
+        return benchmark_hetero(cfg, args.json, args.markdown)
     result = run_benchmark(cfg, log_fn=lambda m: print(m, file=sys.stderr, flush=True))
     write_reports(result, args.json, args.markdown)
     print(markdown_table([result]))

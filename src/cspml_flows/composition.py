@@ -152,3 +152,13 @@ def reduced_formula(comp: str | Composition) -> str:
 
 def anonymous_formula(comp: str | Composition) -> str:
     return roles(comp).anonymous_formula
+
+
+def check_formulas(formulas: list[str]) -> list[str]:
+    """Pydantic-validator helper: every formula parses, else ``ValueError`` with the parser's message."""
+    for f in formulas:
+        try:
+            parse_composition(f)
+        except CompositionError as exc:
+            raise ValueError(str(exc)) from None
+    return formulas

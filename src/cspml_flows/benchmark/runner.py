@@ -45,6 +45,7 @@ class BenchmarkConfig:
     seed: int = 0
     baselines: tuple[str, ...] = ("random", "nearest", "pymatgen_substitution")
     retrain: bool = False
+    hetero_extra: bool = True  # ``--model hetero``: also the polymorph / leave-prototype-out evaluations
 
 
 def _parse(args: tuple[str, str]) -> Structure:
@@ -218,7 +219,10 @@ def summarize_ungated(preds: list[Prediction], rms: list[list[float | None]]) ->
     return {"smact_invalid_queries": float(np.mean(invalid)) if invalid else float("nan")}
 
 
-def write_reports(result: dict[str, Any], json_path: str | Path | None, md_path: str | Path | None) -> None:
+def write_reports(
+    result: dict[str, Any], json_path: str | Path | None, md_path: str | Path | None, markdown: str | None = None
+) -> None:
+    """Write the result as JSON and its Markdown (default: :func:`markdown_table`) where paths are given."""
     if json_path:
         p = Path(json_path)
         p.parent.mkdir(parents=True, exist_ok=True)
@@ -226,7 +230,7 @@ def write_reports(result: dict[str, Any], json_path: str | Path | None, md_path:
     if md_path:
         p = Path(md_path)
         p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(markdown_table([result]))
+        p.write_text(markdown_table([result]) if markdown is None else markdown)
 
 
 def markdown_table(results: list[dict[str, Any]]) -> str:

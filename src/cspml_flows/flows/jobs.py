@@ -168,10 +168,10 @@ def substitute_elements(retrieval: RetrievalOutput, template_store: str) -> Cand
             out.messages[q.formula] = q.message or pred.message or ""
         for c in pred.candidates:
             out.candidates.append(
-                CandidateDoc(
-                    candidate_id=structure_fingerprint(c.structure),
-                    formula=pred.formula,
-                    chemsys=c.structure.composition.chemical_system,
+                candidate_doc(
+                    c.structure,
+                    pred.formula,
+                    retrieval.round,
                     rank=c.rank,
                     score=c.score,
                     template_id=c.template_id,
@@ -179,11 +179,21 @@ def substitute_elements(retrieval: RetrievalOutput, template_store: str) -> Cand
                     prototype=c.prototype,
                     assignment=c.assignment,
                     min_distance=c.min_distance,
-                    structure=c.structure.as_dict(),
-                    round=retrieval.round,
                 )
             )
     return out
+
+
+def candidate_doc(structure: Structure, formula: str, round: int, **fields: Any) -> CandidateDoc:
+    """A candidate document: fingerprint, chemical system and structure dict from ``structure``."""
+    return CandidateDoc(
+        candidate_id=structure_fingerprint(structure),
+        formula=formula,
+        chemsys=structure.composition.chemical_system,
+        structure=structure.as_dict(),
+        round=round,
+        **fields,
+    )
 
 
 @job

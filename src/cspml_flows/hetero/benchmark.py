@@ -92,7 +92,7 @@ def run_hetero_benchmark(cfg, log_fn=print) -> dict[str, Any]:
         "train_seconds": train_seconds,
         "core_training": core_report,
     }
-    if getattr(cfg, "hetero_extra", True):
+    if cfg.hetero_extra:
         # polymorphs and leave-prototype-out on the training pool, with one model that never saw the
         # held-out formulas or prototypes (its core model: 6,000 anchors, 100 boosting rounds, for time)
         t = time.perf_counter()

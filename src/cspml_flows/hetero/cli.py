@@ -109,28 +109,14 @@ def inverse(args: argparse.Namespace) -> int:
     return 0
 
 
-def benchmark_hetero(args: argparse.Namespace) -> int:
+def benchmark_hetero(cfg, json_path: str | None, md_path: str | None) -> int:
     """``cspml benchmark --model hetero``."""
-    from cspml_flows.benchmark.runner import BenchmarkConfig
+    from cspml_flows.benchmark.runner import write_reports
     from cspml_flows.hetero.benchmark import markdown, run_hetero_benchmark
 
-    cfg = BenchmarkConfig(
-        protocol=args.protocol,
-        setting=args.setting,
-        limit=args.limit,
-        workers=args.workers,
-        seed=args.seed,
-        retrain=args.retrain,
-    )
-    cfg.hetero_extra = not getattr(args, "no_extra", False)
     result = run_hetero_benchmark(cfg, log_fn=lambda m: print(m, file=sys.stderr, flush=True))
     md = markdown(result)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2, default=float))
-    if args.markdown:
-        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.markdown).write_text(md)
+    write_reports(result, json_path, md_path, md)
     print(md)
     return 0
 

@@ -24,9 +24,9 @@ from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from cspml_flows.config import read_yaml
 from cspml_flows.errors import ConfigError, ModelError
-from cspml_flows.flows.calculators import CalculatorSettings, structure_fingerprint
+from cspml_flows.flows.calculators import CalculatorSettings
 from cspml_flows.flows.makers import realize_and_validate, validate_candidates
-from cspml_flows.flows.schemas import CandidateDoc, CandidateSet, RetrievalOutput
+from cspml_flows.flows.schemas import CandidateSet, RetrievalOutput
 
 
 @lru_cache(maxsize=4)
@@ -74,6 +74,7 @@ def inverse_candidates(
     """Compositions of ``elements`` ranked for ``structure``; each becomes a candidate structure."""
     from pymatgen.core import Structure
 
+    from cspml_flows.flows.jobs import candidate_doc
     from cspml_flows.hetero.inverse import inverse_from_structure
 
     s = structure if isinstance(structure, Structure) else Structure.from_dict(structure)
@@ -81,18 +82,16 @@ def inverse_candidates(
     out = CandidateSet(candidates=[], round=round)
     for c in res.candidates:
         out.candidates.append(
-            CandidateDoc(
-                candidate_id=structure_fingerprint(c.structure),
-                formula=c.formula,
-                chemsys=c.structure.composition.chemical_system,
+            candidate_doc(
+                c.structure,
+                c.formula,
+                round,
                 rank=c.rank,
                 score=c.score,
                 template_id=f"user:{name}",
                 template_formula=res.template_formula,
                 assignment=c.assignment,
                 min_distance=c.min_distance,
-                structure=c.structure.as_dict(),
-                round=round,
             )
         )
     return out
@@ -199,15 +198,9 @@ class HeteroCampaignConfig(BaseModel):
     @field_validator("compositions")
     @classmethod
     def _formulas(cls, value: list[str]) -> list[str]:
-        from cspml_flows.composition import parse_composition
-        from cspml_flows.errors import CompositionError
+        from cspml_flows.composition import check_formulas
 
-        for f in value:
-            try:
-                parse_composition(f)
-            except CompositionError as exc:
-                raise ValueError(str(exc)) from None
-        return value
+        return check_formulas(value)
 
     def workdir_path(self) -> Path:
         return Path(self.workdir or f"out/campaigns/{self.name}").expanduser()
