@@ -46,13 +46,8 @@ log = logging.getLogger(__name__)
 def load_index(template_store: str, workers: int = 1):
     """The TemplateIndex of a store (cached on disk under ``$CSPML_HOME``, rebuilt when the store changes)."""
     from cspml_flows.templates.index import TemplateIndex
-    from cspml_flows.templates.store import TemplateStore
 
-    ts = TemplateStore.open(template_store, create=False)
-    try:
-        return TemplateIndex.from_store(ts, workers=workers)
-    finally:
-        ts.close()
+    return TemplateIndex.open(template_store, workers=workers)
 
 
 @lru_cache(maxsize=4)

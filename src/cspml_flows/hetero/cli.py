@@ -18,13 +18,8 @@ def train_hetero(args: argparse.Namespace) -> int:
     from cspml_flows.hetero.model import HeteroModel, default_hetero_path
     from cspml_flows.learning.model import SimilarityModel, training_hash
     from cspml_flows.templates.index import TemplateIndex
-    from cspml_flows.templates.store import TemplateStore
 
-    store = TemplateStore.open(args.store, create=False)
-    try:
-        index = TemplateIndex.from_store(store, workers=args.workers)
-    finally:
-        store.close()
+    index = TemplateIndex.open(args.store, workers=args.workers)
     core = None
     core_path = Path(args.core_model) if getattr(args, "core_model", None) else default_model_path()
     if core_path.is_file():
@@ -61,14 +56,9 @@ def predictions(args: argparse.Namespace, comps: list[Composition]):
     from cspml_flows.learning.model import SimilarityModel
     from cspml_flows.predict.predictor import CSPPredictor
     from cspml_flows.templates.index import TemplateIndex
-    from cspml_flows.templates.store import TemplateStore
 
     sim = SimilarityModel.load(args.model or default_model_path())
-    ts = TemplateStore.open(args.store, create=False)
-    try:
-        index = TemplateIndex.from_store(ts, workers=args.workers)
-    finally:
-        ts.close()
+    index = TemplateIndex.open(args.store, workers=args.workers)
     index, _ = add_user_templates(index, user)
     return CSPPredictor(index, sim).predict(comps, top=args.top, strict=args.exclude_same_formula)
 

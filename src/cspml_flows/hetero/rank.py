@@ -23,7 +23,6 @@ from cspml_flows.learning.model import QueryBatch
 from cspml_flows.predict.predictor import CSPPredictor, Prediction
 from cspml_flows.predict.retrieve import Ranked, _aggregate, _exclusion_mask
 from cspml_flows.templates.index import TemplateIndex
-from cspml_flows.templates.store import TemplateStore
 
 
 @dataclass
@@ -131,11 +130,7 @@ class HeteroPredictor:
         from cspml_flows.hetero.user_templates import add_user_templates
 
         hm = HeteroModel.load(model or default_hetero_path())
-        ts = TemplateStore.open(store, create=False)
-        try:
-            index = TemplateIndex.from_store(ts, workers=workers)
-        finally:
-            ts.close()
+        index = TemplateIndex.open(store, workers=workers)
         geom = None
         if templates:
             from cspml_flows.hetero.model import index_geometry

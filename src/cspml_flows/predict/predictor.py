@@ -16,7 +16,6 @@ from cspml_flows.predict.substitute import substitute
 from cspml_flows.predict.validity import MIN_DISTANCE, smact_valid
 from cspml_flows.prototype import structure_matcher
 from cspml_flows.templates.index import TemplateIndex
-from cspml_flows.templates.store import TemplateStore
 
 
 @dataclass
@@ -73,11 +72,7 @@ class CSPPredictor:
     ) -> CSPPredictor:
         """Open a template store (default: embedded) and a trained model (default: ``$CSPML_HOME``)."""
         sim = SimilarityModel.load(model or default_model_path())
-        ts = TemplateStore.open(store, create=False)
-        try:
-            index = TemplateIndex.from_store(ts, workers=workers)
-        finally:
-            ts.close()
+        index = TemplateIndex.open(store, workers=workers)
         return cls(index, sim)
 
     def predict(

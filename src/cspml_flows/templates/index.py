@@ -122,6 +122,15 @@ class TemplateIndex:
         )
 
     @classmethod
+    def open(cls, store: str | Path | None = None, workers: int = 2) -> TemplateIndex:
+        """The index of an existing template store (default: the embedded one); the store is closed after."""
+        ts = TemplateStore.open(store, create=False)
+        try:
+            return cls.from_store(ts, workers=workers)
+        finally:
+            ts.close()
+
+    @classmethod
     def from_store(cls, store: TemplateStore, workers: int = 2, cache: bool | Path = True) -> TemplateIndex:
         """Build (or load from cache) the index of a store; raises StoreError when the store is empty."""
         store.require_nonempty()
