@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import gzip
+import json
 from pathlib import Path
 
 import joblib
@@ -240,49 +242,88 @@ def test_train_without_e_above_hull(template_index):
 
 
 def test_save_load_round_trip(trained_model, template_index, tmp_path: Path):
-    path = trained_model.save(tmp_path / "sub" / "model.joblib")
+    path = trained_model.save(tmp_path / "sub" / "model.json.gz")
     assert path.is_file()
+    assert not list(path.parent.glob("*.tmp"))  # written through a temporary file, then renamed
     loaded = SimilarityModel.load(path)
     a, t = _some_pairs(template_index, n=300)
     x = _features(trained_model, template_index, a, t)
-    np.testing.assert_array_equal(loaded.predict_proba(x), trained_model.predict_proba(x))
+    np.testing.assert_allclose(loaded.predict_proba(x), trained_model.predict_proba(x), rtol=1e-9)
     np.testing.assert_array_equal(_features(loaded, template_index, a, t), x)  # same standardizer
     assert loaded.meta["training_hash"] == trained_model.meta["training_hash"]
 
 
+def test_model_file_is_plain_json(trained_model, tmp_path: Path):
+    """The file is gzipped JSON: the standardiser as lists, LightGBM's text model, the metadata."""
+    path = trained_model.save(tmp_path / "model.json.gz")
+    blob = json.loads(gzip.decompress(path.read_bytes()))
+    assert set(blob) == {"meta", "std", "booster"}
+    assert blob["booster"].startswith("tree\n")
+    assert path.stat().st_size < 5_000_000
+
+
 def test_load_missing_file(tmp_path: Path):
-    missing = tmp_path / "nope.joblib"
+    missing = tmp_path / "nope.json.gz"
     with pytest.raises(ModelError, match="not found") as err:
         SimilarityModel.load(missing)
     assert str(missing) in str(err.value)
 
 
 def test_load_garbage_file(tmp_path: Path):
-    path = tmp_path / "garbage.joblib"
-    path.write_bytes(b"this is not a joblib file\x00\x01\x02" * 10)
+    path = tmp_path / "garbage.json.gz"
+    path.write_bytes(b"this is not a model file\x00\x01\x02" * 10)
     with pytest.raises(ModelError, match="cannot read model file") as err:
         SimilarityModel.load(path)
     assert str(path) in str(err.value)
 
 
-def test_load_foreign_joblib_file(tmp_path: Path):
-    path = tmp_path / "other.joblib"
-    joblib.dump([1, 2, 3], path)
+class _Payload:
+    """Unpickling this object would create the marker file."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "payload ran"))
+
+
+def test_pickled_model_file_never_runs_code(tmp_path: Path):
+    """A joblib/pickle file (the old model format, or a crafted one) is refused without being unpickled."""
+    marker = tmp_path / "payload-ran"
+    path = tmp_path / "cspml.joblib"
+    joblib.dump({"meta": {}, "booster": _Payload(marker)}, path)
+    with pytest.raises(ModelError, match="never loaded"):
+        SimilarityModel.load(path)
+    assert not marker.exists()
+
+
+def test_load_foreign_json_file(tmp_path: Path):
+    path = tmp_path / "other.json.gz"
+    path.write_bytes(gzip.compress(b"[1, 2, 3]"))
     with pytest.raises(ModelError, match="not a cspml-flows model"):
         SimilarityModel.load(path)
 
 
+def test_load_damaged_booster(trained_model, tmp_path: Path):
+    path = trained_model.save(tmp_path / "model.json.gz")
+    blob = json.loads(gzip.decompress(path.read_bytes()))
+    blob["booster"] = "tree\nversion=v4\nnot a model"
+    path.write_bytes(gzip.compress(json.dumps(blob).encode()))
+    with pytest.raises(ModelError, match="damaged model data"):
+        SimilarityModel.load(path)
+
+
 @pytest.mark.parametrize(
-    ("key", "value"), [("descriptor_version", "0-outdated"), ("format", MODEL_FORMAT + 1), ("descriptor_version", None)]
+    ("key", "value"), [("descriptor_version", "0-outdated"), ("format", MODEL_FORMAT - 1), ("descriptor_version", None)]
 )
 def test_load_incompatible_model(trained_model, tmp_path: Path, key, value):
-    path = trained_model.save(tmp_path / "model.joblib")
-    blob = joblib.load(path)
+    path = trained_model.save(tmp_path / "model.json.gz")
+    blob = json.loads(gzip.decompress(path.read_bytes()))
     if value is None:
         del blob["meta"][key]
     else:
         blob["meta"][key] = value
-    joblib.dump(blob, path)
+    path.write_bytes(gzip.compress(json.dumps(blob).encode()))
     with pytest.raises(ModelError, match="retrain"):
         SimilarityModel.load(path)
     assert trained_model.meta[key] != value  # the saved copy was changed, not the session model

@@ -7,7 +7,6 @@ Round k+1 retrieves from the template store that round k updated.
 from __future__ import annotations
 
 import math
-import re
 import time
 from collections.abc import Callable
 from itertools import product
@@ -128,11 +127,11 @@ class CampaignConfig(BaseModel):
         return str(self.stores.jobs or self.workdir_path() / "jobstore")
 
     def model_path(self) -> str | None:
-        from cspml_flows.config import default_model_path
+        from cspml_flows.config import model_path as resolve_model
 
         if self.model is None:
             return None
-        return str(default_model_path() if self.model == "default" else Path(self.model).expanduser())
+        return str(resolve_model(None if self.model == "default" else self.model))
 
 
 def _format_errors(exc: ValidationError) -> str:
@@ -317,7 +316,3 @@ def summarize_round(flow, store, k: int, seconds: float) -> dict[str, Any]:
         "promoted": po.promoted if po else [],
         "calculator": so.calculator,
     }
-
-
-def slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)

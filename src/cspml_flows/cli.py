@@ -9,139 +9,91 @@ import sys
 import time
 from pathlib import Path
 
+from cspml_flows import progress
 from cspml_flows.errors import CSPMLError
 
 DEMO_FILES = ("mp_20_biternary/val.csv.gz", "mpts_52/val.csv.gz")
 DEMO_COMPOSITIONS = ("SrTiO3", "Li3PS4", "KBr", "GaN", "CsPbI3", "MgAl2O4")
 
 
-def _progress(label: str):
-    start = time.perf_counter()
-
-    def show(done: int, total: int) -> None:
-        rate = done / max(time.perf_counter() - start, 1e-9)
-        end = "\n" if done >= total else ""
-        print(f"\r  {label}: {done}/{total} ({rate:.0f}/s)", end=end, file=sys.stderr, flush=True)
-
-    return show
-
-
 def cmd_import(args: argparse.Namespace) -> int:
-    from cspml_flows.config import data_dir
-    from cspml_flows.templates import importers
-    from cspml_flows.templates.store import TemplateStore
+    from cspml_flows.api import import_structures
 
-    store = TemplateStore.open(args.store)
-    try:
-        if args.source == "csv":
-            reports = [
-                importers.import_csv(store, p, workers=args.workers, progress=_progress(Path(p).name))
-                for p in args.paths
-            ]
-        elif args.source == "folder":
-            reports = [
-                importers.import_folder(store, p, workers=args.workers, strict=not args.skip_invalid)
-                for p in args.paths
-            ]
-        elif args.source == "shared":
-            root = data_dir()
-            files = args.paths or list(DEMO_FILES)
-            reports = [
-                importers.import_csv(store, root / f, source=f, workers=args.workers, progress=_progress(f))
-                for f in files
-            ]
-        elif args.source == "store":
-            from cspml_flows.templates.store import store_from_uri
-
-            reports = [
-                importers.import_store(store, store_from_uri(p, collection=args.collection, create=False))
-                for p in args.paths
-            ]
-        elif args.source == "mp":
-            reports = [importers.import_materials_project(store, chemsys=args.paths or None)]
-        else:  # argparse restricts choices
-            raise CSPMLError(f"unknown source {args.source}")
-        for r in reports:
-            print(r.summary())
-            for mid, why in r.failed[:10]:
-                print(f"  unreadable: {mid}: {why}")
-        print(f"store {store.name}: {store.count()} templates")
-    finally:
-        store.close()
+    paths = list(args.paths) or (list(DEMO_FILES) if args.source == "shared" else [])
+    reports, count, name = import_structures(
+        args.source, paths, args.store, args.workers, args.skip_invalid, args.collection
+    )
+    _print_imports(reports, count, name)
     return 0
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from cspml_flows.config import default_model_path
-    from cspml_flows.learning.model import SimilarityModel
-    from cspml_flows.templates.index import TemplateIndex
-    from cspml_flows.templates.store import TemplateStore
+def _print_imports(reports: list, count: int, name: str) -> None:
+    for r in reports:
+        print(r.summary())
+        for mid, why in r.failed[:10]:
+            print(f"  unreadable: {mid}: {why}")
+    print(f"store {name}: {count} templates")
 
+
+def cmd_train(args: argparse.Namespace) -> int:
     if getattr(args, "hetero", False):
         from cspml_flows.hetero.cli import train_hetero
 
         return train_hetero(args)
-    store = TemplateStore.open(args.store, create=False)
-    try:
-        t = time.perf_counter()
-        index = TemplateIndex.from_store(store, workers=args.workers)
-        print(
-            f"{len(index)} templates, {len(set(index.cluster.tolist()))} prototype clusters "
-            f"({time.perf_counter() - t:.0f} s)"
-        )
-    finally:
-        store.close()
-    model, report = SimilarityModel.train(index, seed=args.seed, max_iter=args.max_iter, check_labels=args.check_labels)
-    path = model.save(args.model or default_model_path())
-    print(
-        f"held-out pairs: accuracy {report.pair_accuracy:.3f}, ROC-AUC {report.roc_auc:.3f} "
-        f"(unlearned distance: {report.baseline_accuracy:.3f}, {report.baseline_roc_auc:.3f}); "
-        f"label agreement with fit_anonymous {report.label_agreement}"
-    )
-    print(f"trained in {report.train_seconds:.0f} s -> {path}")
+    from cspml_flows.api import train_model
+
+    _print_training(train_model(args.store, args.model, args.workers, args.seed, args.max_iter, args.check_labels))
     return 0
 
 
+def _print_training(result) -> None:
+    r = result.report
+    agreement = "" if r.label_agreement is None else f"; label agreement with fit_anonymous {r.label_agreement:.3f}"
+    print(
+        f"{result.n_templates} templates, {result.n_clusters} prototype clusters; held-out pairs: accuracy "
+        f"{r.pair_accuracy:.3f}, ROC-AUC {r.roc_auc:.3f} (unlearned distance: {r.baseline_accuracy:.3f}, "
+        f"{r.baseline_roc_auc:.3f}){agreement}"
+    )
+    print(f"trained in {r.train_seconds:.0f} s -> {result.path}")
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
+    from cspml_flows.api import predict, prediction_summary
     from cspml_flows.composition import parse_composition
-    from cspml_flows.predict.dedup import symmetrize, to_cif
-    from cspml_flows.predict.predictor import CSPPredictor
 
     comps = [parse_composition(c) for c in args.compositions]  # bad formulas fail before any loading
+    _check_out(args.out)
     if getattr(args, "polymorphs", None) or getattr(args, "templates", None):
         from cspml_flows.hetero.cli import predictions
 
         preds = predictions(args, comps)  # hetero polymorph ranking and/or user-defined templates
     else:
-        predictor = CSPPredictor.from_paths(args.store, args.model, workers=args.workers)
-        preds = predictor.predict(comps, top=args.top, strict=args.exclude_same_formula)
-    out = Path(args.out) if args.out else None
-    summary = []
-    for p in preds:
-        flag = "" if p.smact_valid else "  [not charge-balanced by SMACT: flagged]"
-        print(f"\n{p.formula} ({p.anonymous_formula}){flag}")
-        if p.message:
-            print(f"  {p.message}")
-        print(f"  {'rank':>4} {'score':>6}  {'space group':<14} {'template':<14} {'template formula':<18} prototype")
-        entry = {"formula": p.formula, "smact_valid": p.smact_valid, "message": p.message, "candidates": []}
-        for c in p.candidates:
-            sym, number, symbol = symmetrize(c.structure)
-            row = c.summary() | {"spacegroup": number, "spacegroup_symbol": symbol}
-            if out:
-                out.mkdir(parents=True, exist_ok=True)
-                f = out / f"{p.formula}_{c.rank:02d}_{symbol.replace('/', '_')}.cif"
-                f.write_text(to_cif(sym))
-                row["cif"] = str(f)
-            entry["candidates"].append(row)
-            print(
-                f"  {c.rank:>4} {c.score:>6.3f}  {symbol + ' (' + str(number) + ')':<14} {c.template_id:<14} "
-                f"{c.template_formula:<18} {c.prototype or '-'}"
-            )
-        summary.append(entry)
-    if out:
-        (out / "predictions.json").write_text(json.dumps(summary, indent=2))
-        print(f"\nCIFs and predictions.json written to {out}")
+        preds = predict(args.compositions, args.top, args.store, args.model, args.workers, args.exclude_same_formula)
+    _print_predictions(prediction_summary(preds, args.out), args.out)
     return 0
+
+
+def _check_out(out: str | None) -> None:
+    """Refuse an output path that is a file before any work is done."""
+    if out and Path(out).exists() and not Path(out).is_dir():
+        raise CSPMLError(f"output folder {out} is a file")
+
+
+def _print_predictions(summary: list[dict], out: str | Path | None) -> None:
+    for p in summary:
+        flag = "" if p["smact_valid"] else "  [not charge-balanced by SMACT: flagged]"
+        print(f"\n{p['formula']} ({p['anonymous_formula']}){flag}")
+        if p["message"]:
+            print(f"  {p['message']}")
+        print(f"  {'rank':>4} {'score':>6}  {'space group':<14} {'template':<14} {'template formula':<18} prototype")
+        for c in p["candidates"]:
+            group = f"{c['spacegroup_symbol']} ({c['spacegroup']})"
+            print(
+                f"  {c['rank']:>4} {c['score']:>6.3f}  {group:<14} {c['template_id']:<14} "
+                f"{c['template_formula']:<18} {c['prototype'] or '-'}"
+            )
+    if out:
+        print(f"\nCIFs and predictions.json written to {out}")
 
 
 def cmd_benchmark(args: argparse.Namespace) -> int:
@@ -156,6 +108,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         baselines=tuple(args.baselines),
         retrain=args.retrain,
         hetero_extra=not getattr(args, "no_extra", False),
+        speed=not getattr(args, "no_speed", False),
     )
     if getattr(args, "model", "cspml") == "hetero":
         from cspml_flows.hetero.cli import benchmark_hetero
@@ -168,38 +121,59 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Import real structures into the embedded default store, train, predict a few compositions."""
-    from cspml_flows.config import default_model_path, default_store_path
+    """Import real structures into the embedded default store, index them, predict a few compositions.
 
-    print(f"1/3 importing {', '.join(DEMO_FILES)} into {default_store_path()} (resumable)")
-    cmd_import(
-        argparse.Namespace(
-            source="shared",
-            paths=list(DEMO_FILES),
-            store=None,
-            workers=args.workers,
-            skip_invalid=False,
-            collection="templates",
-        )
-    )
-    model = default_model_path()
-    if not model.is_file():
-        print("2/3 training the similarity model")
-        cmd_train(argparse.Namespace(store=None, model=None, workers=args.workers, seed=0))
+    The model is the one ``cspml train`` made under the home folder, else (or with ``--train``, a new one
+    trained on the demo store) the model shipped in the package. Each stage prints its wall time.
+    """
+    from cspml_flows.api import import_structures, prediction_summary, train_model
+    from cspml_flows.config import default_model_path, home_dir, model_path
+    from cspml_flows.learning.model import SimilarityModel
+    from cspml_flows.predict.predictor import CSPPredictor
+    from cspml_flows.templates.index import TemplateIndex
+
+    _check_out(args.out)
+    home = home_dir()
+    print(f"home {home}: store, models and caches (every cspml call in this folder uses it)")
+    times: dict[str, float] = {}
+
+    t = time.perf_counter()
+    print(f"1/4 import {', '.join(DEMO_FILES)} (resumable; what is already there is skipped)")
+    _print_imports(*import_structures("shared", list(DEMO_FILES), workers=args.workers))
+    times["import"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    print("2/4 index the templates (symmetry clusters; cached until the store changes)")
+    index = TemplateIndex.open(None, workers=args.workers)
+    times["index"] = time.perf_counter() - t
+    print(f"  {len(index)} templates, {len(set(index.cluster.tolist()))} prototype clusters")
+
+    t = time.perf_counter()
+    trained = default_model_path()
+    if args.train:
+        print("3/4 train the similarity model on the demo store")
+        result = train_model(workers=args.workers, check_labels=0, index=index)
+        _print_training(result)
+        path = result.path
     else:
-        print(f"2/3 using the trained model {model}")
-    print(f"3/3 predicting {', '.join(DEMO_COMPOSITIONS)}")
-    return cmd_predict(
-        argparse.Namespace(
-            compositions=list(DEMO_COMPOSITIONS),
-            top=args.top,
-            out=args.out,
-            store=None,
-            model=None,
-            workers=args.workers,
-            exclude_same_formula=False,
-        )
+        path = model_path()
+        how = "trained model" if path == trained else "model shipped in the package ('--train' trains one here)"
+        print(f"3/4 use the {how}: {path}")
+    model = SimilarityModel.load(path)
+    times["model"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    print(f"4/4 predict {', '.join(DEMO_COMPOSITIONS)}")
+    preds = CSPPredictor(index, model, workers=args.workers).predict(list(DEMO_COMPOSITIONS), top=args.top)
+    summary = prediction_summary(preds, args.out)
+    times["predict"] = time.perf_counter() - t
+    _print_predictions(summary, args.out)
+    print(
+        "\nstage times: "
+        + ", ".join(f"{k} {v:.1f} s" for k, v in times.items())
+        + f"; total {sum(times.values()):.1f} s"
     )
+    return 0
 
 
 def cmd_campaign_run(args: argparse.Namespace) -> int:
@@ -248,6 +222,7 @@ def cmd_campaign_benchmark(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cspml", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("import", help="import structures into the template store")
@@ -261,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("train", help="train the similarity model on the template store")
     s.add_argument("--store")
-    s.add_argument("--model", help="output model file (default $CSPML_HOME/models/cspml.joblib)")
+    s.add_argument("--model", help="output model file (default $CSPML_HOME/models/cspml.json.gz)")
     s.add_argument("--workers", type=int, default=2)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--max-iter", type=int, default=150, help="boosting rounds (early stopping may use fewer)")
@@ -269,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--check-labels", type=int, default=200, help="held-out pairs whose cluster label is checked by fit_anonymous"
     )
     s.add_argument("--hetero", action="store_true", help="train the heterogeneous composition<->structure model")
-    s.add_argument("--core-model", help="with --hetero: core model to fuse (default $CSPML_HOME/models/cspml.joblib)")
+    s.add_argument("--core-model", help="with --hetero: core model to fuse (default $CSPML_HOME/models/cspml.json.gz)")
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("predict", help="predict structures for compositions")
@@ -299,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--retrain", action="store_true", help="ignore a cached benchmark model")
     s.add_argument("--model", default="cspml", choices=["cspml", "hetero"], help="hetero: compare with CSPML")
     s.add_argument("--no-extra", action="store_true", help="hetero: skip polymorph/leave-prototype-out evaluations")
+    s.add_argument("--no-speed", action="store_true", help="skip the top-5 throughput measurement")
     s.add_argument("--json")
     s.add_argument("--markdown")
     s.set_defaults(func=cmd_benchmark)
@@ -311,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="out/demo")
     s.add_argument("--top", type=int, default=3)
     s.add_argument("--workers", type=int, default=2)
+    s.add_argument("--train", action="store_true", help="train a model on the demo store instead of the shipped one")
     s.set_defaults(func=cmd_demo)
     s = sub.add_parser("campaign", help="validation campaigns: predict, relax, hull, promote over rounds")
     csub = s.add_subparsers(dest="campaign_command", required=True)
@@ -342,6 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    shown = progress.enabled()
+    progress.enable(not args.quiet)
     try:
         return args.func(args)
     except CSPMLError as exc:
@@ -350,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; finished work is kept in the store", file=sys.stderr)
         return 130
+    finally:
+        progress.enable(shown)  # main() called from Python (tests, notebooks) leaves the setting as it was
 
 
 if __name__ == "__main__":

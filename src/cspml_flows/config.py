@@ -1,7 +1,9 @@
 """Paths and settings: environment variables first, then a YAML config file, then defaults.
 
 - ``CSPML_DATA_DIR`` / config key ``data_dir``: the benchmark data folder (``../shared/data`` by default).
-- ``CSPML_HOME`` / config key ``home``: where the default template store, models and caches live.
+- ``CSPML_HOME`` / config key ``home``: where the default template store, models and caches live; without
+  either, the nearest ``.cspml`` folder in the working directory or above it (what ``make demo`` makes), else
+  ``~/.cspml-flows``.
 - ``CSPML_CONFIG``: a YAML file with those keys (default: ``<home>/config.yaml`` if it exists).
 """
 
@@ -48,10 +50,24 @@ def load_config(path: str | Path | None = None) -> dict[str, Any]:
     return data
 
 
+LOCAL_HOME = ".cspml"
+PACKAGED_MODEL = Path(__file__).resolve().parent / "data" / "cspml-model.json.gz"
+
+
+def local_home(start: Path | None = None) -> Path | None:
+    """The nearest ``.cspml`` folder in ``start`` (default: the working directory) or one of its parents."""
+    here = (start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / LOCAL_HOME).is_dir():
+            return folder / LOCAL_HOME
+    return None
+
+
 def home_dir(config: dict[str, Any] | None = None) -> Path:
-    """Folder for the default store, models and caches."""
+    """Folder for the default store, models and caches: ``CSPML_HOME``, config ``home``, the nearest
+    ``.cspml`` folder upwards from the working directory, else ``~/.cspml-flows``."""
     config = load_config() if config is None else config
-    value = os.environ.get(HOME_ENV) or config.get("home") or Path.home() / ".cspml-flows"
+    value = os.environ.get(HOME_ENV) or config.get("home") or local_home() or Path.home() / ".cspml-flows"
     path = Path(value).expanduser()
     path.mkdir(parents=True, exist_ok=True)
     return path
@@ -87,6 +103,16 @@ def default_store_path(config: dict[str, Any] | None = None) -> Path | str:
 
 
 def default_model_path(config: dict[str, Any] | None = None) -> Path:
-    """File of the trained similarity model: config key ``model``, else ``<home>/models/cspml.joblib``."""
+    """Where ``cspml train`` writes the similarity model: config key ``model``, else
+    ``<home>/models/cspml.json.gz``."""
     config = load_config() if config is None else config
-    return Path(config["model"]).expanduser() if config.get("model") else home_dir(config) / "models" / "cspml.joblib"
+    return Path(config["model"]).expanduser() if config.get("model") else home_dir(config) / "models" / "cspml.json.gz"
+
+
+def model_path(explicit: str | Path | None = None, config: dict[str, Any] | None = None) -> Path:
+    """The similarity model to predict with: ``explicit``, else the trained default (:func:`default_model_path`)
+    if it exists, else the model shipped in the package (trained on the demo pool, see README)."""
+    if explicit:
+        return Path(explicit).expanduser()
+    trained = default_model_path(config)
+    return trained if trained.is_file() or not PACKAGED_MODEL.is_file() else PACKAGED_MODEL

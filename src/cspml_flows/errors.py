@@ -25,7 +25,3 @@ class ModelError(CSPMLError):
 
 class ConfigError(CSPMLError):
     """A missing or invalid configuration value."""
-
-
-class NoTemplateError(CSPMLError):
-    """No template in the store can host the query composition."""

@@ -10,6 +10,9 @@ from pymatgen.analysis.structure_matcher import StructureMatcher
 from pymatgen.core import Structure
 from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
 
+from cspml_flows import progress
+from cspml_flows.quiet import library_warnings
+
 # The matcher of the standard CSP evaluation (DiffCSP compute_metrics.py).
 MATCHER_KWARGS = {"stol": 0.5, "angle_tol": 10, "ltol": 0.3}
 _CENTERING = {"P": 1, "A": 2, "B": 2, "C": 2, "I": 2, "F": 4, "R": 3, "S": 2}
@@ -55,10 +58,12 @@ def prototype_label(sga: SpacegroupAnalyzer) -> str | None:
     smallest equivalent Wyckoff assignment. ``None`` where spglib's Wyckoff positions are inconsistent.
     """
     protostructure_label, canonical_prototype = _label_functions()
-    full = protostructure_label(sga)
+    with library_warnings():  # pymatgen's own 'gcd is deprecated' notice on every call
+        full = protostructure_label(sga)
     if full.startswith("Invalid"):
         return None
-    return canonical_prototype(full)
+    with library_warnings():
+        return canonical_prototype(full)
 
 
 class _DatasetSGA(SpacegroupAnalyzer):
@@ -93,15 +98,27 @@ def prototype_info(structure: Structure, symprec: float = 0.1) -> PrototypeInfo:
 
 
 def _merge_partition(args: tuple[list[int], list[dict]]) -> list[tuple[int, int]]:
-    """Pairs of label groups (by position) whose representatives match under fit_anonymous."""
+    """Pairs of label groups (by position) whose representatives match under fit_anonymous.
+
+    Each representative's primitive Niggli cell is computed once (``fit_anonymous`` would recompute both
+    cells for every pair, half of its cost) and the fits skip that reduction; the result is the same.
+    """
     group_ids, rep_dicts = args
-    reps = [Structure.from_dict(d) for d in rep_dicts]
     sm = structure_matcher()
+    reps: list[Structure | None] = []
+    for d in rep_dicts:
+        try:
+            reps.append(sm._get_reduced_structure(Structure.from_dict(d), primitive_cell=True, niggli=True))
+        except Exception:  # an odd cell that cannot be reduced stays in its own group
+            reps.append(None)
     merged: list[tuple[int, int]] = []
     for i in range(len(reps)):
         for j in range(i + 1, len(reps)):
+            a, b = reps[i], reps[j]
+            if a is None or b is None:
+                continue
             try:
-                if sm.fit_anonymous(reps[i], reps[j]):
+                if sm.fit_anonymous(a, b, skip_structure_reduction=True):
                     merged.append((group_ids[i], group_ids[j]))
             except Exception:
                 continue
@@ -160,13 +177,21 @@ def cluster_prototypes(
             subsets = [groups]
         tasks.extend((s, [structures[first[g]] for g in s]) for s in subsets)
     tasks.sort(key=lambda t: -len(t[0]))
-    if workers > 1 and len(tasks) > 1:
-        from concurrent.futures import ProcessPoolExecutor
+    n_pairs = [len(t[0]) * (len(t[0]) - 1) // 2 for t in tasks]
+    with progress.bar(sum(n_pairs), "prototype clusters", unit="fit") as bar:
+        if workers > 1 and len(tasks) > 1:
+            from concurrent.futures import ProcessPoolExecutor
 
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            results = list(pool.map(_merge_partition, tasks))
-    else:
-        results = [_merge_partition(t) for t in tasks]
+            results = []
+            with ProcessPoolExecutor(max_workers=workers) as pool:
+                for res, n in zip(pool.map(_merge_partition, tasks), n_pairs, strict=True):
+                    results.append(res)
+                    bar.update(n)
+        else:
+            results = []
+            for t, n in zip(tasks, n_pairs, strict=True):
+                results.append(_merge_partition(t))
+                bar.update(n)
     for pairs in results:
         for a, b in pairs:
             ra, rb = find(a), find(b)

@@ -11,8 +11,6 @@ import numpy as np
 from pydantic import BaseModel, Field
 from pymatgen.core import Structure
 
-CALCULATORS = ("emt", "chgnet", "vasp")
-
 
 class CalculatorSettings(BaseModel):
     """Which calculator relaxes candidates, and how. Part of every relaxation's cache key."""

@@ -13,7 +13,7 @@ from pymatgen.core import Composition
 
 def train_hetero(args: argparse.Namespace) -> int:
     """``cspml train --hetero``: train the hetero model (with a core model) on the store."""
-    from cspml_flows.config import default_model_path
+    from cspml_flows.config import model_path
     from cspml_flows.errors import ModelError
     from cspml_flows.hetero.model import HeteroModel, default_hetero_path
     from cspml_flows.learning.model import SimilarityModel, training_hash
@@ -21,7 +21,7 @@ def train_hetero(args: argparse.Namespace) -> int:
 
     index = TemplateIndex.open(args.store, workers=args.workers)
     core = None
-    core_path = Path(args.core_model) if getattr(args, "core_model", None) else default_model_path()
+    core_path = model_path(getattr(args, "core_model", None))
     if core_path.is_file():
         try:
             core = SimilarityModel.load(core_path)
@@ -51,13 +51,13 @@ def predictions(args: argparse.Namespace, comps: list[Composition]):
     if getattr(args, "polymorphs", None):
         hp = HeteroPredictor.from_paths(args.store, getattr(args, "hetero_model", None), user, args.workers)
         return hp.predict(comps, polymorphs=args.polymorphs, strict=args.exclude_same_formula)
-    from cspml_flows.config import default_model_path
+    from cspml_flows.config import model_path
     from cspml_flows.hetero.user_templates import add_user_templates
     from cspml_flows.learning.model import SimilarityModel
     from cspml_flows.predict.predictor import CSPPredictor
     from cspml_flows.templates.index import TemplateIndex
 
-    sim = SimilarityModel.load(args.model or default_model_path())
+    sim = SimilarityModel.load(model_path(args.model))
     index = TemplateIndex.open(args.store, workers=args.workers)
     index, _ = add_user_templates(index, user)
     return CSPPredictor(index, sim).predict(comps, top=args.top, strict=args.exclude_same_formula)

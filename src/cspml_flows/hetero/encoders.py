@@ -25,7 +25,7 @@ from pymatgen.core import Structure
 
 from cspml_flows.composition import Roles
 from cspml_flows.config import home_dir
-from cspml_flows.descriptors import MAX_ROLES, role_properties
+from cspml_flows.descriptors import MAX_ROLES
 from cspml_flows.learning.features import _STAT_COLS, Standardizer
 from cspml_flows.predict.substitute import element_volume
 
@@ -163,14 +163,6 @@ def chemistry_block(std: Standardizer, role_props: np.ndarray, role_fracs: np.nd
     mask = np.isfinite(role_fracs).astype(float)
     st = std.stats(stats)[:, _STAT_COLS]
     return np.hstack([rp, frac, mask, st])
-
-
-def roles_in_order(elements: Sequence[str]) -> np.ndarray:
-    """Role properties (1, MAX_ROLES, P) of elements given directly in a template's role order."""
-    from cspml_flows.composition import Roles as _Roles
-
-    fake = _Roles(tuple(elements), tuple(float(i) for i in range(len(elements))))
-    return role_properties([fake])
 
 
 def digest(*parts: object) -> str:

@@ -99,12 +99,6 @@ class HeteroModel:
         d = phi @ self.A.T - psi @ self.B.T
         return -np.sum(d * d, axis=1) + psi @ self.w
 
-    def embed_compositions(self, phi: np.ndarray) -> np.ndarray:
-        return phi @ self.A.T
-
-    def embed_structures(self, psi: np.ndarray) -> np.ndarray:
-        return psi @ self.B.T
-
     # ---- pair scores ----------------------------------------------------------------------------------
     def components(
         self,

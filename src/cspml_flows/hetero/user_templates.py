@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 from pymatgen.core import Structure
 
-from cspml_flows.composition import roles
 from cspml_flows.errors import StructureReadError
 from cspml_flows.hetero.encoders import geometry_features
 from cspml_flows.templates.importers import read_structure, structure_files
@@ -82,7 +81,3 @@ def add_user_templates(
         return merged, None
     ug = geometry_features(list(ui.ids), ui.structures, ui.roles, list(ui.spacegroup), list(ui.nprim), 1, False)
     return merged, np.vstack([geom, ug])
-
-
-def formula_of(structure: Structure) -> str:
-    return roles(structure.composition).reduced_formula

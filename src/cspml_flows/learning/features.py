@@ -32,6 +32,23 @@ class Standardizer:
     def stats(self, x: np.ndarray) -> np.ndarray:
         return np.nan_to_num((x - self.stats_mu) / self.stats_sd)
 
+    _ARRAYS = ("stats_mu", "stats_sd", "role_mu", "role_sd")
+
+    def to_dict(self) -> dict[str, list[float]]:
+        """The fitted arrays as JSON lists."""
+        return {k: getattr(self, k).tolist() for k in self._ARRAYS}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, list[float]]) -> Standardizer:
+        """Inverse of :meth:`to_dict`; ValueError for missing or non-numeric arrays."""
+        new = cls.__new__(cls)
+        for k in cls._ARRAYS:
+            arr = np.asarray(d[k], dtype=float)
+            if arr.ndim != 1:
+                raise ValueError(f"standardiser array {k} must be one-dimensional")
+            setattr(new, k, arr)
+        return new
+
     def roles(self, x: np.ndarray) -> np.ndarray:
         return (x - self.role_mu) / self.role_sd
 

@@ -1,21 +1,28 @@
 """The learned composition similarity: gradient-boosted trees on pair features (CSPML-style metric
-learning), saved with its descriptor version and training-data hash."""
+learning), saved with its descriptor version and training-data hash.
+
+Model files are gzipped JSON: the standardiser's arrays as lists, LightGBM's own text model format, and
+the metadata. Nothing in them is executed when they are read (no pickle), so a shared or downloaded model
+file cannot run code.
+"""
 
 from __future__ import annotations
 
+import gzip
 import hashlib
+import json
+import os
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import joblib
+import lightgbm as lgb
 import numpy as np
-import sklearn
-from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.metrics import accuracy_score, roc_auc_score
 
+from cspml_flows import progress
 from cspml_flows.composition import Roles
 from cspml_flows.descriptors import DESCRIPTOR_VERSION, magpie_stats, role_fractions, role_properties
 from cspml_flows.errors import ModelError
@@ -23,7 +30,7 @@ from cspml_flows.learning.features import Standardizer, pair_features
 from cspml_flows.learning.pairs import pair_labels, sample_pairs
 from cspml_flows.templates.index import TemplateIndex
 
-MODEL_FORMAT = 1
+MODEL_FORMAT = 2  # 2: LightGBM text model in gzipped JSON (format 1 was a joblib pickle)
 
 
 @dataclass
@@ -73,19 +80,10 @@ def training_hash(index: TemplateIndex) -> str:
 class SimilarityModel:
     """P(query and template take the same prototype | composition descriptors)."""
 
-    def __init__(self, std: Standardizer, clf: HistGradientBoostingClassifier | None = None, meta: dict | None = None):
+    def __init__(self, std: Standardizer, booster: lgb.Booster | None = None, meta: dict | None = None):
         self.std = std
-        self.clf = clf
+        self.booster = booster
         self.meta = meta or {}
-        # feature columns that were entirely missing in training (role slots no pair fills, templates
-        # without e_above_hull); they are zeroed so the classifier sees a constant column
-        self.empty_cols: np.ndarray | None = None
-
-    def _prep(self, x: np.ndarray) -> np.ndarray:
-        if self.empty_cols is not None and self.empty_cols.any():
-            x = x.copy()
-            x[:, self.empty_cols] = 0.0
-        return x
 
     # ---- features -------------------------------------------------------------------------------------
     def features(
@@ -104,12 +102,13 @@ class SimilarityModel:
             self.std,
         )
 
-    def predict_proba(self, x: np.ndarray) -> np.ndarray:
-        if self.clf is None:
+    def predict_proba(self, x: np.ndarray, threads: int | None = None) -> np.ndarray:
+        """P(same prototype) per feature row; ``threads`` for LightGBM (default: ``CSPML_THREADS`` or all)."""
+        if self.booster is None:
             raise ModelError("model is not trained")
         if len(x) == 0:
             return np.zeros(0)
-        return self.clf.predict_proba(self._prep(x))[:, 1]
+        return self.booster.predict(x, num_threads=_threads() if threads is None else threads)
 
     # ---- training -------------------------------------------------------------------------------------
     @staticmethod
@@ -154,10 +153,8 @@ class SimilarityModel:
         if len(np.unique(y_tr)) < 2:
             raise ModelError("training pairs are all of one class: the store needs more structures sharing prototypes")
         log(f"training pairs: {len(y_tr)} ({y_tr.mean():.1%} positive); held-out pairs: {len(y_te)}")
-        model.empty_cols = np.all(np.isnan(x_tr), axis=0)
-        clf = cls._classifier(max_iter, seed)
-        clf.fit(model._prep(x_tr), y_tr)
-        p_te = clf.predict_proba(model._prep(x_te))[:, 1] if len(x_te) else np.zeros(0)
+        model.booster = _fit_booster(x_tr, y_tr, max_iter, seed)
+        p_te = model.predict_proba(x_te)
         dist_col = _dist_column()
         acc = accuracy_score(y_te, p_te > 0.5) if len(y_te) else float("nan")
         auc = roc_auc_score(y_te, p_te) if len(np.unique(y_te)) == 2 else float("nan")
@@ -171,16 +168,14 @@ class SimilarityModel:
                 index, np.concatenate([anchors, test_idx]), np.arange(len(index)), std, n_near, n_random, seed + 2
             )
             x_all, y_all = cls._pairs_xy(index, model, a_all, t_all)
-            clf = cls._classifier(max_iter, seed)
-            clf.fit(model._prep(x_all), y_all)
-        model.clf = clf
+            model.booster = _fit_booster(x_all, y_all, max_iter, seed)
         model.meta = {
             "format": MODEL_FORMAT,
             "descriptor_version": DESCRIPTOR_VERSION,
             "training_hash": training_hash(index),
             "n_templates": len(index),
             "created": datetime.now(UTC).isoformat(),
-            "sklearn": sklearn.__version__,
+            "lightgbm": lgb.__version__,
         }
         report = TrainingReport(
             n_templates=len(index),
@@ -197,53 +192,73 @@ class SimilarityModel:
         model.meta["report"] = report.as_dict()
         return model, report
 
-    @staticmethod
-    def _classifier(max_iter: int, seed: int) -> HistGradientBoostingClassifier:
-        return HistGradientBoostingClassifier(
-            max_iter=max_iter,
-            learning_rate=0.1,
-            max_leaf_nodes=31,
-            min_samples_leaf=40,
-            l2_regularization=1.0,
-            early_stopping=True,
-            validation_fraction=0.1,
-            n_iter_no_change=20,
-            random_state=seed,
-        )
-
     # ---- persistence ----------------------------------------------------------------------------------
     def to_blob(self) -> dict[str, Any]:
-        """What a model file holds (also embedded in hetero model files)."""
-        return {"meta": self.meta, "std": self.std, "clf": self.clf, "empty_cols": self.empty_cols}
+        """What a model file holds (also embedded in hetero model files): JSON types only."""
+        if self.booster is None:
+            raise ModelError("model is not trained")
+        return {"meta": self.meta, "std": self.std.to_dict(), "booster": self.booster.model_to_string()}
 
     @classmethod
     def from_blob(cls, blob: dict[str, Any]) -> SimilarityModel:
-        model = cls(blob["std"], blob["clf"], blob.get("meta", {}))
-        model.empty_cols = blob.get("empty_cols")
-        return model
+        try:
+            std = Standardizer.from_dict(blob["std"])
+            booster = lgb.Booster(model_str=blob["booster"])
+        except Exception as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ModelError(f"damaged model data: {reason}") from None
+        return cls(std, booster, blob.get("meta", {}))
 
     def save(self, path: str | Path) -> Path:
+        """Write the gzipped JSON model file atomically (temporary file, then rename)."""
         p = Path(path)
         p.parent.mkdir(parents=True, exist_ok=True)
-        joblib.dump(self.to_blob(), p)
+        tmp = p.with_name(p.name + ".tmp")
+        with gzip.open(tmp, "wt", encoding="utf-8") as fh:
+            json.dump(self.to_blob(), fh)
+        tmp.replace(p)
         return p
 
     @classmethod
     def load(cls, path: str | Path) -> SimilarityModel:
         versions = {"format": MODEL_FORMAT, "descriptor_version": DESCRIPTOR_VERSION}
-        return cls.from_blob(read_model_file(path, "model", "clf", "train one with 'cspml train'", versions))
+        return cls.from_blob(read_json_model(path, "model", "booster", "train one with 'cspml train'", versions))
 
 
-def read_model_file(path: str | Path, what: str, key: str, hint: str, versions: dict[str, Any]) -> dict[str, Any]:
-    """Load a joblib model file and check that it is a cspml-flows ``what`` file (a dict with ``key``) whose
-    ``meta`` carries exactly these ``versions``; every problem is one ModelError naming the file."""
-    p = Path(path)
-    if not p.is_file():
-        raise ModelError(f"{what} file not found: {p} ({hint})")
-    try:
-        blob = joblib.load(p)
-    except Exception as exc:
-        raise ModelError(f"cannot read {what} file {p}: {exc}") from None
+def _threads() -> int:
+    """Threads for LightGBM: ``CSPML_THREADS`` if set, else all cores (0 = OpenMP default)."""
+    return int(os.environ.get("CSPML_THREADS", "0") or 0)
+
+
+def _fit_booster(x: np.ndarray, y: np.ndarray, max_iter: int, seed: int) -> lgb.Booster:
+    """Gradient-boosted trees (LightGBM, binary log-loss) with early stopping on a random 10 % of the rows."""
+    rng = np.random.default_rng(seed)
+    val = rng.random(len(y)) < 0.1
+    params = {
+        "objective": "binary",
+        "learning_rate": 0.1,
+        "num_leaves": 31,
+        "min_data_in_leaf": 40,
+        "lambda_l2": 1.0,
+        "max_bin": 255,
+        "feature_pre_filter": False,
+        "num_threads": _threads(),
+        "seed": seed,
+        "verbosity": -1,
+    }
+    train = lgb.Dataset(x[~val], y[~val], free_raw_data=True)
+    valid = lgb.Dataset(x[val], y[val], reference=train)
+    with progress.bar(max_iter, "boosting rounds", unit="round") as shown:
+        return lgb.train(
+            params,
+            train,
+            num_boost_round=max_iter,
+            valid_sets=[valid],
+            callbacks=[lgb.early_stopping(20, verbose=False), lambda _env: shown.update(1)],
+        )
+
+
+def _check_versions(p: Path, what: str, blob: Any, key: str, versions: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(blob, dict) or key not in blob:
         raise ModelError(f"{p} is not a cspml-flows {what} file")
     meta = blob.get("meta") or {}
@@ -251,6 +266,38 @@ def read_model_file(path: str | Path, what: str, key: str, hint: str, versions: 
     if got != versions:
         raise ModelError(f"{what} {p} was made with {got}; this version needs {versions}: retrain it")
     return blob
+
+
+def read_json_model(path: str | Path, what: str, key: str, hint: str, versions: dict[str, Any]) -> dict[str, Any]:
+    """Read a gzipped-JSON model file (never unpickled) and check that it is a cspml-flows ``what`` file
+    (a mapping with ``key``) whose ``meta`` carries exactly these ``versions``; every problem is one
+    ModelError naming the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ModelError(f"{what} file not found: {p} ({hint})")
+    try:
+        with gzip.open(p, "rt", encoding="utf-8") as fh:
+            blob = json.load(fh)
+    except Exception:
+        raise ModelError(
+            f"cannot read {what} file {p}: not a gzipped-JSON cspml-flows model (files made before model format "
+            f"{MODEL_FORMAT} were pickles and are never loaded: retrain with 'cspml train')"
+        ) from None
+    return _check_versions(p, what, blob, key, versions)
+
+
+def read_model_file(path: str | Path, what: str, key: str, hint: str, versions: dict[str, Any]) -> dict[str, Any]:
+    """Load a joblib model file (the hetero model) and check it like :func:`read_json_model`."""
+    import joblib
+
+    p = Path(path)
+    if not p.is_file():
+        raise ModelError(f"{what} file not found: {p} ({hint})")
+    try:
+        blob = joblib.load(p)
+    except Exception as exc:
+        raise ModelError(f"cannot read {what} file {p}: {exc}") from None
+    return _check_versions(p, what, blob, key, versions)
 
 
 def _dist_column() -> int:

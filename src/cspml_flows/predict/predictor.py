@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import multiprocessing as mp
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from pymatgen.core import Composition, Structure
 
+from cspml_flows import progress
 from cspml_flows.composition import Roles, as_composition, roles
-from cspml_flows.config import default_model_path
+from cspml_flows.config import model_path
 from cspml_flows.learning.model import SimilarityModel
 from cspml_flows.predict.retrieve import Ranked, rank
 from cspml_flows.predict.substitute import substitute
@@ -56,13 +59,26 @@ class Prediction:
     message: str | None = None
 
 
+PARALLEL_MIN = 100  # compositions per process below which building structures stays in this process
+CHUNK = 50  # compositions per task sent to a worker process
+_FORKED: tuple[CSPPredictor, int, bool] | None = None  # what forked workers build with
+
+
+def _build_chunk(jobs: list[tuple[Composition, list[Ranked]]]) -> list[Prediction]:
+    """Worker side of :meth:`CSPPredictor.realize`: the predictor was inherited through fork."""
+    assert _FORKED is not None
+    predictor, top, dedup = _FORKED
+    return [predictor._build(c, roles(c), cands, top, dedup) for c, cands in jobs]
+
+
 class CSPPredictor:
     """Template retrieval with the learned similarity, element substitution, validity gate and dedup."""
 
-    def __init__(self, index: TemplateIndex, model: SimilarityModel | None, prefilter: int = 48):
+    def __init__(self, index: TemplateIndex, model: SimilarityModel | None, prefilter: int = 48, workers: int = 1):
         self.index = index
         self.model = model
         self.prefilter = prefilter
+        self.workers = workers  # processes that build structures for large batches (forked; see realize)
         self._matcher = structure_matcher()
         self._reduced_cache: dict[tuple[int, tuple[int, ...]], Structure] = {}
 
@@ -71,9 +87,9 @@ class CSPPredictor:
         cls, store: str | Path | None = None, model: str | Path | None = None, workers: int = 2
     ) -> CSPPredictor:
         """Open a template store (default: embedded) and a trained model (default: ``$CSPML_HOME``)."""
-        sim = SimilarityModel.load(model or default_model_path())
+        sim = SimilarityModel.load(model_path(model))
         index = TemplateIndex.open(store, workers=workers)
-        return cls(index, sim)
+        return cls(index, sim, workers=workers)
 
     def predict(
         self,
@@ -96,14 +112,40 @@ class CSPPredictor:
             strict=strict,
             prefilter=self.prefilter,
             metric=metric,
+            threads=self.workers,
         )
         return self.realize(comps, ranked, top, dedup)
 
     def realize(
         self, comps: Sequence[Composition], ranked: Sequence[list[Ranked]], top: int, dedup: bool = True
     ) -> list[Prediction]:
-        """Turn ranked (template, assignment) lists into structures: substitute, gate, deduplicate."""
-        return [self._build(c, roles(c), cands, top, dedup) for c, cands in zip(comps, ranked, strict=True)]
+        """Turn ranked (template, assignment) lists into structures: substitute, gate, deduplicate.
+
+        Batches of at least ``PARALLEL_MIN`` compositions are split over ``workers`` forked processes (pure
+        Python and numpy work; the model is not called there); the result is the same.
+        """
+        jobs = list(zip(comps, ranked, strict=True))
+        n_proc = min(self.workers, len(jobs) // PARALLEL_MIN)
+        if n_proc > 1 and "fork" in mp.get_all_start_methods():
+            global _FORKED
+            _FORKED = (self, top, dedup)
+            chunks = [jobs[i : i + CHUNK] for i in range(0, len(jobs), CHUNK)]
+            out: list[Prediction] = []
+            try:
+                with (
+                    progress.bar(len(jobs), "build structures", unit="composition") as shown,
+                    ProcessPoolExecutor(n_proc, mp_context=mp.get_context("fork")) as pool,
+                ):
+                    for part in pool.map(_build_chunk, chunks):
+                        out.extend(part)
+                        shown.update(len(part))
+            finally:
+                _FORKED = None
+            return out
+        return [
+            self._build(c, roles(c), cands, top, dedup)
+            for c, cands in progress.track(jobs, len(jobs), "build structures", unit="composition")
+        ]
 
     def _build(self, comp: Composition, r: Roles, cands: list[Ranked], top: int, dedup: bool) -> Prediction:
         pred = Prediction(comp.reduced_formula, r.anonymous_formula, smact_valid(comp))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +20,9 @@ import pandas as pd
 from pymatgen.core import Structure
 
 from cspml_flows.errors import CSPMLError, StructureReadError
+from cspml_flows.progress import bar
 from cspml_flows.prototype import preload_label_data
+from cspml_flows.quiet import library_warnings
 from cspml_flows.templates.schema import TemplateDoc, template_doc_from_structure
 from cspml_flows.templates.store import TemplateStore, redact_uri
 
@@ -56,7 +58,8 @@ def read_structure(path: str | Path) -> Structure:
     if not p.is_file():
         raise StructureReadError(f"structure file not found: {p}")
     try:
-        s = Structure.from_file(str(p))
+        with library_warnings():
+            s = Structure.from_file(str(p))
     except Exception as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise StructureReadError(f"cannot read structure file {p}: {reason}") from None
@@ -67,7 +70,8 @@ def read_structure(path: str | Path) -> Structure:
 
 def structure_from_cif_string(cif: str, name: str = "<cif>") -> Structure:
     try:
-        s = Structure.from_str(cif, fmt="cif")
+        with library_warnings():
+            s = Structure.from_str(cif, fmt="cif")
     except Exception as exc:
         raise StructureReadError(f"cannot parse CIF of {name}: {exc}") from None
     if len(s) == 0:
@@ -119,18 +123,19 @@ def _run_batches(
         preload_label_data()  # forked workers inherit it instead of each importing it
         pool = ProcessPoolExecutor(max_workers=workers)
     try:
-        for start in range(0, len(todo), batch_size):
-            chunk = todo[start : start + batch_size]
-            results = (
-                list(pool.map(worker, chunk, chunksize=max(1, len(chunk) // (4 * workers))))
-                if pool
-                else [worker(t) for t in chunk]
-            )
-            docs = [r for r in results if isinstance(r, dict)]
-            report.failed.extend(r for r in results if not isinstance(r, dict))
-            report.added += store.add(docs, assume_new=True)
-            if progress:
-                progress(min(start + batch_size, len(todo)), len(todo))
+        with bar(len(todo), f"import {Path(report.source).name}", unit="structure") as shown:
+            for start in range(0, len(todo), batch_size):
+                chunk = todo[start : start + batch_size]
+                results = []
+                mapped = pool.map(worker, chunk, chunksize=16) if pool else map(worker, chunk)
+                for r in mapped:
+                    results.append(r)
+                    shown.update(1)
+                docs = [r for r in results if isinstance(r, dict)]
+                report.failed.extend(r for r in results if not isinstance(r, dict))
+                report.added += store.add(docs, assume_new=True)
+                if progress:
+                    progress(min(start + batch_size, len(todo)), len(todo))
     finally:
         if pool:
             pool.shutdown()
@@ -213,13 +218,6 @@ def import_folder(
             read_structure(path)
     report = ImportReport(source=str(folder))
     return _run_batches(store, tasks, _doc_from_file, report, workers, batch_size, None)
-
-
-def docs_from_structures(
-    structures: Iterable[tuple[str, Structure]], source: str = "user", **properties: Any
-) -> Iterator[TemplateDoc]:
-    for mid, s in structures:
-        yield template_doc_from_structure(s, mid, source=source, **properties)
 
 
 def template_doc_from_mapping(doc: dict[str, Any], source: str) -> TemplateDoc:

@@ -204,21 +204,20 @@ class TemplateIndex:
             except Exception:
                 ds = None
             found = {ident}
-            if ds is not None:
-                for rot, trans in zip(ds["rotations"], ds["translations"], strict=True):
-                    new = frac @ rot.T + trans
-                    diff = new[:, None, :] - frac[None, :, :]
-                    close = np.all(np.abs(diff - np.round(diff)) < 0.02, axis=2) & (merged[:, None] == merged[None, :])
-                    if not np.all(close.any(axis=1)):
-                        continue
-                    target = close.argmax(axis=1)
-                    mapping = dict()
-                    ok = True
-                    for a, b in zip(site_roles, site_roles[target], strict=True):
-                        if mapping.setdefault(int(a), int(b)) != int(b):
-                            ok = False
-                            break
-                    if ok and len(mapping) == len(ident):
+            rotations = ds["rotations"] if ds is not None else np.zeros((0, 3, 3))
+            same_kind = merged[:, None] == merged[None, :]
+            step = max(1, 2_000_000 // len(frac) ** 2)  # operations per block: bounded memory on large cells
+            for o in range(0, len(rotations), step):
+                # a block of operations at once: (ops, sites, 3) images, then site-to-site closeness (ops, n, n)
+                images = np.einsum("nj,okj->onk", frac, rotations[o : o + step])
+                images += ds["translations"][o : o + step, None, :]
+                diff = images[:, :, None, :] - frac[None, None, :, :]
+                close = np.all(np.abs(diff - np.round(diff)) < 0.02, axis=3) & same_kind
+                for op_close in close[close.any(axis=2).all(axis=1)]:  # operations that map the merged cell
+                    target = site_roles[op_close.argmax(axis=1)]
+                    pairs = np.unique(np.stack([site_roles, target], axis=1), axis=0)
+                    if len(pairs) == len(ident) and len(np.unique(pairs[:, 0])) == len(ident):
+                        mapping = dict(pairs.tolist())
                         found.add(tuple(mapping[k] for k in ident))
             result = sorted(found)
         self._cells[key] = result

@@ -1,0 +1,147 @@
+"""The operations behind the command line, as plain functions: import, train, predict, write results.
+
+``cspml import | train | predict | demo`` call these and only print what they return, so a script or a
+notebook gets exactly what the CLI does.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cspml_flows.errors import CSPMLError
+
+SOURCES = ("csv", "folder", "shared", "store", "mp")
+
+
+def import_structures(
+    source: str,
+    paths: Sequence[str | Path] = (),
+    store: str | Path | None = None,
+    workers: int = 2,
+    skip_invalid: bool = False,
+    collection: str = "templates",
+) -> tuple[list, int, str]:
+    """Import structures into a template store (default: the embedded one).
+
+    ``source``: ``csv`` (files with ``material_id`` + ``cif`` columns), ``folder`` (CIF/POSCAR files),
+    ``shared`` (files of the benchmark data folder, relative to it), ``store`` (maggma store URIs) or ``mp``
+    (Materials Project chemical systems). Returns the import reports, the store's document count and name.
+    """
+    from cspml_flows.config import data_dir
+    from cspml_flows.templates import importers
+    from cspml_flows.templates.store import TemplateStore, store_from_uri
+
+    if source not in SOURCES:
+        raise CSPMLError(f"unknown import source {source!r}; choose one of {', '.join(SOURCES)}")
+    ts = TemplateStore.open(store)
+    try:
+        if source == "csv":
+            reports = [importers.import_csv(ts, p, workers=workers) for p in paths]
+        elif source == "folder":
+            reports = [importers.import_folder(ts, p, workers=workers, strict=not skip_invalid) for p in paths]
+        elif source == "shared":
+            root = data_dir()
+            reports = [importers.import_csv(ts, root / f, source=str(f), workers=workers) for f in paths]
+        elif source == "store":
+            reports = [
+                importers.import_store(ts, store_from_uri(p, collection=collection, create=False)) for p in paths
+            ]
+        else:
+            reports = [importers.import_materials_project(ts, chemsys=[str(p) for p in paths] or None)]
+        return reports, ts.count(), ts.name
+    finally:
+        ts.close()
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train_model` did."""
+
+    path: Path
+    report: Any  # learning.model.TrainingReport
+    n_templates: int
+    n_clusters: int
+    index_seconds: float
+
+
+def train_model(
+    store: str | Path | None = None,
+    model: str | Path | None = None,
+    workers: int = 2,
+    seed: int = 0,
+    max_iter: int = 150,
+    check_labels: int = 200,
+    index=None,
+) -> TrainResult:
+    """Train the similarity model on a store (or an already built ``index``) and save it to ``model``
+    (default ``$CSPML_HOME/models/cspml.json.gz``)."""
+    from cspml_flows.config import default_model_path
+    from cspml_flows.learning.model import SimilarityModel
+    from cspml_flows.templates.index import TemplateIndex
+
+    t = time.perf_counter()
+    if index is None:
+        index = TemplateIndex.open(store, workers=workers)
+    index_seconds = time.perf_counter() - t
+    sim, report = SimilarityModel.train(index, seed=seed, max_iter=max_iter, check_labels=check_labels)
+    path = sim.save(model or default_model_path())
+    return TrainResult(path, report, len(index), len(set(index.cluster.tolist())), index_seconds)
+
+
+def predict(
+    compositions: Sequence[str],
+    top: int = 5,
+    store: str | Path | None = None,
+    model: str | Path | None = None,
+    workers: int = 2,
+    strict: bool = False,
+) -> list:
+    """Ranked structures for each composition with the store's templates and the model (see
+    :func:`cspml_flows.config.model_path` for the default model)."""
+    from cspml_flows.composition import parse_composition
+    from cspml_flows.predict.predictor import CSPPredictor
+
+    comps = [parse_composition(c) for c in compositions]  # bad formulas fail before any loading
+    return CSPPredictor.from_paths(store, model, workers=workers).predict(comps, top=top, strict=strict)
+
+
+def prediction_summary(predictions: Sequence, out: str | Path | None = None) -> list[dict[str, Any]]:
+    """One JSON-ready entry per prediction (candidates with space group); with ``out``, also a symmetrised
+    CIF per candidate and ``predictions.json`` in that folder. The folder is checked before anything is
+    written, so an unusable ``out`` fails before the work is lost to a half-written folder."""
+    from cspml_flows.predict.dedup import symmetrize, to_cif
+
+    folder = Path(out) if out else None
+    if folder is not None:
+        if folder.exists() and not folder.is_dir():
+            raise CSPMLError(f"output folder {folder} is a file")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CSPMLError(f"cannot create output folder {folder}: {exc.strerror}") from None
+    summary = []
+    for p in predictions:
+        entry: dict[str, Any] = {
+            "formula": p.formula,
+            "anonymous_formula": p.anonymous_formula,
+            "smact_valid": p.smact_valid,
+            "message": p.message,
+            "candidates": [],
+        }
+        for c in p.candidates:
+            sym, number, symbol = symmetrize(c.structure)
+            row = c.summary() | {"spacegroup": number, "spacegroup_symbol": symbol}
+            if folder is not None:
+                f = folder / f"{p.formula}_{c.rank:02d}_{symbol.replace('/', '_')}.cif"
+                f.write_text(to_cif(sym))
+                row["cif"] = str(f)
+            entry["candidates"].append(row)
+        summary.append(entry)
+    if folder is not None:
+        (folder / "predictions.json").write_text(json.dumps(summary, indent=2))
+    return summary
