@@ -63,6 +63,8 @@ def merge_indices(a: TemplateIndex, b: TemplateIndex) -> TemplateIndex:
         role_props=np.concatenate([a.role_props, b.role_props]),
         role_fracs=np.concatenate([a.role_fracs, b.role_fracs]),
         signature=f"{a.signature}+{b.signature or 'user'}",
+        min_dist=None if a.min_dist is None or b.min_dist is None else np.concatenate([a.min_dist, b.min_dist]),
+        role_syms=None if a.role_syms is None or b.role_syms is None else [*a.role_syms, *b.role_syms],
     )
 
 

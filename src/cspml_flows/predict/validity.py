@@ -9,13 +9,21 @@
 from __future__ import annotations
 
 import itertools
-from functools import lru_cache
+from functools import cache, lru_cache
 
 import numpy as np
 from pymatgen.core import Composition, Structure
 
 MIN_DISTANCE = 0.5
 MIN_VOLUME = 0.1
+
+
+@cache
+def _smact_element(symbol: str):
+    """SMACT's element record (its constructor reads several data tables: once per element)."""
+    import smact
+
+    return smact.Element(symbol)
 
 
 @lru_cache(maxsize=100000)
@@ -29,8 +37,7 @@ def _smact_valid_formula(formula: str) -> bool:
         return True
     if all(s in smact.metals for s in symbols):
         return True
-    space = smact.element_dictionary(symbols)
-    elems = [space[s] for s in symbols]
+    elems = [_smact_element(s) for s in symbols]
     electronegs = [e.pauling_eneg for e in elems]
     ox_combos = [e.oxidation_states or [] for e in elems]
     counts = [round(comp[s]) for s in symbols]

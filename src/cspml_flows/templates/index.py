@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from pymatgen.core import Structure
 
+from cspml_flows import progress
 from cspml_flows.composition import Roles, roles
 from cspml_flows.config import home_dir
 from cspml_flows.descriptors import DESCRIPTOR_VERSION, magpie_stats, role_fractions, role_properties
@@ -23,7 +24,7 @@ from cspml_flows.prototype import cluster_prototypes
 from cspml_flows.templates.store import TemplateStore
 
 log = logging.getLogger(__name__)
-INDEX_VERSION = 2
+INDEX_VERSION = 3  # 3: per-template minimum distance and role symmetries
 _FIELDS = [
     "material_id",
     "structure",
@@ -57,6 +58,8 @@ class TemplateIndex:
     role_props: np.ndarray
     role_fracs: np.ndarray
     signature: str = ""
+    min_dist: np.ndarray | None = None  # shortest interatomic distance per template (None: computed on use)
+    role_syms: list[list[tuple[int, ...]]] | None = None  # see role_symmetry_perms (None: computed on use)
     by_anon: dict[str, np.ndarray] = field(default_factory=dict)
     _cells: dict[int, tuple] = field(default_factory=dict, repr=False)
 
@@ -85,6 +88,7 @@ class TemplateIndex:
             cluster_prototypes(list(anon), list(nprim), [p or None for p in proto], structures, workers=workers)
         )
         ehull = np.array([np.nan if d.get("e_above_hull") is None else d["e_above_hull"] for d in docs])
+        min_dist, role_syms = template_geometry(structures, rl, workers=workers)
         return cls(
             ids=np.array([str(d["material_id"]) for d in docs]),
             formulas=np.array([d["formula"] for d in docs]),
@@ -100,6 +104,8 @@ class TemplateIndex:
             role_props=role_properties(rl),
             role_fracs=role_fractions(rl),
             signature=signature,
+            min_dist=min_dist,
+            role_syms=role_syms,
         )
 
     @classmethod
@@ -170,58 +176,21 @@ class TemplateIndex:
     def cell(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
         """Lattice matrix, fractional coordinates, role index per site, and minimum interatomic distance."""
         if i not in self._cells:
-            d = self.structures[i]
-            matrix = np.asarray(d["lattice"]["matrix"], dtype=float)
-            frac = np.asarray([site["abc"] for site in d["sites"]], dtype=float)
-            role_of = {el: k for k, el in enumerate(self.roles[i].elements)}
-            site_roles = np.array([role_of[site["species"][0]["element"]] for site in d["sites"]])
-            self._cells[i] = (matrix, frac, site_roles, min_periodic_distance(matrix, frac))
+            matrix, frac, site_roles = cell_arrays(self.structures[i], self.roles[i])
+            dmin = self.min_dist[i] if self.min_dist is not None else min_periodic_distance(matrix, frac)
+            self._cells[i] = (matrix, frac, site_roles, float(dmin))
         return self._cells[i]
 
     def role_symmetries(self, i: int) -> list[tuple[int, ...]]:
-        """Permutations of tied roles that a symmetry of the template maps onto itself (identity included).
-
-        Two element assignments p1, p2 onto this template give the same crystal when p2[g[r]] == p1[r] for
-        every role r and some g here. Found from spglib operations of the template with tied roles merged.
-        """
+        """Permutations of tied roles that a symmetry of the template maps onto itself (identity included);
+        see :func:`role_symmetry_perms`. Precomputed when the index is built, else computed once here."""
+        if self.role_syms is not None:
+            return self.role_syms[i]
         key = ("sym", i)
-        if key in self._cells:
-            return self._cells[key]
-        r = self.roles[i]
-        ident = tuple(range(len(r.elements)))
-        groups = r.tie_groups()
-        result = [ident]
-        if any(len(g) > 1 for g in groups):
+        if key not in self._cells:
             matrix, frac, site_roles, _ = self.cell(i)
-            group_of_role = np.empty(len(r.elements), dtype=int)
-            for gi, g in enumerate(groups):
-                group_of_role[g] = gi
-            merged = group_of_role[site_roles]
-            try:
-                import spglib
-
-                ds = spglib.get_symmetry((matrix, frac, merged + 1), symprec=0.1)
-            except Exception:
-                ds = None
-            found = {ident}
-            rotations = ds["rotations"] if ds is not None else np.zeros((0, 3, 3))
-            same_kind = merged[:, None] == merged[None, :]
-            step = max(1, 2_000_000 // len(frac) ** 2)  # operations per block: bounded memory on large cells
-            for o in range(0, len(rotations), step):
-                # a block of operations at once: (ops, sites, 3) images, then site-to-site closeness (ops, n, n)
-                images = np.einsum("nj,okj->onk", frac, rotations[o : o + step])
-                images += ds["translations"][o : o + step, None, :]
-                diff = images[:, :, None, :] - frac[None, None, :, :]
-                close = np.all(np.abs(diff - np.round(diff)) < 0.02, axis=3) & same_kind
-                for op_close in close[close.any(axis=2).all(axis=1)]:  # operations that map the merged cell
-                    target = site_roles[op_close.argmax(axis=1)]
-                    pairs = np.unique(np.stack([site_roles, target], axis=1), axis=0)
-                    if len(pairs) == len(ident) and len(np.unique(pairs[:, 0])) == len(ident):
-                        mapping = dict(pairs.tolist())
-                        found.add(tuple(mapping[k] for k in ident))
-            result = sorted(found)
-        self._cells[key] = result
-        return result
+            self._cells[key] = role_symmetry_perms(matrix, frac, site_roles, self.roles[i])
+        return self._cells[key]
 
     def subset(self, mask: np.ndarray) -> TemplateIndex:
         """A new index over the templates where ``mask`` is True (cluster ids kept)."""
@@ -241,7 +210,94 @@ class TemplateIndex:
             role_props=self.role_props[sel],
             role_fracs=self.role_fracs[sel],
             signature=self.signature + f"|subset{hashlib.sha1(sel.tobytes()).hexdigest()[:8]}",
+            min_dist=None if self.min_dist is None else self.min_dist[sel],
+            role_syms=None if self.role_syms is None else [self.role_syms[i] for i in sel],
         )
+
+
+def cell_arrays(d: dict, r: Roles) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Lattice matrix, fractional coordinates and role index per site of a structure dict."""
+    matrix = np.asarray(d["lattice"]["matrix"], dtype=float)
+    frac = np.asarray([site["abc"] for site in d["sites"]], dtype=float)
+    role_of = {el: k for k, el in enumerate(r.elements)}
+    site_roles = np.array([role_of[site["species"][0]["element"]] for site in d["sites"]])
+    return matrix, frac, site_roles
+
+
+def _geometry_chunk(args: tuple[list[dict], list[Roles]]) -> list[tuple[float, list[tuple[int, ...]]]]:
+    out = []
+    for d, r in zip(*args, strict=True):
+        matrix, frac, site_roles = cell_arrays(d, r)
+        out.append((min_periodic_distance(matrix, frac), role_symmetry_perms(matrix, frac, site_roles, r)))
+    return out
+
+
+def template_geometry(
+    structures: list[dict], role_list: list[Roles], workers: int = 1, chunk: int = 200
+) -> tuple[np.ndarray, list[list[tuple[int, ...]]]]:
+    """Shortest interatomic distance and role symmetries of every template, computed once when an index is
+    built (in ``workers`` processes) so that predictions only look them up."""
+    tasks = [(structures[s : s + chunk], role_list[s : s + chunk]) for s in range(0, len(structures), chunk)]
+    results: list[tuple[float, list[tuple[int, ...]]]] = []
+    with progress.bar(len(structures), "template geometry", unit="template") as shown:
+        if workers > 1 and len(tasks) > 1:
+            from concurrent.futures import ProcessPoolExecutor
+
+            with ProcessPoolExecutor(max_workers=workers) as pool:
+                for part in pool.map(_geometry_chunk, tasks):
+                    results.extend(part)
+                    shown.update(len(part))
+        else:
+            for t in tasks:
+                results.extend(_geometry_chunk(t))
+                shown.update(len(t[0]))
+    return np.array([r[0] for r in results], dtype=float), [r[1] for r in results]
+
+
+def role_symmetry_perms(
+    matrix: np.ndarray, frac: np.ndarray, site_roles: np.ndarray, r: Roles
+) -> list[tuple[int, ...]]:
+    """Permutations of tied roles that a symmetry of the template maps onto itself (identity included).
+
+    Two element assignments p1, p2 onto this template give the same crystal when p2[g[r]] == p1[r] for
+    every role r and some g here. Found from spglib operations of the template with tied roles merged
+    (symprec 0.1), all operations tested at once with numpy.
+    """
+    ident = tuple(range(len(r.elements)))
+    groups = r.tie_groups()
+    if all(len(g) == 1 for g in groups):
+        return [ident]
+    group_of_role = np.empty(len(r.elements), dtype=int)
+    for gi, g in enumerate(groups):
+        group_of_role[g] = gi
+    merged = group_of_role[site_roles]
+    try:
+        import spglib
+
+        ds = spglib.get_symmetry((matrix, frac, merged + 1), symprec=0.1)
+    except Exception:
+        ds = None
+    if ds is None:
+        return [ident]
+    found = {ident}
+    rotations, translations = ds["rotations"], ds["translations"]
+    same_kind = merged[:, None] == merged[None, :]
+    first_site = np.array([int(np.flatnonzero(site_roles == k)[0]) for k in ident])
+    step = max(1, 2_000_000 // len(frac) ** 2)  # operations per block: bounded memory on large cells
+    for o in range(0, len(rotations), step):
+        # a block of operations at once: (ops, sites, 3) images, then site-to-site closeness (ops, n, n)
+        images = np.einsum("nj,okj->onk", frac, rotations[o : o + step]) + translations[o : o + step, None, :]
+        diff = images[:, :, None, :] - frac[None, None, :, :]
+        close = np.all(np.abs(diff - np.round(diff)) < 0.02, axis=3) & same_kind
+        close = close[close.any(axis=2).all(axis=1)]  # operations that map the merged cell onto itself
+        target = site_roles[close.argmax(axis=2)]  # (ops, sites): role of each site's image
+        # an operation permutes roles when all sites of a role go to one role, a different one per role
+        image = target[:, first_site]  # (ops, roles)
+        consistent = np.all(target == image[:, site_roles], axis=1)
+        for perm in image[consistent]:
+            if len(set(perm.tolist())) == len(ident):
+                found.add(tuple(int(x) for x in perm))
+    return sorted(found)
 
 
 def min_periodic_distance(matrix: np.ndarray, frac: np.ndarray) -> float:
