@@ -82,3 +82,60 @@ def test_prototype_info_fast_path_matches_spacegroup_analyzer(srtio3, bazro3, zi
         info = prototype_info(s)
         assert info.label == prototype_label(SpacegroupAnalyzer(s, symprec=0.1, angle_tolerance=5))
     assert prototype_info(srtio3).label == prototype_info(bazro3).label
+
+
+def test_precomputed_template_geometry_equals_lazy(hand_structures):
+    """The index build computes distances and role symmetries in one pass; the lazy path agrees."""
+    nias = Structure(
+        Lattice.hexagonal(3.6, 5.0),
+        ["Ni", "Ni", "As", "As"],
+        [[0, 0, 0], [0, 0, 0.5], [1 / 3, 2 / 3, 0.25], [2 / 3, 1 / 3, 0.75]],
+    )
+    idx = _index({**hand_structures, "nias": nias})
+    assert idx.min_dist is not None and idx.role_syms is not None
+    lazy = _index({**hand_structures, "nias": nias})
+    lazy.min_dist, lazy.role_syms = None, None
+    for i in range(len(idx)):
+        assert idx.role_symmetries(i) == lazy.role_symmetries(i)
+        assert idx.cell(i)[3] == pytest.approx(lazy.cell(i)[3])
+    sub = idx.subset(idx.ids != "nias")
+    assert sub.role_syms == [idx.role_syms[i] for i in np.flatnonzero(idx.ids != "nias")]
+
+
+# ---------------------------------------------------------------- miss diagnostics
+
+
+@pytest.mark.parametrize(
+    ("row", "smact_ok", "covered", "anonymous", "kind"),
+    [
+        ([0.1, None], True, True, True, None),  # top-1 matched
+        ([None, 0.2], False, True, False, "composition_not_smact_valid"),
+        ([None, None], True, True, True, "right_prototype_wrong_assignment"),
+        ([None, 0.2, float("nan")], True, True, False, "match_elsewhere_in_top20"),
+        ([None, None], True, True, False, "match_only_outside_top20"),
+        ([], True, True, False, "match_only_outside_top20"),  # no candidate at all
+        ([None, None], True, False, False, "no_template_matches"),
+    ],
+)
+def test_miss_kind(row, smact_ok, covered, anonymous, kind):
+    from cspml_flows.benchmark.diagnostics import miss_kind
+
+    assert miss_kind(row, smact_ok, covered, anonymous) == kind
+
+
+def test_miss_breakdown_finds_wrong_assignment(srtio3, kbr):
+    """A perovskite with Sr and Ti swapped is the right prototype with the wrong assignment; rocksalt
+    for rocksalt matched; the shares are of all queries."""
+    from cspml_flows.benchmark.diagnostics import MISS_KINDS, miss_breakdown
+
+    swapped = srtio3.copy()
+    swapped.replace_species({"Sr": "Ti", "Ti": "Sr"})
+    gts = [srtio3, kbr, kbr, srtio3]
+    top1 = [swapped, kbr, None, kbr]
+    rms = [[None], [0.0], [], [None]]
+    out = miss_breakdown(rms, gts, top1, [True, True, True, True], [True, True, False, True], workers=1)
+    assert set(out) == set(MISS_KINDS)
+    assert out["right_prototype_wrong_assignment"] == 0.25
+    assert out["no_template_matches"] == 0.25  # the query without any candidate, not covered
+    assert out["match_only_outside_top20"] == 0.25  # KBr's rocksalt offered for SrTiO3: no anonymous fit
+    assert sum(out.values()) == 0.75  # one hit

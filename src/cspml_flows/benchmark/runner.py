@@ -21,6 +21,7 @@ from pymatgen.core import Composition, Structure
 
 from cspml_flows.benchmark.baselines import pymatgen_rank, random_rank
 from cspml_flows.benchmark.ceiling import coverage
+from cspml_flows.benchmark.diagnostics import miss_breakdown
 from cspml_flows.benchmark.protocols import SETTINGS, load_queries, pool_store
 from cspml_flows.benchmark.scoring import rms_table, summarize
 from cspml_flows.composition import roles
@@ -167,6 +168,10 @@ def run_benchmark(cfg: BenchmarkConfig, log_fn=print) -> dict[str, Any]:
     has_anon = float(
         np.mean([len(_allowed(index, r, mid, strict)) > 0 for r, mid in zip(q_roles, q.material_ids, strict=True)])
     )
+    t = time.perf_counter()
+    top1 = [p.candidates[0].structure if p.candidates else None for p in preds]
+    misses = miss_breakdown(rms, gts, top1, [p.smact_valid for p in preds], covered, workers=cfg.workers)
+    timings["miss_diagnostics_seconds"] = time.perf_counter() - t
 
     baselines: dict[str, Any] = {}
     for name in cfg.baselines:
@@ -201,6 +206,7 @@ def run_benchmark(cfg: BenchmarkConfig, log_fn=print) -> dict[str, Any]:
         "top1_over_ceiling": metrics["top1"] / ceiling if ceiling else float("nan"),
         "top5_over_ceiling": metrics["top5"] / ceiling if ceiling else float("nan"),
         "ungated": summarize_ungated(preds, rms),
+        "top1_misses": misses,
         "smact_valid_fraction": smact_ok,
         "no_prediction_fraction": float(np.mean([not p.candidates for p in preds])) if preds else float("nan"),
         "predict_seconds": predict_seconds,
@@ -297,6 +303,17 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
                 f"| {m['top20']:.1%} | {m['rmse_top1']:.4f} | {r['ceiling']:.1%} | {m['top1'] / r['ceiling']:.2f} "
                 f"| {speed:.0f} |"
             )
+    for r in results:
+        misses = r.get("top1_misses") or {}
+        if misses:
+            lines += [
+                "",
+                f"{r['protocol']} {r['setting']}, {r['n_queries']} queries: top-1 misses by kind (share of queries)",
+                "",
+                "| miss kind | share |",
+                "|---|---:|",
+            ]
+            lines += [f"| {kind.replace('_', ' ')} | {share:.1%} |" for kind, share in misses.items()]
     for r in results:
         sp = r.get("speed_top5") or {}
         if not sp:
