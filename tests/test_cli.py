@@ -40,7 +40,7 @@ def cli_files(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[
         assert main(["import", "csv", str(csv), "--store", str(store), "--workers", "1"]) == 0
         train = ["train", "--store", str(store), "--model", str(model), "--workers", "1"]
         with contextlib.redirect_stdout(train_out):
-            assert main([*train, "--max-iter", "60", "--check-labels", "20"]) == 0
+            assert main([*train, "--max-iter", "60", "--check-labels", "20", "--ranker-queries", "100"]) == 0
     finally:
         mp.undo()
     return {"store": store, "model": model, "root": root, "train_output": train_out.getvalue()}

@@ -97,9 +97,10 @@ def test_demo_trains_with_train_flag(small_data: Path, tmp_path: Path):
     """``--train``: the demo trains on its store, saves the model under the home, and predicts with it;
     afterwards a plain run uses that trained model."""
     home = tmp_path / "home"
-    proc = _run_demo(tmp_path, small_data, "--train", home=home)
+    proc = _run_demo(tmp_path, small_data, "--train", "--ranker-queries", "150", home=home)
     model = home / "models" / "cspml.json.gz"
     assert "train the similarity model" in proc.stdout and f"-> {model}" in proc.stdout
+    assert "ranker on" in proc.stdout or "no ranker" in proc.stdout
     assert model.is_file()
     _check_table_and_cifs(proc.stdout, tmp_path / "out" / "demo")
     again = _run_demo(tmp_path, small_data, home=home)

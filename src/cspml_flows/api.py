@@ -67,6 +67,7 @@ class TrainResult:
     n_templates: int
     n_clusters: int
     index_seconds: float
+    ranker: dict[str, Any] | None = None  # the ranker's held-out report, or why there is none
 
 
 def train_model(
@@ -77,11 +78,15 @@ def train_model(
     max_iter: int = 150,
     check_labels: int = 200,
     index=None,
+    ranker_queries: int = 2000,
 ) -> TrainResult:
-    """Train the similarity model on a store (or an already built ``index``) and save it to ``model``
-    (default ``$CSPML_HOME/models/cspml.json.gz``)."""
-    from cspml_flows.config import default_model_path
+    """Train the similarity model on a store (or an already built ``index``), then its second-stage ranker
+    on ``ranker_queries`` held-out formulas of the same store (0: none; labels cached under the home), and
+    save both to ``model`` (default ``$CSPML_HOME/models/cspml.json.gz``)."""
+    from cspml_flows.config import default_model_path, home_dir
+    from cspml_flows.errors import ModelError
     from cspml_flows.learning.model import SimilarityModel
+    from cspml_flows.learning.ranker import fit_ranker
     from cspml_flows.templates.index import TemplateIndex
 
     t = time.perf_counter()
@@ -89,8 +94,16 @@ def train_model(
         index = TemplateIndex.open(store, workers=workers)
     index_seconds = time.perf_counter() - t
     sim, report = SimilarityModel.train(index, seed=seed, max_iter=max_iter, check_labels=check_labels)
+    ranker_report: dict[str, Any] | None = None
+    if ranker_queries:
+        try:
+            sim.ranker, ranker_report = fit_ranker(
+                index, sim.std, ranker_queries, seed=seed, workers=workers, cache_dir=home_dir() / "outcomes"
+            )
+        except ModelError as exc:
+            ranker_report = {"skipped": str(exc)}
     path = sim.save(model or default_model_path())
-    return TrainResult(path, report, len(index), len(set(index.cluster.tolist())), index_seconds)
+    return TrainResult(path, report, len(index), len(set(index.cluster.tolist())), index_seconds, ranker_report)
 
 
 def predict(

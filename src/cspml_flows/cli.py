@@ -42,7 +42,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         return train_hetero(args)
     from cspml_flows.api import train_model
 
-    _print_training(train_model(args.store, args.model, args.workers, args.seed, args.max_iter, args.check_labels))
+    result = train_model(
+        args.store, args.model, args.workers, args.seed, args.max_iter, args.check_labels, None, args.ranker_queries
+    )
+    _print_training(result)
     return 0
 
 
@@ -54,6 +57,15 @@ def _print_training(result) -> None:
         f"{r.pair_accuracy:.3f}, ROC-AUC {r.roc_auc:.3f} (unlearned distance: {r.baseline_accuracy:.3f}, "
         f"{r.baseline_roc_auc:.3f}){agreement}"
     )
+    rk = result.ranker
+    if rk and "skipped" in rk:
+        print(f"no ranker: {rk['skipped']}")
+    elif rk:
+        print(
+            f"ranker on {rk['n_queries']} held-out formulas of the store: top-1 {rk['held_out_top1_pair']:.3f} (pair "
+            f"order) -> {rk['held_out_top1_ranker']:.3f}, top-5 {rk['held_out_top5_pair']:.3f} -> "
+            f"{rk['held_out_top5_ranker']:.3f} on the 20 % kept back ({rk['train_seconds']:.0f} s)"
+        )
     print(f"trained in {r.train_seconds:.0f} s -> {result.path}")
 
 
@@ -109,6 +121,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         retrain=args.retrain,
         hetero_extra=not getattr(args, "no_extra", False),
         speed=not getattr(args, "no_speed", False),
+        ranker_queries=args.ranker_queries,
     )
     if getattr(args, "model", "cspml") == "hetero":
         from cspml_flows.hetero.cli import benchmark_hetero
@@ -152,7 +165,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     trained = default_model_path()
     if args.train:
         print("3/4 train the similarity model on the demo store")
-        result = train_model(workers=args.workers, check_labels=0, index=index)
+        result = train_model(workers=args.workers, check_labels=0, index=index, ranker_queries=args.ranker_queries)
         _print_training(result)
         path = result.path
     else:
@@ -243,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--check-labels", type=int, default=200, help="held-out pairs whose cluster label is checked by fit_anonymous"
     )
+    s.add_argument(
+        "--ranker-queries", type=int, default=2000, help="held-out store formulas the ranker learns from (0: none)"
+    )
     s.add_argument("--hetero", action="store_true", help="train the heterogeneous composition<->structure model")
     s.add_argument("--core-model", help="with --hetero: core model to fuse (default $CSPML_HOME/models/cspml.json.gz)")
     s.set_defaults(func=cmd_train)
@@ -275,6 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", default="cspml", choices=["cspml", "hetero"], help="hetero: compare with CSPML")
     s.add_argument("--no-extra", action="store_true", help="hetero: skip polymorph/leave-prototype-out evaluations")
     s.add_argument("--no-speed", action="store_true", help="skip the top-5 throughput measurement")
+    s.add_argument(
+        "--ranker-queries", type=int, default=2000, help="pool formulas the ranker learns from (0: pair model only)"
+    )
     s.add_argument("--json")
     s.add_argument("--markdown")
     s.set_defaults(func=cmd_benchmark)
@@ -288,6 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--top", type=int, default=3)
     s.add_argument("--workers", type=int, default=2)
     s.add_argument("--train", action="store_true", help="train a model on the demo store instead of the shipped one")
+    s.add_argument("--ranker-queries", type=int, default=2000, help="with --train: formulas the ranker learns from")
     s.set_defaults(func=cmd_demo)
     s = sub.add_parser("campaign", help="validation campaigns: predict, relax, hull, promote over rounds")
     csub = s.add_subparsers(dest="campaign_command", required=True)

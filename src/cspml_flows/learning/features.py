@@ -83,11 +83,32 @@ def pair_features(
     std: Standardizer,
 ) -> np.ndarray:
     """Feature matrix (m, F) for m pairs; inputs are row-aligned arrays (query rows already repeated)."""
-    m = len(q_role)
-    qr = std.roles(q_role)
-    tr = std.roles(t_role)
+    return standardized_pair_features(
+        std.roles(q_role),
+        q_frac,
+        std.stats(q_stats),
+        std.roles(t_role),
+        std.stats(t_stats),
+        t_cluster_size,
+        t_ehull,
+        t_nprim,
+    )
+
+
+def standardized_pair_features(
+    qr: np.ndarray,
+    q_frac: np.ndarray,
+    sq: np.ndarray,
+    tr: np.ndarray,
+    st: np.ndarray,
+    t_cluster_size: np.ndarray,
+    t_ehull: np.ndarray,
+    t_nprim: np.ndarray,
+) -> np.ndarray:
+    """:func:`pair_features` from already standardised role properties (``qr``, ``tr``) and Magpie statistics
+    (``sq``, ``st``): prediction standardises each template and query once and gathers rows."""
+    m = len(qr)
     d_role = np.abs(qr - tr).reshape(m, -1)
-    sq, st = std.stats(q_stats), std.stats(t_stats)
     d_stats = np.abs(sq - st)[:, _STAT_COLS]
     dist_stats = np.linalg.norm(sq - st, axis=1, keepdims=True)
     diff = qr - tr

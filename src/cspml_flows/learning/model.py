@@ -26,8 +26,9 @@ from cspml_flows import progress
 from cspml_flows.composition import Roles
 from cspml_flows.descriptors import DESCRIPTOR_VERSION, magpie_stats, role_fractions, role_properties
 from cspml_flows.errors import ModelError
-from cspml_flows.learning.features import Standardizer, pair_features
+from cspml_flows.learning.features import Standardizer, pair_features, standardized_pair_features
 from cspml_flows.learning.pairs import pair_labels, sample_pairs
+from cspml_flows.learning.ranker import CandidateRanker
 from cspml_flows.templates.index import TemplateIndex
 
 MODEL_FORMAT = 2  # 2: LightGBM text model in gzipped JSON (format 1 was a joblib pickle)
@@ -84,8 +85,34 @@ class SimilarityModel:
         self.std = std
         self.booster = booster
         self.meta = meta or {}
+        self.ranker: CandidateRanker | None = None  # second stage over a query's candidates (optional)
 
     # ---- features -------------------------------------------------------------------------------------
+    def standardized_index(self, index: TemplateIndex) -> tuple[np.ndarray, np.ndarray]:
+        """Standardised role properties and Magpie statistics of every template (computed once per index)."""
+        key = (id(index), len(index), index.signature)
+        cached = getattr(self, "_std_index", None)
+        if cached is None or cached[0] != key:
+            cached = (key, self.std.roles(index.role_props), self.std.stats(index.stats))
+            self._std_index = cached
+        return cached[1], cached[2]
+
+    def features_standardized(
+        self, qr: np.ndarray, q_frac: np.ndarray, sq: np.ndarray, index: TemplateIndex, t: np.ndarray
+    ) -> np.ndarray:
+        """:meth:`features` from standardised query rows (``qr`` role properties, ``sq`` statistics)."""
+        tr, st = self.standardized_index(index)
+        return standardized_pair_features(
+            qr,
+            q_frac,
+            sq,
+            tr[t],
+            st[t],
+            index.cluster_size[t].astype(float),
+            index.e_above_hull[t],
+            index.nprim[t].astype(float),
+        )
+
     def features(
         self, q: QueryBatch, qi: np.ndarray, q_role: np.ndarray, index: TemplateIndex, t: np.ndarray
     ) -> np.ndarray:
@@ -197,7 +224,10 @@ class SimilarityModel:
         """What a model file holds (also embedded in hetero model files): JSON types only."""
         if self.booster is None:
             raise ModelError("model is not trained")
-        return {"meta": self.meta, "std": self.std.to_dict(), "booster": self.booster.model_to_string()}
+        blob = {"meta": self.meta, "std": self.std.to_dict(), "booster": self.booster.model_to_string()}
+        if self.ranker is not None:
+            blob["ranker"] = self.ranker.to_blob()
+        return blob
 
     @classmethod
     def from_blob(cls, blob: dict[str, Any]) -> SimilarityModel:
@@ -207,7 +237,14 @@ class SimilarityModel:
         except Exception as exc:
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise ModelError(f"damaged model data: {reason}") from None
-        return cls(std, booster, blob.get("meta", {}))
+        model = cls(std, booster, blob.get("meta", {}))
+        if blob.get("ranker"):
+            model.ranker = CandidateRanker.from_blob(blob["ranker"])
+        return model
+
+    def without_ranker(self) -> SimilarityModel:
+        """The same pair model without its second stage (for ablations)."""
+        return type(self)(self.std, self.booster, self.meta)
 
     def save(self, path: str | Path) -> Path:
         """Write the gzipped JSON model file atomically (temporary file, then rename)."""

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import multiprocessing as mp
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -13,7 +15,9 @@ from pymatgen.core import Composition, Structure
 from cspml_flows import progress
 from cspml_flows.composition import Roles, as_composition, roles
 from cspml_flows.config import model_path
+from cspml_flows.descriptors import magpie_stats
 from cspml_flows.learning.model import SimilarityModel
+from cspml_flows.learning.ranker import CANDIDATES
 from cspml_flows.predict.retrieve import Ranked, rank
 from cspml_flows.predict.substitute import substitute
 from cspml_flows.predict.validity import MIN_DISTANCE, smact_valid
@@ -59,6 +63,21 @@ class Prediction:
     message: str | None = None
 
 
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector for a batch (restored after): an index holds millions of small
+    objects (structure dicts), and the full collections that building many candidate structures triggers
+    walk all of them each time (measured: 16 s of 20 s for 1,000 compositions). The batch itself makes no
+    reference cycles worth collecting; forked workers inherit the paused state."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
 PARALLEL_MIN = 100  # compositions per process below which building structures stays in this process
 CHUNK = 50  # compositions per task sent to a worker process
 _FORKED: tuple[CSPPredictor, int, bool] | None = None  # what forked workers build with
@@ -101,19 +120,28 @@ class CSPPredictor:
         dedup: bool = True,
     ) -> list[Prediction]:
         """Predict ``top`` distinct structures for each composition (invalid formulas raise CompositionError)."""
+        with gc_paused():
+            return self._predict(compositions, top, exclude_ids, strict, metric, dedup)
+
+    def _predict(self, compositions, top, exclude_ids, strict, metric, dedup) -> list[Prediction]:
         comps = [as_composition(c) for c in compositions]
         rl = [roles(c) for c in comps]
+        ranker = self.model.ranker if self.model is not None and metric == "learned" else None
+        wanted = top * 2 + 2 if dedup else top
         ranked = rank(
             self.model,
             self.index,
             rl,
-            top=top * 2 + 2 if dedup else top,
+            top=max(wanted, CANDIDATES) if ranker is not None else wanted,
             exclude_ids=exclude_ids,
             strict=strict,
             prefilter=self.prefilter,
             metric=metric,
             threads=self.workers,
         )
+        if ranker is not None:
+            q_stats = magpie_stats([r.reduced_formula for r in rl])
+            ranked = ranker.rerank(self.index, rl, ranked, self.model.std, q_stats, threads=self.workers)
         return self.realize(comps, ranked, top, dedup)
 
     def realize(

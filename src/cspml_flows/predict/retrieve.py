@@ -36,6 +36,7 @@ class Ranked:
     score: float
     cluster: int
     alternates: tuple[int, ...] = ()
+    stats: tuple[float, ...] = ()  # best and mean member probability, members scored (the ranker's input)
 
 
 def _exclusion_mask(
@@ -115,8 +116,11 @@ def rank(
     qp_props = np.concatenate(qp_props)  # role properties of each (query, assignment), rows point into it
     prob = np.empty(len(qi))
 
+    qp_std, q_stats_std = model.std.roles(qp_props), model.std.stats(qb.stats)  # each query once
+    model.standardized_index(index)  # each template once, before the threads share it
+
     def score(sl: slice) -> None:
-        x = model.features(qb, qi[sl], qp_props[qpi[sl]], index, ti[sl])
+        x = model.features_standardized(qp_std[qpi[sl]], qb.role_fracs[qi[sl]], q_stats_std[qi[sl]], index, ti[sl])
         prob[sl] = model.predict_proba(x, threads=1 if threads > 1 else 0)
 
     slices = [slice(s, s + ROW_CHUNK) for s in range(0, len(qi), ROW_CHUNK)]
@@ -157,6 +161,8 @@ def _aggregate(index, qi, ti, pi, prob, perms_of, n_queries, top, vote, n_alt: i
     rest = np.exp(np.add.reduceat(log_miss, starts) - log_miss[starts])  # P(no other member matches)
     best = p_sorted[starts]
     score = best + vote * (1.0 - best) * (1.0 - rest)
+    count = ends - starts
+    mean = np.add.reduceat(p_sorted, starts) / count
     g_query, g_cluster = qs[starts], cs[starts]
     # the (query, cluster) groups' best assignment: first of each run when sorted by query, cluster, -score
     by_cluster = np.lexsort((-score, g_cluster, g_query))
@@ -174,5 +180,8 @@ def _aggregate(index, qi, ti, pi, prob, perms_of, n_queries, top, vote, n_alt: i
         lg = lead_of[(q, c)]
         s, e = starts[lg], ends[lg]
         members = ti[order[s : min(e, s + 1 + n_alt)]].tolist()
-        out[q].append(Ranked(members[0], perms_of[q][int(ps[starts[g]])], float(score[g]), c, tuple(members[1:])))
+        stats = (float(best[g]), float(mean[g]), float(count[g]))
+        out[q].append(
+            Ranked(members[0], perms_of[q][int(ps[starts[g]])], float(score[g]), c, tuple(members[1:]), stats)
+        )
     return out

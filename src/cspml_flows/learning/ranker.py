@@ -1,0 +1,383 @@
+"""Second-stage ranker: which (prototype cluster, element assignment) candidate is the crystal.
+
+The pair model says whether a query and a template share a prototype; the ranker orders a query's
+candidates as ``predict`` produces them, learned from CSP outcomes on the template pool itself: pool
+compositions are held out one formula at a time (leave-one-formula-out), their candidates built from the
+rest of the pool and labelled by ``StructureMatcher`` against the held-out structure
+(:mod:`cspml_flows.learning.outcomes`). The objective is LightGBM's lambdarank grouped by query: it
+optimises the order within a query (NDCG), which is what top-1 and top-k measure, where a pointwise
+classifier would spend its capacity on calibrating easy negatives across queries.
+
+Features a chemist would use: the pair model's cluster score and member statistics, how common the
+prototype is for the anonymous formula, the template's stability, and the chemistry of the assignment
+(pymatgen's data-mined substitution probability of the ion mapping, oxidation-state signs, the
+electronegativity order of the sites, Mendeleev-number and radius differences, role-wise property
+distance).
+"""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+from collections.abc import Sequence
+from dataclasses import replace
+from functools import cache, lru_cache
+from typing import Any
+
+import lightgbm as lgb
+import numpy as np
+
+from cspml_flows import progress
+from cspml_flows.composition import Roles
+from cspml_flows.descriptors import MAGPIE_PROPERTIES, MAX_ROLES, element_table
+from cspml_flows.errors import ModelError
+from cspml_flows.learning.features import Standardizer, role_distance, unlearned_distance
+from cspml_flows.templates.index import TemplateIndex
+
+RANKER_FORMAT = 2  # 2: substitution probabilities with the lambda table's species spelling
+CANDIDATES = 40  # candidates per query (the pair ranking's best) that the ranker orders
+FEATURES = (
+    "pair_score",
+    "best_prob",
+    "mean_prob",
+    "log_members",
+    "pair_rank",
+    "score_gap",
+    "log_candidates",
+    "cluster_share",
+    "log_cluster_size",
+    "e_above_hull",
+    "log_nprim",
+    "identity_assignment",
+    "substitution_logprob",
+    "substitution_logprob_min",
+    "electronegativity_order",
+    "electronegativity_maxdiff",
+    "mendeleev_diff",
+    "radius_logratio_max",
+    "oxidation_sign_mismatch",
+    "role_distance",
+    "magpie_distance",
+)
+_COL = {name: MAGPIE_PROPERTIES.index(name) for name in ("Electronegativity", "MendeleevNumber", "CovalentRadius")}
+
+
+@lru_cache(maxsize=1)
+def _element_columns() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    table = element_table()
+    return tuple(table[:, _COL[c]] for c in ("Electronegativity", "MendeleevNumber", "CovalentRadius"))
+
+
+@cache
+def _z(symbol: str) -> int:
+    from pymatgen.core import Element
+
+    return Element(symbol).Z
+
+
+@cache
+def _common_states(symbol: str) -> tuple[int, ...]:
+    from pymatgen.core import Element
+
+    return tuple(Element(symbol).common_oxidation_states) or (0,)
+
+
+@lru_cache(maxsize=200000)
+def oxidation_guess(r: Roles) -> tuple[int, ...]:
+    """Oxidation state per role: the first charge-neutral combination of each element's common states
+    (pymatgen's order, at most 4,096 tried), else each element's first common state. Cheap enough for
+    every query (about 10 us), unlike a full bond-valence or ICSD-statistics guess (about 3 ms)."""
+    options = [_common_states(e) for e in r.elements]
+    for combo in itertools.islice(itertools.product(*options), 4096):
+        if abs(sum(o * a for o, a in zip(combo, r.amounts, strict=True))) < 1e-6:
+            return tuple(combo)
+    return tuple(o[0] for o in options)
+
+
+@lru_cache(maxsize=1)
+def _lambda_matrix(alpha: float = -5.0) -> tuple[dict[str, int], np.ndarray]:
+    """pymatgen's data-mined substitution table (Hautier et al. 2011, ``lambda.json``) as a dense matrix over
+    its species, plus one row/column for species it has never seen: ``M[a, b]`` = lambda(a, b) - log p(b),
+    the log of ``SubstitutionProbability.cond_prob`` up to a constant. Read straight from the JSON file
+    (0.05 s) instead of through ``SubstitutionProbability`` (4 s, it hashes a Species per lookup)."""
+    import json
+    from pathlib import Path
+
+    import pymatgen.core.structure_prediction as sp_module
+
+    rows = json.loads((Path(sp_module.__file__).parent / "data" / "lambda.json").read_text())
+    rows = [r for r in rows if "D1+" not in r]
+    species = sorted({r[0] for r in rows} | {r[1] for r in rows})
+    ids = {name: k for k, name in enumerate(species)}
+    lam = np.full((len(species), len(species)), alpha)
+    for a, b, value in rows:
+        lam[ids[a], ids[b]] = lam[ids[b], ids[a]] = float(value)
+    log_px = np.log(np.exp(lam).sum(axis=1))
+    m = np.full((len(species) + 1, len(species) + 1), alpha)
+    m[: len(species), : len(species)] = lam
+    return ids, m - np.append(log_px, 0.0)[None, :]
+
+
+def _species_id(symbol: str, ox: int) -> int:
+    ids, _ = _lambda_matrix()
+    name = f"{symbol}{abs(ox)}{'+' if ox > 0 else '-'}"  # the table's spelling: Na1+, O2-
+    return ids.get(name, len(ids))
+
+
+@lru_cache(maxsize=200000)
+def _role_arrays(r: Roles) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Atomic numbers, oxidation-state guesses and lambda-table species ids per role (padded to MAX_ROLES)."""
+    z = np.zeros(MAX_ROLES, dtype=np.int64)
+    ox = np.zeros(MAX_ROLES, dtype=np.int64)
+    sp = np.full(MAX_ROLES, len(_lambda_matrix()[0]), dtype=np.int64)
+    guess = oxidation_guess(r)
+    for k, el in enumerate(r.elements[:MAX_ROLES]):
+        z[k], ox[k], sp[k] = _z(el), guess[k], _species_id(el, guess[k])
+    return z, ox, sp
+
+
+def candidate_features(
+    index: TemplateIndex,
+    queries: Sequence[Roles],
+    candidates: Sequence[Sequence[Any]],
+    std: Standardizer,
+    q_stats: np.ndarray,
+) -> np.ndarray:
+    """Feature matrix (sum of candidates, len(FEATURES)) for each query's candidate list, in order.
+
+    ``candidates[i]``: the query's :class:`~cspml_flows.predict.retrieve.Ranked` list (with ``stats``);
+    ``q_stats``: Magpie statistics of the queries (for the unlearned distance). Vectorised over all
+    candidates: per candidate only its template, assignment and pair statistics are read in Python.
+    """
+    x_col, m_col, r_col = _element_columns()
+    sizes = np.array([len(c) for c in candidates], dtype=np.int64)
+    n = int(sizes.sum())
+    x = np.zeros((n, len(FEATURES)))
+    if n == 0:
+        return x
+    q_row = np.repeat(np.arange(len(candidates)), sizes)
+    flat = [c for cands in candidates for c in cands]
+    t_row = np.fromiter((c.template for c in flat), dtype=np.int64, count=n)
+    score = np.fromiter((c.score for c in flat), dtype=float, count=n)
+    stats = np.array([c.stats if c.stats else (c.score, c.score, 1.0) for c in flat], dtype=float)
+    perm = np.zeros((n, MAX_ROLES), dtype=np.int64)
+    n_roles = np.zeros(n, dtype=np.int64)
+    for k, c in enumerate(flat):
+        m = min(len(c.perm), MAX_ROLES)
+        perm[k, :m] = c.perm[:m]
+        n_roles[k] = m
+    real = np.arange(MAX_ROLES)[None, :] < n_roles[:, None]
+    # per-role arrays of queries (then permuted by each assignment) and of templates
+    q_arr = [_role_arrays(q) for q in queries]
+    take = np.take_along_axis
+    qz, q_ox, q_sp = (take(np.stack([a[j] for a in q_arr])[q_row], perm, axis=1) for j in range(3))
+    t_arr = [_role_arrays(index.roles[t]) for t in t_row.tolist()]
+    tz, t_ox, t_sp = (np.stack([a[j] for a in t_arr]) for j in range(3))
+    real &= (qz > 0) & (tz > 0)
+
+    first = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    pos = np.arange(n) - np.repeat(first, sizes)
+    n_anon = {k: len(v) for k, v in index.by_anon.items()}
+    anon_size = np.array([n_anon.get(a, 1) for a in index.anon[t_row]], dtype=float)
+    _, lam = _lambda_matrix()
+    sub = np.where(real, lam[t_sp, q_sp], np.nan)
+    ident = np.all(np.where(real, perm == np.arange(MAX_ROLES)[None, :], True), axis=1)
+    signed = real & (q_ox != 0) & (t_ox != 0)
+
+    f = {name: FEATURES.index(name) for name in FEATURES}
+    x[:, f["pair_score"]] = score
+    x[:, f["best_prob"]] = stats[:, 0]
+    x[:, f["mean_prob"]] = stats[:, 1]
+    x[:, f["log_members"]] = np.log1p(stats[:, 2])
+    x[:, f["pair_rank"]] = pos
+    x[:, f["score_gap"]] = score[np.repeat(first, sizes)] - score
+    x[:, f["log_candidates"]] = np.log1p(np.repeat(sizes, sizes))
+    x[:, f["cluster_share"]] = index.cluster_size[t_row] / anon_size
+    x[:, f["log_cluster_size"]] = np.log1p(index.cluster_size[t_row])
+    x[:, f["e_above_hull"]] = index.e_above_hull[t_row]
+    x[:, f["log_nprim"]] = np.log(np.maximum(index.nprim[t_row], 1))
+    x[:, f["identity_assignment"]] = ident
+    x[:, f["oxidation_sign_mismatch"]] = np.sum(signed & ((q_ox > 0) != (t_ox > 0)), axis=1)
+    xq, xt = x_col[qz], x_col[tz]
+    # share of role pairs whose electronegativity order the assignment keeps (anion sites stay anion sites)
+    dq = np.sign(xq[:, :, None] - xq[:, None, :])
+    dt = np.sign(xt[:, :, None] - xt[:, None, :])
+    pair = real[:, :, None] & real[:, None, :] & (dq != 0) & (dt != 0) & np.isfinite(dq) & np.isfinite(dt)
+    agree = np.where(pair, dq == dt, False).sum(axis=(1, 2))
+    n_pairs = pair.sum(axis=(1, 2))
+    x[:, f["electronegativity_order"]] = np.where(n_pairs > 0, agree / np.maximum(n_pairs, 1), 1.0)
+    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows (no comparable role): NaN feature
+        x[:, f["substitution_logprob"]] = np.nanmean(sub, axis=1)
+        x[:, f["substitution_logprob_min"]] = np.nanmin(sub, axis=1)
+        x[:, f["electronegativity_maxdiff"]] = np.nanmax(np.where(real, np.abs(xq - xt), np.nan), 1)
+        x[:, f["mendeleev_diff"]] = np.nanmean(np.where(real, np.abs(m_col[qz] - m_col[tz]), np.nan), 1)
+        ratio = np.where(real, np.abs(np.log(r_col[qz] / r_col[tz])), np.nan)
+        x[:, f["radius_logratio_max"]] = np.nanmax(ratio, 1)
+    table = element_table()[:, [MAGPIE_PROPERTIES.index(p) for p in _role_property_names()]]
+    q_props = np.where((qz > 0)[:, :, None], table[qz], np.nan)
+    x[:, f["role_distance"]] = role_distance(q_props, index.role_props[t_row], std)
+    x[:, f["magpie_distance"]] = unlearned_distance(q_stats[q_row], index.stats[t_row], std)
+    return x
+
+
+def _role_property_names() -> tuple[str, ...]:
+    from cspml_flows.descriptors import ROLE_PROPERTIES
+
+    return ROLE_PROPERTIES
+
+
+class CandidateRanker:
+    """LightGBM lambdarank model over :data:`FEATURES`."""
+
+    def __init__(self, booster: lgb.Booster | None = None, meta: dict | None = None):
+        self.booster = booster
+        self.meta = meta or {}
+
+    def scores(self, x: np.ndarray, threads: int = 0) -> np.ndarray:
+        if self.booster is None:
+            raise ModelError("ranker is not trained")
+        return self.booster.predict(x, num_threads=threads) if len(x) else np.zeros(0)
+
+    def rerank(
+        self,
+        index: TemplateIndex,
+        queries: Sequence[Roles],
+        candidates: Sequence[list[Any]],
+        std: Standardizer,
+        q_stats: np.ndarray,
+        threads: int = 0,
+    ) -> list[list[Any]]:
+        """Each query's candidates reordered by the ranker's score (stable for ties), which replaces the pair
+        score as the candidates' ``score`` (higher is better; not a probability)."""
+        x = candidate_features(index, queries, candidates, std, q_stats)
+        s = self.scores(x, threads)
+        out, k = [], 0
+        for cands in candidates:
+            part = s[k : k + len(cands)]
+            k += len(cands)
+            out.append([replace(cands[j], score=float(part[j])) for j in np.argsort(-part, kind="stable")])
+        return out
+
+    @classmethod
+    def train(
+        cls,
+        x: np.ndarray,
+        y: np.ndarray,
+        groups: np.ndarray,
+        valid: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+        max_iter: int = 300,
+        seed: int = 0,
+    ) -> CandidateRanker:
+        """Fit on rows ``x`` with 0/1 labels ``y``; ``groups``: rows per query, in order."""
+        params = {
+            "objective": "lambdarank",
+            "metric": "ndcg",
+            "eval_at": [1, 5],
+            "learning_rate": 0.05,
+            "num_leaves": 31,
+            "min_data_in_leaf": 50,
+            "lambda_l2": 1.0,
+            "feature_fraction": 0.9,
+            "lambdarank_truncation_level": 20,
+            "num_threads": 0,
+            "seed": seed,
+            "verbosity": -1,
+        }
+        train = lgb.Dataset(x, y, group=groups, feature_name=list(FEATURES), free_raw_data=True)
+        sets, callbacks = [], []
+        if valid is not None and len(valid[2]):
+            sets = [lgb.Dataset(valid[0], valid[1], group=valid[2], reference=train)]
+            callbacks.append(lgb.early_stopping(30, first_metric_only=True, verbose=False))
+        with progress.bar(max_iter, "ranker rounds", unit="round") as shown:
+            booster = lgb.train(
+                params,
+                train,
+                num_boost_round=max_iter,
+                valid_sets=sets,
+                callbacks=[*callbacks, lambda _env: shown.update(1)],
+            )
+        return cls(booster, {"format": RANKER_FORMAT, "features": list(FEATURES)})
+
+    def to_blob(self) -> dict[str, Any]:
+        if self.booster is None:
+            raise ModelError("ranker is not trained")
+        return {"meta": self.meta, "booster": self.booster.model_to_string()}
+
+    @classmethod
+    def from_blob(cls, blob: dict[str, Any]) -> CandidateRanker:
+        meta = blob.get("meta") or {}
+        if meta.get("format") != RANKER_FORMAT or meta.get("features") != list(FEATURES):
+            raise ModelError("the ranker in this model file was made by another version: retrain it")
+        try:
+            booster = lgb.Booster(model_str=blob["booster"])
+        except Exception as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ModelError(f"damaged ranker data: {reason}") from None
+        return cls(booster, meta)
+
+
+def _top_hits(y: np.ndarray, scores: np.ndarray, groups: np.ndarray, k: int) -> float:
+    """Share of queries whose ``k`` best-scored candidates hold a match (queries without candidates: miss)."""
+    hits, start = [], 0
+    for n in groups:
+        lab, sc = y[start : start + n], scores[start : start + n]
+        start += n
+        hits.append(bool(n) and bool(lab[np.argsort(-sc, kind="stable")[:k]].max()))
+    return float(np.mean(hits)) if hits else float("nan")
+
+
+def fit_ranker(
+    index: TemplateIndex,
+    std: Standardizer,
+    n_queries: int = 2000,
+    k: int = CANDIDATES,
+    folds: int = 2,
+    seed: int = 0,
+    workers: int = 2,
+    cache_dir=None,
+    pair_kwargs: dict | None = None,
+    log=print,
+) -> tuple[CandidateRanker, dict[str, Any]]:
+    """Train the ranker on CSP outcomes of the pool (see :mod:`cspml_flows.learning.outcomes`).
+
+    20 % of the held-out formulas are kept back to choose the number of rounds and to report top-k of
+    the pair-model order against the ranker's; the ranker is then refitted on every formula.
+    """
+    import time
+
+    from cspml_flows.learning.outcomes import fold_outcomes
+
+    t0 = time.perf_counter()
+    out, _fold, timings = fold_outcomes(index, n_queries, k, folds, seed, workers, cache_dir, pair_kwargs, log)
+    queries = [index.roles[i] for i in out.rows]
+    x = candidate_features(index, queries, out.candidates, std, index.stats[np.array(out.rows, dtype=int)])
+    y = np.concatenate(out.labels) if out.labels else np.zeros(0)
+    groups = np.array([len(c) for c in out.candidates])
+    if len(y) == 0 or y.max() == 0:
+        raise ModelError("no candidate of the held-out pool formulas matched: the pool is too small for a ranker")
+    val_q = np.random.default_rng(seed + 7).random(len(groups)) < 0.2
+    val_rows = np.repeat(val_q, groups)
+    probe = CandidateRanker.train(x[~val_rows], y[~val_rows], groups[~val_q], (x[val_rows], y[val_rows], groups[val_q]))
+    best = max(int(probe.booster.best_iteration or 0), 30)
+    pair_order = -np.concatenate([np.arange(n) for n in groups]).astype(float)
+    yv, gv = y[val_rows], groups[val_q]
+    report: dict[str, Any] = {
+        "n_queries": len(groups),
+        "n_candidates": len(y),
+        "candidates_per_query": k,
+        "rounds": best,
+        f"recall_at_{k}": _top_hits(y, pair_order, groups, k),
+        **timings,
+    }
+    for kk in (1, 5, 20):
+        report[f"held_out_top{kk}_pair"] = _top_hits(yv, pair_order[val_rows], gv, kk)
+        report[f"held_out_top{kk}_ranker"] = _top_hits(yv, probe.scores(x[val_rows]), gv, kk)
+    ranker = CandidateRanker.train(x, y, groups, max_iter=best, seed=seed)
+    ranker.meta["report"] = report
+    report["train_seconds"] = time.perf_counter() - t0
+    log(
+        f"ranker on {len(groups)} held-out pool formulas: top-1 {report['held_out_top1_pair']:.3f} (pair order) -> "
+        f"{report['held_out_top1_ranker']:.3f} (ranker) on the 20 % kept back"
+    )
+    return ranker, report
