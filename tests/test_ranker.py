@@ -156,6 +156,9 @@ def test_ranker_beats_nearest_on_held_out_structures(pool_and_queries):
         return summarize(rms_table(gts, [[c.structure for c in p.candidates] for p in preds], workers=2), ks=(1, 5))
 
     ranked = rates(CSPPredictor(index, model, workers=2))
+    (first,) = CSPPredictor(index, model).predict([comps[0]], top=5, exclude_ids=[exclude[0]], strict=True)
+    scores = [c.score for c in first.candidates]
+    assert scores == sorted(scores, reverse=True)  # the ranker's order, its score shown
     nearest = rates(CSPPredictor(index, model, workers=2), metric="nearest")
     assert ranked["top1"] >= nearest["top1"] + 0.03, (ranked, nearest, report)
     assert ranked["top5"] >= nearest["top5"], (ranked, nearest)

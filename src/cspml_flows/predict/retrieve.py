@@ -128,11 +128,11 @@ def rank(
         if threads > 1 and len(slices) > 1:
             with ThreadPoolExecutor(threads) as pool:  # numpy and LightGBM release the GIL
                 for sl, _ in zip(slices, pool.map(score, slices), strict=True):
-                    shown.update(sl.stop - sl.start)
+                    shown.update(min(sl.stop, len(qi)) - sl.start)
         else:
             for sl in slices:
                 score(sl)
-                shown.update(sl.stop - sl.start)
+                shown.update(min(sl.stop, len(qi)) - sl.start)
     return _aggregate(index, qi, ti, pi, prob, perms_of, len(queries), top, vote)
 
 
