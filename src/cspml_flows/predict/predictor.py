@@ -98,6 +98,9 @@ class CSPPredictor:
         self.model = model
         self.prefilter = prefilter
         self.workers = workers  # processes that build structures for large batches (forked; see realize)
+        # The index's millions of long-lived objects leave the collector's generations: otherwise each full
+        # collection after a batch walks all of them again (about 1 s), which dominates small batches.
+        gc.freeze()
         self._matcher = structure_matcher()
         self._reduced_cache: dict[tuple[int, tuple[int, ...]], Structure] = {}
 
