@@ -201,3 +201,22 @@ def trained(template_index):
 @pytest.fixture(scope="session")
 def trained_model(trained):
     return trained[0]
+
+
+def held_out_queries(data_dir: Path, index, n: int, scan: int) -> tuple[list[str], list[Structure]]:
+    """Ids and structures of the first ``n`` of the first ``scan`` rows of mp_20_biternary/test whose
+    anonymous formula ``index`` holds (queries the index has templates for)."""
+    import pandas as pd
+
+    from cspml_flows.composition import roles
+
+    df = pd.read_csv(data_dir / "mp_20_biternary" / "test.csv.gz", nrows=scan)
+    ids, gts = [], []
+    for mid, cif in zip(df["material_id"], df["cif"], strict=True):
+        s = Structure.from_str(cif, fmt="cif")
+        if roles(s.composition).anonymous_formula in index.by_anon:
+            ids.append(str(mid))
+            gts.append(s)
+        if len(ids) == n:
+            break
+    return ids, gts

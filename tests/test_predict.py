@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 from pymatgen.analysis.structure_matcher import StructureMatcher
 from pymatgen.core import Composition, Lattice, Structure
@@ -310,15 +309,9 @@ def test_symmetrize_and_cif(nacl):
 @pytest.fixture(scope="module")
 def held_out(data_dir: Path, template_index) -> tuple[list[str], list[Structure]]:
     """The first N_QUERIES rows of mp_20_biternary/test whose anonymous formula the index holds."""
-    df = pd.read_csv(data_dir / "mp_20_biternary" / "test.csv.gz", nrows=4 * N_QUERIES)
-    ids, gts = [], []
-    for mid, cif in zip(df["material_id"], df["cif"], strict=True):
-        s = Structure.from_str(cif, fmt="cif")
-        if roles(s.composition).anonymous_formula in template_index.by_anon:
-            ids.append(str(mid))
-            gts.append(s)
-        if len(ids) == N_QUERIES:
-            break
+    from conftest import held_out_queries
+
+    ids, gts = held_out_queries(data_dir, template_index, N_QUERIES, 4 * N_QUERIES)
     assert len(ids) == N_QUERIES
     assert not set(ids) & set(template_index.ids.tolist())  # test and val splits are disjoint
     return ids, gts

@@ -130,15 +130,10 @@ def pool_and_queries(data_dir: Path) -> tuple[TemplateIndex, list[str], list[Str
         for m, c, e in zip(df["material_id"], df["cif"], df["e_above_hull"], strict=True)
     ]
     index = TemplateIndex.from_docs(docs, workers=2)
-    q = pd.read_csv(data_dir / "mp_20_biternary" / "test.csv.gz", nrows=6 * QUERIES)
-    ids, gts = [], []
-    for mid, cif in zip(q["material_id"], q["cif"], strict=True):
-        s = Structure.from_str(cif, fmt="cif")
-        if roles(s.composition).anonymous_formula in index.by_anon:
-            ids.append(str(mid))
-            gts.append(s)
-        if len(ids) == QUERIES:
-            break
+    from conftest import held_out_queries
+
+    ids, gts = held_out_queries(data_dir, index, QUERIES, 6 * QUERIES)
+    assert len(ids) == QUERIES
     return index, ids, gts
 
 
