@@ -168,10 +168,10 @@ def fold_outcomes(
     cache_dir: Path | None = None,
     pair_kwargs: dict | None = None,
     log=print,
-) -> tuple[Outcomes, np.ndarray, dict[str, float]]:
+) -> tuple[Outcomes, dict[str, float]]:
     """Outcomes for ``n_queries`` pool templates (one per reduced formula, at random), cross-fitted over
     ``folds`` formula folds: the queries of a fold are scored by a pair model trained on the other folds.
-    Returns the outcomes, each query's fold, and timings."""
+    Returns the outcomes and timings."""
     from cspml_flows.learning.model import SimilarityModel, training_hash
 
     rng = np.random.default_rng(seed)
@@ -188,7 +188,7 @@ def fold_outcomes(
     timings = {"pair_models_seconds": 0.0, "labels_seconds": 0.0}
     out = Outcomes()
     for f in range(folds):
-        held = set(chosen[[i % folds == f for i in range(len(chosen))]])
+        held = {formula for formula, fd in fold_of_formula.items() if fd == f}
         key = outcome_key(training_hash(index), seed, folds, f, k, n_queries, sorted(pair_kwargs or {}))
         path = cache_dir / f"outcomes-{key}.json.gz" if cache_dir is not None else None
 
@@ -207,5 +207,4 @@ def fold_outcomes(
         part, cached = cached_outcomes(path, build)
         log(f"fold {f + 1}/{folds}: {len(part.rows)} held-out formulas" + (" (label cache)" if cached else ""))
         out.extend(part)
-    fold_by_row = {int(r): int(fd) for r, fd in zip(rows_arr, fold, strict=True)}
-    return out, np.array([fold_by_row[r] for r in out.rows]), timings
+    return out, timings

@@ -349,7 +349,7 @@ def fit_ranker(
     from cspml_flows.learning.outcomes import fold_outcomes
 
     t0 = time.perf_counter()
-    out, _fold, timings = fold_outcomes(index, n_queries, k, folds, seed, workers, cache_dir, pair_kwargs, log)
+    out, timings = fold_outcomes(index, n_queries, k, folds, seed, workers, cache_dir, pair_kwargs, log)
     queries = [index.roles[i] for i in out.rows]
     x = candidate_features(index, queries, out.candidates, std, index.stats[np.array(out.rows, dtype=int)])
     y = np.concatenate(out.labels) if out.labels else np.zeros(0)
