@@ -6,6 +6,7 @@ import pytest
 from pymatgen.core import Composition, Species
 
 from cspml_flows.composition import (
+    MAX_ASSIGNMENTS,
     Roles,
     anonymous_formula,
     anonymous_formula_from_amounts,
@@ -227,3 +228,24 @@ def test_anonymous_formula_of_composition_objects():
 )
 def test_anonymous_formula_from_amounts(amounts, expected):
     assert anonymous_formula_from_amounts(amounts) == expected
+
+
+def test_permutations_fewest_swaps_first():
+    r = roles("LiFePO4")
+    inversions = [sum(a > b for i, a in enumerate(p) for b in p[i + 1 :]) for p in r.permutations()]
+    assert inversions == sorted(inversions) == [0, 1, 1, 2, 2, 3]
+
+
+def test_permutations_lazy_and_capped_for_many_tied_elements():
+    # 12 elements in equal amounts: 479 million assignments, only the cap is ever built
+    r = Roles(tuple("Na K Rb Cs Li Mg Ca Sr Ba Zn Cd Hg".split()), (1.0,) * 12)
+    perms = r.permutations()
+    assert len(perms) == MAX_ASSIGNMENTS == len(set(perms))
+    assert perms[0] == tuple(range(12))
+    assert all(sorted(p) == list(range(12)) for p in perms)
+    assert len(r.permutations(limit=5)) == 5
+
+
+def test_every_assignment_of_five_tied_elements_within_the_cap():
+    r = roles("KNaRbCsLi")  # ABCDE: 120 assignments
+    assert len(set(r.permutations())) == 120

@@ -110,6 +110,10 @@ def _print_predictions(summary: list[dict], out: str | Path | None) -> None:
 
 def cmd_benchmark(args: argparse.Namespace) -> int:
     from cspml_flows.benchmark.runner import BenchmarkConfig, markdown_table, run_benchmark, write_reports
+    from cspml_flows.composition import MAX_ASSIGNMENTS
+
+    if args.max_assignments is not None and args.max_assignments < 1:
+        raise CSPMLError("--max-assignments must be at least 1")
 
     cfg = BenchmarkConfig(
         protocol=args.protocol,
@@ -122,6 +126,8 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         hetero_extra=not getattr(args, "no_extra", False),
         speed=not getattr(args, "no_speed", False),
         ranker_queries=args.ranker_queries,
+        subset=args.slice,
+        max_assignments=args.max_assignments or MAX_ASSIGNMENTS,
     )
     if getattr(args, "model", "cspml") == "hetero":
         from cspml_flows.hetero.cli import benchmark_hetero
@@ -293,6 +299,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-speed", action="store_true", help="skip the top-5 throughput measurement")
     s.add_argument(
         "--ranker-queries", type=int, default=2000, help="pool formulas the ranker learns from (0: pair model only)"
+    )
+    s.add_argument(
+        "--slice",
+        default="all",
+        choices=["all", "tie-heavy"],
+        help="tie-heavy: queries with >= 3 elements tied in amount",
+    )
+    s.add_argument(
+        "--max-assignments",
+        type=int,
+        help="element-to-site assignments per composition (default 120, fewest swaps first)",
     )
     s.add_argument("--json")
     s.add_argument("--markdown")

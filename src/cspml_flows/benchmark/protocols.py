@@ -22,6 +22,7 @@ PROTOCOLS = {
     "mpts52": {"queries": "mpts_52/test.csv.gz", "pool": ["mpts_52/val.csv.gz"]},
 }
 SETTINGS = ("standard", "strict")
+SLICES = ("all", "tie-heavy")  # tie-heavy: a group of at least three elements in equal amounts (>= 6 assignments)
 
 
 @dataclass
@@ -39,10 +40,36 @@ def _check(protocol: str) -> dict:
     return PROTOCOLS[protocol]
 
 
-def load_queries(protocol: str, limit: int | None = None, seed: int = 0, root: Path | None = None) -> Queries:
-    """Query rows of a protocol; ``limit`` draws a fixed-seed sample (sorted by position in the file)."""
+def formula_from_cif(cif: str) -> str:
+    """Reduced formula from a CIF's ``_chemical_formula_sum`` line (no structure parsing)."""
+    from pymatgen.core import Composition
+
+    from cspml_flows.templates.importers import structure_from_cif_string
+
+    for line in cif.splitlines():
+        if line.startswith("_chemical_formula_sum"):
+            return Composition(line.split(None, 1)[1].strip().strip("'\"")).reduced_formula
+    return structure_from_cif_string(cif).composition.reduced_formula
+
+
+def is_tie_heavy(formula: str) -> bool:
+    """At least three elements share one amount (ABX3 with mixed anions, ABCDE): six or more assignments."""
+    from cspml_flows.composition import roles
+
+    return max(len(g) for g in roles(formula).tie_groups()) >= 3
+
+
+def load_queries(
+    protocol: str, limit: int | None = None, seed: int = 0, root: Path | None = None, subset: str = "all"
+) -> Queries:
+    """Query rows of a protocol; ``subset='tie-heavy'`` keeps those of :func:`is_tie_heavy`; ``limit`` then
+    draws a fixed-seed sample (sorted by position in the file)."""
     spec = _check(protocol)
+    if subset not in SLICES:
+        raise ConfigError(f"unknown query slice {subset!r}; choose one of {', '.join(SLICES)}")
     df = pd.read_csv((root or data_dir()) / spec["queries"], usecols=["material_id", "cif"])
+    if subset == "tie-heavy":
+        df = df[[is_tie_heavy(formula_from_cif(c)) for c in df["cif"]]]
     if limit is not None and limit < len(df):
         idx = np.sort(np.random.default_rng(seed).choice(len(df), size=limit, replace=False))
         df = df.iloc[idx]

@@ -27,6 +27,7 @@ import numpy as np
 from pymatgen.core import Structure
 
 from cspml_flows import progress
+from cspml_flows.composition import MAX_ASSIGNMENTS
 from cspml_flows.predict.retrieve import Ranked, rank
 from cspml_flows.predict.substitute import substitute
 from cspml_flows.predict.validity import MIN_DISTANCE
@@ -189,7 +190,9 @@ def fold_outcomes(
     out = Outcomes()
     for f in range(folds):
         held = {formula for formula, fd in fold_of_formula.items() if fd == f}
-        key = outcome_key(training_hash(index), seed, folds, f, k, n_queries, sorted(pair_kwargs or {}))
+        key = outcome_key(
+            training_hash(index), seed, folds, f, k, n_queries, sorted(pair_kwargs or {}), MAX_ASSIGNMENTS
+        )
         path = cache_dir / f"outcomes-{key}.json.gz" if cache_dir is not None else None
 
         def build(held=held, f=f) -> Outcomes:

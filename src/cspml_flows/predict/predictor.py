@@ -13,7 +13,7 @@ from pathlib import Path
 from pymatgen.core import Composition, Structure
 
 from cspml_flows import progress
-from cspml_flows.composition import Roles, as_composition, roles
+from cspml_flows.composition import MAX_ASSIGNMENTS, Roles, as_composition, roles
 from cspml_flows.config import model_path
 from cspml_flows.descriptors import magpie_stats
 from cspml_flows.learning.model import SimilarityModel
@@ -93,10 +93,18 @@ def _build_chunk(jobs: list[tuple[Composition, list[Ranked]]]) -> list[Predictio
 class CSPPredictor:
     """Template retrieval with the learned similarity, element substitution, validity gate and dedup."""
 
-    def __init__(self, index: TemplateIndex, model: SimilarityModel | None, prefilter: int = 48, workers: int = 1):
+    def __init__(
+        self,
+        index: TemplateIndex,
+        model: SimilarityModel | None,
+        prefilter: int = 48,
+        workers: int = 1,
+        max_assignments: int = MAX_ASSIGNMENTS,
+    ):
         self.index = index
         self.model = model
         self.prefilter = prefilter
+        self.max_assignments = max_assignments  # element-to-site assignments per composition (fewest swaps first)
         self.workers = workers  # processes that build structures for large batches (forked; see realize)
         # The index's millions of long-lived objects leave the collector's generations: otherwise each full
         # collection after a batch walks all of them again (about 1 s), which dominates small batches.
@@ -139,6 +147,7 @@ class CSPPredictor:
             exclude_ids=exclude_ids,
             strict=strict,
             prefilter=self.prefilter,
+            max_perms=self.max_assignments,
             metric=metric,
             threads=self.workers,
         )

@@ -4,7 +4,8 @@
    the strict setting every template of its reduced formula).
 2. Prefilter: the ``prefilter`` nearest by role-wise element-property distance.
 3. Score: the learned similarity for every kept template and every within-tie-group permutation of the
-   query's elements.
+   query's elements (at most ``max_perms``, fewest swaps against the electronegativity order first; see
+   :meth:`cspml_flows.composition.Roles.permutations`).
 4. Aggregate: candidates of one prototype cluster and assignment collapse to one, scored by the best
    member plus a vote of the others; every assignment of a cluster is realised on one member, the best
    under the cluster's best assignment (so symmetry-equivalent assignments need no structure fit).
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cspml_flows import progress
-from cspml_flows.composition import Roles
+from cspml_flows.composition import MAX_ASSIGNMENTS, Roles
 from cspml_flows.descriptors import role_properties
 from cspml_flows.learning.features import role_distance
 from cspml_flows.learning.model import QueryBatch, SimilarityModel
@@ -58,7 +59,7 @@ def rank(
     exclude_ids: Sequence[set[str]] | None = None,
     strict: bool = False,
     prefilter: int = 48,
-    max_perms: int = 6,
+    max_perms: int = MAX_ASSIGNMENTS,
     vote: float = 0.15,
     metric: str = "learned",
     threads: int = 1,
