@@ -5,7 +5,9 @@
 2. Prefilter: the ``prefilter`` nearest by role-wise element-property distance.
 3. Score: the learned similarity for every kept template and every within-tie-group permutation of the
    query's elements (at most ``max_perms``, fewest swaps against the electronegativity order first; see
-   :meth:`cspml_flows.composition.Roles.permutations`).
+   :meth:`cspml_flows.composition.Roles.permutations`). The first ``FULL_PERMS`` assignments are scored
+   against every prefiltered template, further ones (ties of four or five elements) only against the
+   ``EXTRA_PREFILTER`` templates nearest to that assignment, so that 120 assignments cost about what 24 did.
 4. Aggregate: candidates of one prototype cluster and assignment collapse to one, scored by the best
    member plus a vote of the others; every assignment of a cluster is realised on one member, the best
    under the cluster's best assignment (so symmetry-equivalent assignments need no structure fit).
@@ -101,12 +103,17 @@ def rank(
                 continue
             d = role_distance(qb.role_props[i][None], t_roles[ok], std)
             keep = cand[np.argsort(d, kind="stable")[:prefilter]] if len(cand) > prefilter else cand
-            qp_props.append(role_properties([queries[i]] * len(perms_of[i]), perms_of[i]))
+            qp = role_properties([queries[i]] * len(perms_of[i]), perms_of[i])
+            qp_props.append(qp)
+            if len(perms_of[i]) > FULL_PERMS:  # further assignments: only their own nearest templates
+                d_extra = role_distance(qp[FULL_PERMS:, None], t_roles[ok][None], std)
+                near = np.argsort(d_extra, axis=1, kind="stable")[:, :EXTRA_PREFILTER]
             for k in range(len(perms_of[i])):
-                rows_q.append(np.full(len(keep), i))
-                rows_t.append(keep)
-                rows_p.append(np.full(len(keep), k))
-                rows_qp.append(np.full(len(keep), len(rows_qp)))
+                kept = keep if k < FULL_PERMS else cand[near[k - FULL_PERMS]]
+                rows_q.append(np.full(len(kept), i))
+                rows_t.append(kept)
+                rows_p.append(np.full(len(kept), k))
+                rows_qp.append(np.full(len(kept), len(rows_qp)))
     if metric == "nearest":
         return nearest_out
     if not rows_q:
@@ -138,6 +145,8 @@ def rank(
 
 
 ROW_CHUNK = 20000  # (query, template, assignment) rows scored at a time
+FULL_PERMS = 6  # assignments scored against all ``prefilter`` templates (fewest swaps first) ...
+EXTRA_PREFILTER = 8  # ... further ones only against their own nearest templates (ties of 4-5: 24-120 of them)
 
 
 def _aggregate(index, qi, ti, pi, prob, perms_of, n_queries, top, vote, n_alt: int = 3) -> list[list[Ranked]]:
