@@ -187,7 +187,7 @@ def test_training_report_and_fusion_not_worse_than_cspml(hetero_trained):
 
 
 def test_save_load_and_bad_model_files(hetero_model, hetero_bank, tmp_path):
-    path = hetero_model.save(tmp_path / "h.joblib")
+    path = hetero_model.save(tmp_path / "h.json.gz")
     back = HeteroModel.load(path)
     q = [roles("KCl"), roles("BaTiO3")]
     a = hetero_rank(hetero_model, hetero_bank, q, top=3)
@@ -195,17 +195,22 @@ def test_save_load_and_bad_model_files(hetero_model, hetero_bank, tmp_path):
     assert [[(r.template, r.perm) for r in x] for x in a] == [[(r.template, r.perm) for r in x] for x in b]
     assert back.meta["training_hash"] == hetero_model.meta["training_hash"]
     with pytest.raises(ModelError, match="not found"):
-        HeteroModel.load(tmp_path / "missing.joblib")
-    (tmp_path / "junk.joblib").write_text("not a model")
+        HeteroModel.load(tmp_path / "missing.json.gz")
+    (tmp_path / "junk.json.gz").write_text("not a model")
     with pytest.raises(ModelError, match="cannot read"):
-        HeteroModel.load(tmp_path / "junk.joblib")
-    import joblib
+        HeteroModel.load(tmp_path / "junk.json.gz")
+    from cspml_flows.safeio import read_json_gz, write_json_gz
 
-    blob = joblib.load(path)
+    blob = read_json_gz(path)
     blob["meta"]["geometry_version"] = "geom-v0"
-    joblib.dump(blob, tmp_path / "old.joblib")
+    write_json_gz(tmp_path / "old.json.gz", blob)
     with pytest.raises(ModelError, match="retrain"):
-        HeteroModel.load(tmp_path / "old.joblib")
+        HeteroModel.load(tmp_path / "old.json.gz")
+    blob = read_json_gz(path)
+    blob["A"] = blob["A"][:-1] if len(blob["A"]) > 1 else [[1.0]]  # tower matrices of different widths
+    write_json_gz(tmp_path / "damaged.json.gz", blob)
+    with pytest.raises(ModelError, match="damaged"):
+        HeteroModel.load(tmp_path / "damaged.json.gz")
 
 
 # ---------------------------------------------------------------- polymorphs
@@ -355,8 +360,8 @@ def cli_store(tmp_path, val_docs, hand_docs) -> Path:
 def test_cli_polymorphs_inverse_and_templates(
     cli_store, hetero_model, trained_model, hand_structures, tmp_path, capsys
 ):
-    hpath = hetero_model.save(tmp_path / "hetero.joblib")
-    cpath = trained_model.save(tmp_path / "core.joblib")
+    hpath = hetero_model.save(tmp_path / "hetero.json.gz")
+    cpath = trained_model.save(tmp_path / "core.json.gz")
     out = tmp_path / "out"
     args = ["predict", "KCl", "--polymorphs", "2", "--store", str(cli_store), "--hetero-model", str(hpath)]
     rc = main([*args, "--out", str(out), "--workers", "1"])
@@ -390,7 +395,7 @@ def test_cli_bad_input_one_line_errors(tmp_path, hand_structures, capsys):
     hand_structures["nacl"].to(filename=str(good))
     assert main(["inverse", str(good), "--elements"]) == 2
     assert "empty element list" in capsys.readouterr().err
-    assert main(["inverse", str(good), "--elements", "Na", "Cl", "--model", str(tmp_path / "none.joblib")]) == 2
+    assert main(["inverse", str(good), "--elements", "Na", "Cl", "--model", str(tmp_path / "none.json.gz")]) == 2
     assert "hetero model file not found" in capsys.readouterr().err
     folder = tmp_path / "user"
     folder.mkdir()
@@ -406,7 +411,7 @@ EMT = CalculatorSettings(name="emt", steps=150, fmax=0.1, batch_size=4)
 
 @pytest.fixture(scope="module")
 def model_file(tmp_path_factory, hetero_model) -> str:
-    return str(hetero_model.save(tmp_path_factory.mktemp("hetero") / "hetero.joblib"))
+    return str(hetero_model.save(tmp_path_factory.mktemp("hetero") / "hetero.json.gz"))
 
 
 def l12() -> Structure:
@@ -522,7 +527,7 @@ def test_second_stage_stacker_scores_and_persists(hetero_model, hetero_bank, tmp
     m.stacker = _stacker().fit(x, y)
     z = m.score(hetero_bank, rows.q, rows.qi, rows.q_role, rows.ti)
     assert z.shape == logit.shape and np.all(np.isfinite(z))
-    back = HeteroModel.load(m.save(tmp_path / "stacked.joblib"))
+    back = HeteroModel.load(m.save(tmp_path / "stacked.json.gz"))
     assert back.stacker is not None
     assert np.allclose(back.score(hetero_bank, rows.q, rows.qi, rows.q_role, rows.ti), z)
     assert hetero_rank(back, hetero_bank, [roles("KCl")], top=2)[0]

@@ -4,7 +4,6 @@ user-template evaluations. Caches (parsed queries, models) go under ``$CSPML_HOM
 
 from __future__ import annotations
 
-import hashlib
 import time
 from typing import Any
 
@@ -19,7 +18,7 @@ from cspml_flows.templates.index import TemplateIndex
 
 def run_hetero_benchmark(cfg, log_fn=print) -> dict[str, Any]:
     from cspml_flows.benchmark.protocols import SETTINGS, load_queries, pool_store
-    from cspml_flows.benchmark.runner import TOP, _cached, _parse, benchmark_model, formula_from_cif
+    from cspml_flows.benchmark.runner import TOP, benchmark_model, formula_from_cif, query_structures
     from cspml_flows.benchmark.scoring import rms_table, summarize
     from cspml_flows.hetero.evaluate import held_out_split, leave_prototype_out, polymorph_structures, train_without
     from cspml_flows.hetero.rank import HeteroPredictor
@@ -34,11 +33,7 @@ def run_hetero_benchmark(cfg, log_fn=print) -> dict[str, Any]:
     full_q = load_queries(cfg.protocol)
     index = index.subset(~np.isin(index.ids, full_q.material_ids))
     q = load_queries(cfg.protocol, limit=cfg.limit, seed=cfg.seed)
-    key = hashlib.sha1("|".join(q.material_ids).encode()).hexdigest()[:12]
-    gts = _cached(
-        home_dir() / "hetero" / f"queries-{cfg.protocol}-{key}.pkl",
-        lambda: [_parse(a) for a in zip(q.material_ids, q.cifs, strict=True)],
-    )
+    gts = query_structures(cfg.protocol, list(q.material_ids), list(q.cifs), cfg.workers)  # JSON cache
     comps = [g.composition for g in gts]
     strict = cfg.setting == "strict"
     # training pool: no query id; in the strict setting no query formula either
@@ -51,7 +46,7 @@ def run_hetero_benchmark(cfg, log_fn=print) -> dict[str, Any]:
     t = time.perf_counter()
     # the core benchmark's model (same training pool, same cache)
     core, core_report = benchmark_model(index, full_q.material_ids, all_formulas, cfg, log_fn)
-    hpath = home_dir() / "hetero" / f"hetero-{cfg.protocol}-{cfg.setting}-{training_hash(train_index)}.joblib"
+    hpath = home_dir() / "hetero" / f"hetero-{cfg.protocol}-{cfg.setting}-{training_hash(train_index)}.json.gz"
     hetero = None
     if hpath.is_file() and not cfg.retrain:
         try:

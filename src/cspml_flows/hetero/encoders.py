@@ -4,7 +4,8 @@
   canonical role order: first-shell coordination counted by role pair (a role x role matrix), coordination
   within a looser shell, share of like-role nearest neighbours, nearest-neighbour distance over
   ``(V/N)^(1/3)``; plus crystal system, space group, primitive size, Niggli cell shape and the volume per
-  atom over the elemental volumes. Cached per ``material_id`` under ``$CSPML_HOME/hetero``.
+  atom over the elemental volumes. Cached per ``material_id`` under ``$CSPML_HOME/hetero`` in an ``.npz``
+  (ids and vectors, read with ``allow_pickle=False``; a damaged file is recomputed).
 - Site chemistry of a template and the composition side share one block layout
   (:func:`chemistry_block`): standardised element properties per role, role fractions, role mask and the
   Magpie mean / average-deviation statistics.
@@ -15,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import pickle
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -28,6 +28,7 @@ from cspml_flows.config import home_dir
 from cspml_flows.descriptors import MAX_ROLES
 from cspml_flows.learning.features import _STAT_COLS, Standardizer
 from cspml_flows.predict.substitute import element_volume
+from cspml_flows.safeio import load_npz, save_npz
 
 log = logging.getLogger(__name__)
 GEOMETRY_VERSION = "geom-v1"
@@ -122,13 +123,9 @@ def geometry_features(
     path = None
     known: dict[str, np.ndarray] = {}
     if cache:
-        path = Path(cache) if isinstance(cache, Path) else home_dir() / "hetero" / f"{GEOMETRY_VERSION}.pkl"
+        path = Path(cache) if isinstance(cache, Path) else home_dir() / "hetero" / f"{GEOMETRY_VERSION}.npz"
         if path.is_file():
-            try:
-                with path.open("rb") as fh:
-                    known = pickle.load(fh)
-            except Exception:
-                known = {}
+            known = _read_geometry_cache(path)
     todo = [i for i, mid in enumerate(ids) if str(mid) not in known or not cache]
     if todo:
         tasks = [(structures[i], list(role_list[i].elements), int(spacegroups[i] or 1), int(nprims[i])) for i in todo]
@@ -141,14 +138,31 @@ def geometry_features(
         computed = {str(ids[i]): v for i, v in zip(todo, vecs, strict=True)}
         if path is not None:
             known.update(computed)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            with tmp.open("wb") as fh:
-                pickle.dump(known, fh, protocol=pickle.HIGHEST_PROTOCOL)
-            tmp.replace(path)
+            keys = list(known)
+            vectors = np.array([known[k] for k in keys]).reshape(len(keys), N_GEOMETRY)
+            save_npz(path, {"ids": np.array(keys, dtype=str), "vectors": vectors}, {"version": GEOMETRY_VERSION})
         else:
             known = {**known, **computed}
     return np.array([known[str(mid)] for mid in ids]).reshape(len(ids), N_GEOMETRY)
+
+
+def _read_geometry_cache(path: Path) -> dict[str, np.ndarray]:
+    """Geometry vectors by id from a cache file; empty (recomputed) when the file is damaged or foreign."""
+    try:
+        arrays, meta = load_npz(path)
+        ids, vectors = arrays["ids"], arrays["vectors"]
+        if meta.get("version") != GEOMETRY_VERSION or vectors.shape != (len(ids), N_GEOMETRY):
+            raise ValueError("another geometry version or shape")
+        if ids.dtype.kind != "U" or vectors.dtype.kind != "f":
+            raise ValueError("arrays of the wrong type")
+        return {str(k): v for k, v in zip(ids.tolist(), vectors, strict=True)}
+    except Exception as exc:
+        log.warning(
+            "geometry cache %s is unreadable (%s): recomputing it",
+            path,
+            str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+        )
+        return {}
 
 
 def structure_geometry(structure: Structure, r: Roles, spacegroup: int, nprim: int) -> np.ndarray:

@@ -176,9 +176,9 @@ def _significant(new: np.ndarray, old: np.ndarray) -> bool:
 
 
 def _stacker():
-    from sklearn.ensemble import HistGradientBoostingClassifier
+    from cspml_flows.hetero.model import Stacker
 
-    return HistGradientBoostingClassifier(max_iter=100, learning_rate=0.1, max_leaf_nodes=15, min_samples_leaf=50)
+    return Stacker()  # LightGBM: saved as its own text model, never pickled
 
 
 def _objective(m: dict) -> float:

@@ -13,33 +13,40 @@ The final score fuses the tower with the core CSPML similarity (composition-comp
 e_above_hull: ``z = logit(p_cspml) + lam * tower + mu * e_above_hull``. ``lam`` and ``mu`` are chosen on
 held-out formulas (the core model used there is trained without them), so the fusion only departs from
 CSPML when the tower helps on unseen compositions.
+
+Model files are gzipped JSON (format 2): the arrays as number lists, the embedded core model as its own
+JSON blob (LightGBM text model), the optional stacker as LightGBM's text model, and the metadata. Reading
+one never unpickles anything; a pickle (the format-1 ``hetero.joblib`` files) or a file of another format
+or version gets a one-line ModelError.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import joblib
+import lightgbm as lgb
 import numpy as np
 
 from cspml_flows.config import home_dir
 from cspml_flows.descriptors import DESCRIPTOR_VERSION
 from cspml_flows.errors import ModelError
-from cspml_flows.hetero.encoders import GEOMETRY_VERSION, chemistry_block, geometry_features
+from cspml_flows.hetero.encoders import GEOMETRY_VERSION, N_GEOMETRY, chemistry_block, geometry_features
 from cspml_flows.learning.features import Standardizer, role_distance
-from cspml_flows.learning.model import QueryBatch, SimilarityModel, read_model_file, training_hash
+from cspml_flows.learning.model import QueryBatch, SimilarityModel, training_hash
+from cspml_flows.safeio import read_json_gz, write_json_gz
 from cspml_flows.templates.index import TemplateIndex
 
-HETERO_FORMAT = 1
+HETERO_FORMAT = 2  # 2: gzipped JSON with LightGBM text models (format 1 was a joblib pickle)
 TAU = 0.05  # eV/atom: target weight exp(-E_hull / TAU) of a positive prototype
 
 
 def default_hetero_path() -> Path:
-    return home_dir() / "models" / "hetero.joblib"
+    return home_dir() / "models" / "hetero.json.gz"
 
 
 def index_geometry(index: TemplateIndex, workers: int = 2, cache: bool | Path = True) -> np.ndarray:
@@ -70,7 +77,7 @@ class HeteroModel:
     mu: float = 0.0
     use_core: bool = True
     meta: dict[str, Any] = field(default_factory=dict)
-    stacker: Any = None  # optional second stage (gradient boosting) fitted on held-out formulas
+    stacker: Stacker | None = None  # optional second stage (gradient boosting) fitted on held-out formulas
 
     # ---- encoders -------------------------------------------------------------------------------------
     def phi(self, role_props: np.ndarray, role_fracs: np.ndarray, stats: np.ndarray) -> np.ndarray:
@@ -332,28 +339,110 @@ class HeteroModel:
         return final, report
 
     # ---- persistence ----------------------------------------------------------------------------------
-    def save(self, path: str | Path) -> Path:
-        p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        blob = {k: getattr(self, k) for k in ("std", "geo_mu", "geo_sd", "A", "B", "w", "lam", "mu", "use_core")}
-        blob["stacker"] = self.stacker
-        blob["meta"] = self.meta
+    _ARRAYS = ("geo_mu", "geo_sd", "A", "B", "w")
+
+    def to_blob(self) -> dict[str, Any]:
+        """What a model file holds: JSON types only."""
+        blob: dict[str, Any] = {k: np.asarray(getattr(self, k), dtype=float).tolist() for k in self._ARRAYS}
+        blob |= {"lam": float(self.lam), "mu": float(self.mu), "use_core": bool(self.use_core)}
+        blob["std"] = self.std.to_dict()
+        blob["stacker"] = self.stacker.to_string() if self.stacker is not None else None
         blob["core"] = self.core.to_blob() if self.core is not None else None
-        joblib.dump(blob, p)
-        return p
+        blob["meta"] = self.meta
+        return blob
+
+    def save(self, path: str | Path) -> Path:
+        """Write the gzipped JSON model file atomically (temporary file, then rename)."""
+        return write_json_gz(path, self.to_blob())
 
     @classmethod
     def load(cls, path: str | Path) -> HeteroModel:
-        versions = {
-            "format": HETERO_FORMAT,
-            "descriptor_version": DESCRIPTOR_VERSION,
-            "geometry_version": GEOMETRY_VERSION,
-        }
-        blob = read_model_file(path, "hetero model", "A", "train one with 'cspml train --hetero'", versions)
-        meta = blob["meta"]
-        core = SimilarityModel.from_blob(blob["core"]) if blob.get("core") is not None else None
-        kw = {k: blob[k] for k in ("std", "geo_mu", "geo_sd", "A", "B", "w", "lam", "mu", "use_core")}
-        return cls(**kw, core=core, meta=meta, stacker=blob.get("stacker"))
+        """Read a model file written by :meth:`save`; every problem is one ModelError naming the file."""
+        p = Path(path)
+        blob = read_hetero_file(p)
+        try:
+            arrays = {k: np.asarray(blob[k], dtype=float) for k in cls._ARRAYS}
+            a, b, w = arrays["A"], arrays["B"], arrays["w"]
+            if a.ndim != 2 or b.ndim != 2 or w.ndim != 1 or a.shape[0] != b.shape[0] or b.shape[1] != len(w):
+                raise ValueError("tower matrices of inconsistent shapes")
+            if arrays["geo_mu"].shape != (N_GEOMETRY,) or arrays["geo_sd"].shape != (N_GEOMETRY,):
+                raise ValueError("geometry scaling of the wrong length")
+            std = Standardizer.from_dict(blob["std"])
+            stacker = Stacker.from_string(blob["stacker"]) if blob.get("stacker") is not None else None
+            scalars = {"lam": float(blob["lam"]), "mu": float(blob["mu"]), "use_core": bool(blob["use_core"])}
+        except ModelError:
+            raise
+        except Exception as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ModelError(f"hetero model file {p} is damaged: {reason}") from None
+        core = SimilarityModel.from_blob(blob["core"]) if isinstance(blob.get("core"), dict) else None
+        return cls(std, **arrays, **scalars, core=core, meta=blob["meta"], stacker=stacker)
+
+
+def read_hetero_file(path: Path) -> dict[str, Any]:
+    """The checked content of a hetero model file: gzipped JSON (never unpickled), a mapping with the tower
+    matrices, whose ``meta`` carries this version's format, descriptor and geometry versions."""
+    hint = "train one with 'cspml train --hetero'"
+    if not path.is_file():
+        raise ModelError(f"hetero model file not found: {path} ({hint})")
+    try:
+        blob = read_json_gz(path)
+    except Exception:
+        raise ModelError(
+            f"cannot read hetero model file {path}: not a gzipped-JSON cspml-flows hetero model (hetero models "
+            f"made before format {HETERO_FORMAT} were pickles and are never loaded: {hint})"
+        ) from None
+    if not isinstance(blob, dict) or "A" not in blob or not isinstance(blob.get("meta"), dict):
+        raise ModelError(f"{path} is not a cspml-flows hetero model file ({hint})")
+    versions = {"format": HETERO_FORMAT, "descriptor_version": DESCRIPTOR_VERSION, "geometry_version": GEOMETRY_VERSION}
+    got = {k: blob["meta"].get(k) for k in versions}
+    if got != versions:
+        raise ModelError(f"hetero model {path} was made with {got}; this version needs {versions}: retrain it")
+    return blob
+
+
+class Stacker:
+    """The optional second stage: a LightGBM binary classifier over :meth:`HeteroModel.stack_features`,
+    saved as LightGBM's own text model (no pickle)."""
+
+    PARAMS: dict[str, Any] = {  # noqa: RUF012
+        "objective": "binary",
+        "learning_rate": 0.1,
+        "num_leaves": 15,
+        "min_data_in_leaf": 50,
+        "seed": 0,
+        "deterministic": True,
+        "force_row_wise": True,
+        "verbosity": -1,
+    }
+    ROUNDS = 100
+
+    def __init__(self, booster: lgb.Booster | None = None):
+        self.booster = booster
+
+    def fit(self, x: np.ndarray, y: np.ndarray, sample_weight: np.ndarray | None = None) -> Stacker:
+        threads = int(os.environ.get("CSPML_THREADS", "0") or 0)
+        data = lgb.Dataset(np.asarray(x, dtype=float), np.asarray(y, dtype=float), weight=sample_weight)
+        self.booster = lgb.train({**self.PARAMS, "num_threads": threads}, data, num_boost_round=self.ROUNDS)
+        return self
+
+    def predict_proba(self, x: np.ndarray) -> np.ndarray:
+        """(n, 2) class probabilities, as scikit-learn classifiers give them."""
+        if self.booster is None:
+            raise ModelError("stacker is not trained")
+        p = self.booster.predict(np.asarray(x, dtype=float))
+        return np.column_stack([1 - p, p])
+
+    def to_string(self) -> str:
+        if self.booster is None:
+            raise ModelError("stacker is not trained")
+        return self.booster.model_to_string()
+
+    @classmethod
+    def from_string(cls, text: str) -> Stacker:
+        if not isinstance(text, str):
+            raise ValueError("stacker model is not text")
+        return cls(lgb.Booster(model_str=text))
 
 
 @dataclass

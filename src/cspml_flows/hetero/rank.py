@@ -125,7 +125,7 @@ class HeteroPredictor:
         templates: str | Path | dict | None = None,
         workers: int = 2,
     ) -> HeteroPredictor:
-        """Open a store and a hetero model (default ``$CSPML_HOME/models/hetero.joblib``); ``templates`` adds a
+        """Open a store and a hetero model (default ``$CSPML_HOME/models/hetero.json.gz``); ``templates`` adds a
         folder of user CIF/POSCAR files (or structures read by ``read_user_structures``) to the pool."""
         from cspml_flows.hetero.user_templates import add_user_templates
 

@@ -1,15 +1,22 @@
 """An in-memory, array-based view of a template store for fast retrieval.
 
-Built once from the store (one full read) and cached on disk beside ``$CSPML_HOME``; rebuilt when the
+Built once from the store (one full read) and cached on disk under ``$CSPML_HOME/cache``; rebuilt when the
 store's document count or newest ``last_updated`` changes. Structures stay as dicts until a prediction needs
 them.
+
+The cache file is an uncompressed numpy ``.npz`` read with ``allow_pickle=False``: numeric and text arrays,
+the structures as one JSON text, and JSON metadata with the cache format and the store signature. Nothing in
+it can run code; a file of another format or signature, or a damaged one, is rebuilt (one log line).
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import hashlib
+import json
 import logging
-import pickle
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,10 +28,12 @@ from cspml_flows.composition import Roles, roles
 from cspml_flows.config import home_dir
 from cspml_flows.descriptors import DESCRIPTOR_VERSION, magpie_stats, role_fractions, role_properties
 from cspml_flows.prototype import cluster_prototypes
+from cspml_flows.safeio import load_npz, save_npz
 from cspml_flows.templates.store import TemplateStore
 
 log = logging.getLogger(__name__)
 INDEX_VERSION = 3  # 3: per-template minimum distance and role symmetries
+CACHE_FORMAT = "cspml-index-npz/1"  # the on-disk layout of the cache file (see save_index_cache)
 _FIELDS = [
     "material_id",
     "structure",
@@ -144,24 +153,17 @@ class TemplateIndex:
         path = None
         if cache:
             digest = hashlib.sha1(store.name.encode()).hexdigest()[:16]
-            path = Path(cache) if isinstance(cache, Path) else home_dir() / "cache" / f"index-{digest}.pkl"
+            path = Path(cache) if isinstance(cache, Path) else home_dir() / "cache" / f"index-{digest}.npz"
             if path.is_file():
-                try:
-                    with path.open("rb") as fh:
-                        idx = pickle.load(fh)
-                    if idx.signature == signature:
-                        return idx
-                except Exception:  # stale or truncated cache: rebuild
-                    log.info("rebuilding unreadable index cache %s", path)
+                idx = load_index_cache(path, signature)
+                if idx is not None:
+                    return idx
         docs = list(store.docs(properties=_FIELDS))
         docs.sort(key=lambda d: str(d["material_id"]))
         idx = cls.from_docs(docs, workers=workers, signature=signature)
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            with tmp.open("wb") as fh:
-                pickle.dump(idx, fh, protocol=pickle.HIGHEST_PROTOCOL)
-            tmp.replace(path)
+            save_index_cache(idx, path)
+            path.with_suffix(".pkl").unlink(missing_ok=True)  # the pickle cache of earlier versions: never read
         return idx
 
     def __getstate__(self) -> dict:
@@ -213,6 +215,89 @@ class TemplateIndex:
             min_dist=None if self.min_dist is None else self.min_dist[sel],
             role_syms=None if self.role_syms is None else [self.role_syms[i] for i in sel],
         )
+
+
+_TEXT = ("ids", "formulas", "anon", "prototype")
+_NUMERIC = ("nprim", "e_above_hull", "spacegroup", "cluster", "stats", "role_props", "role_fracs", "min_dist")
+
+
+def _json_bytes(obj: object) -> np.ndarray:
+    try:
+        import orjson  # maggma's JSON library: several times faster than json on structure dicts
+
+        data = orjson.dumps(obj)
+    except ImportError:
+        data = json.dumps(obj).encode()
+    return np.frombuffer(data, dtype=np.uint8)
+
+
+def _json_loads(arr: np.ndarray) -> object:
+    try:
+        import orjson
+
+        return orjson.loads(arr.tobytes())
+    except ImportError:
+        return json.loads(arr.tobytes())
+
+
+def save_index_cache(idx: TemplateIndex, path: Path) -> Path:
+    """Write the index to an ``.npz`` cache file (atomically; see the module docstring for the layout)."""
+    arrays: dict[str, np.ndarray] = {k: np.asarray(getattr(idx, k)).astype(str) for k in _TEXT}
+    arrays |= {k: np.asarray(getattr(idx, k)) for k in _NUMERIC if getattr(idx, k) is not None}
+    arrays["structures"] = _json_bytes(idx.structures)
+    arrays["roles"] = _json_bytes([[list(r.elements), list(r.amounts)] for r in idx.roles])
+    if idx.role_syms is not None:
+        arrays["role_syms"] = _json_bytes([[list(p) for p in perms] for perms in idx.role_syms])
+    meta = {"format": CACHE_FORMAT, "signature": idx.signature, "n": len(idx)}
+    return save_npz(path, arrays, meta)
+
+
+def load_index_cache(path: Path, signature: str) -> TemplateIndex | None:
+    """The cached index of ``path`` if it is a cache file of this format for ``signature``, else None (a file
+    of another format, store state or version, or a damaged file, is logged in one line and rebuilt).
+    Read with ``allow_pickle=False``: nothing in the file is executed."""
+    try:
+        with _gc_paused():  # millions of small objects: the collector would triple the load time
+            return _read_index_cache(path, signature)
+    except Exception as exc:  # a damaged, truncated or foreign file: rebuild, never trust it
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        log.warning("index cache %s is unreadable (%s): rebuilding it", path, reason)
+        return None
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _read_index_cache(path: Path, signature: str) -> TemplateIndex | None:
+    """:func:`load_index_cache` without the error handling."""
+    arrays, meta = load_npz(path)
+    if meta.get("format") != CACHE_FORMAT or meta.get("signature") != signature:
+        log.info("index cache %s is for another store state or version: rebuilding", path)
+        return None
+    n = int(meta["n"])
+    roles_raw = _json_loads(arrays.pop("roles"))
+    structures = _json_loads(arrays.pop("structures"))
+    syms_raw = _json_loads(arrays.pop("role_syms")) if "role_syms" in arrays else None
+    fields = {k: arrays[k] for k in _TEXT + _NUMERIC if k in arrays or k != "min_dist"}
+    fields["prototype"] = fields["prototype"].astype(object)
+    columns = [*fields.values(), roles_raw, structures, *([syms_raw] if syms_raw is not None else [])]
+    if any(len(c) != n for c in columns):
+        raise ValueError("arrays of different lengths")
+    if any(arrays[k].dtype.kind not in "iuf" for k in _NUMERIC if k in arrays) or any(
+        arrays[k].dtype.kind != "U" for k in _TEXT
+    ):
+        raise ValueError("an array of the wrong type")
+    role_list = [Roles(tuple(str(e) for e in els), tuple(float(a) for a in amts)) for els, amts in roles_raw]
+    syms = None if syms_raw is None else [[tuple(int(x) for x in p) for p in perms] for perms in syms_raw]
+    return TemplateIndex(**fields, roles=role_list, structures=structures, signature=signature, role_syms=syms)
 
 
 def cell_arrays(d: dict, r: Roles) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
