@@ -26,6 +26,7 @@ from cspml_flows.templates import TemplateDoc, TemplateStore, template_doc_from_
 from cspml_flows.templates.importers import (
     MP_FIELDS,
     ImportReport,
+    file_id,
     import_csv,
     import_folder,
     import_materials_project,
@@ -578,12 +579,14 @@ def test_structure_files(structure_folder, tmp_path):
 def test_import_folder(mem_store, structure_folder):
     report = import_folder(mem_store, structure_folder, id_prefix="user-", workers=1)
     assert (report.added, report.failed) == (4, [])
-    assert mem_store.ids() == {"user-nacl", "user-srtio3", "user-POSCAR_cscl", "user-zns"}
-    assert mem_store.get("user-srtio3").formula == "SrTiO3"
-    assert mem_store.get("user-srtio3").spacegroup_number == 221
-    assert mem_store.get("user-POSCAR_cscl").formula == "CsCl"
-    assert mem_store.get("user-zns").spacegroup_number == 216
-    assert mem_store.get("user-nacl").source == "folder:structures"
+    ids = {f.name: file_id(f, "user-") for f in structure_files(structure_folder)}
+    assert mem_store.ids() == {ids[n] for n in ("nacl.cif", "srtio3.vasp", "POSCAR_cscl", "zns.poscar")}
+    assert ids["nacl.cif"].startswith("user-nacl-") and len(ids["nacl.cif"]) == len("user-nacl-") + 12
+    assert mem_store.get(ids["srtio3.vasp"]).formula == "SrTiO3"
+    assert mem_store.get(ids["srtio3.vasp"]).spacegroup_number == 221
+    assert mem_store.get(ids["POSCAR_cscl"]).formula == "CsCl"
+    assert mem_store.get(ids["zns.poscar"]).spacegroup_number == 216
+    assert mem_store.get(ids["nacl.cif"]).source == "folder:structures"
     again = import_folder(mem_store, structure_folder, id_prefix="user-", workers=1)
     assert (again.added, again.skipped_existing) == (0, 4)
 
@@ -599,7 +602,7 @@ def test_import_folder_lenient_reports_broken_file(mem_store, structure_folder):
     (structure_folder / "zz_broken.cif").write_text("data_x\nloop_\n_garbage\n")
     report = import_folder(mem_store, structure_folder, strict=False, source="mine", workers=1)
     assert report.added == 4
-    assert [mid for mid, _ in report.failed] == ["zz_broken"]
+    assert [mid.rsplit("-", 1)[0] for mid, _ in report.failed] == ["zz_broken"]
     assert "zz_broken.cif" in report.failed[0][1]
     assert {d["source"] for d in mem_store.docs(properties=["source"])} == {"mine"}
 

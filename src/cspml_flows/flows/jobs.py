@@ -37,7 +37,7 @@ from cspml_flows.flows.schemas import (
     StabilityOutput,
     TemplateHit,
 )
-from cspml_flows.flows.stores import RESULTS_COLLECTION, close_store, open_store
+from cspml_flows.flows.stores import RESULTS_COLLECTION, close_store, open_store, write_docs
 
 log = logging.getLogger(__name__)
 
@@ -345,7 +345,7 @@ def relax_batch(items: list[dict], calculator: dict, results_store: str) -> list
                 out.append(RelaxRecord.coerce(prev))
                 continue
             rec = relax_one(maker, it, settings)
-            store.update([rec.model_dump(mode="json")], key="key")
+            write_docs(store, [rec.model_dump(mode="json")])
             out.append(rec)
     finally:
         close_store(store)
@@ -359,7 +359,7 @@ def vasp_record(task_doc: Any, item: dict, calculator: dict, results_store: str)
     rec = record_from_task_doc(task_doc, item, settings)
     store = open_store(results_store, RESULTS_COLLECTION)
     try:
-        store.update([rec.model_dump(mode="json")], key="key")
+        write_docs(store, [rec.model_dump(mode="json")])
     finally:
         close_store(store)
     return rec
@@ -470,7 +470,7 @@ def hull_job(
                 c.e_above_hull = st.e_above_hull
                 updates.append(c.model_dump(mode="json"))
         if updates:
-            store.update(updates, key="key")
+            write_docs(store, updates)
     finally:
         close_store(store)
     return StabilityOutput(

@@ -3,6 +3,9 @@
 URIs: a folder path (embedded on-disk MontyStore, sqlite, readable by other processes), ``mongodb://`` /
 ``mongodb+srv://`` (a MongoDB server), or ``memory://NAME`` (mongomock-backed maggma MemoryStore shared by
 every opener in this process; tests only).
+
+Writes to these stores go through :func:`cspml_flows.templates.store.upsert`: one document per key, whatever
+runs twice or at the same time.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from maggma.core import Store
 from maggma.stores import MemoryStore, MongoURIStore, MontyStore
 
 from cspml_flows.errors import StoreError
-from cspml_flows.templates.store import mongo_database_name, redact_uri
+from cspml_flows.templates.store import embedded_store, mongo_database_name, redact_uri, upsert
 
 RESULTS_COLLECTION = "relaxations"
 STATE_COLLECTION = "campaign_state"
@@ -31,12 +34,7 @@ def make_store(uri: str | Path, collection: str, key: str = "key", create: bool 
         if name not in _MEMORY:
             _MEMORY[name] = MemoryStore(collection_name=name, key=key)
         return _MEMORY[name]
-    path = Path(text).expanduser()
-    if not path.exists():
-        if not create:
-            raise StoreError(f"store folder not found: {path}")
-        path.mkdir(parents=True, exist_ok=True)
-    return MontyStore(collection, database_path=str(path), storage="sqlite", key=key)
+    return embedded_store(Path(text).expanduser(), collection, key, create, "store folder")
 
 
 def open_store(uri: str | Path, collection: str, key: str = "key", create: bool = True) -> Store:
@@ -53,6 +51,11 @@ def open_store(uri: str | Path, collection: str, key: str = "key", create: bool 
     return store
 
 
+def write_docs(store: Store, docs: list[dict], key: str = "key") -> int:
+    """Upsert ``docs`` by ``key`` (see :func:`cspml_flows.templates.store.upsert`)."""
+    return upsert(store, docs, key)
+
+
 def close_store(store: Store) -> None:
     if not isinstance(store, MemoryStore):
         store.close()
@@ -60,6 +63,14 @@ def close_store(store: Store) -> None:
 
 def job_store(uri: str | Path) -> JobStore:
     """jobflow JobStore on maggma: job outputs in ``outputs``, large atomate2 objects in ``data``."""
-    docs = make_store(uri, "outputs", key="uuid")
-    data = make_store(uri, "outputs_data", key="blob_uuid")
+    docs = _job_store_part(uri, "outputs", "uuid")
+    data = _job_store_part(uri, "outputs_data", "blob_uuid")
     return JobStore(docs, additional_stores={"data": data})
+
+
+def _job_store_part(uri: str | Path, collection: str, key: str) -> Store:
+    """jobflow's stores stay plain maggma stores (their class is serialised into job documents)."""
+    store = make_store(uri, collection, key=key)
+    if isinstance(store, MontyStore):
+        return MontyStore(collection, database_path=store.database_path, storage="sqlite", key=key)
+    return store

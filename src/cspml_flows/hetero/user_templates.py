@@ -13,20 +13,15 @@ from pymatgen.core import Structure
 
 from cspml_flows.errors import StructureReadError
 from cspml_flows.hetero.encoders import geometry_features
-from cspml_flows.templates.importers import read_structure, structure_files
+from cspml_flows.templates.importers import read_template_file, structure_files
 from cspml_flows.templates.index import TemplateIndex
 from cspml_flows.templates.schema import template_doc_from_structure
 
 
 def read_user_structures(folder: str | Path) -> dict[str, Structure]:
-    """Every CIF/POSCAR of a folder by id ``user:<name>``; an unreadable file raises StructureReadError."""
-    out = {}
-    for f in structure_files(folder):
-        s = read_structure(f)
-        if not s.is_ordered:
-            raise StructureReadError(f"structure file {f} is disordered (partial occupancies), not a template")
-        out[f"user:{f.name}"] = s
-    return out
+    """Every CIF/POSCAR of a folder by id ``user:<name>``; an unreadable file, or one that cannot be a template
+    (partial occupancies, too many sites), raises StructureReadError naming it."""
+    return {f"user:{f.name}": read_template_file(f) for f in structure_files(folder)}
 
 
 def user_index(structures: dict[str, Structure]) -> TemplateIndex:

@@ -3,11 +3,18 @@
 Sources: a CDVAE/Materials-Project-style CSV with a ``cif`` column, a folder of CIF/POSCAR files, another
 maggma Store with ``structure`` documents, and the Materials Project API (optional ``mp-api`` extra).
 Imports are resumable: documents whose ``material_id`` is already in the store are skipped, and work is
-written in batches so an interrupted import keeps what it finished.
+written in batches so an interrupted import keeps what it finished. Writes are upserts on ``material_id``,
+so two imports of the same data at once store each id once.
+
+A file's id is its name stem plus a digest of its bytes (``POSCAR-3fa9c2d41e07``): unique and stable, so
+``run1/POSCAR`` and ``run2/POSCAR`` are both kept and re-importing the same file is skipped. Structures that
+cannot be templates (partial occupancies, too many sites, a POSCAR whose atom counts do not match its
+coordinates) are refused with the reason (:func:`cspml_flows.templates.schema.check_template_structure`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections.abc import Callable, Iterable, Sequence
@@ -19,11 +26,12 @@ from typing import Any
 import pandas as pd
 from pymatgen.core import Structure
 
+from cspml_flows.config import max_template_atoms
 from cspml_flows.errors import CSPMLError, StructureReadError
 from cspml_flows.progress import bar
 from cspml_flows.prototype import preload_label_data
 from cspml_flows.quiet import library_warnings
-from cspml_flows.templates.schema import TemplateDoc, template_doc_from_structure
+from cspml_flows.templates.schema import TemplateDoc, check_template_structure, template_doc_from_structure
 from cspml_flows.templates.store import TemplateStore, redact_uri
 
 log = logging.getLogger(__name__)
@@ -52,11 +60,60 @@ class ImportReport:
         return msg + (f", {len(self.failed)} unreadable" if self.failed else "")
 
 
+def is_poscar_name(name: str) -> bool:
+    """Whether pymatgen reads a file of this name as a POSCAR."""
+    upper = name.upper()
+    return "POSCAR" in upper or "CONTCAR" in upper or upper.endswith(".VASP")
+
+
+def check_poscar_counts(text: str, name: str) -> None:
+    """Refuse a POSCAR whose atom counts do not add up to its coordinate lines (pymatgen silently drops the
+    extra coordinates when the counts are short)."""
+    lines = text.splitlines()
+    try:
+        i = 5
+        if not lines[i].split()[0].isdigit():
+            i += 1  # VASP 5: element symbols, then counts
+        counts = []
+        for tok in lines[i].split():
+            if not tok.isdigit():
+                break
+            counts.append(int(tok))
+        i += 1
+        if lines[i].strip()[:1] in ("s", "S"):
+            i += 1  # selective dynamics
+        i += 1  # Direct / Cartesian
+    except IndexError:
+        return  # too short to be a POSCAR: the reader names the problem
+    n_coords = 0
+    for line in lines[i:]:
+        parts = line.split()
+        try:
+            [float(x) for x in parts[:3]]
+        except ValueError:
+            break
+        if len(parts) < 3:
+            break
+        n_coords += 1
+    if counts and n_coords != sum(counts):
+        raise StructureReadError(
+            f"POSCAR {name} declares {sum(counts)} atoms (counts {' '.join(map(str, counts))}) but lists "
+            f"{n_coords} coordinate lines"
+        )
+
+
 def read_structure(path: str | Path) -> Structure:
     """Read a CIF or POSCAR file; raise :class:`StructureReadError` naming the file."""
     p = Path(path)
     if not p.is_file():
         raise StructureReadError(f"structure file not found: {p}")
+    if is_poscar_name(p.name):
+        try:
+            text = p.read_text()
+        except (OSError, UnicodeDecodeError):
+            text = ""  # compressed or binary: left to the reader
+        if text:
+            check_poscar_counts(text, str(p))
     try:
         with library_warnings():
             s = Structure.from_file(str(p))
@@ -79,22 +136,36 @@ def structure_from_cif_string(cif: str, name: str = "<cif>") -> Structure:
     return s
 
 
-def _doc_from_row(args: tuple[str, str, str, dict[str, Any]]) -> dict | tuple[str, str]:
-    material_id, cif, source, props = args
+def _doc_from_row(args: tuple[str, str, str, dict[str, Any], int]) -> dict | tuple[str, str]:
+    material_id, cif, source, props, max_atoms = args
     try:
         s = structure_from_cif_string(cif, material_id)
-        return template_doc_from_structure(s, material_id, source=source, **props).model_dump(mode="json")
+        doc = template_doc_from_structure(s, material_id, source=source, max_atoms=max_atoms, **props)
+        return doc.model_dump(mode="json")
     except Exception as exc:  # keep going; report at the end
         return (material_id, str(exc))
 
 
-def _doc_from_file(args: tuple[str, str, str]) -> dict | tuple[str, str]:
-    material_id, path, source = args
+def read_template_file(path: str | Path, max_atoms: int | None = None) -> Structure:
+    """:func:`read_structure`, then :func:`check_template_structure` naming the file."""
+    s = read_structure(path)
+    check_template_structure(s, f"structure file {path}", max_atoms)
+    return s
+
+
+def _doc_from_file(args: tuple[str, str, str, int]) -> dict | tuple[str, str]:
+    material_id, path, source, max_atoms = args
     try:
-        doc = template_doc_from_structure(read_structure(path), material_id, source=source)
-        return doc.model_dump(mode="json")
+        s = read_template_file(path, max_atoms)
+        return template_doc_from_structure(s, material_id, source=source, max_atoms=max_atoms).model_dump(mode="json")
     except Exception as exc:
         return (material_id, str(exc))
+
+
+def file_id(path: Path, prefix: str = "") -> str:
+    """The import id of a structure file: ``prefix + name stem + '-' + 12 hex digits of its bytes' sha256``."""
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+    return f"{prefix}{path.stem if path.suffix else path.name}-{digest}"
 
 
 def _run_batches(
@@ -167,6 +238,7 @@ def import_csv(
     if source is None:
         source = p.name.split(".")[0]
     excluded = {str(i) for i in exclude_ids}
+    max_atoms = max_template_atoms()
     prop_cols = {c: f for c, f in _PROPERTY_COLUMNS.items() if c in df.columns}
     tasks = []
     report = ImportReport(source=str(p))
@@ -178,7 +250,7 @@ def import_csv(
         if mid in excluded:
             continue
         props = {f: (None if pd.isna(row[c]) else float(row[c])) for c, f in prop_cols.items()}
-        tasks.append((mid, row[cif_column], str(source), props))
+        tasks.append((mid, row[cif_column], str(source), props, max_atoms))
     return _run_batches(store, tasks, _doc_from_row, report, workers, batch_size, progress)
 
 
@@ -206,21 +278,22 @@ def import_folder(
     workers: int = 2,
     batch_size: int = 1000,
 ) -> ImportReport:
-    """Import every CIF/POSCAR file of a folder; the id is ``id_prefix + file name stem``.
+    """Import every CIF/POSCAR file of a folder; the id is :func:`file_id` (name stem and content digest).
 
-    With ``strict`` a broken file stops the import before anything is written, naming the file.
+    With ``strict`` a broken or refused file stops the import before anything is written, naming the file.
     """
     files = structure_files(folder)
     source = source or f"folder:{Path(folder).name}"
-    tasks = [(f"{id_prefix}{f.stem if f.suffix else f.name}", str(f), source) for f in files]
+    max_atoms = max_template_atoms()
+    tasks = [(file_id(f, id_prefix), str(f), source, max_atoms) for f in files]
     if strict:
-        for _, path, _ in tasks:
-            read_structure(path)
+        for _, path, _, _ in tasks:
+            read_template_file(path, max_atoms)
     report = ImportReport(source=str(folder))
     return _run_batches(store, tasks, _doc_from_file, report, workers, batch_size, None)
 
 
-def template_doc_from_mapping(doc: dict[str, Any], source: str) -> TemplateDoc:
+def template_doc_from_mapping(doc: dict[str, Any], source: str, max_atoms: int | None = None) -> TemplateDoc:
     """Convert a document with a ``structure`` (dict or Structure) and MP-style property names."""
     raw = doc.get("structure")
     if raw is None:
@@ -234,7 +307,7 @@ def template_doc_from_mapping(doc: dict[str, Any], source: str) -> TemplateDoc:
         "formation_energy_per_atom": doc.get("formation_energy_per_atom"),
         "energy_per_atom": doc.get("energy_per_atom", doc.get("uncorrected_energy_per_atom")),
     }
-    return template_doc_from_structure(s, str(mid), source=source, **props)
+    return template_doc_from_structure(s, str(mid), source=source, max_atoms=max_atoms, **props)
 
 
 def import_store(
@@ -243,6 +316,7 @@ def import_store(
     """Copy structures from another maggma Store (documents with ``structure`` and an id)."""
     other.connect()
     report = ImportReport(source=redact_uri(str(other.name)))
+    max_atoms = max_template_atoms()
     existing = store.ids()
     batch: list[TemplateDoc] = []
     for d in other.query(criteria or {}):
@@ -252,7 +326,7 @@ def import_store(
             continue
         existing.add(mid)  # the same id twice in the other store is imported once
         try:
-            batch.append(template_doc_from_mapping(d, source or report.source))
+            batch.append(template_doc_from_mapping(d, source or report.source, max_atoms))
         except Exception as exc:
             report.failed.append((mid, str(exc)))
         if len(batch) >= 1000:
@@ -294,6 +368,7 @@ def import_materials_project(
         kwargs["energy_above_hull"] = (0, max_e_above_hull)
     results = rester.materials.summary.search(**kwargs)
     report = ImportReport(source="materials-project")
+    max_atoms = max_template_atoms()
     docs = []
     existing = store.ids()
     for r in results:
@@ -303,7 +378,7 @@ def import_materials_project(
             continue
         existing.add(str(d.get("material_id")))
         try:
-            docs.append(template_doc_from_mapping(d, "materials-project"))
+            docs.append(template_doc_from_mapping(d, "materials-project", max_atoms))
         except Exception as exc:
             report.failed.append((str(d.get("material_id")), str(exc)))
     report.added += store.add(docs)

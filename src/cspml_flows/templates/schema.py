@@ -1,4 +1,9 @@
-"""One template document per structure, as stored in a maggma Store."""
+"""One template document per structure, as stored in a maggma Store.
+
+Only structures a prediction can substitute onto become templates (:func:`check_template_structure`): ordered
+(no partial occupancies or vacancies), real elements only, at most ``max_template_atoms`` sites (see
+:func:`cspml_flows.config.max_template_atoms`) and ``MAX_ELEMENTS`` elements.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +11,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import BaseModel, Field
-from pymatgen.core import Structure
+from pymatgen.core import DummySpecies, Structure
 
-from cspml_flows.composition import roles
+from cspml_flows.composition import MAX_ELEMENTS, roles
+from cspml_flows.errors import StructureReadError
 from cspml_flows.prototype import prototype_info
 
 SCHEMA_VERSION = 1
@@ -44,13 +50,46 @@ class TemplateDoc(BaseModel):
         return Structure.from_dict(self.structure)
 
 
+def check_template_structure(structure: Structure, name: str, max_atoms: int | None = None) -> None:
+    """Refuse, naming ``name`` and the reason, a structure that cannot be a template: partial occupancies,
+    non-element species, no sites, more than ``max_atoms`` sites (default: the configured limit) or more than
+    ``MAX_ELEMENTS`` elements."""
+    from cspml_flows.config import max_template_atoms
+
+    if len(structure) == 0:
+        raise StructureReadError(f"{name} has no sites")
+    for i, site in enumerate(structure):
+        if not site.is_ordered:
+            occ = ", ".join(f"{sp}:{amt:g}" for sp, amt in site.species.items())
+            raise StructureReadError(
+                f"{name} has partial occupancies (site {i}: {occ}); a template must be an ordered structure "
+                "(order it first, e.g. with pymatgen's OrderDisorderedStructureTransformation)"
+            )
+        if any(isinstance(sp, DummySpecies) for sp in site.species):
+            raise StructureReadError(f"{name} has a site without a real element (site {i}: {site.species})")
+    limit = max_template_atoms() if max_atoms is None else max_atoms
+    if len(structure) > limit:
+        raise StructureReadError(
+            f"{name} has {len(structure)} sites; a template may have at most {limit} "
+            "(raise the limit with CSPML_MAX_TEMPLATE_ATOMS or the config key max_template_atoms)"
+        )
+    n_el = len(structure.composition.elements)
+    if n_el > MAX_ELEMENTS:
+        raise StructureReadError(f"{name} has {n_el} elements; a template may have at most {MAX_ELEMENTS}")
+
+
 def template_doc_from_structure(
     structure: Structure,
     material_id: str,
     source: str = "unknown",
+    max_atoms: int | None = None,
     **properties: Any,
 ) -> TemplateDoc:
-    """Build a template document: formula bookkeeping plus spglib symmetry and prototype label."""
+    """Build a template document: formula bookkeeping plus spglib symmetry and prototype label.
+
+    The structure is checked first (:func:`check_template_structure`; ``max_atoms`` default: the configured
+    limit); a structure that cannot be a template raises StructureReadError naming ``material_id``."""
+    check_template_structure(structure, f"structure {material_id}", max_atoms)
     comp = structure.composition
     r = roles(comp)
     info = prototype_info(structure)

@@ -5,13 +5,19 @@
 - ``None`` or a folder path: embedded on-disk MontyStore (sqlite) that other processes can read (default
   ``$CSPML_HOME/store``);
 - ``mongodb://`` / ``mongodb+srv://`` URI: a MongoDB server (``MongoURIStore``);
-- ``*.json``: a maggma JSONStore file;
+- ``*.json``: a maggma JSONStore file, written atomically (temporary file, then rename) under a file lock;
+  a file that does not parse is an error naming it, never an empty store;
 - ``memory://NAME``: an in-process MemoryStore (tests).
+
+Every write is an upsert on the document key (:func:`upsert`): a document's ``_id`` is its key, so two
+processes writing the same key at once leave one document, not two.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
+import os
 import re
 import sqlite3
 from collections.abc import Iterable, Iterator
@@ -22,12 +28,14 @@ from maggma.core import Store
 from maggma.stores import JSONStore, MemoryStore, MongoURIStore, MontyStore
 
 from cspml_flows.config import default_store_path
-from cspml_flows.errors import StoreError
+from cspml_flows.errors import CSPMLError, StoreError
+from cspml_flows.safeio import atomic_open
 from cspml_flows.templates.schema import TemplateDoc
 
 COLLECTION = "templates"
 KEY = "material_id"
 DEFAULT_DATABASE = "cspml"
+MONTY_CONFIG = "monty.storage.cfg"  # what montydb writes into every embedded store folder
 
 
 def mongo_database_name(uri: str) -> str:
@@ -59,12 +67,194 @@ def store_from_uri(uri: str | Path | None, collection: str = COLLECTION, create:
     if path.suffix == ".json":
         if not path.exists() and not create:
             raise StoreError(f"template store file not found: {path}")
-        return JSONStore(str(path), read_only=False, key=KEY)
+        return AtomicJSONStore(str(path), read_only=False, key=KEY)
+    return embedded_store(path, collection, KEY, create, "template store")
+
+
+def embedded_store(path: Path, collection: str, key: str, create: bool, what: str) -> MontyStore:
+    """The embedded on-disk store (montydb on sqlite) of a folder; ``create=False`` refuses a missing folder
+    or one that is not a store, without writing anything into it."""
     if not path.exists():
         if not create:
-            raise StoreError(f"template store not found: {path} (import structures with 'cspml import')")
+            raise StoreError(f"{what} not found: {path} (import structures with 'cspml import')")
         path.mkdir(parents=True, exist_ok=True)
-    return MontyStore(collection, database_path=str(path), storage="sqlite", key=KEY)
+    elif not path.is_dir():
+        raise StoreError(f"{what} {path} is a file, not a store folder")
+    elif not create and not (path / MONTY_CONFIG).is_file():
+        raise StoreError(f"{path} is not a {what} (no {MONTY_CONFIG} in it)")
+    return EmbeddedStore(collection, database_path=str(path), storage="sqlite", key=key)
+
+
+class EmbeddedStore(MontyStore):
+    """maggma's MontyStore (sqlite) that writes montydb's storage configuration only when it creates the
+    store: opening an existing store to read it (``cspml predict``) leaves its folder as it was."""
+
+    def connect(self, force_reset: bool = False) -> None:
+        if not self._coll or force_reset:
+            from montydb import MontyClient, set_storage
+
+            if not (Path(self.database_path) / MONTY_CONFIG).is_file():
+                set_storage(self.database_path, storage=self.storage, **self.storage_kwargs)
+            client = MontyClient(self.database_path, **self.client_kwargs)
+            self._coll = client[self.database_name][self.collection_name]
+
+
+class AtomicJSONStore(JSONStore):
+    """maggma's JSONStore, made safe for user data.
+
+    - A file that does not parse (or holds anything but documents with the key) raises StoreError naming it;
+      maggma logs and skips it, and the next write would replace it with the new documents only.
+    - Each write holds an exclusive lock on ``<file>.lock``, first reloads the file if another process
+      replaced it since it was read, then writes the whole store to a temporary file and renames it over
+      the file: a kill or a crash leaves the old or the new file, and concurrent writers do not lose each
+      other's documents.
+    """
+
+    _stamp: tuple[int, int, int] | None = None
+
+    def connect(self, force_reset: bool = False) -> None:
+        if self._coll is None or force_reset:
+            import mongomock_ng
+
+            self._coll = mongomock_ng.MongoClient().db[self.name]
+            path = Path(self.paths[0])
+            if not self.read_only and not path.exists():
+                with self.transaction():
+                    pass  # writes an empty store file
+            else:
+                self._load()
+
+    def _file_stamp(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self.paths[0])
+        except FileNotFoundError:
+            return None
+        return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def _load(self) -> None:
+        """Replace the in-memory documents with the file's; StoreError when the file is unreadable."""
+        path = Path(self.paths[0])
+        stamp = self._file_stamp()
+        try:
+            objects = self.read_json_file(path) if stamp is not None else []
+            rows: dict[str, dict] = {}
+            for obj in objects:
+                if not isinstance(obj, dict) or obj.get(self.key) is None:
+                    raise ValueError(f"an entry without '{self.key}'")
+                obj.pop("_id", None)
+                rows[str(obj[self.key])] = {**obj, "_id": str(obj[self.key])}
+        except Exception as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise StoreError(
+                f"template store file {path} cannot be read ({reason}); it was left as it is: restore or move it"
+            ) from None
+        self._coll.delete_many({})
+        if rows:
+            self._coll.insert_many(list(rows.values()))
+        self._stamp = stamp
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Hold the file lock, reload the file if another process changed it, run the block, write the file
+        atomically."""
+        if self.read_only:
+            yield
+            return
+        import fcntl
+
+        lock_path = Path(f"{self.paths[0]}.lock")
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        with lock_path.open("a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                if self._file_stamp() != self._stamp:
+                    self._load()
+                yield
+                self.update_json_file()
+            except BaseException:
+                self._stamp = None  # the file was not written: the next access reloads it
+                raise
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def update(self, docs: list[dict] | dict, key: list | str | None = None) -> None:
+        with self.transaction():
+            MemoryStore.update(self, docs, key=key)
+
+    def remove_docs(self, criteria: dict) -> None:
+        with self.transaction():
+            MemoryStore.remove_docs(self, criteria)
+
+    def update_json_file(self) -> None:
+        """Write every document to the file atomically (temporary file, then rename)."""
+        import orjson
+
+        data = [{k: v for k, v in d.items() if k != "_id"} for d in self.query()]
+        text = orjson.dumps(data, option=self.serialization_option, default=self.serialization_default).decode()
+        with atomic_open(self.paths[0], "w", encoding=self.encoding or "utf-8") as fh:
+            fh.write(text)
+        self._stamp = self._file_stamp()
+
+
+def _duplicate_key_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions the backends raise when an insert meets an existing ``_id``."""
+    found: list[type[BaseException]] = [sqlite3.IntegrityError]
+    for module in ("pymongo.errors", "mongomock", "mongomock_ng", "montydb.errors"):
+        try:
+            mod = importlib.import_module(module)
+        except ImportError:
+            continue
+        found += [getattr(mod, n) for n in ("DuplicateKeyError", "BulkWriteError") if hasattr(mod, n)]
+    return tuple(found)
+
+
+def _backend_errors() -> tuple[type[BaseException], ...]:
+    """The base exception classes of the database clients (pymongo, montydb, bson)."""
+    found: list[type[BaseException]] = []
+    for module, name in (("pymongo.errors", "PyMongoError"), ("montydb.errors", "MontyError"), ("bson", "InvalidBSON")):
+        with contextlib.suppress(ImportError):
+            found.append(getattr(importlib.import_module(module), name))
+    return tuple(found)
+
+
+def upsert(store: Store, docs: Iterable[dict[str, Any]], key: str, assume_new: bool = False) -> int:
+    """Insert or replace documents by ``key`` (its value, as text, is also the document's ``_id``).
+
+    New documents go in one bulk insert; if another writer stored some of the same keys meanwhile, the
+    backend refuses the duplicate ``_id`` and the write is retried as replacements, so concurrent or
+    repeated writes leave exactly one document per key. Copies of a key left by older versions are removed.
+    ``assume_new`` skips the first lookup of existing keys. Returns how many distinct keys were written.
+    """
+    rows: dict[str, dict[str, Any]] = {}
+    for d in docs:
+        row = {k: v for k, v in dict(d).items() if k != "_id"}  # an id from another store must not clash
+        if row.get(key) is None:
+            raise StoreError(f"document without '{key}' (fields: {', '.join(map(str, row))})")
+        row[key] = str(row[key])
+        rows[row[key]] = row  # a key given twice: the last document wins
+    if not rows:
+        return 0
+    coll = store._collection
+    duplicate = _duplicate_key_errors()
+    for attempt in range(5):
+        found: dict[str, list[Any]] = {}
+        if attempt or not assume_new:
+            for d in coll.find({key: {"$in": list(rows)}}, {key: 1}):
+                found.setdefault(str(d[key]), []).append(d["_id"])
+        new = [{**r, "_id": k} for k, r in rows.items() if k not in found]
+        try:
+            if new:
+                coll.insert_many(new, ordered=False)
+        except duplicate:
+            continue  # another writer added some of these keys: look again and replace them
+        for k, ids in found.items():
+            keep = k if k in ids else ids[0]
+            coll.replace_one({"_id": keep}, rows[k])
+            extra = [i for i in ids if i != keep]
+            if extra:
+                coll.delete_many({"_id": {"$in": extra}})
+        return len(rows)
+    raise StoreError(f"store {redact_uri(str(store.name))}: writes of the same keys keep colliding; try again")
 
 
 class TemplateStore:
@@ -113,58 +303,83 @@ class TemplateStore:
             return f if f.is_file() else None
         return None
 
+    @contextlib.contextmanager
+    def _reading(self, action: str = "read") -> Iterator[None]:
+        """Backend failures (a damaged sqlite file, an unreachable server, a full disk) as one StoreError
+        naming the store."""
+        try:
+            yield
+        except CSPMLError:
+            raise
+        except (sqlite3.Error, OSError, ValueError, *_backend_errors()) as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            hint = " (damaged or not a store?)" if action == "read" else ""
+            raise StoreError(f"cannot {action} template store {self.name}: {reason}{hint}") from None
+
     def count(self) -> int:
         """Number of documents (montydb decodes every document to count; sqlite is asked directly)."""
         f = self._sqlite_file()
         if f is not None:
             try:
-                with contextlib.closing(sqlite3.connect(f"file:{f}?mode=ro", uri=True)) as con:
+                # read-write without create: closing it removes the -wal/-shm files a read-only one leaves
+                with contextlib.closing(sqlite3.connect(f"file:{f}?mode=rw", uri=True)) as con:
                     return int(con.execute("SELECT COUNT(*) FROM documents").fetchone()[0])
-            except sqlite3.Error:
-                pass  # another montydb layout: ask the store
-        return self.store.count()
+            except sqlite3.Error as exc:
+                if "no such table" in str(exc):
+                    return 0  # another process is creating the collection right now
+                # another montydb layout: ask the store
+        with self._reading():
+            return self.store.count()
+
+    def _being_created(self) -> bool:
+        """Whether the embedded collection's file exists without its table yet (another process creating it
+        this instant): montydb would fail to read it; it is empty."""
+        f = self._sqlite_file()
+        if f is None:
+            return False
+        try:
+            with contextlib.closing(sqlite3.connect(f"file:{f}?mode=rw", uri=True)) as con:
+                sql = "SELECT name FROM sqlite_master WHERE type='table' AND name='documents'"
+                return con.execute(sql).fetchone() is None
+        except sqlite3.Error:
+            return False
 
     def ids(self) -> set[str]:
-        return {str(i) for i in self.store.distinct(KEY)}
+        if self._being_created():
+            return set()
+        with self._reading():
+            return {str(i) for i in self.store.distinct(KEY)}
 
     def add(self, docs: Iterable[TemplateDoc | dict[str, Any]], assume_new: bool = False) -> int:
-        """Insert new documents in one bulk write and update existing ones; returns how many were written.
-
-        ``assume_new`` skips the lookup of existing keys when the caller already filtered them out.
-        """
-        by_key: dict[str, dict[str, Any]] = {}
-        for d in docs:
-            row = d.model_dump(mode="json") if isinstance(d, TemplateDoc) else dict(d)
-            row.pop("_id", None)  # an id from another store must not clash with ours
+        """Insert new documents and replace existing ones (:func:`upsert` on ``material_id``); returns how
+        many were written. ``assume_new`` skips the first lookup of existing keys (an importer that already
+        filtered them out); a key written meanwhile by another process is still stored once."""
+        rows = [d.model_dump(mode="json") if isinstance(d, TemplateDoc) else dict(d) for d in docs]
+        for row in rows:
             if row.get(KEY) is None:
                 raise StoreError(f"template document without '{KEY}' (fields: {', '.join(map(str, row))})")
-            row[KEY] = str(row[KEY])
-            by_key[row[KEY]] = row  # a key given twice in one call: the last document wins
-        rows = list(by_key.values())
         if not rows:
             return 0
-        keys = list(by_key)
-        existing = (
-            set() if assume_new else {str(d[KEY]) for d in self.store.query({KEY: {"$in": keys}}, properties=[KEY])}
-        )
-        new = [r for r in rows if r[KEY] not in existing]
-        old = [r for r in rows if r[KEY] in existing]
-        if new:
-            # maggma's update() upserts one document at a time, which is quadratic on embedded stores
-            self.store._collection.insert_many(new)
-        if old:
-            self.store.update(old, key=KEY)  # a writable JSONStore rewrites its file here
-        elif new and isinstance(self.store, JSONStore) and not self.store.read_only:
-            self.store.update_json_file()  # the direct insert bypassed JSONStore's own file write
-        return len(rows)
+        st = self.store
+        with (
+            self._reading("write to"),
+            st.transaction() if isinstance(st, AtomicJSONStore) else contextlib.nullcontext(),
+        ):
+            return upsert(st, rows, KEY, assume_new=assume_new)
 
     def docs(self, criteria: dict | None = None, properties: list[str] | None = None) -> Iterator[dict]:
-        for d in self.store.query(criteria or {}, properties=properties):
-            d.pop("_id", None)
-            yield d
+        if self._being_created():
+            return
+        with self._reading():
+            for d in self.store.query(criteria or {}, properties=properties):
+                d.pop("_id", None)
+                yield d
 
     def get(self, material_id: str) -> TemplateDoc | None:
-        d = self.store.query_one({KEY: material_id})
+        if self._being_created():
+            return None
+        with self._reading():
+            d = self.store.query_one({KEY: material_id})
         if d is None:
             return None
         d.pop("_id", None)
@@ -184,5 +399,6 @@ class TemplateStore:
         if f is not None:
             st = f.stat()
             return f"{self.count()}|{st.st_size}|{st.st_mtime_ns}"
-        newest = self.store.query_one(properties=["last_updated"], sort={"last_updated": -1}) or {}
+        with self._reading():
+            newest = self.store.query_one(properties=["last_updated"], sort={"last_updated": -1}) or {}
         return f"{self.count()}|{newest.get('last_updated')}"
