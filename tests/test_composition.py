@@ -28,7 +28,8 @@ from cspml_flows.errors import CompositionError, CSPMLError
         ("Li3PS4", {"Li": 3, "P": 1, "S": 4}),
         ("Mg3(PO4)2", {"Mg": 3, "P": 2, "O": 8}),
         ("  KBr ", {"K": 1, "Br": 1}),
-        ("Fe0.5Ni0.5", {"Fe": 0.5, "Ni": 0.5}),
+        ("Fe0.5Ni0.5", {"Fe": 1, "Ni": 1}),  # simple fractions are scaled to whole numbers
+        ("Fe0.137Ni", {"Fe": 0.137, "Ni": 1}),  # other decimals are kept
         ("Ca(OH)2", {"Ca": 1, "O": 2, "H": 2}),
     ],
 )
@@ -130,10 +131,19 @@ def test_roles_of_oxidation_state_decorated_composition():
     assert anonymous_formula(comp) == "AB"
 
 
-def test_roles_fractional_amounts_kept():
+def test_roles_simple_fractions_scaled_to_integers():
     r = roles("Fe0.25Ni0.75")
     assert r.elements == ("Fe", "Ni")
-    assert r.amounts == pytest.approx((0.25, 0.75))
+    assert r.amounts == (1.0, 3.0)
+    assert roles(Composition({"Na": 0.5, "Cl": 0.5})) == roles("NaCl")  # Composition objects too
+    assert parse_composition("Na0.5Cl0.5").reduced_formula == "NaCl"
+    assert parse_composition("Sr0.2Ti0.2O0.6").reduced_formula == "SrTiO3"
+
+
+def test_roles_other_fractional_amounts_kept():
+    r = roles("Fe0.137Ni0.863")
+    assert r.elements == ("Fe", "Ni")
+    assert r.amounts == pytest.approx((0.137, 0.863))
 
 
 def test_roles_of_empty_composition_raises():
@@ -206,8 +216,7 @@ def test_permutations_across_two_tie_groups():
         "Na4Cl4",
         "O2",
         "Fe",
-        "Fe0.5O0.5",
-        "Na2.5Cl1.5",
+        "Fe0.137O0.5",
         "Al2(SO4)3",
         "CaMg(CO3)2",
     ],
@@ -217,8 +226,9 @@ def test_anonymous_formula_matches_pymatgen(formula):
 
 
 def test_anonymous_formula_of_composition_objects():
-    comp = Composition({"Fe": 1 / 3, "O": 2 / 3})
+    comp = Composition({"Fe": 0.137, "O": 0.5})
     assert anonymous_formula(comp) == comp.anonymized_formula
+    assert anonymous_formula(Composition({"Fe": 1 / 3, "O": 2 / 3})) == "AB2"
     assert anonymous_formula(Composition("Sr3Ti3O9")) == "ABC3"
 
 

@@ -1,27 +1,53 @@
 """Campaigns: a YAML config (validated with pydantic), N rounds of :class:`CSPMaker` flows run with jobflow,
 state in maggma stores so that a re-run or a restart after a kill recomputes nothing finished.
 
-Round k+1 retrieves from the template store that round k updated.
+Round k+1 retrieves from the template store that round k updated. Relative paths in a campaign file are
+relative to the file's folder. Limits (each a one-line error): ``MAX_COMPOSITIONS`` compositions per campaign,
+``MAX_SYSTEM_ELEMENTS`` elements per chemical system, and a composition space of at most ``MAX_CANDIDATES``
+formulas before the charge-balance filter.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
-from itertools import product
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-from cspml_flows.config import read_yaml
+from cspml_flows.config import read_yaml, resolve_path
 from cspml_flows.errors import ConfigError, CSPMLError
 from cspml_flows.flows.calculators import CalculatorSettings
+
+MAX_COMPOSITIONS = 10_000  # compositions of one campaign
+MAX_SYSTEM_ELEMENTS = 6  # elements of one chemical system in a composition space
+MAX_CANDIDATES = 20_000  # formulas of a composition space before the (slow) charge-balance filter
+MAX_NAME = 100  # characters of a campaign name (it names folders)
 
 
 class CampaignError(CSPMLError):
     """A campaign round whose flow did not finish."""
+
+
+def check_name(value: str) -> str:
+    """Pydantic-validator helper: a campaign name that can name a folder."""
+    if len(value) > MAX_NAME:
+        raise ValueError(f"at most {MAX_NAME} characters (got {len(value)})")
+    if set(value) <= {"."}:
+        raise ValueError("must contain a letter, digit or '_'")
+    return value
+
+
+def _counts(n: int, total: int) -> Iterator[tuple[int, ...]]:
+    """Tuples of ``n`` positive integers with sum at most ``total``."""
+    if n == 0:
+        yield ()
+        return
+    for first in range(1, total - n + 2):
+        for rest in _counts(n - 1, total - first):
+            yield (first, *rest)
 
 
 class CompositionSpace(BaseModel):
@@ -44,25 +70,41 @@ class CompositionSpace(BaseModel):
             bad = [e for e in els if not Element.is_valid_symbol(e)]
             if bad or len(set(els)) != len(els) or len(els) < 2:
                 raise ValueError(f"chemical system {cs!r} must be 2+ distinct element symbols joined by '-'")
+            if len(els) > MAX_SYSTEM_ELEMENTS:
+                raise ValueError(f"chemical system {cs!r} has {len(els)} elements; at most {MAX_SYSTEM_ELEMENTS}")
         return value
 
+    @model_validator(mode="after")
+    def _check_size(self) -> CompositionSpace:
+        if self.size() > MAX_CANDIDATES:
+            raise ValueError(
+                f"{', '.join(self.chemsys)} with max_atoms {self.max_atoms} spans {self.size():,} formulas (at most "
+                f"{MAX_CANDIDATES:,}): lower max_atoms or use fewer elements per system"
+            )
+        return self
+
+    def size(self) -> int:
+        """Formulas before the gcd and charge-balance filters (counted, not enumerated)."""
+        return sum(math.comb(self.max_atoms, len(cs.split("-"))) for cs in self.chemsys)
+
     def enumerate(self) -> list[str]:
+        """The formulas of the space; ConfigError when there are more than a campaign may have."""
         from pymatgen.core import Composition
 
         from cspml_flows.predict.validity import smact_valid
 
-        out: list[str] = []  # plain formulas in the system's element order (Li3PS4, not pymatgen's Li3(PS4))
+        out: dict[str, None] = {}  # plain formulas in the system's element order (Li3PS4, not pymatgen's Li3(PS4))
         for cs in self.chemsys:
             els = cs.split("-")
-            for counts in product(range(1, self.max_atoms + 1), repeat=len(els)):
-                if sum(counts) > self.max_atoms or math.gcd(*counts) != 1:
+            for counts in _counts(len(els), self.max_atoms):
+                if math.gcd(*counts) != 1:
                     continue
                 if self.charge_balanced and not smact_valid(Composition(dict(zip(els, counts, strict=True)))):
                     continue
-                formula = "".join(f"{el}{n if n > 1 else ''}" for el, n in zip(els, counts, strict=True))
-                if formula not in out:
-                    out.append(formula)
-        return out
+                out["".join(f"{el}{n if n > 1 else ''}" for el, n in zip(els, counts, strict=True))] = None
+        if len(out) > MAX_COMPOSITIONS:
+            raise ConfigError(f"compositions: {len(out):,} formulas; a campaign may have at most {MAX_COMPOSITIONS:,}")
+        return list(out)
 
 
 class StoresConfig(BaseModel):
@@ -80,7 +122,7 @@ class CampaignConfig(BaseModel):
 
     model_config = {"extra": "forbid"}
 
-    name: str = Field(pattern=r"^[A-Za-z0-9_.]+$", description="letters, digits, '_' and '.'")
+    name: str = Field(pattern=r"^[A-Za-z0-9_.]+$", description="letters, digits, '_' and '.' (at most 100)")
     compositions: list[str] | CompositionSpace
     top_k: int = Field(5, ge=1, le=50)
     strict: bool = Field(False, description="ignore templates of the query's own formula")
@@ -93,6 +135,11 @@ class CampaignConfig(BaseModel):
     workdir: str | None = Field(None, description="reports and default stores (default: out/campaigns/<name>)")
     workers: int = Field(1, ge=1, description="processes for building the template index")
 
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        return check_name(value)
+
     @field_validator("compositions")
     @classmethod
     def _check_formulas(cls, value: list[str] | CompositionSpace) -> list[str] | CompositionSpace:
@@ -101,6 +148,8 @@ class CampaignConfig(BaseModel):
         if isinstance(value, list):
             if not value:
                 raise ValueError("at least one composition is needed")
+            if len(value) > MAX_COMPOSITIONS:
+                raise ValueError(f"{len(value):,} compositions; a campaign may have at most {MAX_COMPOSITIONS:,}")
             check_formulas(value)
         return value
 
@@ -137,30 +186,48 @@ class CampaignConfig(BaseModel):
 def _format_errors(exc: ValidationError) -> str:
     lines = []
     for e in exc.errors():
-        loc = ".".join(str(x) for x in e["loc"] if not str(x).startswith(("list[", "CompositionSpace")))
+        if e["type"] == "list_type" and isinstance(e.get("input"), dict):
+            continue  # a composition space was meant, not a list: its own errors follow
+        loc = ".".join(str(x) for x in e["loc"] if "[" not in str(x) and not str(x).startswith("CompositionSpace"))
         msg = e["msg"].replace("Value error, ", "")
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
         given = e.get("input")
-        shown = f" (got {given!r})" if e["type"] != "extra_forbidden" and not isinstance(given, dict | list) else ""
+        text = repr(given) if len(repr(given)) <= 60 else repr(given)[:57] + "..."
+        shown = f" (got {text})" if e["type"] != "extra_forbidden" and not isinstance(given, dict | list) else ""
         lines.append(f"{loc or '<top>'}: {msg}{shown}")
     return "; ".join(dict.fromkeys(lines))
 
 
-def parse_campaign(data: Any, source: str = "campaign config") -> CampaignConfig:
-    """Validate a mapping; ConfigError names every bad key or value."""
+def parse_campaign(data: Any, source: str = "campaign config", base: Path | None = None) -> CampaignConfig:
+    """Validate a mapping; ConfigError names every bad key or value. With ``base`` (the folder of the
+    campaign file), relative paths (stores, workdir, model) are taken relative to it."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source} must hold a mapping of keys, got {type(data).__name__}")
     try:
-        return CampaignConfig.model_validate(data)
+        cfg = CampaignConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(f"{source}: {_format_errors(exc)}") from None
+    if base is not None:
+        stores = {k: resolve_path(v, base) for k, v in cfg.stores.model_dump().items()}
+        cfg.stores = StoresConfig(**stores)
+        cfg.workdir = resolve_path(cfg.workdir, base)
+        cfg.model = resolve_path(cfg.model, base)
+    return cfg
 
 
 def load_campaign(path: str | Path) -> CampaignConfig:
-    """Read and validate a campaign YAML file."""
+    """Read and validate a campaign YAML file (relative paths in it: relative to its folder)."""
     p = Path(path).expanduser()
-    return parse_campaign(read_yaml(p, "campaign file"), str(p))
+    return parse_campaign(read_yaml(p, "campaign file"), str(p), base=p.resolve().parent)
+
+
+def with_rounds(cfg: CampaignConfig, rounds: int) -> CampaignConfig:
+    """The campaign with another number of rounds, validated like the file's value."""
+    try:
+        return CampaignConfig.model_validate({**cfg.model_dump(), "rounds": rounds})
+    except ValidationError as exc:
+        raise ConfigError(f"--rounds: {_format_errors(exc)}") from None
 
 
 # ---------------------------------------------------------------------------------------------- running
@@ -206,7 +273,7 @@ def run_campaign(cfg: CampaignConfig, log: Callable[[str], None] = print, report
     """Run (or resume) every round locally with ``run_locally``; returns the per-round summaries."""
     from jobflow import run_locally
 
-    from cspml_flows.flows.stores import STATE_COLLECTION, close_store, job_store, open_store
+    from cspml_flows.flows.stores import STATE_COLLECTION, close_store, job_store, open_store, write_docs
 
     check_inputs(cfg)
     cfg.workdir_path().mkdir(parents=True, exist_ok=True)
@@ -226,7 +293,7 @@ def run_campaign(cfg: CampaignConfig, log: Callable[[str], None] = print, report
             store = job_store(cfg.jobs_store())
             run_locally(flow, store=store, create_folders=False, ensure_success=False, log=False)
             summary = summarize_round(flow, store, k, time.perf_counter() - t0)
-            state.update([{"round_id": rid, "status": "done", "summary": summary}], key="round_id")
+            write_docs(state, [{"round_id": rid, "status": "done", "summary": summary}], key="round_id")
             rounds.append(summary)
             log(
                 f"round {k}: {summary['n_candidates']} candidates, {summary['n_computed']} relaxed now, "

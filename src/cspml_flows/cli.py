@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -74,7 +75,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from cspml_flows.composition import parse_composition
 
     comps = [parse_composition(c) for c in args.compositions]  # bad formulas fail before any loading
-    _check_out(args.out)
+    check_out(args.out)
     if getattr(args, "polymorphs", None) or getattr(args, "templates", None):
         from cspml_flows.hetero.cli import predictions
 
@@ -85,10 +86,25 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_out(out: str | None) -> None:
-    """Refuse an output path that is a file before any work is done."""
-    if out and Path(out).exists() and not Path(out).is_dir():
+def check_out(out: str | None) -> None:
+    """Refuse, before any work is done, an output folder that is a file or cannot be written: the nearest
+    existing folder on its path must take a (deleted at once) temporary file. Nothing is created."""
+    if not out:
+        return
+    path = Path(out).expanduser()
+    if path.exists() and not path.is_dir():
         raise CSPMLError(f"output folder {out} is a file")
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise CSPMLError(f"cannot create output folder {out}: {existing} is a file")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        where = "" if existing == path else f" ({existing} is not writable)"
+        raise CSPMLError(f"cannot write to output folder {out}{where}: {exc.strerror or exc}") from None
 
 
 def _print_predictions(summary: list[dict], out: str | Path | None) -> None:
@@ -151,7 +167,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from cspml_flows.predict.predictor import CSPPredictor
     from cspml_flows.templates.index import TemplateIndex
 
-    _check_out(args.out)
+    check_out(args.out)
     home = home_dir()
     print(f"home {home}: store, models and caches (every cspml call in this folder uses it)")
     times: dict[str, float] = {}
@@ -196,11 +212,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_campaign_run(args: argparse.Namespace) -> int:
-    from cspml_flows.campaign import load_campaign, run_campaign
+    from cspml_flows.campaign import load_campaign, run_campaign, with_rounds
 
     cfg = load_campaign(args.config)
-    if args.rounds:
-        cfg = cfg.model_copy(update={"rounds": args.rounds})
+    if args.rounds is not None:
+        cfg = with_rounds(cfg, args.rounds)  # validated like the file's value
     result = run_campaign(cfg, log=lambda m: print(m, flush=True), report=not args.no_report)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -238,8 +254,34 @@ def cmd_campaign_benchmark(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``error: ...``, exit code 2) like every other bad input."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"error: {self.prog}: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+positive = _int_at_least(1)
+non_negative = _int_at_least(0)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cspml", description=__doc__)
+    p = _Parser(prog="cspml", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     sub = p.add_subparsers(dest="command", required=True)
@@ -249,21 +291,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("paths", nargs="*", help="CSV files, folders, store URIs, shared-data files or MP chemsys")
     s.add_argument("--store", help="template store: folder (embedded), mongodb:// URI or .json file")
     s.add_argument("--collection", default="templates", help="collection of a source store")
-    s.add_argument("--workers", type=int, default=2)
+    s.add_argument("--workers", type=positive, default=2)
     s.add_argument("--skip-invalid", action="store_true", help="skip unreadable files instead of stopping")
     s.set_defaults(func=cmd_import)
 
     s = sub.add_parser("train", help="train the similarity model on the template store")
     s.add_argument("--store")
     s.add_argument("--model", help="output model file (default $CSPML_HOME/models/cspml.json.gz)")
-    s.add_argument("--workers", type=int, default=2)
+    s.add_argument("--workers", type=positive, default=2)
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--max-iter", type=int, default=150, help="boosting rounds (early stopping may use fewer)")
+    s.add_argument("--max-iter", type=positive, default=150, help="boosting rounds (early stopping may use fewer)")
     s.add_argument(
-        "--check-labels", type=int, default=200, help="held-out pairs whose cluster label is checked by fit_anonymous"
+        "--check-labels",
+        type=non_negative,
+        default=200,
+        help="held-out pairs whose cluster label is checked by fit_anonymous",
     )
     s.add_argument(
-        "--ranker-queries", type=int, default=2000, help="held-out store formulas the ranker learns from (0: none)"
+        "--ranker-queries",
+        type=non_negative,
+        default=2000,
+        help="held-out store formulas the ranker learns from (0: none)",
     )
     s.add_argument("--hetero", action="store_true", help="train the heterogeneous composition<->structure model")
     s.add_argument("--core-model", help="with --hetero: core model to fuse (default $CSPML_HOME/models/cspml.json.gz)")
@@ -271,26 +319,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("predict", help="predict structures for compositions")
     s.add_argument("compositions", nargs="+")
-    s.add_argument("--top", type=int, default=5)
+    s.add_argument("--top", type=positive, default=5)
     s.add_argument("--out", help="folder for CIF files and predictions.json")
     s.add_argument("--store")
     s.add_argument("--model")
-    s.add_argument("--workers", type=int, default=2)
+    s.add_argument("--workers", type=positive, default=2)
     s.add_argument(
         "--exclude-same-formula",
         action="store_true",
         help="ignore templates of the query's own formula (predict as if unseen)",
     )
-    s.add_argument("--polymorphs", type=int, metavar="K", help="K distinct structures ranked by the hetero model")
+    s.add_argument("--polymorphs", type=positive, metavar="K", help="K distinct structures ranked by the hetero model")
     s.add_argument("--templates", metavar="DIR", help="folder of CIF/POSCAR files added as templates (no retraining)")
-    s.add_argument("--hetero-model", help="hetero model file (default $CSPML_HOME/models/hetero.joblib)")
+    s.add_argument("--hetero-model", help="hetero model file (default $CSPML_HOME/models/hetero.json.gz)")
     s.set_defaults(func=cmd_predict)
 
     s = sub.add_parser("benchmark", help="run a benchmark protocol")
     s.add_argument("--protocol", required=True, choices=["mp20bt", "mpts52"])
     s.add_argument("--setting", default="standard", choices=["standard", "strict"])
-    s.add_argument("--limit", type=int, help="fixed-seed sample of N queries")
-    s.add_argument("--workers", type=int, default=2)
+    s.add_argument("--limit", type=positive, help="fixed-seed sample of N queries")
+    s.add_argument("--workers", type=positive, default=2)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--baselines", nargs="*", default=["random", "nearest", "pymatgen_substitution"])
     s.add_argument("--retrain", action="store_true", help="ignore a cached benchmark model")
@@ -298,7 +346,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-extra", action="store_true", help="hetero: skip polymorph/leave-prototype-out evaluations")
     s.add_argument("--no-speed", action="store_true", help="skip the top-5 throughput measurement")
     s.add_argument(
-        "--ranker-queries", type=int, default=2000, help="pool formulas the ranker learns from (0: pair model only)"
+        "--ranker-queries",
+        type=non_negative,
+        default=2000,
+        help="pool formulas the ranker learns from (0: pair model only)",
     )
     s.add_argument(
         "--slice",
@@ -321,16 +372,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("demo", help="end to end on the embedded default store")
     s.add_argument("--out", default="out/demo")
-    s.add_argument("--top", type=int, default=3)
-    s.add_argument("--workers", type=int, default=2)
+    s.add_argument("--top", type=positive, default=3)
+    s.add_argument("--workers", type=positive, default=2)
     s.add_argument("--train", action="store_true", help="train a model on the demo store instead of the shipped one")
-    s.add_argument("--ranker-queries", type=int, default=2000, help="with --train: formulas the ranker learns from")
+    s.add_argument(
+        "--ranker-queries", type=non_negative, default=2000, help="with --train: formulas the ranker learns from"
+    )
     s.set_defaults(func=cmd_demo)
     s = sub.add_parser("campaign", help="validation campaigns: predict, relax, hull, promote over rounds")
     csub = s.add_subparsers(dest="campaign_command", required=True)
     c = csub.add_parser("run", help="run (or resume) a campaign locally with jobflow run_locally")
     c.add_argument("config", help="campaign YAML, e.g. configs/campaign_emt.yaml")
-    c.add_argument("--rounds", type=int, help="override the number of rounds")
+    c.add_argument("--rounds", type=positive, help="override the number of rounds")
     c.add_argument("--no-report", action="store_true")
     c.add_argument("--json", help="write the round summaries to this JSON file")
     c.set_defaults(func=cmd_campaign_run)
@@ -339,22 +392,25 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_campaign_report)
     c = csub.add_parser("benchmark", help="relax top-k candidates of benchmark queries: flow vs plain ASE loop")
     c.add_argument("--protocol", default="mp20bt", choices=["mp20bt", "mpts52"])
-    c.add_argument("--queries", type=int, default=100)
-    c.add_argument("--top", type=int, default=5)
+    c.add_argument("--queries", type=positive, default=100)
+    c.add_argument("--top", type=positive, default=5)
     c.add_argument("--calculator", default="chgnet", choices=["chgnet", "emt"])
-    c.add_argument("--steps", type=int, default=300)
+    c.add_argument("--steps", type=positive, default=300)
     c.add_argument("--fmax", type=float, default=0.05)
     c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--workers", type=int, default=2)
+    c.add_argument("--workers", type=positive, default=2)
     c.add_argument("--out", default="out/bench/relax")
-    c.add_argument("--chunk", type=int, default=5, help="queries per alternation of the two methods")
+    c.add_argument("--chunk", type=positive, default=5, help="queries per alternation of the two methods")
     c.add_argument("--pool", help="an existing pool store folder (default: import under $CSPML_HOME)")
     c.set_defaults(func=cmd_campaign_benchmark)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # bad arguments (one line, code 2) or --help (code 0)
+        return exc.code if isinstance(exc.code, int) else 2
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     shown = progress.enabled()
     progress.enable(not args.quiet)

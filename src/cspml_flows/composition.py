@@ -4,6 +4,9 @@ A composition's *roles* are its elements ordered by reduced amount (ascending, a
 formula ``ABC3``), then by Pauling electronegativity, then by atomic number. Two compositions with the same
 anonymous formula are compared role by role; elements whose amounts tie form a *tie group* whose members
 may be permuted when substituting onto a template.
+
+Formulas are read with ASCII digits only, at most ``MAX_ELEMENTS`` elements and ``MAX_AMOUNT`` atoms of an
+element; decimal amounts that are simple fractions are scaled to integers (``Na0.5Cl0.5`` is NaCl).
 """
 
 from __future__ import annotations
@@ -20,7 +23,10 @@ from pymatgen.core import Composition, Element
 from cspml_flows.errors import CompositionError
 
 MAX_ASSIGNMENTS = 120  # element-to-site assignments per composition: all of five tied elements (ABCDE)
-_TOKEN = re.compile(r"([A-Z][a-z]?)|(\d+(?:\.\d+)?)|(\()|(\))|(\s+)")
+MAX_ELEMENTS = 12  # distinct elements in a formula
+MAX_AMOUNT = 10_000  # atoms of one element in a formula
+MAX_DENOMINATOR = 100  # decimal amounts are scaled to integers by at most this factor (Na0.5Cl0.5 -> NaCl)
+_TOKEN = re.compile(r"([A-Z][a-z]?)|([0-9]+(?:\.[0-9]+)?)|(\()|(\))|(\s+)", re.ASCII)
 
 
 def _check_tokens(formula: str) -> None:
@@ -55,9 +61,28 @@ def parse_composition(formula: str) -> Composition:
         comp = Composition(formula)
     except Exception as exc:  # pymatgen raises several types
         raise CompositionError(f"malformed formula {formula!r}: {exc}") from None
-    if comp.num_atoms <= 0 or any(not isinstance(el, Element) for el in comp):
+    if any(not isinstance(el, Element) for el in comp):
         raise CompositionError(f"formula {formula!r} has no real elements")
-    return comp
+    if len(comp) > MAX_ELEMENTS:
+        raise CompositionError(f"formula {formula!r} has {len(comp)} elements; at most {MAX_ELEMENTS} are supported")
+    for el, amt in comp.items():
+        if not math.isfinite(amt) or amt > MAX_AMOUNT:
+            raise CompositionError(f"amount of {el} in formula {formula!r} is too large (at most {MAX_AMOUNT})")
+    if comp.num_atoms <= 0:
+        raise CompositionError(f"formula {formula!r} has no real elements")
+    scale = integer_scale([amt for _, amt in comp.items()])
+    return Composition({el: round(amt * scale) for el, amt in comp.items()}) if scale > 1 else comp
+
+
+def integer_scale(amounts: list[float]) -> int:
+    """The smallest factor up to ``MAX_DENOMINATOR`` that makes every amount a whole number (``0.5`` -> 2,
+    ``0.95`` and ``0.05`` -> 20), else 1 (amounts such as ``0.333`` stay fractional)."""
+    if all(abs(a - round(a)) < 1e-8 for a in amounts):
+        return 1
+    for k in range(2, MAX_DENOMINATOR + 1):
+        if all(round(a * k) >= 1 and abs(a * k - round(a * k)) < 1e-6 for a in amounts):
+            return k
+    return 1
 
 
 def as_composition(value: str | Composition) -> Composition:
@@ -166,13 +191,17 @@ def roles(comp: str | Composition) -> Roles:
     """Canonical roles of a composition (reduced).
 
     Integer compositions are divided by the greatest common divisor of their amounts (``H2O2`` has the
-    roles of ``HO``, as in pymatgen's anonymized formula); fractional ones are kept as they are.
+    roles of ``HO``, as in pymatgen's anonymized formula); fractional ones are first scaled to integers when
+    they are simple fractions (:func:`integer_scale`), else kept as they are.
     Oxidation-state decorated species count as their element.
     """
     comp = as_composition(comp).element_composition
     amounts = [(el.symbol, float(amt)) for el, amt in comp.items() if amt > Composition.amount_tolerance]
     if not amounts:
         raise CompositionError(f"composition {comp.formula!r} has no atoms")
+    scale = integer_scale([a for _, a in amounts])
+    if scale > 1:
+        amounts = [(sym, round(a * scale)) for sym, a in amounts]
     if all(abs(a - round(a)) < 1e-8 for _, a in amounts):
         ints = [round(a) for _, a in amounts]
         div = math.gcd(*ints)

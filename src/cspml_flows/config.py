@@ -5,6 +5,10 @@
   either, the nearest ``.cspml`` folder in the working directory or above it (what ``make demo`` makes), else
   ``~/.cspml-flows``.
 - ``CSPML_CONFIG``: a YAML file with those keys (default: ``<home>/config.yaml`` if it exists).
+- ``CSPML_MAX_TEMPLATE_ATOMS`` / config key ``max_template_atoms``: the most sites a template structure may
+  have (default 200); larger structures are refused at import.
+
+YAML files (config and campaign files) larger than ``MAX_YAML_BYTES`` are refused before they are parsed.
 """
 
 from __future__ import annotations
@@ -20,6 +24,9 @@ from cspml_flows.errors import ConfigError
 DATA_ENV = "CSPML_DATA_DIR"
 HOME_ENV = "CSPML_HOME"
 CONFIG_ENV = "CSPML_CONFIG"
+MAX_ATOMS_ENV = "CSPML_MAX_TEMPLATE_ATOMS"
+DEFAULT_MAX_TEMPLATE_ATOMS = 200  # MP-20 has at most 20 sites, MPTS-52 52; prediction memory grows as N^2
+MAX_YAML_BYTES = 1_000_000
 
 
 def _project_root() -> Path:
@@ -32,10 +39,39 @@ def read_yaml(path: str | Path, what: str) -> Any:
     p = Path(path).expanduser()
     if not p.is_file():
         raise ConfigError(f"{what} not found: {p}")
+    size = p.stat().st_size
+    if size > MAX_YAML_BYTES:
+        raise ConfigError(f"{what} {p} is {size / 1e6:.1f} MB; at most {MAX_YAML_BYTES / 1e6:.0f} MB is read")
     try:
         return yaml.safe_load(p.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{what} {p} is not valid YAML: {exc}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        reason = " ".join(str(exc).split())
+        raise ConfigError(f"{what} {p} is not valid YAML: {reason}") from None
+
+
+def resolve_path(value: str | None, base: Path) -> str | None:
+    """A path written in a file at ``base``: relative paths are relative to that folder; URIs
+    (``scheme://``), absolute and ``~`` paths, ``None`` and ``default`` are returned as they are."""
+    if value is None or value == "default" or "://" in value:
+        return value
+    p = Path(value).expanduser()
+    return str(p if p.is_absolute() else (base / p).resolve())
+
+
+def max_template_atoms(config: dict[str, Any] | None = None) -> int:
+    """The most sites a template may have: ``CSPML_MAX_TEMPLATE_ATOMS``, config ``max_template_atoms``, else
+    ``DEFAULT_MAX_TEMPLATE_ATOMS``."""
+    value = os.environ.get(MAX_ATOMS_ENV)
+    if not value:
+        config = load_config() if config is None else config
+        value = config.get("max_template_atoms", DEFAULT_MAX_TEMPLATE_ATOMS)
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"max_template_atoms must be a whole number, got {value!r}") from None
+    if n < 1:
+        raise ConfigError(f"max_template_atoms must be at least 1, got {n}")
+    return n
 
 
 def load_config(path: str | Path | None = None) -> dict[str, Any]:

@@ -65,12 +65,14 @@ def predictions(args: argparse.Namespace, comps: list[Composition]):
 
 def inverse(args: argparse.Namespace) -> int:
     """``cspml inverse prototype.cif --elements ... --top N``."""
+    from cspml_flows.cli import check_out
     from cspml_flows.hetero.inverse import check_elements, inverse_from_structure
     from cspml_flows.hetero.model import HeteroModel, default_hetero_path
     from cspml_flows.predict.dedup import symmetrize, to_cif
     from cspml_flows.templates.importers import read_structure
 
     elements = check_elements(args.elements or [])  # bad input fails before any loading
+    check_out(args.out)
     structure = read_structure(args.structure)
     model = HeteroModel.load(args.model or default_hetero_path())
     res = inverse_from_structure(model, structure, elements, top=args.top, name=Path(args.structure).name)
@@ -124,13 +126,15 @@ def hetero_campaign(args: argparse.Namespace) -> int:
 
 def add_hetero_parsers(sub) -> None:
     """Subcommands ``inverse`` and ``hetero-campaign``."""
+    from cspml_flows.cli import positive
+
     c = sub.add_parser("hetero-campaign", help="metastable or inverse campaign from YAML (hetero model + relaxation)")
     c.add_argument("config", help="e.g. configs/hetero_inverse.yaml")
     c.set_defaults(func=hetero_campaign)
     s = sub.add_parser("inverse", help="rank compositions that crystallise in a given structure (hetero model)")
     s.add_argument("structure", help="CIF or POSCAR file of the structure (prototype)")
     s.add_argument("--elements", nargs="*", help="elements to substitute onto the structure's sites")
-    s.add_argument("--top", type=int, default=20)
-    s.add_argument("--model", help="hetero model file (default $CSPML_HOME/models/hetero.joblib)")
+    s.add_argument("--top", type=positive, default=20)
+    s.add_argument("--model", help="hetero model file (default $CSPML_HOME/models/hetero.json.gz)")
     s.add_argument("--out", help="folder for CIF files and inverse.json")
     s.set_defaults(func=inverse)

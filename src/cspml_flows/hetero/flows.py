@@ -22,7 +22,7 @@ from typing import Any, Literal
 from jobflow import Flow, Job, Maker, job
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
-from cspml_flows.config import read_yaml
+from cspml_flows.config import read_yaml, resolve_path
 from cspml_flows.errors import ConfigError, ModelError
 from cspml_flows.flows.calculators import CalculatorSettings
 from cspml_flows.flows.makers import realize_and_validate, validate_candidates
@@ -189,17 +189,27 @@ class HeteroCampaignConfig(BaseModel):
     top: int = Field(10, ge=1, le=200, description="inverse: compositions to relax")
     calculator: CalculatorSettings = Field(default_factory=CalculatorSettings)
     max_references: int = Field(40, ge=1)
-    hetero_model: str = Field("default", description="'default': $CSPML_HOME/models/hetero.joblib")
+    hetero_model: str = Field("default", description="'default': $CSPML_HOME/models/hetero.json.gz")
     template_store: str | None = None
     results_store: str | None = None
     jobs_store: str | None = None
     workdir: str | None = None
 
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        from cspml_flows.campaign import check_name
+
+        return check_name(value)
+
     @field_validator("compositions")
     @classmethod
     def _formulas(cls, value: list[str]) -> list[str]:
+        from cspml_flows.campaign import MAX_COMPOSITIONS
         from cspml_flows.composition import check_formulas
 
+        if len(value) > MAX_COMPOSITIONS:
+            raise ValueError(f"{len(value):,} compositions; a campaign may have at most {MAX_COMPOSITIONS:,}")
         return check_formulas(value)
 
     def workdir_path(self) -> Path:
@@ -230,8 +240,9 @@ def load_hetero_campaign(path: str | Path) -> HeteroCampaignConfig:
         raise ConfigError(f"{p}: a metastable campaign needs 'compositions'")
     if cfg.kind == "inverse" and not cfg.structure:
         raise ConfigError(f"{p}: an inverse campaign needs 'structure' (a CIF/POSCAR file)")
-    if cfg.structure and not Path(cfg.structure).is_absolute():
-        cfg.structure = str((p.parent / cfg.structure).resolve()) if not Path(cfg.structure).exists() else cfg.structure
+    base = p.resolve().parent  # relative paths in the file are relative to its folder
+    for key in ("structure", "hetero_model", "template_store", "results_store", "jobs_store", "workdir"):
+        setattr(cfg, key, resolve_path(getattr(cfg, key), base))
     return cfg
 
 
