@@ -280,6 +280,10 @@ def test_corrupt_json_store_is_an_error_not_an_empty_store(tmp_path, docs):
     path.write_text('{"no": "material_id"}')
     with pytest.raises(StoreError, match="without 'material_id'"):
         TemplateStore.open(path)
+    # a date field naming a module is not decoded (monty would import it and call it)
+    path.write_text('[{"material_id": "a", "last_updated": {"@module": "os", "@class": "system", "string": "x"}}]')
+    with pytest.raises(StoreError, match="neither a date"):
+        TemplateStore.open(path)
 
 
 def test_json_store_write_is_atomic(tmp_path, docs, monkeypatch):
