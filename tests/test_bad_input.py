@@ -499,6 +499,22 @@ def test_template_size_limit_is_configurable(tmp_path, nacl, monkeypatch):
         template_doc_from_structure(nacl * (2, 2, 4), "x")  # 128 sites
 
 
+def test_index_leaves_out_templates_an_older_store_holds(tmp_path, nacl, caplog):
+    """Stores filled before these checks may hold disordered or oversized templates: never predicted from."""
+    from cspml_flows.templates.index import TemplateIndex
+
+    ts = TemplateStore.open(tmp_path / "store")
+    ts.add([template_doc_from_structure(nacl, "good")])
+    bad = template_doc_from_structure(nacl, "mixed").model_dump(mode="json")
+    ts.store._collection.insert_many(
+        [{**bad, "structure": disordered().as_dict()}, {**bad, "material_id": "big", "structure": (nacl * 4).as_dict()}]
+    )
+    ts.close()
+    index = TemplateIndex.open(tmp_path / "store", workers=1)
+    assert list(index.ids) == ["good"]
+    assert "2 templates of" in caplog.text and "left out" in caplog.text
+
+
 def test_csv_import_reports_refused_rows(tmp_path, nacl):
     import pandas as pd
 

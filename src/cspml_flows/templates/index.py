@@ -25,7 +25,7 @@ from pymatgen.core import Structure
 
 from cspml_flows import progress
 from cspml_flows.composition import Roles, roles
-from cspml_flows.config import home_dir
+from cspml_flows.config import home_dir, max_template_atoms
 from cspml_flows.descriptors import DESCRIPTOR_VERSION, magpie_stats, role_fractions, role_properties
 from cspml_flows.prototype import cluster_prototypes
 from cspml_flows.safeio import load_npz, save_npz
@@ -147,9 +147,13 @@ class TemplateIndex:
 
     @classmethod
     def from_store(cls, store: TemplateStore, workers: int = 2, cache: bool | Path = True) -> TemplateIndex:
-        """Build (or load from cache) the index of a store; raises StoreError when the store is empty."""
+        """Build (or load from cache) the index of a store; raises StoreError when the store is empty.
+
+        Templates that imports now refuse but an older store may hold (partial occupancies, more sites than
+        ``max_template_atoms``) are left out, with one log line."""
         store.require_nonempty()
-        signature = f"{INDEX_VERSION}|{DESCRIPTOR_VERSION}|{store.name}|{store.fingerprint()}"
+        limit = max_template_atoms()
+        signature = f"{INDEX_VERSION}|{DESCRIPTOR_VERSION}|{store.name}|{store.fingerprint()}|{limit}"
         path = None
         if cache:
             digest = hashlib.sha1(store.name.encode()).hexdigest()[:16]
@@ -158,7 +162,15 @@ class TemplateIndex:
                 idx = load_index_cache(path, signature)
                 if idx is not None:
                     return idx
-        docs = list(store.docs(properties=_FIELDS))
+        docs = [d for d in store.docs(properties=_FIELDS) if usable_template(d["structure"], limit)]
+        skipped = store.count() - len(docs)
+        if skipped > 0:
+            log.warning(
+                "%d templates of %s left out: partial occupancies or more than %d sites (max_template_atoms)",
+                skipped,
+                store.name,
+                limit,
+            )
         docs.sort(key=lambda d: str(d["material_id"]))
         idx = cls.from_docs(docs, workers=workers, signature=signature)
         if path is not None:
@@ -298,6 +310,15 @@ def _read_index_cache(path: Path, signature: str) -> TemplateIndex | None:
     role_list = [Roles(tuple(str(e) for e in els), tuple(float(a) for a in amts)) for els, amts in roles_raw]
     syms = None if syms_raw is None else [[tuple(int(x) for x in p) for p in perms] for perms in syms_raw]
     return TemplateIndex(**fields, roles=role_list, structures=structures, signature=signature, role_syms=syms)
+
+
+def usable_template(d: dict, max_atoms: int) -> bool:
+    """Whether a structure dict is ordered (one species of occupancy 1 per site) and has at most
+    ``max_atoms`` sites (see :func:`cspml_flows.templates.schema.check_template_structure`)."""
+    sites = d.get("sites") or []
+    if not 0 < len(sites) <= max_atoms:
+        return False
+    return all(len(s["species"]) == 1 and abs(float(s["species"][0].get("occu", 1.0)) - 1.0) < 1e-6 for s in sites)
 
 
 def cell_arrays(d: dict, r: Roles) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
