@@ -248,7 +248,7 @@ def test_permutations_fewest_swaps_first():
 
 def test_permutations_lazy_and_capped_for_many_tied_elements():
     # 12 elements in equal amounts: 479 million assignments, only the cap is ever built
-    r = Roles(tuple("Na K Rb Cs Li Mg Ca Sr Ba Zn Cd Hg".split()), (1.0,) * 12)
+    r = Roles(tuple(["Na", "K", "Rb", "Cs", "Li", "Mg", "Ca", "Sr", "Ba", "Zn", "Cd", "Hg"]), (1.0,) * 12)
     perms = r.permutations()
     assert len(perms) == MAX_ASSIGNMENTS == len(set(perms))
     assert perms[0] == tuple(range(12))

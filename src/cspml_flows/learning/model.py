@@ -323,20 +323,6 @@ def read_json_model(path: str | Path, what: str, key: str, hint: str, versions: 
     return _check_versions(p, what, blob, key, versions)
 
 
-def read_model_file(path: str | Path, what: str, key: str, hint: str, versions: dict[str, Any]) -> dict[str, Any]:
-    """Load a joblib model file (the hetero model) and check it like :func:`read_json_model`."""
-    import joblib
-
-    p = Path(path)
-    if not p.is_file():
-        raise ModelError(f"{what} file not found: {p} ({hint})")
-    try:
-        blob = joblib.load(p)
-    except Exception as exc:
-        raise ModelError(f"cannot read {what} file {p}: {exc}") from None
-    return _check_versions(p, what, blob, key, versions)
-
-
 def _dist_column() -> int:
     """Column of the unlearned Magpie distance in :func:`pair_features`."""
     from cspml_flows.descriptors import MAX_ROLES, ROLE_PROPERTIES
