@@ -1,10 +1,12 @@
-"""Relaxation calculators, chosen in config: ASE EMT (tests), CHGNet through atomate2's ForceFieldRelaxMaker
-(weights ship in the chgnet wheel), VASP through atomate2's DoubleRelaxMaker (custodian on HPC)."""
+"""Relaxation calculators, chosen in config: ASE EMT (tests), CHGNet or SevenNet-0 through atomate2's
+ForceFieldRelaxMaker (weights ship in the chgnet and sevenn wheels; SevenNet is the optional ``sevennet``
+extra), VASP through atomate2's DoubleRelaxMaker (custodian on HPC)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from typing import Any, Literal
 
 import numpy as np
@@ -17,7 +19,7 @@ class CalculatorSettings(BaseModel):
 
     model_config = {"extra": "forbid"}
 
-    name: Literal["emt", "chgnet", "vasp"] = "emt"
+    name: Literal["emt", "chgnet", "sevennet", "vasp"] = "emt"
     steps: int = Field(300, ge=1, description="maximum optimizer steps (ASE calculators)")
     fmax: float = Field(0.05, gt=0, description="force convergence (eV/A, ASE calculators)")
     relax_cell: bool = True
@@ -41,9 +43,27 @@ class CalculatorSettings(BaseModel):
         return f"{self.name}/{digest}"
 
 
+SEVENNET_MODEL = "7net-0"  # SevenNet-0 (11Jul2024), shipped in the sevenn wheel: nothing is downloaded
+TORCH_THREADS_ENV = "CSPML_TORCH_THREADS"
+
+
+def pin_torch_threads() -> int:
+    """Limit torch to ``$CSPML_TORCH_THREADS`` threads (default 1) in this process; returns the count.
+
+    Relaxations run one per process and share the cores: with torch's default threading, small
+    structures relaxed about ten times slower here (issue 10). Called for SevenNet only, so the CHGNet
+    path keeps its behaviour."""
+    import torch
+
+    n = max(1, int(os.environ.get(TORCH_THREADS_ENV, "1") or 1))
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    return n
+
+
 def relax_maker(settings: CalculatorSettings):
     """The atomate2 Maker that relaxes one structure (or a batch, for ASE makers) with these settings."""
-    if settings.name in ("emt", "chgnet"):
+    if settings.name in ("emt", "chgnet", "sevennet"):
         kwargs = {
             "steps": settings.steps,
             "relax_cell": settings.relax_cell,
@@ -56,6 +76,11 @@ def relax_maker(settings: CalculatorSettings):
             return EmtRelaxMaker(**kwargs)
         from atomate2.forcefields.jobs import ForceFieldRelaxMaker
 
+        if settings.name == "sevennet":
+            pin_torch_threads()
+            return ForceFieldRelaxMaker(
+                force_field_name="SevenNet", calculator_kwargs={"model": SEVENNET_MODEL}, **kwargs
+            )
         return ForceFieldRelaxMaker(force_field_name="CHGNet", **kwargs)
     from atomate2.vasp.flows.core import DoubleRelaxMaker
     from atomate2.vasp.jobs.core import RelaxMaker
