@@ -16,31 +16,25 @@ so it reads a little below the benchmark's deduplicated top-k.
 from __future__ import annotations
 
 import argparse
-import gzip
-import json
-import multiprocessing as mp
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import lightgbm as lgb
 import numpy as np
 from pymatgen.core import Structure
 
-from cspml_flows import progress
 from cspml_flows.benchmark.protocols import formula_from_cif, load_queries, pool_store
-from cspml_flows.benchmark.runner import BenchmarkConfig, benchmark_model, query_structures
+from cspml_flows.benchmark.runner import BenchmarkConfig, benchmark_model, query_structures, write_reports
 from cspml_flows.composition import MAX_ASSIGNMENTS, roles
 from cspml_flows.config import home_dir
 from cspml_flows.learning.model import training_hash
-from cspml_flows.learning.outcomes import _matches, fold_outcomes, outcome_key
-from cspml_flows.learning.ranker import CANDIDATES, FEATURES, candidate_features
+from cspml_flows.learning.outcomes import candidate_matches, fold_outcomes, map_chunks_forked, outcome_key
+from cspml_flows.learning.ranker import CANDIDATES, FEATURES, RANKER_PARAMS, candidate_features
 from cspml_flows.predict.retrieve import Ranked, rank
-from cspml_flows.predict.substitute import substitute
-from cspml_flows.predict.validity import MIN_DISTANCE, smact_valid
+from cspml_flows.predict.validity import smact_valid
 from cspml_flows.prototype import structure_matcher
+from cspml_flows.safeio import read_json_gz, write_json_gz
 from cspml_flows.templates.index import TemplateIndex
 
 PAIR = ("pair_score", "best_prob", "mean_prob", "log_members", "pair_rank", "score_gap", "log_candidates")
@@ -68,16 +62,7 @@ def _label_chunk(rows: list[int]) -> list[list[int]]:
             out.append([0] * len(cands[i]))  # the validity gate: never counts
             continue
         gt = sm._get_reduced_structure(gts[i], primitive_cell=True, niggli=True)
-        labels = []
-        for c in cands[i]:
-            for t in (c.template, *c.alternates):
-                s, dmin = substitute(index, t, q_roles[i], c.perm)
-                if dmin >= MIN_DISTANCE:
-                    labels.append(int(_matches(sm, s, gt)))
-                    break
-            else:
-                labels.append(0)  # predict drops it
-        out.append(labels)
+        out.append([int(candidate_matches(sm, index, c, q_roles[i], gt)) for c in cands[i]])
     return out
 
 
@@ -88,36 +73,14 @@ def label_queries(
     global _FORKED
     _FORKED = (index, q_roles, cands, gts)
     chunks = [list(range(s, min(s + 20, len(gts)))) for s in range(0, len(gts), 20)]
-    out: list[list[int]] = []
     try:
-        with progress.bar(len(gts), "label candidates", unit="query") as shown:
-            if workers > 1 and "fork" in mp.get_all_start_methods():
-                with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
-                    for part in pool.map(_label_chunk, chunks):
-                        out += part
-                        shown.update(len(part))
-            else:
-                for ch in chunks:
-                    out += _label_chunk(ch)
-                    shown.update(len(ch))
+        return map_chunks_forked(_label_chunk, chunks, workers, len(gts))
     finally:
         _FORKED = None
-    return out
 
 
 def _train(x: np.ndarray, y: np.ndarray, groups: np.ndarray, rounds: int, seed: int = 0) -> lgb.Booster:
-    params = {
-        "objective": "lambdarank",
-        "learning_rate": 0.05,
-        "num_leaves": 31,
-        "min_data_in_leaf": 50,
-        "lambda_l2": 1.0,
-        "feature_fraction": 0.9,
-        "lambdarank_truncation_level": 20,
-        "num_threads": 0,
-        "seed": seed,
-        "verbosity": -1,
-    }
+    params = {**RANKER_PARAMS, "seed": seed}
     return lgb.train(params, lgb.Dataset(x, y, group=groups), num_boost_round=rounds)
 
 
@@ -158,19 +121,15 @@ def run_ablation(
     exclude = [{m} for m in q.material_ids]
     cands = rank(model, index, q_roles, top=k, exclude_ids=exclude, strict=strict, threads=workers)
 
-    train_index = index.subset(~np.isin(index.ids, full.material_ids))
-    if strict:
-        train_index = train_index.subset(~np.isin(train_index.formulas, formulas))
+    # the pool the benchmark's ranker learnt from (index already holds no query)
+    train_index = index.subset(~np.isin(index.formulas, formulas)) if strict else index
     key = outcome_key(protocol, setting, seed, k, training_hash(index), MAX_ASSIGNMENTS, "|".join(q.material_ids))
     path = home_dir() / "benchmark" / "ablation" / f"labels-{key}.json.gz"
     if path.is_file():
-        with gzip.open(path, "rt", encoding="utf-8") as fh:
-            labels = json.load(fh)
+        labels = read_json_gz(path)
     else:
         labels = label_queries(index, q_roles, cands, gts, workers)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with gzip.open(path, "wt", encoding="utf-8") as fh:
-            json.dump(labels, fh)
+        write_json_gz(path, labels)
     t_labels = time.perf_counter() - t0
 
     # the ranker's training data: CSP outcomes of held-out pool formulas (cached by benchmark_model's fit)
@@ -261,10 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     result = run_ablation(a.protocol, a.limit, a.seed, a.setting, a.workers, log=lambda m: print(m, file=sys.stderr))
     md = markdown(result)
-    for path, text in ((a.json, json.dumps(result, indent=2)), (a.markdown, md)):
-        if path:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            Path(path).write_text(text)
+    write_reports(result, a.json, a.markdown, markdown=md)
     print(md)
     return 0
 

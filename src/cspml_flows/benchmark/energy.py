@@ -368,11 +368,25 @@ def _hits(rms: list[list[float | None]], n: int) -> np.ndarray:
     return np.array([r is not None and not (isinstance(r, float) and math.isnan(r)) for r in rms[:n]], dtype=bool)
 
 
+def scored_set(name: str, preds, gts) -> QuerySet:
+    """The predictions' candidates, ranker scores and match flags (protocol matcher and gate) as a QuerySet."""
+    from cspml_flows.benchmark.scoring import rms_table
+
+    structs = [[c.structure for c in p.candidates] for p in preds]
+    rms = rms_table(gts, structs, workers=1)
+    qs = QuerySet(name)
+    for p, st, r in zip(preds, structs, rms, strict=True):
+        qs.formulas.append(p.formula)
+        qs.structures.append(st)
+        qs.scores.append(np.array([c.score for c in p.candidates], dtype=float))
+        qs.hits.append(_hits(r, len(st)))
+    return qs
+
+
 def protocol_set(cfg: EnergyConfig, index, model, log: Callable[[str], None]) -> QuerySet:
     """The engine's top candidates for the protocol sample (standard setting, own id excluded), scored."""
     from cspml_flows.benchmark.protocols import load_queries
     from cspml_flows.benchmark.runner import query_structures
-    from cspml_flows.benchmark.scoring import rms_table
     from cspml_flows.predict.predictor import CSPPredictor
 
     q = load_queries(cfg.protocol, limit=cfg.queries, seed=cfg.seed)
@@ -381,15 +395,7 @@ def protocol_set(cfg: EnergyConfig, index, model, log: Callable[[str], None]) ->
     t = time.perf_counter()
     preds = predictor.predict([g.composition for g in gts], top=cfg.top, exclude_ids=[{m} for m in q.material_ids])
     log(f"protocol: {len(preds)} queries predicted in {time.perf_counter() - t:.1f} s")
-    structs = [[c.structure for c in p.candidates] for p in preds]
-    rms = rms_table(gts, structs, workers=1)
-    qs = QuerySet("protocol")
-    for p, s, r in zip(preds, structs, rms, strict=True):
-        qs.formulas.append(p.formula)
-        qs.structures.append(s)
-        qs.scores.append(np.array([c.score for c in p.candidates], dtype=float))
-        qs.hits.append(_hits(r, len(s)))
-    return qs
+    return scored_set("protocol", preds, gts)
 
 
 def pool_set(cfg: EnergyConfig, index, model, log: Callable[[str], None]) -> tuple[QuerySet, dict[str, Any]]:
@@ -400,7 +406,6 @@ def pool_set(cfg: EnergyConfig, index, model, log: Callable[[str], None]) -> tup
 
     from pymatgen.core import Composition
 
-    from cspml_flows.benchmark.scoring import rms_table
     from cspml_flows.composition import roles
     from cspml_flows.config import home_dir
     from cspml_flows.learning.ranker import CandidateRanker, candidate_features
@@ -443,14 +448,7 @@ def pool_set(cfg: EnergyConfig, index, model, log: Callable[[str], None]) -> tup
         raise RuntimeError("pool query roles do not round-trip: the outcome cache belongs to another index")
     preds = CSPPredictor(index, model, workers=1).realize(comps, reranked, cfg.top, dedup=True)
     gts = [index.structure(int(rows[i])) for i in sel]
-    structs = [[c.structure for c in p.candidates] for p in preds]
-    rms = rms_table(gts, structs, workers=1)
-    qs = QuerySet("pool")
-    for p, s, r in zip(preds, structs, rms, strict=True):
-        qs.formulas.append(p.formula)
-        qs.structures.append(s)
-        qs.scores.append(np.array([c.score for c in p.candidates], dtype=float))
-        qs.hits.append(_hits(r, len(s)))
+    qs = scored_set("pool", preds, gts)
     info = {"outcome_files": files, "outcome_queries": n_all, "chosen": len(sel), "ranker_rounds": rounds}
     return qs, info
 

@@ -7,7 +7,6 @@ uses the whole pool with the protocol's per-query exclusions.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import logging
@@ -31,6 +30,7 @@ from cspml_flows.learning.model import SimilarityModel, training_hash
 from cspml_flows.learning.ranker import fit_ranker
 from cspml_flows.predict.predictor import CSPPredictor, Prediction
 from cspml_flows.predict.retrieve import rank
+from cspml_flows.safeio import read_json_gz, write_json_gz
 from cspml_flows.templates.importers import structure_from_cif_string
 from cspml_flows.templates.index import TemplateIndex
 
@@ -64,16 +64,11 @@ def _cached_structures(path: Path, build) -> list[Structure]:
     there atomically; an unreadable cache is rebuilt."""
     if path.is_file():
         try:
-            with gzip.open(path, "rt", encoding="utf-8") as fh:
-                return [Structure.from_dict(d) for d in json.load(fh)]
+            return [Structure.from_dict(d) for d in read_json_gz(path)]
         except Exception:
             log.warning("unreadable query cache %s: rebuilding it", path)
     value = build()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with gzip.open(tmp, "wt", encoding="utf-8") as fh:
-        json.dump([s.as_dict() for s in value], fh)
-    tmp.replace(path)
+    write_json_gz(path, [s.as_dict() for s in value])
     return value
 
 

@@ -13,9 +13,7 @@ Labels are cached on disk (gzipped JSON keyed by the index, the fold models and 
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import json
 import multiprocessing as mp
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -32,6 +30,7 @@ from cspml_flows.predict.retrieve import Ranked, rank
 from cspml_flows.predict.substitute import substitute
 from cspml_flows.predict.validity import MIN_DISTANCE
 from cspml_flows.prototype import structure_matcher
+from cspml_flows.safeio import read_json_gz, write_json_gz
 from cspml_flows.templates.index import TemplateIndex
 
 OUTCOMES_VERSION = 1
@@ -84,16 +83,34 @@ def _label_chunk(rows: list[int]) -> list[np.ndarray]:
     for i in rows:
         gt = sm._get_reduced_structure(index.structure(i), primitive_cell=True, niggli=True)
         q = index.roles[i]
-        labels = np.zeros(len(cands_of[i]), dtype=np.int8)
-        for k, c in enumerate(cands_of[i]):
-            for t in (c.template, *c.alternates):
-                s, dmin = substitute(index, t, q, c.perm)
-                if dmin >= MIN_DISTANCE:
-                    break
-            else:
-                continue  # predict drops it: never a match
-            labels[k] = _matches(sm, s, gt)
-        out.append(labels)
+        out.append(np.array([candidate_matches(sm, index, c, q, gt) for c in cands_of[i]], dtype=np.int8))
+    return out
+
+
+def candidate_matches(sm, index: TemplateIndex, c: Ranked, q, gt_reduced: Structure) -> bool:
+    """Whether candidate ``c`` of query roles ``q``, substituted as ``predict`` does it (template, then
+    alternates under the 0.5 A rule), matches the reduced answer; a candidate predict drops never does."""
+    for t in (c.template, *c.alternates):
+        s, dmin = substitute(index, t, q, c.perm)
+        if dmin >= MIN_DISTANCE:
+            return _matches(sm, s, gt_reduced)
+    return False
+
+
+def map_chunks_forked(fn, chunks: list[list[int]], workers: int, total: int) -> list:
+    """``fn`` over ``chunks`` (concatenated results, in order) in ``workers`` forked processes where there are
+    several chunks and fork exists, else here; ``fn`` reads its inputs from a module global set before."""
+    out: list = []
+    with progress.bar(total, "label candidates", unit="query") as shown:
+        if workers > 1 and len(chunks) > 1 and "fork" in mp.get_all_start_methods():
+            with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
+                for part in pool.map(fn, chunks):
+                    out += part
+                    shown.update(len(part))
+        else:
+            for ch in chunks:
+                out += fn(ch)
+                shown.update(len(ch))
     return out
 
 
@@ -119,18 +136,8 @@ def label_outcomes(
     global _FORKED
     _FORKED = (index, cands_of)
     chunks = [rows[s : s + chunk] for s in range(0, len(rows), chunk)]
-    labels: list[np.ndarray] = []
     try:
-        with progress.bar(len(rows), "label candidates", unit="query") as shown:
-            if workers > 1 and len(chunks) > 1 and "fork" in mp.get_all_start_methods():
-                with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
-                    for part in pool.map(_label_chunk, chunks):
-                        labels += part
-                        shown.update(len(part))
-            else:
-                for ch in chunks:
-                    labels += _label_chunk(ch)
-                    shown.update(len(ch))
+        labels = map_chunks_forked(_label_chunk, chunks, workers, len(rows))
     finally:
         _FORKED = None
     return Outcomes(rows, ranked, labels)
@@ -141,17 +148,12 @@ def cached_outcomes(path: Path | None, build) -> tuple[Outcomes, bool]:
     whether the cache was used)."""
     if path is not None and path.is_file():
         try:
-            with gzip.open(path, "rt", encoding="utf-8") as fh:
-                return Outcomes.from_json(json.load(fh)), True
+            return Outcomes.from_json(read_json_gz(path)), True
         except Exception:
             pass  # unreadable or old cache: rebuild
     out = build()
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        with gzip.open(tmp, "wt", encoding="utf-8") as fh:
-            json.dump(out.to_json(), fh)
-        tmp.replace(path)
+        write_json_gz(path, out.to_json())
     return out, False
 
 

@@ -59,6 +59,19 @@ FEATURES = (
     "role_distance",
     "magpie_distance",
 )
+RANKER_PARAMS: dict[str, Any] = {  # LightGBM lambdarank settings of every ranker fit (the seed is per fit)
+    "objective": "lambdarank",
+    "metric": "ndcg",
+    "eval_at": [1, 5],
+    "learning_rate": 0.05,
+    "num_leaves": 31,
+    "min_data_in_leaf": 50,
+    "lambda_l2": 1.0,
+    "feature_fraction": 0.9,
+    "lambdarank_truncation_level": 20,
+    "num_threads": 0,
+    "verbosity": -1,
+}
 _COL = {name: MAGPIE_PROPERTIES.index(name) for name in ("Electronegativity", "MendeleevNumber", "CovalentRadius")}
 
 
@@ -270,20 +283,7 @@ class CandidateRanker:
         seed: int = 0,
     ) -> CandidateRanker:
         """Fit on rows ``x`` with 0/1 labels ``y``; ``groups``: rows per query, in order."""
-        params = {
-            "objective": "lambdarank",
-            "metric": "ndcg",
-            "eval_at": [1, 5],
-            "learning_rate": 0.05,
-            "num_leaves": 31,
-            "min_data_in_leaf": 50,
-            "lambda_l2": 1.0,
-            "feature_fraction": 0.9,
-            "lambdarank_truncation_level": 20,
-            "num_threads": 0,
-            "seed": seed,
-            "verbosity": -1,
-        }
+        params = {**RANKER_PARAMS, "seed": seed}
         train = lgb.Dataset(x, y, group=groups, feature_name=list(FEATURES), free_raw_data=True)
         sets, callbacks = [], []
         if valid is not None and len(valid[2]):
