@@ -1,5 +1,5 @@
 """Heterogeneous composition <-> structure model: encoders, training, polymorphs, inverse design, user
-templates, CLI, jobflow campaigns (ASE EMT) and bad input.
+templates, CLI and bad input (the hetero campaigns run through the one campaign runner, tested with it).
 
 Real data: the session ``template_index`` (400 MP-20 val structures plus hand-built prototypes)."""
 
@@ -9,22 +9,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
-from jobflow import JobStore, run_locally
-from maggma.stores import MemoryStore
-from pymatgen.core import Composition, Lattice, Structure
+from pymatgen.core import Lattice, Structure
 
 from cspml_flows.cli import main
 from cspml_flows.composition import roles
-from cspml_flows.errors import CompositionError, ConfigError, ModelError, StructureReadError
-from cspml_flows.flows import CalculatorSettings
-from cspml_flows.flows.schemas import StabilityOutput
+from cspml_flows.errors import CompositionError, ModelError, StructureReadError
 from cspml_flows.hetero.encoders import MAX_ROLES, structure_geometry
-from cspml_flows.hetero.evaluate import _objective
-from cspml_flows.hetero.flows import InverseMaker, MetastableMaker, load_hetero_campaign, run_hetero_campaign
+from cspml_flows.hetero.evaluate import objective
 from cspml_flows.hetero.inverse import NoCompositionError, inverse_design, inverse_from_structure
-from cspml_flows.hetero.model import HeteroModel, TrainingGroups, index_geometry
+from cspml_flows.hetero.model import HeteroModel, Stacker, index_geometry
 from cspml_flows.hetero.rank import HeteroPredictor, hetero_rank
+from cspml_flows.hetero.train import TrainingGroups, fit_towers, init_model, loss_and_grads, train_hetero
 from cspml_flows.hetero.user_templates import add_user_templates
 from cspml_flows.predict.predictor import CSPPredictor
 from cspml_flows.prototype import structure_matcher
@@ -39,8 +34,8 @@ def hetero_trained(template_index, trained_model):
 
     geom = index_geometry(template_index, workers=1, cache=False)
     with threadpool_limits(limits=1, user_api="openmp"):
-        model, report = HeteroModel.train(
-            template_index, core=trained_model, geom=geom, epochs=25, workers=1, log=lambda _m: None
+        model, report = train_hetero(
+            template_index, core=trained_model, geom=geom, variant="none", epochs=25, workers=1, log=lambda _m: None
         )
     return model, report, geom
 
@@ -118,7 +113,7 @@ def _fcc8():
 def test_training_targets_weight_positives_by_energy():
     idx = _polymorph_index()
     geom = index_geometry(idx, workers=1, cache=False)
-    model = HeteroModel.init(idx, geom)
+    model = init_model(idx, geom)
     rows = np.arange(len(idx))
     groups = TrainingGroups.build(model, idx, rows, rows)
     nacl = _row(idx, "rs-NaCl")
@@ -138,7 +133,7 @@ def _q(idx, i):
 def test_tower_gradient_matches_finite_differences():
     idx = _polymorph_index()
     geom = index_geometry(idx, workers=1, cache=False)
-    model = HeteroModel.init(idx, geom, dim=4, seed=1)
+    model = init_model(idx, geom, dim=4, seed=1)
     rows = np.arange(len(idx))
     groups = TrainingGroups.build(model, idx, rows, rows)
     bank = model.bank(idx, geom)
@@ -155,7 +150,7 @@ def test_tower_gradient_matches_finite_differences():
         return total / len(groups.phi)
 
     sel = np.arange(len(groups.phi))
-    value, grads = model.loss_and_grads(bank, groups, sel)
+    value, grads = loss_and_grads(model, bank, groups, sel)
     assert value == pytest.approx(loss(model), rel=1e-9)  # the training loss is the listwise InfoNCE above
     rng = np.random.default_rng(2)
     for param, grad in zip((model.A, model.B, model.w), grads, strict=True):
@@ -168,21 +163,31 @@ def test_tower_gradient_matches_finite_differences():
             down = loss(model)
             param[k] = old
             assert grad[k] == pytest.approx((up - down) / 2e-6, rel=1e-4, abs=1e-7)
-    losses = model.fit_towers(bank, groups, epochs=30, lr=0.05, l2=0.0, batch=len(groups.phi))
+    losses = fit_towers(model, bank, groups, epochs=30, lr=0.05, l2=0.0, batch=len(groups.phi))
     assert losses[-1] < losses[0] - 0.1
 
 
-def test_training_report_and_fusion_not_worse_than_cspml(hetero_trained):
+def test_training_report_tower_beats_chance_and_fusion_rule(hetero_trained):
+    """Measured properties that can fail: the tower alone ranks held-out formulas' prototypes far above
+    chance, and the report says whether the tower (or the energy term) was kept or CSPML's ranking."""
     model, report, _ = hetero_trained
     v = report["variants"]
     assert set(v) == {"cspml", "tower", "hetero"}
     assert report["n_val_queries"] >= 20
-    objective = {k: _objective(m) for k, m in v.items()}
-    # lam = 0, mu = 0 is in the grid and is CSPML itself, so the chosen fusion cannot be worse on it
-    assert objective["hetero"] >= objective["cspml"] - 1e-12
-    assert model.core is not None and model.use_core
     assert 0 <= v["tower"]["recall@1"] <= v["tower"]["recall@5"] <= v["tower"]["recall@10"] <= 1
     assert v["tower"]["recall@5"] > 0.3  # far above chance on held-out formulas
+    assert v["tower"]["mrr"] > 0.25
+    chosen = report["chosen"]
+    assert chosen["tower_kept"] == (chosen["lam"] > 0 or chosen["stacked"])
+    assert chosen["cspml_kept"] == (not model.fused)
+    if model.fused:
+        assert objective(v["hetero"]) > objective(v["cspml"])
+    else:
+        assert objective(v["hetero"]) == objective(v["cspml"])
+    inv = report["inverse"]
+    assert len(inv["chosen"]) == 3 and inv["n"] >= 1
+    assert inv["pymatgen"]["recall@10"] > 0 and inv["cspml"]["n"] == inv["n"]
+    assert model.core is not None and model.use_core
     assert report["tower_loss"][-1] < report["tower_loss"][0]
 
 
@@ -237,9 +242,9 @@ def test_energy_aware_polymorph_ranking():
     above: a held-out rocksalt/B2 chemistry gets the rocksalt first and the B2 polymorph second."""
     idx = _polymorph_index()
     geom = index_geometry(idx, workers=1, cache=False)
-    model = HeteroModel.init(idx, geom, seed=0)
+    model = init_model(idx, geom, seed=0)
     rows = np.arange(len(idx))
-    model.fit_towers(model.bank(idx, geom), TrainingGroups.build(model, idx, rows, rows), epochs=60)
+    fit_towers(model, model.bank(idx, geom), TrainingGroups.build(model, idx, rows, rows), epochs=60)
     model.use_core, model.lam, model.mu = False, 1.0, 0.0
     hp = HeteroPredictor(idx, model, model.bank(idx, geom))
     (pred,) = hp.predict(["NaCl"], polymorphs=2, strict=True)
@@ -404,117 +409,10 @@ def test_cli_bad_input_one_line_errors(tmp_path, hand_structures, capsys):
     assert "x.cif" in capsys.readouterr().err
 
 
-# ---------------------------------------------------------------- jobflow campaigns (ASE EMT)
-
-EMT = CalculatorSettings(name="emt", steps=150, fmax=0.1, batch_size=4)
-
-
-@pytest.fixture(scope="module")
-def model_file(tmp_path_factory, hetero_model) -> str:
-    return str(hetero_model.save(tmp_path_factory.mktemp("hetero") / "hetero.json.gz"))
-
-
-def l12() -> Structure:
-    return Structure(
-        Lattice.cubic(3.75), ["Au", "Cu", "Cu", "Cu"], [[0, 0, 0], [0, 0.5, 0.5], [0.5, 0, 0.5], [0.5, 0.5, 0]]
-    )
-
-
-def _run(flow):
-    store = JobStore(MemoryStore())
-    run_locally(flow, store=store, create_folders=False, log=False)
-    store.connect()
-    return {k: v.resolve(store) for k, v in flow.output.items()}
-
-
-def test_inverse_maker_relaxes_ranked_compositions(model_file, template_folder):
-    maker = InverseMaker(template_store=template_folder, results_store="memory://hinv", hetero_model=model_file, top=3)
-    flow = maker.make(l12(), ["Cu", "Au", "Ni", "Pd"], "L12.cif")
-    assert [j.name for j in flow.jobs] == ["inverse candidates", "relax", "stability"]
-    out = _run(flow)
-    cands = out["candidates"].candidates
-    assert 1 <= len(cands) <= 3
-    assert [c.rank for c in cands] == list(range(1, len(cands) + 1))
-    assert all(c.template_id == "user:L12.cif" and c.structure["sites"] for c in cands)
-    assert all(Composition(c.formula).anonymized_formula == "AB3" for c in cands)
-    stab = StabilityOutput.coerce(out["stability"])
-    assert {r.formula for r in stab.records} == {c.formula for c in cands}
-    assert all(r.e_above_hull is not None and r.e_above_hull >= -1e-8 for r in stab.records)
-
-
-def test_metastable_maker_polymorphs(model_file, template_folder):
-    maker = MetastableMaker(
-        template_store=template_folder,
-        results_store="memory://hmeta",
-        hetero_model=model_file,
-        polymorphs=2,
-        calculator=EMT,
-        max_references=5,
-    )
-    flow = maker.make(["CuAu"])
-    assert [j.name for j in flow.jobs][:3] == ["hetero retrieve", "substitute elements", "deduplicate"]
-    out = _run(flow)
-    cands = out["candidates"].candidates
-    assert 1 <= len(cands) <= 2 and {c.formula for c in cands} == {"CuAu"}
-    assert all(c.template_id.startswith("hand-") for c in cands)
-    stab = StabilityOutput.coerce(out["stability"])
-    assert len(stab.records) == len(cands)
-
-
-def test_hetero_campaign_yaml_and_cli(model_file, template_folder, tmp_path, capsys):
-    cif = tmp_path / "L12.cif"
-    l12().to(filename=str(cif))
-    cfg = {
-        "name": "inv_test",
-        "kind": "inverse",
-        "structure": "L12.cif",
-        "elements": ["Cu", "Au", "Ni"],
-        "top": 2,
-        "calculator": EMT.model_dump(),
-        "max_references": 5,
-        "hetero_model": model_file,
-        "template_store": template_folder,
-        "results_store": "memory://hcamp",
-        "jobs_store": str(tmp_path / "jobs"),
-        "workdir": str(tmp_path / "work"),
-    }
-    path = tmp_path / "inv.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    loaded = load_hetero_campaign(path)
-    assert Path(loaded.structure) == cif.resolve()
-    summary = run_hetero_campaign(loaded, log=lambda _m: None)
-    assert 1 <= len(summary["candidates"]) <= 2
-    assert (tmp_path / "work" / "hetero_summary.json").is_file()
-    assert main(["hetero-campaign", str(path)]) == 0  # a re-run reuses the cached relaxations
-    assert "candidates relaxed" in capsys.readouterr().out
-
-
-def test_hetero_campaign_bad_input(model_file, tmp_path, capsys):
-    path = tmp_path / "bad.yaml"
-    path.write_text(yaml.safe_dump({"name": "x", "kind": "inverse", "elements": ["Cu"], "hetero_model": model_file}))
-    with pytest.raises(ConfigError, match="needs 'structure'"):
-        load_hetero_campaign(path)
-    path.write_text(yaml.safe_dump({"name": "x", "kind": "sideways"}))
-    assert main(["hetero-campaign", str(path)]) == 2
-    assert "kind" in capsys.readouterr().err
-    (tmp_path / "bad.cif").write_text("not a cif")
-    cfg = {"name": "x", "kind": "inverse", "structure": str(tmp_path / "bad.cif"), "elements": ["Cu", "Au"]}
-    cfg["hetero_model"] = model_file
-    path.write_text(yaml.safe_dump(cfg))
-    assert main(["hetero-campaign", str(path)]) == 2
-    assert "bad.cif" in capsys.readouterr().err
-    cfg["structure"], cfg["elements"] = str(tmp_path / "bad.cif"), []
-    l12().to(filename=cfg["structure"])
-    path.write_text(yaml.safe_dump(cfg))
-    assert main(["hetero-campaign", str(path)]) == 2
-    assert "empty element list" in capsys.readouterr().err
-
-
 def test_second_stage_stacker_scores_and_persists(hetero_model, hetero_bank, tmp_path):
     """A fitted second stage replaces the linear fusion for composition -> structure ranking and is saved."""
     import copy
 
-    from cspml_flows.hetero.evaluate import _stacker
     from cspml_flows.hetero.rank import candidate_rows
 
     rows = candidate_rows(hetero_bank, [roles("KCl"), roles("SrTiO3"), roles("GaAs")], std=hetero_model.std)
@@ -524,7 +422,7 @@ def test_second_stage_stacker_scores_and_persists(hetero_model, hetero_bank, tmp
     assert np.sum(x[:, 2] == 0) >= 3  # each query's best pair is 0 relative to itself
     y = (logit > np.median(logit)).astype(int)
     m = copy.copy(hetero_model)
-    m.stacker = _stacker().fit(x, y)
+    m.stacker = Stacker().fit(x, y)
     z = m.score(hetero_bank, rows.q, rows.qi, rows.q_role, rows.ti)
     assert z.shape == logit.shape and np.all(np.isfinite(z))
     back = HeteroModel.load(m.save(tmp_path / "stacked.json.gz"))

@@ -4,6 +4,7 @@ user-template evaluations. Caches (parsed queries, models) go under ``$CSPML_HOM
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -15,13 +16,33 @@ from cspml_flows.hetero.model import HeteroModel, index_geometry
 from cspml_flows.learning.model import training_hash
 from cspml_flows.templates.index import TemplateIndex
 
+ENERGY_FORMULAS = int(os.environ.get("CSPML_HETERO_ENERGY_FORMULAS", "80"))  # polymorph formulas relaxed
+
+
+def _cached_model(path, train, core=None) -> HeteroModel:
+    """A hetero model from its benchmark cache file, else trained (``train()``) and saved there."""
+    if path.is_file():
+        try:
+            model = HeteroModel.load(path)
+            if core is not None:
+                model.core = core if model.use_core else None
+            return model
+        except ModelError:
+            pass
+    model = train()
+    model.save(path)
+    return model
+
 
 def run_hetero_benchmark(cfg, log_fn=print) -> dict[str, Any]:
     from cspml_flows.benchmark.protocols import SETTINGS, load_queries, pool_store
     from cspml_flows.benchmark.runner import TOP, benchmark_model, formula_from_cif, query_structures
     from cspml_flows.benchmark.scoring import rms_table, summarize
-    from cspml_flows.hetero.evaluate import held_out_split, leave_prototype_out, polymorph_structures, train_without
+    from cspml_flows.hetero.embeddings import index_embeddings
+    from cspml_flows.hetero.evaluate import held_out_split, leave_prototype_out
+    from cspml_flows.hetero.polymorph_energy import energy_polymorphs
     from cspml_flows.hetero.rank import HeteroPredictor
+    from cspml_flows.hetero.train import train_hetero, train_without
     from cspml_flows.predict.predictor import CSPPredictor
 
     if cfg.setting not in SETTINGS:
@@ -44,22 +65,22 @@ def run_hetero_benchmark(cfg, log_fn=print) -> dict[str, Any]:
     train_index = index.subset(mask)
     geom_all = index_geometry(index, cfg.workers)
     t = time.perf_counter()
-    # the core benchmark's model (same training pool, same cache)
+    emb_all = {v: index_embeddings(index, v, log_fn=log_fn) for v in ("species", "role")}
+    embed_seconds = time.perf_counter() - t
+    t = time.perf_counter()
     core, core_report = benchmark_model(index, full_q.material_ids, all_formulas, cfg, log_fn)
-    hpath = home_dir() / "hetero" / f"hetero-{cfg.protocol}-{cfg.setting}-{training_hash(train_index)}.json.gz"
-    hetero = None
-    if hpath.is_file() and not cfg.retrain:
-        try:
-            hetero = HeteroModel.load(hpath)
-            hetero.core = core
-        except ModelError:
-            hetero = None
-    if hetero is None:
-        hetero, _ = HeteroModel.train(train_index, core=core, geom=geom_all[mask], seed=cfg.seed, log=log_fn)
-        hetero.save(hpath)
+    folder = home_dir() / "hetero"
+    h = training_hash(train_index)
+    hetero = _cached_model(
+        folder / f"hetero3-{cfg.protocol}-{cfg.setting}-{h}.json.gz",
+        lambda: train_hetero(
+            train_index, core=core, geom=geom_all[mask], emb=emb_all["species"][mask], seed=cfg.seed, log=log_fn
+        )[0],
+        core,
+    )
     train_seconds = time.perf_counter() - t
     exclude = [{mid} for mid in q.material_ids]
-    bank = hetero.bank(index, geom_all)
+    bank = hetero.bank(index, geom_all, emb=emb_all["species"])
     results: dict[str, Any] = {}
     for name, run in (
         ("cspml", lambda: CSPPredictor(index, core).predict(comps, top=TOP, exclude_ids=exclude, strict=strict)),
@@ -83,28 +104,68 @@ def run_hetero_benchmark(cfg, log_fn=print) -> dict[str, Any]:
         "match_rates": results,
         "retrieval_held_out_formulas": report.get("variants"),
         "fusion": report.get("chosen"),
+        "inverse_weights": report.get("inverse"),
         "hetero_train_seconds": report.get("train_seconds"),
         "train_seconds": train_seconds,
+        "embed_seconds": embed_seconds,
         "core_training": core_report,
     }
     if cfg.hetero_extra:
-        # polymorphs and leave-prototype-out on the training pool, with one model that never saw the
-        # held-out formulas or prototypes (its core model: 6,000 anchors, 100 boosting rounds, for time)
+        # on the training pool, models that never saw the held-out formulas or prototypes, one per embedding
+        # variant (their core model: 6,000 anchors, 100 boosting rounds, for time)
         t = time.perf_counter()
         g = geom_all[mask]
         val, held = held_out_split(train_index, cfg.seed)
-        xmodel = train_without(
-            train_index, g, val, held, cfg.seed, log_fn, core_kwargs={"max_anchors": 6000, "max_iter": 100}
+        core_kw = {"max_anchors": 6000, "max_iter": 100}
+        xmodels: dict[str, HeteroModel] = {}
+        for v in ("species", "role"):
+            e = emb_all[v][mask]
+            xcore = xmodels["species"].core if xmodels else None
+            xmodels[v] = _cached_model(
+                folder / f"hetero3-x-{v}-{cfg.protocol}-{cfg.setting}-{h}-{cfg.seed}.json.gz",
+                lambda e=e, v=v, xcore=xcore: train_without(
+                    train_index, g, val, held, cfg.seed, log_fn, emb=e, variant=v, core_tr=xcore, core_kwargs=core_kw
+                ),
+            )
+        out["held_out_variants"] = {v: m.meta.get("report", {}) for v, m in xmodels.items()}
+        xs = xmodels["species"]
+        out["energy_polymorphs"] = energy_polymorphs(
+            xs,
+            xs.bank(train_index, g, emb=emb_all["species"][mask]),
+            val,
+            limit=ENERGY_FORMULAS,
+            cache_path=folder / "energies-chgnet.json",
+            workers=cfg.workers,
+            seed=cfg.seed,
+            log=log_fn,
         )
-        out["polymorphs"] = polymorph_structures(
-            xmodel, xmodel.bank(train_index, g), val, workers=cfg.workers, seed=cfg.seed
-        )
-        out["leave_prototype_out"] = leave_prototype_out(
-            train_index, g, xmodel, held, seed=cfg.seed, workers=cfg.workers, log=log_fn
-        )
+        out["leave_prototype_out"] = {
+            v: leave_prototype_out(
+                train_index,
+                g,
+                m,
+                held,
+                cfg.seed,
+                user_limit=60 if v == "species" else 0,
+                workers=cfg.workers,
+                log=log_fn,
+                emb=emb_all[v][mask],
+            )
+            for v, m in xmodels.items()
+        }
         out["extra_seconds"] = time.perf_counter() - t
     out["total_seconds"] = time.perf_counter() - t_all
     return out
+
+
+def _retrieval_rows(variants: dict, prefix: str = "") -> list[str]:
+    lines = []
+    for name, m in variants.items():
+        lines.append(
+            f"| {prefix}{name} | {m['recall@1']:.3f} | {m['recall@5']:.3f} | {m['recall@10']:.3f} | {m['mrr']:.3f} "
+            f"| {m.get('poly_ground_state_first', float('nan')):.3f} | {m['n']} |"
+        )
+    return lines
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -117,39 +178,46 @@ def markdown(result: dict[str, Any]) -> str:
     ]
     for name, m in result["match_rates"].items():
         lines.append(f"| {name} | {m['top1']:.1%} | {m['top5']:.1%} | {m['top20']:.1%} | {m['rmse_top1']:.4f} |")
-    variants = result.get("retrieval_held_out_formulas") or {}
-    if variants:
+    lines += ["", f"Fusion chosen on held-out formulas: {result.get('fusion')}"]
+    head = [
+        "",
+        "| model / ranking | recall@1 | recall@5 | recall@10 | MRR | ground state first | n |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    if result.get("retrieval_held_out_formulas"):
+        lines += ["", "Composition -> structure retrieval, held-out formulas of the training pool:", *head]
+        lines += _retrieval_rows(result["retrieval_held_out_formulas"])
+    for v, rep in (result.get("held_out_variants") or {}).items():
+        lines += ["", f"Evaluation model ({v} embeddings; formulas and prototypes held out), its held-out formulas:"]
+        lines += [*head, *_retrieval_rows(rep.get("variants") or {}, f"{v}: ")]
+        lines += ["", f"fusion {rep.get('chosen')}, inverse weights {(rep.get('inverse') or {}).get('chosen')}"]
+    ep = result.get("energy_polymorphs")
+    if ep and ep.get("n_formulas"):
+        k = ep["k"]
         lines += [
             "",
-            "Composition -> structure retrieval (held-out formulas, prototype clusters, strict):",
+            f"Polymorphs ranked with {ep['calculator']} relaxed energies ({ep['n_formulas']} held-out formulas "
+            f"with >= 2 prototypes, {ep['candidates']} distinct candidates each relaxed; settings {ep['settings']}):",
             "",
-            "| ranking | recall@1 | recall@5 | recall@10 | MRR | ground state first | metastable recall@5 | n |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|",
+            f"| ordering | ground state first | metastable recall@{k} | n metastable |",
+            "|---|---:|---:|---:|",
         ]
-        for name, m in variants.items():
+        for name in ("score_only", "energy_cv"):
+            m = ep[name]
             lines.append(
-                f"| {name} | {m['recall@1']:.3f} | {m['recall@5']:.3f} | {m['recall@10']:.3f} | {m['mrr']:.3f} "
-                f"| {m.get('poly_ground_state_first', float('nan')):.3f} "
-                f"| {m.get('poly_metastable_recall@5', float('nan')):.3f} | {m['n']} |"
+                f"| {name} | {m['ground_state_first']:.3f} | {m[f'metastable_recall@{k}']:.3f} | {m['n_metastable']} |"
             )
-    poly = result.get("polymorphs")
-    if poly and "hetero" in poly:
         lines += [
             "",
-            f"Polymorphs end to end ({poly['n_formulas']} held-out formulas with >= 2 prototypes, K={poly['k']}):",
-            "",
-            "| method | ground state first | metastable recall@K |",
-            "|---|---:|---:|",
+            f"weights chosen per fold {ep['weights_cv']}, on all formulas {ep['weight_all']}; ground state among the "
+            f"candidates {ep['ground_state_among_candidates']:.3f}; {ep['n_relaxations']} relaxations, "
+            f"{ep['relax_cpu_seconds_per_formula']:.1f} s per formula (one thread), {ep['failed_relaxations']} failed",
         ]
-        for name in ("hetero", "cspml"):
-            m = poly[name]
-            recall = m[f"metastable_recall@{poly['k']}"]
-            lines.append(f"| {name} | {m['ground_state_first']:.3f} | {recall:.3f} |")
-    lpo = result.get("leave_prototype_out")
-    if lpo:
+    for v, lpo in (result.get("leave_prototype_out") or {}).items():
         lines += [
             "",
-            f"Structure -> composition, leave-prototype-out ({lpo['n_prototypes']} prototypes held out):",
+            f"Structure -> composition, leave-prototype-out ({v} model, {lpo['n_prototypes']} prototypes held out, "
+            f"inverse weights {lpo.get('inverse_weights')}):",
             "",
             "| ranking | recall@1 | recall@5 | recall@10 | recall@50 | MRR | n |",
             "|---|---:|---:|---:|---:|---:|---:|",

@@ -15,7 +15,8 @@ def train_hetero(args: argparse.Namespace) -> int:
     """``cspml train --hetero``: train the hetero model (with a core model) on the store."""
     from cspml_flows.config import model_path
     from cspml_flows.errors import ModelError
-    from cspml_flows.hetero.model import HeteroModel, default_hetero_path
+    from cspml_flows.hetero.model import default_hetero_path
+    from cspml_flows.hetero.train import train_hetero as train
     from cspml_flows.learning.model import SimilarityModel, training_hash
     from cspml_flows.templates.index import TemplateIndex
 
@@ -31,7 +32,7 @@ def train_hetero(args: argparse.Namespace) -> int:
         except ModelError:
             core = None
     t = time.perf_counter()
-    model, report = HeteroModel.train(index, core=core, seed=args.seed, workers=args.workers)
+    model, report = train(index, core=core, seed=args.seed, workers=args.workers)
     path = model.save(args.model or default_hetero_path())
     for name, m in (report.get("variants") or {}).items():
         print(

@@ -1,15 +1,13 @@
-"""Evaluation of the heterogeneous model.
+"""Evaluation of the heterogeneous model (measurement only; training is :mod:`cspml_flows.hetero.train`).
 
-- :func:`fusion_grid`: composition -> structure retrieval (recall@1/5/10, MRR over prototype clusters) and
-  polymorph ranking (ground state first, recall of metastable polymorphs in the top K) on held-out formulas,
-  for the core CSPML ranking, the tower alone and the fused score; picks the fusion weights.
+- Metrics: composition -> structure retrieval (recall@1/5/10, MRR over prototype clusters) and polymorph
+  ranking (ground state first, recall of metastable polymorphs in the top K) on held-out formulas.
 - :func:`leave_prototype_out`: prototypes held out of training; structure -> composition retrieval
   (recall@10/@50 and MRR of the compositions known to take a held-out prototype, against the unlearned
   descriptor distance and pymatgen's substitution probabilities), and the user-template experiment (the
   prototype removed from the pool, one of its structures supplied as a user file, its other compositions
   predicted and matched with StructureMatcher).
-- :func:`polymorph_structures`: the polymorph use end to end (predicted structures matched to the known
-  polymorphs of held-out formulas).
+- Polymorphs end to end with relaxed energies: :func:`cspml_flows.hetero.polymorph_energy.energy_polymorphs`.
 """
 
 from __future__ import annotations
@@ -22,16 +20,13 @@ import numpy as np
 
 from cspml_flows.composition import roles
 from cspml_flows.hetero.model import Bank, HeteroModel
-from cspml_flows.learning.model import SimilarityModel
 from cspml_flows.templates.index import TemplateIndex
 
 KS = (1, 5, 10)
-LAMBDAS = (0.0, 0.05, 0.1, 0.2, 0.4, 0.8)
-MUS = (0.0, -2.0, -5.0, -10.0, -20.0)
 POLY_K = 5
 
 
-def _cluster_lists(ranked) -> list[list[int]]:
+def cluster_lists(ranked) -> list[list[int]]:
     out = []
     for lst in ranked:
         seen: list[int] = []
@@ -74,7 +69,7 @@ def polymorph_metrics(ranked: Sequence[Sequence[int]], ground: Sequence[int], me
     }
 
 
-def _formula_targets(index: TemplateIndex, rows: np.ndarray):
+def formula_targets(index: TemplateIndex, rows: np.ndarray):
     """Per held-out formula: canonical roles, its prototype clusters, the ground-state cluster."""
     by_f: dict[str, list[int]] = {}
     for i in rows:
@@ -90,84 +85,7 @@ def _formula_targets(index: TemplateIndex, rows: np.ndarray):
     return out
 
 
-def fusion_grid(
-    model: HeteroModel,
-    bank: Bank,
-    index: TemplateIndex,
-    val_rows: np.ndarray,
-    core: SimilarityModel | None,
-    stack: bool = True,
-) -> dict[str, Any]:
-    """Retrieval and polymorph metrics of held-out formulas (strict: no template of the formula) for CSPML,
-    the tower alone and each fusion weight; the chosen weights maximise top-1 + ground-state-first."""
-    from cspml_flows.hetero.rank import aggregate, candidate_rows
-
-    targets = [t for t in _formula_targets(index, val_rows) if t[2]]
-    report: dict[str, Any] = {"n_val_queries": len(targets)}
-    if not targets:
-        report["chosen"] = {"lam": 1.0, "mu": 0.0}
-        return report
-    queries = [t[1] for t in targets]
-    rows = candidate_rows(bank, queries, strict=True, std=model.std)
-    logit, tower, ehull = model.components(bank, rows.q, rows.qi, rows.q_role, rows.ti, core)
-    relevant = [t[2] for t in targets]
-    poly = [i for i, t in enumerate(targets) if len(t[4]) >= 2 and t[3] in t[2]]
-    report["n_polymorph_queries"] = len(poly)
-
-    def evaluate(z: np.ndarray) -> dict[str, Any]:
-        lists = _cluster_lists(aggregate(bank, rows, z, top=60))
-        m = retrieval_metrics(lists, relevant)
-        pm = polymorph_metrics(
-            [lists[i] for i in poly], [targets[i][3] for i in poly], [targets[i][2] - {targets[i][3]} for i in poly]
-        )
-        per_query = np.array([float(bool(lst) and lst[0] in rel) for lst, rel in zip(lists, relevant, strict=True)])
-        for i in poly:
-            per_query[i] += 0.5 * float(bool(lists[i]) and lists[i][0] == targets[i][3])
-        return {**m, **{f"poly_{k}": v for k, v in pm.items()}, "_per_query": per_query}
-
-    variants: dict[str, dict] = {}
-    if core is not None:
-        variants["cspml"] = evaluate(logit)
-    variants["tower"] = evaluate(tower)
-    grid = []
-    for lam in LAMBDAS:
-        for mu in MUS:
-            if core is None and lam == 0.0:
-                continue
-            z = model.fuse(logit, tower, ehull, lam=lam, mu=mu, use_core=core is not None)
-            m = evaluate(z)
-            grid.append({"lam": lam, "mu": mu, **m})
-    best = max(grid, key=lambda g: (_objective(g), -g["lam"], g["mu"]))
-    if core is not None and not _significant(best["_per_query"], variants["cspml"]["_per_query"]):
-        # no gain beyond one standard error over CSPML on held-out formulas: keep CSPML's ranking
-        best = next(g for g in grid if g["lam"] == 0.0 and g["mu"] == 0.0)
-    variants["hetero"] = {k: v for k, v in best.items() if k not in ("lam", "mu")}
-    report["chosen"] = {"lam": best["lam"], "mu": best["mu"], "stacked": False}
-    if core is not None and stack and len(targets) >= 40:
-        # second stage: gradient boosting on both scores and template facts, 2-fold cross-validated over
-        # the held-out formulas; kept only when its cross-validated objective beats the linear fusion
-        x = HeteroModel.stack_features(bank, rows.qi, rows.ti, logit, tower)
-        cl = bank.index.cluster[rows.ti]
-        y = np.array([c in relevant[q] for q, c in zip(rows.qi, cl, strict=True)], dtype=int)
-        w = 1.0 + np.array([c == targets[q][3] for q, c in zip(rows.qi, cl, strict=True)], dtype=float)
-        fold = np.random.default_rng(0).integers(0, 2, len(targets))[rows.qi]
-        z = np.zeros(len(rows.qi))
-        for f in (0, 1):
-            clf = _stacker().fit(x[fold != f], y[fold != f], sample_weight=w[fold != f])
-            p = np.clip(clf.predict_proba(x[fold == f])[:, 1], 1e-6, 1 - 1e-6)
-            z[fold == f] = np.log(p / (1 - p))
-        stacked = evaluate(z)
-        variants["stacked (2-fold CV)"] = stacked
-        if _objective(stacked) > _objective(best) and _significant(stacked["_per_query"], best["_per_query"]):
-            report["chosen"]["stacked"] = True
-            report["stacker"] = _stacker().fit(x, y, sample_weight=w)
-            variants["hetero"] = stacked
-    report["variants"] = {k: {a: b for a, b in v.items() if a != "_per_query"} for k, v in variants.items()}
-    report["grid"] = [{a: b for a, b in g.items() if a != "_per_query"} for g in grid]
-    return report
-
-
-def _significant(new: np.ndarray, old: np.ndarray) -> bool:
+def significant(new: np.ndarray, old: np.ndarray) -> bool:
     """Paired per-query gain above zero by at least one standard error."""
     d = np.asarray(new) - np.asarray(old)
     if len(d) < 2:
@@ -175,79 +93,10 @@ def _significant(new: np.ndarray, old: np.ndarray) -> bool:
     return float(d.mean()) > 0 and float(d.mean()) >= float(d.std(ddof=1)) / np.sqrt(len(d))
 
 
-def _stacker():
-    from cspml_flows.hetero.model import Stacker
-
-    return Stacker()  # LightGBM: saved as its own text model, never pickled
-
-
-def _objective(m: dict) -> float:
+def objective(m: dict) -> float:
     """Fusion objective: top-1 prototype hit plus half the ground-state-first share (0 without polymorphs)."""
     gs = m.get("poly_ground_state_first", float("nan"))
     return m["recall@1"] + 0.5 * (0.0 if gs != gs else gs)
-
-
-# ---------------------------------------------------------------------------------------------------------
-def _realize_hit(gts, preds_per_query, workers: int) -> list[list[float | None]]:
-    from cspml_flows.benchmark.scoring import rms_table
-
-    return rms_table(gts, preds_per_query, workers=workers)
-
-
-def polymorph_structures(
-    hetero: HeteroModel,
-    bank: Bank,
-    val_rows: np.ndarray,
-    k: int = POLY_K,
-    limit: int = 150,
-    workers: int = 2,
-    seed: int = 0,
-) -> dict[str, Any]:
-    """End-to-end polymorph use on held-out formulas with >= 2 prototypes: predict ``k`` structures (no
-    template of the formula allowed), match each known polymorph with StructureMatcher. ``hetero`` must
-    hold a core model trained without these formulas."""
-    from cspml_flows.hetero.rank import HeteroPredictor
-    from cspml_flows.predict.predictor import CSPPredictor
-
-    index = bank.index
-    targets = [t for t in _formula_targets(index, val_rows) if len(t[4]) >= 2]
-    rng = np.random.default_rng(seed)
-    if len(targets) > limit:
-        targets = [targets[i] for i in sorted(rng.choice(len(targets), limit, replace=False))]
-    out: dict[str, Any] = {"n_formulas": len(targets), "k": k}
-    if not targets:
-        return out
-    hp = HeteroPredictor(index, hetero, bank)
-    cp = CSPPredictor(index, hetero.core)
-    comps = [t[0] for t in targets]
-    for name, preds in (
-        ("hetero", hp.predict(comps, polymorphs=k, strict=True)),
-        ("cspml", cp.predict(comps, top=k, strict=True)),
-    ):
-        gts, plist, owner, is_gs = [], [], [], []
-        for qi, (t, p) in enumerate(zip(targets, preds, strict=True)):
-            f = t[0]
-            members = np.flatnonzero(index.formulas == f)
-            e = np.nan_to_num(index.e_above_hull[members], nan=0.0)
-            gs_row = members[int(np.argmin(e))]
-            seen_clusters = set()
-            for m in members[np.argsort(e, kind="stable")]:
-                if int(index.cluster[m]) in seen_clusters:
-                    continue
-                seen_clusters.add(int(index.cluster[m]))
-                gts.append(index.structure(int(m)))
-                plist.append([c.structure for c in p.candidates])
-                owner.append(qi)
-                is_gs.append(m == gs_row)
-        rms = _realize_hit(gts, plist, workers)
-        gs_first = [r[0] is not None if r else False for r, g in zip(rms, is_gs, strict=True) if g]
-        meta = [any(x is not None for x in r[:k]) for r, g in zip(rms, is_gs, strict=True) if not g]
-        out[name] = {
-            "ground_state_first": float(np.mean(gs_first)) if gs_first else float("nan"),
-            f"metastable_recall@{k}": float(np.mean(meta)) if meta else float("nan"),
-            "n_metastable": len(meta),
-        }
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -282,15 +131,43 @@ def held_out_split(
     return np.flatnonzero(np.isin(index.formulas, list(val))), held
 
 
-def train_without(
-    index: TemplateIndex, geom: np.ndarray, val_rows: np.ndarray, held: np.ndarray, seed: int = 0, log=print, **kw
-) -> HeteroModel:
-    """A hetero model (towers, fusion and core) that never saw the held-out formulas or prototypes."""
-    keep = np.ones(len(index), dtype=bool)
-    keep[val_rows] = False
-    keep &= ~np.isin(index.cluster, held)
-    model, _ = HeteroModel.train(index.subset(keep), geom=geom[keep], seed=seed, reuse_val_core=True, log=log, **kw)
-    return model
+def inverse_retrieval(index: TemplateIndex, bank: Bank, model: HeteroModel, held: np.ndarray) -> dict[str, Any]:
+    """Structure -> composition retrieval on held-out prototypes: each queried with its lowest-energy
+    structure, every formula of its anonymous formula ranked (relevant: the others taking the prototype), by
+    the model's inverse weights (``hetero``), the CSPML logit, the tower, pymatgen's substitution
+    probabilities and the unlearned descriptor distance."""
+    from cspml_flows.hetero.inverse import assignment_parts, score_assignments
+
+    core = model.core
+    weights = {"hetero": model.inv, "cspml": (1, 0, 0), "tower": (0, 1, 0), "pymatgen": (0, 0, 1)}
+    if core is None:
+        weights = {k: w for k, w in weights.items() if k in ("tower", "pymatgen")}
+    ranked: dict[str, list[list[str]]] = {m: [] for m in [*weights, "descriptor"]}
+    relevant: list[set] = []
+    for c in held:
+        members = np.flatnonzero(index.cluster == c)
+        t = int(members[np.argmin(np.nan_to_num(index.e_above_hull[members], nan=0.0))])
+        pool = index.by_anon[str(index.anon[t])]
+        formulas = sorted(set(index.formulas[pool].tolist()) - {str(index.formulas[t])})
+        rel = set(index.formulas[members].tolist()) - {str(index.formulas[t])}
+        if not rel or not formulas:
+            continue
+        relevant.append(rel)
+        assignments, owner = [], []
+        for fi, f in enumerate(formulas):
+            r = roles(f)
+            for p in r.permutations(limit=6):
+                assignments.append(tuple(r.elements[j] for j in p))
+                owner.append(fi)
+        owner_arr = np.asarray(owner)
+        _, _, parts = assignment_parts(model, bank, t, assignments, core)
+        scores = {m: parts @ np.asarray(w, dtype=float) for m, w in weights.items()}
+        scores["descriptor"] = score_assignments(model, bank, t, assignments, "descriptor")[2]
+        for m, sc in scores.items():
+            best = np.full(len(formulas), -np.inf)
+            np.maximum.at(best, owner_arr, sc)
+            ranked[m].append([formulas[i] for i in np.argsort(-best, kind="stable")])
+    return {m: retrieval_metrics(ranked[m], relevant, ks=(1, 5, 10, 50)) for m in ranked}
 
 
 def leave_prototype_out(
@@ -302,60 +179,25 @@ def leave_prototype_out(
     user_limit: int = 60,
     workers: int = 2,
     log=print,
+    emb: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Inverse design (structure -> composition retrieval) and user templates on held-out prototypes, with
-    ``model`` trained without them (:func:`train_without`)."""
-    from cspml_flows.hetero.inverse import score_assignments
-
+    ``model`` trained without them (:func:`cspml_flows.hetero.train.train_without`)."""
     t0 = time.perf_counter()
     is_held = np.isin(index.cluster, held)
     log(f"leave-prototype-out: {len(held)} prototypes ({is_held.sum()} templates) held out")
-    core = model.core
-    bank = model.bank(index, geom)
-    # ---- structure -> composition: rank every formula of the anonymous formula for a held-out structure
-    methods = (
-        ("hetero", "tower", "cspml", "descriptor", "pymatgen")
-        if core is not None
-        else ("tower", "descriptor", "pymatgen")
-    )
-    ranked: dict[str, list[list[str]]] = {m: [] for m in methods}
-    relevant: list[set] = []
-    for c in held:
-        members = np.flatnonzero(index.cluster == c)
-        t = int(members[np.argmin(np.nan_to_num(index.e_above_hull[members], nan=0.0))])
-        pool = index.by_anon[str(index.anon[t])]
-        formulas = sorted(set(index.formulas[pool].tolist()) - {str(index.formulas[t])})
-        rel = set(index.formulas[members].tolist()) - {str(index.formulas[t])}
-        if not rel or not formulas:
-            continue
-        relevant.append(rel)
-        assignments = []
-        owner = []
-        for fi, f in enumerate(formulas):
-            r = roles(f)
-            for p in r.permutations(limit=6):
-                assignments.append(tuple(r.elements[j] for j in p))
-                owner.append(fi)
-        owner_arr = np.asarray(owner)
-        for m in methods:
-            if m == "cspml":
-                sub = HeteroModel(model.std, model.geo_mu, model.geo_sd, model.A, model.B, model.w, core, 0.0, 0.0)
-                _, _, s = score_assignments(sub, bank, t, assignments, "hetero")
-            else:
-                _, _, s = score_assignments(model, bank, t, assignments, m)
-            best = np.full(len(formulas), -np.inf)
-            np.maximum.at(best, owner_arr, s)
-            ranked[m].append([formulas[i] for i in np.argsort(-best, kind="stable")])
-    s2c = {m: retrieval_metrics(ranked[m], relevant, ks=(1, 5, 10, 50)) for m in methods}
-    log(f"leave-prototype-out: structure -> composition on {len(relevant)} prototypes")
-    # ---- user templates: a held-out prototype comes back only as one user structure
-    user = _user_template_experiment(index, geom, held, is_held, model, user_limit, workers, seed)
+    s2c = inverse_retrieval(index, model.bank(index, geom, emb=emb), model, held)
+    log(f"leave-prototype-out: structure -> composition on {s2c['tower']['n']} prototypes")
+    user = {"n": 0}
+    if user_limit:  # a held-out prototype comes back only as one user structure
+        user = _user_template_experiment(index, geom, emb, held, is_held, model, user_limit, workers, seed)
     return {
         "n_prototypes": len(held),
         "n_templates_held_out": int(is_held.sum()),
         "structure_to_composition": s2c,
         "user_templates": user,
         "fusion": {"lam": model.lam, "mu": model.mu, "stacked": model.stacker is not None},
+        "inverse_weights": [float(x) for x in model.inv],
         "seconds": time.perf_counter() - t0,
     }
 
@@ -363,6 +205,7 @@ def leave_prototype_out(
 def _user_template_experiment(
     index: TemplateIndex,
     geom: np.ndarray,
+    emb: np.ndarray | None,
     held: np.ndarray,
     is_held: np.ndarray,
     model: HeteroModel,
@@ -408,8 +251,11 @@ def _user_template_experiment(
     comps = [index.structure(q).composition for q in queries]
     excl = [{str(index.ids[q])} for q in queries]
     out: dict[str, Any] = {"n": len(queries)}
-    hp_without = HeteroPredictor(base, model, model.bank(base, base_geom))
-    hp_with = HeteroPredictor(merged, model, model.bank(merged, mgeom))
+    bemb = memb = None
+    if emb is not None:
+        bemb, memb = emb[base_mask], np.vstack([emb[base_mask], emb[is_user]])
+    hp_without = HeteroPredictor(base, model, model.bank(base, base_geom, emb=bemb))
+    hp_with = HeteroPredictor(merged, model, model.bank(merged, mgeom, emb=memb))
     for name, hp in (("without_user_file", hp_without), ("with_user_file", hp_with)):
         preds = hp.predict(comps, polymorphs=5, exclude_ids=excl, strict=True, check_distinct=False)
         rms = rms_table(gts, [[c.structure for c in p.candidates] for p in preds], workers=workers)

@@ -2,7 +2,8 @@
 
 Element substitutions consistent with the structure's anonymous formula are enumerated (each role of the
 prototype takes one element of the user's list, distinct elements), compositions that SMACT cannot charge
-balance are dropped, and the rest are ranked by the hetero model's score of (composition, structure). Each
+balance are dropped, and the rest are ranked by the hetero model's inverse score: CSPML's logit, the tower and
+pymatgen's substitution probability (a chemistry prior) with weights chosen on held-out formulas. Each
 answer carries the substituted, volume-rescaled structure from the core engine.
 """
 
@@ -95,48 +96,70 @@ def _query(template: Roles, assigned: tuple[str, ...]) -> tuple[Roles, tuple[int
     return q, perm
 
 
+def _queries(index: TemplateIndex, t: int, assignments: Sequence[tuple[str, ...]]):
+    tr = index.roles[t]
+    qs, perms = zip(*(_query(tr, a) for a in assignments), strict=True) if assignments else ((), ())
+    return list(qs), list(perms)
+
+
+def substitution_prior(template: Roles, qs: Sequence[Roles], perms: Sequence[tuple[int, ...]]) -> np.ndarray:
+    """log of pymatgen's substitution probability of each assignment from the template's ionic species."""
+    from cspml_flows.benchmark.baselines import log_cond_prob, oxidation_species
+
+    t_species = tuple(str(x) for x in oxidation_species(template))
+    scores = []
+    for q, p in zip(qs, perms, strict=True):
+        sp = [str(x) for x in oxidation_species(q)]
+        scores.append(log_cond_prob(t_species, tuple(sp[j] for j in p)))
+    return np.array(scores, dtype=float)
+
+
+def assignment_parts(
+    model: HeteroModel, bank: Bank, t: int, assignments: Sequence[tuple[str, ...]], core
+) -> tuple[list[Roles], list[tuple[int, ...]], np.ndarray]:
+    """Per assignment onto template row ``t``: (CSPML logit or 0 without ``core``, tower score, log
+    substitution prior) as an (n, 3) array."""
+    from cspml_flows.descriptors import role_properties
+
+    qs, perms = _queries(bank.index, t, assignments)
+    if not qs:
+        return [], [], np.zeros((0, 3))
+    qb = QueryBatch.from_roles(qs)
+    qi = np.arange(len(qs))
+    q_role = np.concatenate([role_properties([q], [p]) for q, p in zip(qs, perms, strict=True)])
+    logit, tower, _ = model.components(bank, qb, qi, q_role, np.full(len(qs), t), core)
+    prior = substitution_prior(bank.index.roles[t], qs, perms)
+    return qs, perms, np.column_stack([logit, tower, prior])
+
+
 def score_assignments(
     model: HeteroModel | None, bank: Bank, t: int, assignments: Sequence[tuple[str, ...]], method: str = "hetero"
 ) -> tuple[list[Roles], list[tuple[int, ...]], np.ndarray]:
     """Scores of element assignments onto template row ``t`` (higher is better).
 
-    ``method``: ``hetero`` (the fused model), ``tower`` (the tower alone), ``descriptor`` (minus the
-    unlearned Magpie distance to the template's composition), ``pymatgen`` (log substitution probability).
+    ``method``: ``hetero`` (the model's inverse weights over CSPML logit, tower and substitution prior),
+    ``tower`` (the tower alone), ``descriptor`` (minus the unlearned Magpie distance to the template's
+    composition), ``pymatgen`` (log substitution probability).
     """
-    from cspml_flows.descriptors import role_properties
-
     index = bank.index
-    tr = index.roles[t]
-    qs, perms = zip(*(_query(tr, a) for a in assignments), strict=True) if assignments else ((), ())
-    qs, perms = list(qs), list(perms)
+    qs, perms = _queries(index, t, assignments)
     if not qs:
         return [], [], np.zeros(0)
     if method == "pymatgen":
-        from cspml_flows.benchmark.baselines import log_cond_prob, oxidation_species
-
-        t_species = tuple(str(x) for x in oxidation_species(tr))
-        scores = []
-        for q, p in zip(qs, perms, strict=True):
-            sp = [str(x) for x in oxidation_species(q)]
-            scores.append(log_cond_prob(t_species, tuple(sp[j] for j in p)))
-        return qs, perms, np.array(scores)
-    qb = QueryBatch.from_roles(qs)
+        return qs, perms, substitution_prior(index.roles[t], qs, perms)
     if method == "descriptor":
         from cspml_flows.learning.features import Standardizer, unlearned_distance
 
         std = model.std if model is not None else Standardizer(index.stats, index.role_props)
-        return qs, perms, -unlearned_distance(qb.stats, index.stats[[t]], std)
+        return qs, perms, -unlearned_distance(QueryBatch.from_roles(qs).stats, index.stats[[t]], std)
     if model is None:
         raise CSPMLError(f"method {method!r} needs a hetero model")
-    qi = np.arange(len(qs))
-    q_role = np.concatenate([role_properties([q], [p]) for q, p in zip(qs, perms, strict=True)])
-    ti = np.full(len(qs), t)
+    core = model.core if model.use_core and method == "hetero" else None
+    _, _, parts = assignment_parts(model, bank, t, assignments, core)
     if method == "tower":
-        _, tower, _ = model.components(bank, qb, qi, q_role, ti, None)
-        return qs, perms, tower
-    # the linear fusion (the optional second stage ranks structures for one composition, not the reverse)
-    core = model.core if model.use_core else None
-    return qs, perms, model.fuse(*model.components(bank, qb, qi, q_role, ti, core))
+        return qs, perms, parts[:, 1]
+    inv = model.inv if core is not None else np.array([0.0, 1.0, 0.0])
+    return qs, perms, model.fuse_inverse(parts[:, 0], parts[:, 1], parts[:, 2], inv)
 
 
 def inverse_design(
@@ -200,4 +223,4 @@ def inverse_from_structure(
 
     ui = user_index({name: structure})
     geom = geometry_features(list(ui.ids), ui.structures, ui.roles, list(ui.spacegroup), list(ui.nprim), 1, False)
-    return inverse_design(model, model.bank(ui, geom), 0, elements, top=top)
+    return inverse_design(model, model.bank(ui, geom, emb=model.embeddings(ui, cache=False)), 0, elements, top=top)

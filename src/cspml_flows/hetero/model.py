@@ -2,30 +2,27 @@
 
 ``tower(c, s) = -||A phi(c) - B psi(s)||^2 + w . psi(s)``: ``phi`` is the composition's chemistry block
 (element properties in the role order of the candidate assignment, fractions, Magpie statistics), ``psi``
-the template's site chemistry in the same layout plus its element-agnostic geometry
-(:mod:`cspml_flows.hetero.encoders`), its e_above_hull and prototype-cluster size. A and B are trained
-contrastively (listwise InfoNCE, numpy + Adam): each training composition is pulled towards the templates of
-the prototypes it takes and pushed from the other same-anonymous-formula templates; the positives' target
-weights fall with the composition's e_above_hull in each prototype (``exp(-E/tau)``), so ground states are
-ranked above metastable polymorphs.
+the template's site chemistry in the same layout, its element-agnostic geometry
+(:mod:`cspml_flows.hetero.encoders`), its pretrained CHGNet 0.3.0 representation
+(:mod:`cspml_flows.hetero.embeddings`; ``variant`` ``species`` or the element-agnostic ``role``; ``none``
+leaves it out), its e_above_hull and prototype-cluster size. Training lives in
+:mod:`cspml_flows.hetero.train`, measurement in :mod:`cspml_flows.hetero.evaluate`; this module only scores.
 
-The final score fuses the tower with the core CSPML similarity (composition-composition) and the template's
-e_above_hull: ``z = logit(p_cspml) + lam * tower + mu * e_above_hull``. ``lam`` and ``mu`` are chosen on
-held-out formulas (the core model used there is trained without them), so the fusion only departs from
-CSPML when the tower helps on unseen compositions.
+Scores: composition -> structure ``z = logit(p_cspml) + lam * tower + mu * e_above_hull`` (or the optional
+LightGBM second stage); structure -> composition (inverse) ``inv[0] * logit + inv[1] * tower + inv[2] *
+log p_substitution`` (pymatgen's substitution probabilities as the chemistry prior). Every weight is chosen
+on held-out formulas during training (:func:`cspml_flows.hetero.train.train_hetero`).
 
-Model files are gzipped JSON (format 2): the arrays as number lists, the embedded core model as its own
-JSON blob (LightGBM text model), the optional stacker as LightGBM's text model, and the metadata. Reading
-one never unpickles anything; a pickle (the format-1 ``hetero.joblib`` files) or a file of another format
-or version gets a one-line ModelError.
+Model files are gzipped JSON: the arrays as number lists, the embedded core model as its own JSON blob
+(LightGBM text model), the optional stacker as LightGBM's text model, and the metadata. Reading one never
+unpickles anything; a pickle (the format-1 ``hetero.joblib`` files) or a file of another format or version
+gets a one-line ModelError.
 """
 
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -35,13 +32,14 @@ import numpy as np
 from cspml_flows.config import home_dir
 from cspml_flows.descriptors import DESCRIPTOR_VERSION
 from cspml_flows.errors import ModelError
+from cspml_flows.hetero.embeddings import EMBED_VERSION, N_EMBED, index_embeddings
 from cspml_flows.hetero.encoders import GEOMETRY_VERSION, N_GEOMETRY, chemistry_block, geometry_features
-from cspml_flows.learning.features import Standardizer, role_distance
-from cspml_flows.learning.model import QueryBatch, SimilarityModel, training_hash
+from cspml_flows.learning.features import Standardizer
+from cspml_flows.learning.model import QueryBatch, SimilarityModel
 from cspml_flows.safeio import read_json_gz, write_json_gz
 from cspml_flows.templates.index import TemplateIndex
 
-HETERO_FORMAT = 2  # 2: gzipped JSON with LightGBM text models (format 1 was a joblib pickle)
+HETERO_FORMAT = 3  # 3: + CHGNet embedding block and inverse weights; 2: gzipped JSON; 1: a joblib pickle
 TAU = 0.05  # eV/atom: target weight exp(-E_hull / TAU) of a positive prototype
 
 
@@ -72,12 +70,16 @@ class HeteroModel:
     A: np.ndarray
     B: np.ndarray
     w: np.ndarray
+    variant: str = "none"  # CHGNet embedding block: "species", "role" (element-agnostic) or "none"
+    emb_mu: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    emb_sd: np.ndarray = field(default_factory=lambda: np.zeros(0))
     core: SimilarityModel | None = None
     lam: float = 1.0
     mu: float = 0.0
     use_core: bool = True
     meta: dict[str, Any] = field(default_factory=dict)
     stacker: Stacker | None = None  # optional second stage (gradient boosting) fitted on held-out formulas
+    inv: np.ndarray = field(default_factory=lambda: np.array([1.0, 0.0, 0.0]))  # inverse: logit, tower, prior
 
     # ---- encoders -------------------------------------------------------------------------------------
     def phi(self, role_props: np.ndarray, role_fracs: np.ndarray, stats: np.ndarray) -> np.ndarray:
@@ -85,8 +87,8 @@ class HeteroModel:
         block = chemistry_block(self.std, role_props, role_fracs, stats)
         return np.hstack([block, np.ones((len(block), 1))])
 
-    def psi(self, index: TemplateIndex, geom: np.ndarray) -> np.ndarray:
-        """Structure tower input (n, Ds) of every template of ``index``."""
+    def psi(self, index: TemplateIndex, geom: np.ndarray, emb: np.ndarray | None = None) -> np.ndarray:
+        """Structure tower input (n, Ds) of every template of ``index`` (``emb``: its embedding rows)."""
         block = chemistry_block(self.std, index.role_props, index.role_fracs, index.stats)
         g = (geom - self.geo_mu) / self.geo_sd
         e = index.e_above_hull
@@ -94,12 +96,25 @@ class HeteroModel:
         extra = np.column_stack(
             [np.where(known, np.clip(e, 0, 1), 0.0), known.astype(float), np.log1p(index.cluster_size.astype(float))]
         )
-        return np.hstack([block, g, extra, np.ones((len(index), 1))])
+        parts = [block, g]
+        if self.variant != "none":
+            if emb is None or emb.shape != (len(index), N_EMBED):
+                raise ModelError(f"this hetero model needs the {self.variant!r} CHGNet embeddings of its templates")
+            parts.append((emb - self.emb_mu) / self.emb_sd)
+        return np.hstack([*parts, extra, np.ones((len(index), 1))])
 
-    def bank(self, index: TemplateIndex, geom: np.ndarray | None = None, workers: int = 2) -> Bank:
+    def embeddings(self, index: TemplateIndex, cache: bool = True) -> np.ndarray | None:
+        """The CHGNet embedding rows this model needs for ``index`` (cached per template), or None."""
+        return None if self.variant == "none" else index_embeddings(index, self.variant, cache=cache)
+
+    def bank(
+        self, index: TemplateIndex, geom: np.ndarray | None = None, workers: int = 2, emb: np.ndarray | None = None
+    ) -> Bank:
         if geom is None:
             geom = index_geometry(index, workers)
-        return Bank(index, self.psi(index, geom))
+        if emb is None and self.variant != "none":
+            emb = self.embeddings(index)
+        return Bank(index, self.psi(index, geom, emb))
 
     def tower(self, phi: np.ndarray, psi: np.ndarray) -> np.ndarray:
         """Row-aligned tower scores of (composition, structure) pairs."""
@@ -131,11 +146,22 @@ class HeteroModel:
         ehull = np.nan_to_num(idx.e_above_hull[ti], nan=0.0)
         return logit, tower, ehull
 
+    @property
+    def fused(self) -> bool:
+        """Whether the composition -> structure ranking departs from CSPML's (the tower kept)."""
+        return not self.use_core or self.lam != 0 or self.mu != 0 or self.stacker is not None
+
     def fuse(self, logit: np.ndarray, tower: np.ndarray, ehull: np.ndarray, lam=None, mu=None, use_core=None):
         lam = self.lam if lam is None else lam
         mu = self.mu if mu is None else mu
         use_core = self.use_core if use_core is None else use_core
         return (logit if use_core else 0.0) + lam * tower + mu * np.clip(ehull, 0, 1)
+
+    def fuse_inverse(self, logit: np.ndarray, tower: np.ndarray, prior: np.ndarray, inv=None) -> np.ndarray:
+        """Structure -> composition score: weighted CSPML logit, tower and chemistry prior (log substitution
+        probability)."""
+        a, b, c = self.inv if inv is None else inv
+        return a * logit + b * tower + c * prior
 
     def score(self, bank: Bank, q: QueryBatch, qi: np.ndarray, q_role: np.ndarray, ti: np.ndarray) -> np.ndarray:
         """Fused score of pair rows (higher: more likely the composition takes the structure)."""
@@ -181,170 +207,13 @@ class HeteroModel:
         p = np.clip(p, 1e-6, 1 - 1e-6)
         return np.log(p / (1 - p))
 
-    # ---- training -------------------------------------------------------------------------------------
-    @classmethod
-    def init(cls, index: TemplateIndex, geom: np.ndarray, dim: int = 32, seed: int = 0) -> HeteroModel:
-        std = Standardizer(index.stats, index.role_props)
-        mu = geom.mean(axis=0)
-        sd = geom.std(axis=0)
-        sd = np.where(sd < 1e-6, 1.0, sd)
-        m = cls(std, mu, sd, np.zeros((0, 0)), np.zeros((0, 0)), np.zeros(0))
-        dc = m.phi(index.role_props[:1], index.role_fracs[:1], index.stats[:1]).shape[1]
-        ds = m.psi(index.subset(np.arange(len(index)) < 1), geom[:1]).shape[1]
-        rng = np.random.default_rng(seed)
-        proj = rng.normal(0, 1 / np.sqrt(dc), size=(dim, dc - 1))
-        m.A = np.hstack([proj, np.zeros((dim, 1))])
-        m.B = np.zeros((dim, ds))
-        m.B[:, : dc - 1] = proj  # start as a random projection of the chemistry difference
-        m.w = np.zeros(ds)
-        return m
-
-    def fit_towers(
-        self,
-        bank: Bank,
-        anchors: TrainingGroups,
-        epochs: int = 40,
-        lr: float = 0.01,
-        l2: float = 1e-4,
-        batch: int = 256,
-        seed: int = 0,
-    ) -> list[float]:
-        """Listwise InfoNCE with Adam on precomputed candidate groups; returns the loss per epoch."""
-        rng = np.random.default_rng(seed)
-        params = [self.A, self.B, self.w]
-        m1 = [np.zeros_like(p) for p in params]
-        m2 = [np.zeros_like(p) for p in params]
-        b1, b2, eps = 0.9, 0.999, 1e-8
-        step = 0
-        losses = []
-        n = len(anchors.phi)
-        for _ in range(epochs):
-            order = rng.permutation(n)
-            total = 0.0
-            for s in range(0, n, batch):
-                sel = order[s : s + batch]
-                loss, grads = self.loss_and_grads(bank, anchors, sel, l2)
-                total += loss * len(sel)
-                step += 1
-                for k, (param, grad) in enumerate(zip(params, grads, strict=True)):
-                    m1[k] = b1 * m1[k] + (1 - b1) * grad
-                    m2[k] = b2 * m2[k] + (1 - b2) * grad * grad
-                    param -= lr * (m1[k] / (1 - b1**step)) / (np.sqrt(m2[k] / (1 - b2**step)) + eps)
-            losses.append(total / n)
-        return losses
-
-    def loss_and_grads(
-        self, bank: Bank, anchors: TrainingGroups, sel: np.ndarray, l2: float = 0.0
-    ) -> tuple[float, list[np.ndarray]]:
-        """Mean listwise InfoNCE (cross-entropy to the target weights) of groups ``sel``, and its gradient
-        with respect to A, B and w (plus the L2 term's gradient)."""
-        cand, y, valid = anchors.cand[sel], anchors.y[sel], anchors.valid[sel]
-        phi = anchors.phi[sel]  # (b, Dc)
-        psi = bank.psi[np.where(valid, cand, 0)]  # (b, M, Ds)
-        u = phi @ self.A.T  # (b, d)
-        v = psi @ self.B.T  # (b, M, d)
-        diff = u[:, None, :] - v
-        s_ = -np.sum(diff * diff, axis=2) + psi @ self.w
-        s_ = np.where(valid, s_, -1e9)
-        s_ -= s_.max(axis=1, keepdims=True)
-        p = np.exp(s_) * valid
-        p /= p.sum(axis=1, keepdims=True)
-        loss = float(-np.sum(y * np.log(p + 1e-300)) / len(sel))
-        g = (p - y) / len(sel)  # dL/ds
-        gu = np.einsum("bm,bmd->bd", g, -2 * diff)
-        gv = (g[:, :, None] * 2 * diff).reshape(-1, diff.shape[2])
-        grads = [
-            gu.T @ phi + l2 * self.A,
-            gv.T @ psi.reshape(-1, psi.shape[2]) + l2 * self.B,
-            np.einsum("bm,bmk->k", g, psi) + l2 * self.w,
-        ]
-        return loss, grads
-
-    @classmethod
-    def train(
-        cls,
-        index: TemplateIndex,
-        core: SimilarityModel | None = None,
-        geom: np.ndarray | None = None,
-        val_fraction: float = 0.15,
-        seed: int = 0,
-        epochs: int = 40,
-        dim: int = 32,
-        workers: int = 2,
-        reuse_val_core: bool = False,
-        core_kwargs: dict[str, Any] | None = None,
-        log=print,
-    ) -> tuple[HeteroModel, dict[str, Any]]:
-        """Train the towers, choose the fusion on held-out formulas, refit on everything.
-
-        ``core``: the CSPML model trained on this same index (trained here when None). A second core model,
-        trained without the held-out formulas, scores them while the fusion weights are chosen;
-        ``reuse_val_core`` keeps that one as the final core model instead of training another on everything.
-        """
-        from cspml_flows.hetero.evaluate import fusion_grid
-
-        t0 = time.perf_counter()
-        if len(index) < 10:
-            raise ModelError(f"need at least 10 templates to train, the store has {len(index)}")
-        if geom is None:
-            geom = index_geometry(index, workers)
-        rng = np.random.default_rng(seed)
-        formulas = np.unique(index.formulas)
-        val_formulas = set(rng.choice(formulas, size=max(1, int(len(formulas) * val_fraction)), replace=False))
-        is_val = np.isin(index.formulas, list(val_formulas))
-        model = cls.init(index, geom, dim=dim, seed=seed)
-        bank = model.bank(index, geom)
-        train_rows = np.flatnonzero(~is_val)
-        groups = TrainingGroups.build(model, index, train_rows, train_rows, seed=seed)
-        log(f"hetero: {len(groups.phi)} training compositions, {groups.valid.sum()} candidate pairs")
-        losses = model.fit_towers(bank, groups, epochs=epochs, seed=seed)
-        log(f"hetero: tower loss {losses[0]:.3f} -> {losses[-1]:.3f} ({time.perf_counter() - t0:.0f} s)")
-        core_tr = None
-        if np.any(~is_val):
-            sub = index.subset(~is_val)
-            if len(sub) >= 10:
-                try:
-                    kw = {"refit_all": False, "check_labels": 0, "seed": seed, **(core_kwargs or {})}
-                    core_tr, _ = SimilarityModel.train(sub, log=log, **kw)
-                except ModelError:
-                    core_tr = None
-        report = fusion_grid(model, bank, index, np.flatnonzero(is_val), core_tr)
-        model.lam, model.mu, model.use_core = report["chosen"]["lam"], report["chosen"]["mu"], core_tr is not None
-        stacker = report.pop("stacker", None)
-        log(f"hetero: fusion lam={model.lam} mu={model.mu} on {report['n_val_queries']} held-out formulas")
-        # refit the towers on all formulas with the same settings
-        all_rows = np.arange(len(index))
-        groups = TrainingGroups.build(model, index, all_rows, all_rows, seed=seed + 1)
-        final = cls.init(index, geom, dim=dim, seed=seed)
-        final.fit_towers(final.bank(index, geom), groups, epochs=epochs, seed=seed)
-        final.lam, final.mu, final.use_core = model.lam, model.mu, model.use_core
-        final.stacker = stacker
-        if final.use_core and core is None:
-            if reuse_val_core:
-                core = core_tr
-            else:
-                core, _ = SimilarityModel.train(index, seed=seed, check_labels=0, log=log, **(core_kwargs or {}))
-        final.core = core if final.use_core else None
-        report["train_seconds"] = time.perf_counter() - t0
-        report["tower_loss"] = [round(x, 4) for x in losses]
-        final.meta = {
-            "format": HETERO_FORMAT,
-            "descriptor_version": DESCRIPTOR_VERSION,
-            "geometry_version": GEOMETRY_VERSION,
-            "training_hash": training_hash(index),
-            "n_templates": len(index),
-            "created": datetime.now(UTC).isoformat(),
-            "report": report,
-        }
-        return final, report
-
     # ---- persistence ----------------------------------------------------------------------------------
-    _ARRAYS = ("geo_mu", "geo_sd", "A", "B", "w")
+    _ARRAYS = ("geo_mu", "geo_sd", "A", "B", "w", "emb_mu", "emb_sd", "inv")
 
     def to_blob(self) -> dict[str, Any]:
         """What a model file holds: JSON types only."""
         blob: dict[str, Any] = {k: np.asarray(getattr(self, k), dtype=float).tolist() for k in self._ARRAYS}
-        blob |= {"lam": float(self.lam), "mu": float(self.mu), "use_core": bool(self.use_core)}
+        blob |= {"lam": float(self.lam), "mu": float(self.mu), "use_core": bool(self.use_core), "variant": self.variant}
         blob["std"] = self.std.to_dict()
         blob["stacker"] = self.stacker.to_string() if self.stacker is not None else None
         blob["core"] = self.core.to_blob() if self.core is not None else None
@@ -367,6 +236,10 @@ class HeteroModel:
                 raise ValueError("tower matrices of inconsistent shapes")
             if arrays["geo_mu"].shape != (N_GEOMETRY,) or arrays["geo_sd"].shape != (N_GEOMETRY,):
                 raise ValueError("geometry scaling of the wrong length")
+            variant = str(blob["variant"])
+            n_emb = 0 if variant == "none" else N_EMBED
+            if arrays["emb_mu"].shape != (n_emb,) or arrays["emb_sd"].shape != (n_emb,) or arrays["inv"].shape != (3,):
+                raise ValueError("embedding scaling or inverse weights of the wrong length")
             std = Standardizer.from_dict(blob["std"])
             stacker = Stacker.from_string(blob["stacker"]) if blob.get("stacker") is not None else None
             scalars = {"lam": float(blob["lam"]), "mu": float(blob["mu"]), "use_core": bool(blob["use_core"])}
@@ -376,7 +249,7 @@ class HeteroModel:
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise ModelError(f"hetero model file {p} is damaged: {reason}") from None
         core = SimilarityModel.from_blob(blob["core"]) if isinstance(blob.get("core"), dict) else None
-        return cls(std, **arrays, **scalars, core=core, meta=blob["meta"], stacker=stacker)
+        return cls(std, **arrays, **scalars, variant=variant, core=core, meta=blob["meta"], stacker=stacker)
 
 
 def read_hetero_file(path: Path) -> dict[str, Any]:
@@ -394,7 +267,12 @@ def read_hetero_file(path: Path) -> dict[str, Any]:
         ) from None
     if not isinstance(blob, dict) or "A" not in blob or not isinstance(blob.get("meta"), dict):
         raise ModelError(f"{path} is not a cspml-flows hetero model file ({hint})")
-    versions = {"format": HETERO_FORMAT, "descriptor_version": DESCRIPTOR_VERSION, "geometry_version": GEOMETRY_VERSION}
+    versions = {
+        "format": HETERO_FORMAT,
+        "descriptor_version": DESCRIPTOR_VERSION,
+        "geometry_version": GEOMETRY_VERSION,
+        "embedding_version": EMBED_VERSION,
+    }
     got = {k: blob["meta"].get(k) for k in versions}
     if got != versions:
         raise ModelError(f"hetero model {path} was made with {got}; this version needs {versions}: retrain it")
@@ -443,77 +321,3 @@ class Stacker:
         if not isinstance(text, str):
             raise ValueError("stacker model is not text")
         return cls(lgb.Booster(model_str=text))
-
-
-@dataclass
-class TrainingGroups:
-    """Per training composition: its tower input and a padded candidate group with target weights."""
-
-    phi: np.ndarray  # (n, Dc)
-    cand: np.ndarray  # (n, M) template rows, -1 padding
-    y: np.ndarray  # (n, M) target distribution over candidates
-    valid: np.ndarray  # (n, M) bool
-
-    @classmethod
-    def build(
-        cls,
-        model: HeteroModel,
-        index: TemplateIndex,
-        anchor_rows: np.ndarray,
-        allowed_rows: np.ndarray,
-        max_pos: int = 16,
-        n_near: int = 32,
-        n_random: int = 16,
-        seed: int = 0,
-    ) -> TrainingGroups:
-        """One group per reduced formula among ``anchor_rows`` that has a positive among ``allowed_rows`` of
-        other formulas. Positives: templates of the prototypes the formula takes, weighted by
-        ``exp(-E_hull / TAU)`` of the formula in that prototype (spread over the prototype's members)."""
-        rng = np.random.default_rng(seed)
-        allowed = np.zeros(len(index), dtype=bool)
-        allowed[allowed_rows] = True
-        by_formula: dict[str, list[int]] = {}
-        for i in anchor_rows:
-            by_formula.setdefault(str(index.formulas[i]), []).append(int(i))
-        size = max_pos + n_near + n_random
-        phis, cands, ys = [], [], []
-        for rows in by_formula.values():
-            a = rows[0]
-            members = index.by_anon.get(str(index.anon[a]))
-            cand = members[allowed[members] & (index.formulas[members] != index.formulas[a])]
-            if len(cand) < 2:
-                continue
-            energy: dict[int, float] = {}
-            for r in rows:
-                e = index.e_above_hull[r]
-                e = 0.0 if not np.isfinite(e) else max(float(e), 0.0)
-                c = int(index.cluster[r])
-                energy[c] = min(energy.get(c, np.inf), e)
-            is_pos = np.isin(index.cluster[cand], list(energy))
-            pos, neg = cand[is_pos], cand[~is_pos]
-            if len(pos) == 0 or (len(neg) == 0 and len(np.unique(index.cluster[pos])) < 2):
-                continue  # nothing to learn: no positive, or only positives of one prototype
-            if len(pos) > max_pos:
-                pos = rng.choice(pos, max_pos, replace=False)
-            d = role_distance(index.role_props[a][None], index.role_props[neg], model.std) if len(neg) else neg
-            near = neg[np.argsort(d, kind="stable")[:n_near]]
-            rest = np.setdiff1d(neg, near, assume_unique=True)
-            rand = rng.choice(rest, size=min(n_random, len(rest)), replace=False) if len(rest) else rest
-            group = np.concatenate([pos, near, rand])
-            y = np.zeros(size)
-            cl = index.cluster[pos]
-            wk = {c: np.exp(-energy[c] / TAU) for c in np.unique(cl)}
-            counts = {c: np.sum(cl == c) for c in wk}
-            y[: len(pos)] = [wk[c] / counts[c] for c in cl]
-            y /= y.sum()
-            padded = np.full(size, -1)
-            padded[: len(group)] = group
-            cands.append(padded)
-            ys.append(y)
-            phis.append(a)
-        if not cands:
-            raise ModelError("no training composition shares a prototype with another formula: need more templates")
-        arows = np.asarray(phis)
-        phi = model.phi(index.role_props[arows], index.role_fracs[arows], index.stats[arows])
-        cand = np.vstack(cands)
-        return cls(phi, cand, np.vstack(ys), cand >= 0)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from pymatgen.core import Composition
@@ -23,6 +24,9 @@ from cspml_flows.learning.model import QueryBatch
 from cspml_flows.predict.predictor import CSPPredictor, Prediction
 from cspml_flows.predict.retrieve import Ranked, _aggregate, _exclusion_mask
 from cspml_flows.templates.index import TemplateIndex
+
+if TYPE_CHECKING:
+    from cspml_flows.hetero.polymorph_energy import EnergyRanker
 
 
 @dataclass
@@ -146,16 +150,28 @@ class HeteroPredictor:
         exclude_ids: Sequence[set[str]] | None = None,
         strict: bool = False,
         check_distinct: bool = True,
+        energy: EnergyRanker | None = None,
     ) -> list[Prediction]:
-        """``polymorphs`` structures per composition. ``check_distinct`` adds a StructureMatcher pass over
+        """``polymorphs`` structures per composition. Where the fusion chosen on held-out formulas kept
+        CSPML's ranking (``lam = mu = 0``, no second stage), the candidates are the core engine's (its ranker
+        included); otherwise the fused score ranks them. ``check_distinct`` adds a StructureMatcher pass over
         candidates of different templates (the core dedup compares only equal primitive sizes); the
-        match-rate benchmark turns it off so that both models get the same deduplication."""
+        match-rate benchmark turns it off so that both models get the same deduplication. ``energy``
+        relaxes ``energy.candidates`` distinct candidates and reorders them by score and relaxed energy."""
         comps = [as_composition(c) for c in compositions]
-        ranked = hetero_rank(self.model, self.bank, [roles(c) for c in comps], polymorphs * 2 + 2, exclude_ids, strict)
-        if not check_distinct:
-            return self.core.realize(comps, ranked, polymorphs, dedup=True)
-        preds = self.core.realize(comps, ranked, polymorphs + 3, dedup=True)
-        return [distinct(p, polymorphs) for p in preds]
+        n = polymorphs if energy is None else max(polymorphs, energy.candidates)
+        extra = 3 if check_distinct else 0
+        if self.model.fused:
+            ranked = hetero_rank(self.model, self.bank, [roles(c) for c in comps], n * 2 + 2, exclude_ids, strict)
+            preds = self.core.realize(comps, ranked, n + extra, dedup=True)
+        else:
+            preds = self.core.predict(comps, top=n + extra, exclude_ids=exclude_ids, strict=strict)
+        preds = [distinct(p, n) if check_distinct else p for p in preds]
+        if energy is not None:
+            return energy.rerank(preds, polymorphs)
+        for p in preds:
+            p.candidates = p.candidates[:polymorphs]
+        return preds
 
 
 def distinct(pred: Prediction, k: int) -> Prediction:
