@@ -27,11 +27,16 @@ import time
 from pathlib import Path
 
 import numpy as np
-from pymatgen.core import Composition, Structure
-from pymatgen.io.vasp.inputs import Incar, Kpoints, Poscar
 
-from cspml_flows.testing.potcar import valence
 from cspml_flows.testing.vasp_files import IonicStep, Run, write_outputs
+from cspml_flows.testing.vasp_inputs import (
+    Cell,
+    InputError,
+    read_incar,
+    read_kpoints,
+    read_poscar,
+    read_potcar_headers,
+)
 
 CALC_ENV = "CSPML_FAKE_VASP_CALC"
 FAULT_ENV = "CSPML_FAKE_VASP_FAULT"
@@ -45,13 +50,11 @@ EMT_SHIFT = {"Al": -3.75, "Cu": -4.10, "Ag": -2.83, "Au": -3.27, "Ni": -5.78, "P
 KB_PER_EV_A3 = 1602.1766208  # 1 eV/A^3 in kbar
 
 
-class InputError(RuntimeError):
-    """The job directory's inputs cannot be run (missing file, unsupported element...)."""
-
-
-def fault_for(spec: str, structure: Structure) -> str | None:
+def fault_for(spec: str, cell: Cell) -> str | None:
     """The fault ``spec`` (``CSPML_FAKE_VASP_FAULT``) asks for on this structure, or None."""
-    formula = structure.composition.reduced_formula
+    from pymatgen.core import Composition
+
+    formula = Composition("".join(cell.symbols)).reduced_formula
     for item in filter(None, (x.strip() for x in spec.split(","))):
         mode, _, target = item.partition(":")
         if mode not in FAULTS:
@@ -65,11 +68,10 @@ def potcar_info(directory: Path, species: list[str]) -> tuple[list[str], list[fl
     """TITEL and ZVAL per species from POTCAR (as VASP reads it) or, failing that, from POTCAR.spec."""
     potcar, spec = directory / "POTCAR", directory / "POTCAR.spec"
     if potcar.is_file():
-        from pymatgen.io.vasp.inputs import Potcar
-
-        singles = list(Potcar.from_file(str(potcar)))
-        titels, zvals = [p.TITEL for p in singles], [float(p.ZVAL) for p in singles]
+        titels, zvals = read_potcar_headers(potcar)
     elif spec.is_file():
+        from cspml_flows.testing.potcar import valence
+
         symbols = spec.read_text().split()
         titels, zvals = [f"PAW_PBE {s} SYNTHETIC" for s in symbols], [valence(s) for s in symbols]
     else:
@@ -79,12 +81,12 @@ def potcar_info(directory: Path, species: list[str]) -> tuple[list[str], list[fl
     return titels, zvals
 
 
-def calculator(name: str, structure: Structure):
+def calculator(name: str, cell: Cell):
     """The ASE calculator ``name`` and the per-atom energy shift of each element."""
     if name == "emt":
         from ase.calculators.emt import EMT
 
-        missing = sorted({el.symbol for el in structure.composition.elements} - set(EMT_SHIFT))
+        missing = sorted(set(cell.symbols) - set(EMT_SHIFT))
         if missing:
             raise InputError(f"EMT has no parameters for {', '.join(missing)}; set {CALC_ENV}=chgnet")
         return EMT(), EMT_SHIFT
@@ -96,25 +98,23 @@ def calculator(name: str, structure: Structure):
 
 
 def _snapshot(atoms, shift: dict[str, float], n_scf: int) -> IonicStep:
-    from pymatgen.io.ase import AseAtomsAdaptor
-
-    energy = float(atoms.get_potential_energy()) + sum(shift.get(s, 0.0) for s in atoms.get_chemical_symbols())
+    symbols = atoms.get_chemical_symbols()
+    energy = float(atoms.get_potential_energy()) + sum(shift.get(s, 0.0) for s in symbols)
     stress = -np.asarray(atoms.get_stress(voigt=False)) * KB_PER_EV_A3  # VASP: positive = compressive
-    plain = atoms.copy()
-    plain.calc = None
+    cell = Cell(np.array(atoms.cell), atoms.get_scaled_positions(wrap=False), symbols)
     scf = [energy + 2.0 * 0.1**k for k in range(n_scf - 1)] + [energy]  # a converging SCF, ending at energy
-    return IonicStep(AseAtomsAdaptor.get_structure(plain), energy, np.asarray(atoms.get_forces()), stress, scf)
+    return IonicStep(cell, energy, np.asarray(atoms.get_forces()), stress, scf)
 
 
-def relax(structure: Structure, incar: Incar, calc_name: str) -> list[IonicStep]:
+def relax(cell: Cell, incar: dict, calc_name: str) -> list[IonicStep]:
     """Ionic steps of a relaxation following NSW, IBRION, ISIF, EDIFFG (force criterion; an energy
     criterion EDIFFG > 0 is run as fmax 0.05 eV/A); a single point when NSW = 0 or IBRION = -1."""
-    from ase.filters import FrechetCellFilter
+    from ase import Atoms
+    from ase.filters import UnitCellFilter
     from ase.optimize import BFGS, FIRE
-    from pymatgen.io.ase import AseAtomsAdaptor
 
-    atoms = AseAtomsAdaptor.get_atoms(structure)
-    atoms.calc, shift = calculator(calc_name, structure)
+    atoms = Atoms(cell.symbols, scaled_positions=cell.frac, cell=cell.lattice, pbc=True)
+    atoms.calc, shift = calculator(calc_name, cell)
     nsw = int(incar.get("NSW", 0))
     ibrion = int(incar.get("IBRION", -1 if nsw in (-1, 0) else 0))
     isif = int(incar.get("ISIF", 2))
@@ -128,14 +128,14 @@ def relax(structure: Structure, incar: Incar, calc_name: str) -> list[IonicStep]
     if nsw <= 0 or ibrion not in (1, 2, 3):
         record()
         return steps
-    target = atoms if isif < 3 else FrechetCellFilter(atoms, hydrostatic_strain=isif == 7, constant_volume=isif == 4)
+    target = atoms if isif < 3 else UnitCellFilter(atoms, hydrostatic_strain=isif == 7, constant_volume=isif == 4)
     opt = (FIRE if ibrion == 3 else BFGS)(target, logfile=None)
     opt.attach(record)
     opt.run(fmax=-ediffg if ediffg < 0 else 0.05, steps=nsw - 1)
     return steps
 
 
-def parameters(incar: Incar, n_sites: int, nelect: float) -> dict:
+def parameters(incar: dict, n_sites: int, nelect: float) -> dict:
     """vasprun.xml ``parameters``: VASP's defaults for the tags readers use, overridden by the INCAR.
     GGA is "--" unless set, as VASP writes it (emmet reads that as run type GGA)."""
     nsw = int(incar.get("NSW", 0))
@@ -185,21 +185,21 @@ def main() -> int:
         for name in ("INCAR", "POSCAR"):
             if not (cwd / name).is_file():
                 raise InputError(f"no {name} in the job directory {cwd}")
-        incar = Incar.from_file(cwd / "INCAR")
-        poscar = Poscar.from_file(cwd / "POSCAR")
-        kpoints = Kpoints.from_file(cwd / "KPOINTS") if (cwd / "KPOINTS").is_file() else None
-        species = list(poscar.site_symbols)
+        incar = read_incar(cwd / "INCAR")
+        cell = read_poscar(cwd / "POSCAR")
+        kpoints = read_kpoints(cwd / "KPOINTS") if (cwd / "KPOINTS").is_file() else None
+        species = cell.species
         if len(set(species)) != len(species):
             raise InputError(f"POSCAR species blocks repeat an element: {species}")
         titels, zvals = potcar_info(cwd, species)
-        fault = fault_for(os.environ.get(FAULT_ENV, ""), poscar.structure)
+        fault = fault_for(os.environ.get(FAULT_ENV, ""), cell)
         calc_name = os.environ.get(CALC_ENV, "emt").strip().lower()
     except (InputError, ValueError, OSError) as exc:
         print(f" stand-in VASP: cannot run: {exc}")
         return 1
     print(f" vasp.6.4.2 stand-in (cspml-flows, {calc_name}): not VASP")
     print(" running on    1 total cores")
-    print(f" POSCAR found :  {len(species)} types and {len(poscar.structure):6d} ions")
+    print(f" POSCAR found :  {len(species)} types and {len(cell):6d} ions")
     sys.stdout.flush()
     if fault == "crash":
         print("forrtl: severe (174): SIGSEGV, segmentation fault occurred", file=sys.stderr)
@@ -207,13 +207,16 @@ def main() -> int:
     if fault == "fatal" or (fault == "correctable" and int(incar.get("ISYM", 2)) != 0):
         print(PRICEL)
         return 1
+    from threadpoolctl import threadpool_limits
+
     try:
-        steps = relax(poscar.structure, incar, calc_name)
+        with threadpool_limits(1):  # 3x3 BLAS calls of the cell filter: threads only add overhead
+            steps = relax(cell, incar, calc_name)
     except InputError as exc:
         print(f" stand-in VASP: cannot run: {exc}")
         return 1
-    nelect = float(sum(n * z for n, z in zip(poscar.natoms, zvals, strict=True)))
-    params = parameters(incar, len(poscar.structure), nelect)
+    nelect = float(sum(n * z for n, z in zip(cell.counts, zvals, strict=True)))
+    params = parameters(incar, len(cell), nelect)
     run = Run(incar, kpoints, titels, zvals, steps, calc_name, time.perf_counter() - t0, params)
     prev = 0.0
     for i, st in enumerate(steps, start=1):

@@ -13,8 +13,8 @@ from typing import Any
 from xml.sax.saxutils import escape
 
 import numpy as np
-from pymatgen.core import Structure
-from pymatgen.io.vasp.inputs import Incar, Kpoints, Poscar
+
+from cspml_flows.testing.vasp_inputs import Cell, write_poscar
 
 VERSION = "6.4.2"
 PROGRAM_NOTE = "cspml-flows stand-in (not VASP): energies from"
@@ -24,7 +24,7 @@ PROGRAM_NOTE = "cspml-flows stand-in (not VASP): energies from"
 class IonicStep:
     """One ionic step: the structure, its total energy (eV), forces (eV/A) and stress (kB, VASP sign)."""
 
-    structure: Structure
+    structure: Cell
     energy: float
     forces: np.ndarray
     stress: np.ndarray
@@ -35,8 +35,8 @@ class IonicStep:
 class Run:
     """Everything the writers need about one stand-in VASP run."""
 
-    incar: Incar
-    kpoints: Kpoints | None
+    incar: dict[str, Any]
+    kpoints: tuple[str, list[int], list[float]] | None  # (style, divisions, shift) of an automatic KPOINTS
     titels: list[str]  # one TITEL per species, in POSCAR order
     zvals: list[float]
     steps: list[IonicStep]
@@ -45,13 +45,8 @@ class Run:
     params: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def species(self) -> list[str]:
-        """Element symbols in POSCAR order, one per species block."""
-        return [str(s) for s in Poscar(self.steps[0].structure).site_symbols]
-
-    @property
     def nelect(self) -> float:
-        counts = Poscar(self.steps[0].structure).natoms
+        counts = self.steps[0].structure.counts
         return float(sum(n * z for n, z in zip(counts, self.zvals, strict=True)))
 
     @property
@@ -105,18 +100,18 @@ def _varray(name: str, rows: Any) -> str:
     return f'   <varray name="{name}" >\n{body}\n   </varray>'
 
 
-def _structure_xml(s: Structure, name: str | None = None) -> str:
+def _structure_xml(s: Cell, name: str | None = None) -> str:
     attr = f' name="{name}"' if name else ""
-    rec = np.linalg.inv(s.lattice.matrix).T  # VASP's rec_basis carries no 2*pi
+    rec = np.linalg.inv(s.lattice).T  # VASP's rec_basis carries no 2*pi
     return "\n".join(
         [
             f"  <structure{attr} >",
             "   <crystal>",
-            _varray("basis", s.lattice.matrix),
+            _varray("basis", s.lattice),
             f'    <i name="volume">{s.volume:16.8f} </i>',
             _varray("rec_basis", rec),
             "   </crystal>",
-            _varray("positions", s.frac_coords),
+            _varray("positions", s.frac),
             "  </structure>",
         ]
     )
@@ -142,12 +137,8 @@ def _energy_xml(e: float, indent: str) -> str:
     )
 
 
-def _kpoints_xml(kpoints: Kpoints | None) -> str:
-    style, divisions, shift = "Gamma", [1, 1, 1], [0.0, 0.0, 0.0]
-    if kpoints is not None and kpoints.num_kpts == 0 and kpoints.kpts:
-        style = "Gamma" if str(kpoints.style).lower().startswith("g") else "Monkhorst-Pack"
-        divisions = [int(x) for x in kpoints.kpts[0]]
-        shift = list(kpoints.kpts_shift or shift)
+def _kpoints_xml(kpoints: tuple[str, list[int], list[float]] | None) -> str:
+    style, divisions, shift = kpoints or ("Gamma", [1, 1, 1], [0.0, 0.0, 0.0])
     return "\n".join(
         [
             " <kpoints>",
@@ -164,12 +155,11 @@ def _kpoints_xml(kpoints: Kpoints | None) -> str:
 
 def _atominfo_xml(run: Run) -> str:
     s = run.steps[0].structure
-    poscar = Poscar(s)
-    types = {sym: i + 1 for i, sym in enumerate(poscar.site_symbols)}
-    atoms = "\n".join(f"    <rc><c>{site.specie.symbol:2s}</c><c>{types[site.specie.symbol]:4d}</c></rc>" for site in s)
+    types = {sym: i + 1 for i, sym in enumerate(s.species)}
+    atoms = "\n".join(f"    <rc><c>{sym:2s}</c><c>{types[sym]:4d}</c></rc>" for sym in s.symbols)
     atomtypes = "\n".join(
         f"    <rc><c>{n:4d}</c><c>{sym:2s}</c><c>{_mass(sym):16.8f}</c><c>{z:16.8f}</c><c>  {escape(t)}</c></rc>"
-        for n, sym, z, t in zip(poscar.natoms, poscar.site_symbols, run.zvals, run.titels, strict=True)
+        for n, sym, z, t in zip(s.counts, s.species, run.zvals, run.titels, strict=True)
     )
     return "\n".join(
         [
@@ -189,9 +179,9 @@ def _atominfo_xml(run: Run) -> str:
 
 
 def _mass(symbol: str) -> float:
-    from pymatgen.core import Element
+    from ase.data import atomic_masses, atomic_numbers
 
-    return float(Element(symbol).atomic_mass)
+    return float(atomic_masses[atomic_numbers[symbol]])
 
 
 def write_vasprun(run: Run, path: Path) -> None:
@@ -288,7 +278,7 @@ def write_outcar(run: Run, path: Path) -> None:
             " -----------------------------------------------------------------------------------",
             *(
                 f" {_v(c, '{:12.5f}')}    {_v(f, '{:14.6f}')}"
-                for c, f in zip(st.structure.cart_coords, st.forces, strict=True)
+                for c, f in zip(st.structure.cart, st.forces, strict=True)
             ),
             " -----------------------------------------------------------------------------------",
             f"    total drift:                         {_v(drift, '{:14.6f}')}",
@@ -323,6 +313,6 @@ def write_outputs(run: Run, directory: Path) -> None:
     write_vasprun(run, directory / "vasprun.xml")
     write_oszicar(run, directory / "OSZICAR")
     write_outcar(run, directory / "OUTCAR")
-    Poscar(run.steps[-1].structure).write_file(directory / "CONTCAR", significant_figures=10)
+    write_poscar(run.steps[-1].structure, directory / "CONTCAR")
     for name in ("WAVECAR", "CHGCAR", "CHG"):
         (directory / name).write_bytes(b"")
