@@ -549,23 +549,22 @@ def test_campaign_paths_relative_to_the_file(tmp_path, template_folder):
 
 
 def test_hetero_campaign_paths_relative_to_the_file(tmp_path):
-    from cspml_flows.hetero.flows import load_hetero_campaign
+    from cspml_flows.campaign import load_campaign
 
     sub = tmp_path / "configs"
     sub.mkdir()
     (sub / "inv.yaml").write_text(
         "name: inv\nkind: inverse\nstructure: proto.cif\nelements: [Cu, Au]\nhetero_model: m.json.gz\n"
     )
-    cfg = load_hetero_campaign(sub / "inv.yaml")
+    cfg = load_campaign(sub / "inv.yaml")  # the earlier hetero key 'hetero_model' is read as 'model'
     sub = sub.resolve()
-    assert cfg.structure == str(sub / "proto.cif") and cfg.hetero_model == str(sub / "m.json.gz")
+    assert cfg.structure == str(sub / "proto.cif") and cfg.model_path() == str(sub / "m.json.gz")
 
 
 def test_project_configs_still_load():
     from cspml_flows.campaign import load_campaign
-    from cspml_flows.hetero.flows import load_hetero_campaign
 
     for f in ("campaign_emt.yaml", "campaign_chgnet.yaml", "campaign_vasp_mongodb.yaml"):
         assert load_campaign(ROOT / "configs" / f).formulas()
-    inv = load_hetero_campaign(ROOT / "configs" / "hetero_inverse.yaml")
-    assert Path(inv.structure).is_file()
+    inv = load_campaign(ROOT / "configs" / "hetero_inverse.yaml")
+    assert inv.kind == "inverse" and Path(inv.structure).is_file()

@@ -161,7 +161,7 @@ def test_sevennet_single_point_and_two_step_relaxation(monkeypatch: pytest.Monke
     import torch
 
     from cspml_flows.flows.calculators import relax_maker
-    from cspml_flows.flows.jobs import relax_one
+    from cspml_flows.flows.relax import RelaxationMaker, relax_one
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the weights ship in the wheel: nothing may be fetched
     threads = torch.get_num_threads()
@@ -175,7 +175,7 @@ def test_sevennet_single_point_and_two_step_relaxation(monkeypatch: pytest.Monke
         assert -5.8 < e_sp < -5.0  # PBE scale, Si diamond
         strained = SI.copy()
         strained.scale_lattice(SI.volume * 1.08)
-        rec = relax_one(maker, {"structure": strained}, settings)
+        rec = relax_one(RelaxationMaker(relax_maker=maker), {"structure": strained})
         assert rec.energy_per_atom is not None and -5.8 < rec.energy_per_atom < -5.0
         assert rec.n_steps is not None and rec.n_steps <= 4 and rec.calculator == settings.calc_id
     finally:

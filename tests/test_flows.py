@@ -12,9 +12,16 @@ from jobflow import Flow, JobStore, run_locally
 from maggma.stores import MemoryStore
 from pymatgen.core import Lattice, Structure
 
-from cspml_flows.flows import CalculatorSettings, CSPMaker, structure_fingerprint
+from cspml_flows.flows import (
+    CalculatorSettings,
+    CSPMaker,
+    DedupMaker,
+    TemplateRetrievalMaker,
+    TemplateUpdateMaker,
+    structure_fingerprint,
+)
 from cspml_flows.flows.calculators import relax_key, relax_maker
-from cspml_flows.flows.jobs import relax_flow
+from cspml_flows.flows.relax import relax_flow
 from cspml_flows.flows.schemas import PromotionOutput, RelaxOutput, StabilityOutput
 from cspml_flows.flows.stores import RESULTS_COLLECTION, job_store, open_store
 from cspml_flows.templates.store import TemplateStore
@@ -29,7 +36,7 @@ def fcc(el: str, a: float) -> Structure:
 def outputs(flow: Flow, store: JobStore) -> dict:
     store.connect()
     try:
-        return {k: v.resolve(store) for k, v in flow.output.items()}
+        return {k: v.resolve(store) for k, v in flow.output.items() if hasattr(v, "resolve")}
     finally:
         store.close()
 
@@ -109,7 +116,13 @@ def test_csp_flow_emt_end_to_end(template_folder: str, tmp_path: Path):
     """Retrieval -> substitution -> dedup -> relaxation -> hull -> promotion, on mongomock-backed stores."""
     results = "memory://flowtest"
     maker = CSPMaker(
-        template_store=template_folder, results_store=results, top=3, calculator=EMT, hull_threshold=5.0, campaign="t"
+        template_store=template_folder,
+        results_store=results,
+        campaign="t",
+        retrieval=TemplateRetrievalMaker(top=3),
+        dedup=DedupMaker(top=3),
+        relaxation=EMT.relaxation(),
+        promotion=TemplateUpdateMaker(threshold=5.0, campaign="t"),
     )
     flow = maker.make(["CuAu", "AgPd"], round=1)
     assert [j.name for j in flow.jobs] == [
@@ -155,7 +168,14 @@ def test_csp_flow_emt_end_to_end(template_folder: str, tmp_path: Path):
 def test_job_outputs_readable_from_new_process(template_folder: str, tmp_path: Path):
     jobs_uri = tmp_path / "jobstore"
     results = str(tmp_path / "results")
-    maker = CSPMaker(template_store=template_folder, results_store=results, top=2, calculator=EMT, promote=False)
+    maker = CSPMaker(
+        template_store=template_folder,
+        results_store=results,
+        retrieval=TemplateRetrievalMaker(top=2),
+        dedup=DedupMaker(top=2),
+        relaxation=EMT.relaxation(),
+        promotion=None,
+    )
     flow = maker.make(["CuAu"])
     run_locally(flow, store=job_store(jobs_uri), create_folders=False, log=False)
     stability_uuid = flow.jobs[4].uuid

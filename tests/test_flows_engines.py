@@ -114,4 +114,6 @@ def test_jobflow_remote_queue_accepts_the_flow(campaign_file: Path, tmp_path: Pa
     assert states[flow.jobs[0].uuid] == JobState.READY
     assert all(states[j.uuid] == JobState.WAITING for j in flow.jobs[1:])
     doc = controller.get_job_doc(job_id=flow.jobs[3].uuid)
-    assert doc.job.function.__name__ == "relax_candidates"
+    # the stage's job is its Maker's make (atomate2 idiom): the Maker, with its atomate2 relax Maker, travels
+    assert doc.job.function.__name__ == "make" and type(doc.job.maker).__name__ == "RelaxationMaker"
+    assert type(doc.job.maker.relax_maker).__name__ == "EmtRelaxMaker"

@@ -4,8 +4,8 @@
     python workflows/submit_jobflow_remote.py configs/campaign_chgnet.yaml --project cspml --worker cluster
     jf runner start                    # the daemon checks jobs out, submits them to the queue, fetches outputs
 
-jobflow-remote runs jobs in parallel on its workers (``run_locally`` runs them one after another). The job
-functions live in ``cspml_flows.flows.jobs``, so ``cspml-flows`` must be installed in the worker's environment.
+jobflow-remote runs jobs in parallel on its workers (``run_locally`` runs them one after another). The jobs are
+the stage Makers' ``make`` methods in ``cspml_flows.flows``, so ``cspml-flows`` must be installed on the workers.
 Outputs go to the project's job store; relaxation results and promoted templates go to the campaign's results
 and template stores (``stores:`` in the YAML), which workers must reach: MongoDB URIs on clusters.
 """

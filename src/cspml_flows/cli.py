@@ -224,6 +224,30 @@ def cmd_campaign_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_campaign_promote(args: argparse.Namespace) -> int:
+    from cspml_flows.campaign import load_campaign, promote
+    from cspml_flows.flows.promotion import promotion_builder
+
+    cfg = load_campaign(args.config)
+    if args.builder_json:
+        builder = promotion_builder(
+            cfg.results_store(),
+            cfg.template_store(),
+            cfg.name,
+            cfg.hull_threshold,
+            cfg.calc_ids()[-1],
+            incremental=not args.all,
+        )
+        Path(args.builder_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.builder_json).write_text(builder.to_json())
+        print(f"builder written to {args.builder_json}: run it with 'mrun {args.builder_json}'")
+        return 0
+    out = promote(cfg, log=lambda m: print(m, flush=True), incremental=not args.all)
+    for mid in out.promoted:
+        print(mid)
+    return 0
+
+
 def cmd_campaign_report(args: argparse.Namespace) -> int:
     from cspml_flows.campaign import finished_rounds, load_campaign
     from cspml_flows.report import write_report
@@ -368,7 +392,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     from cspml_flows.hetero.cli import add_hetero_parsers
 
-    add_hetero_parsers(sub)  # inverse, hetero-campaign
+    add_hetero_parsers(sub)  # inverse
+    h = sub.add_parser("hetero-campaign", help="same as 'campaign run' (metastable or inverse campaign files)")
+    h.add_argument("config", help="e.g. configs/hetero_inverse.yaml")
+    h.add_argument("--rounds", type=positive, help="override the number of rounds")
+    h.add_argument("--no-report", action="store_true")
+    h.add_argument("--json", help="write the round summaries to this JSON file")
+    h.set_defaults(func=cmd_campaign_run)
 
     s = sub.add_parser("demo", help="end to end on the embedded default store")
     s.add_argument("--out", default="out/demo")
@@ -387,6 +417,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-report", action="store_true")
     c.add_argument("--json", help="write the round summaries to this JSON file")
     c.set_defaults(func=cmd_campaign_run)
+    c = csub.add_parser("promote", help="run the template-promotion Builder alone (incremental)")
+    c.add_argument("config")
+    c.add_argument("--builder-json", help="write the maggma Builder as JSON for 'mrun' instead of running it")
+    c.add_argument("--all", action="store_true", help="consider every record, not only those updated since")
+    c.set_defaults(func=cmd_campaign_promote)
     c = csub.add_parser("report", help="rewrite the Markdown report of a campaign's finished rounds")
     c.add_argument("config")
     c.set_defaults(func=cmd_campaign_report)

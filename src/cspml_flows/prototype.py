@@ -22,6 +22,14 @@ def structure_matcher() -> StructureMatcher:
     return StructureMatcher(**MATCHER_KWARGS)
 
 
+def safe_fit(sm: StructureMatcher, a: Structure, b: Structure, **kwargs) -> bool:
+    """``sm.fit(a, b)`` that reads a matcher error (spglib, degenerate lattice) as "no match"."""
+    try:
+        return bool(sm.fit(a, b, **kwargs))
+    except Exception:
+        return False
+
+
 @dataclass(frozen=True)
 class PrototypeInfo:
     label: str | None

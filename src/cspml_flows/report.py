@@ -43,15 +43,21 @@ def hull_plot(records: list[RelaxRecord], chemsys: str, path: Path, vasp: bool =
 
 
 def write_report(cfg, result: dict[str, Any]) -> Path:
-    """Write ``<workdir>/report.md`` (and ``hull_<chemsys>.png`` files) for a campaign result."""
+    """Write ``<workdir>/report.md`` (and ``hull_<chemsys>.png`` files per calculator tier) for a campaign."""
     out = cfg.workdir_path()
     out.mkdir(parents=True, exist_ok=True)
-    calc = result["calculator"]
+    calcs = result.get("calculators") or [result["calculator"]]
+    names = [cfg.calculator.name, *(t.name for t in cfg.tiers)]
+    tiers = ", then ".join(
+        f"`{c}` ({n}{'' if k == 0 else f', within {cfg.tiers[k - 1].hull_window or 0.1} eV/atom of the previous hull'})"
+        for k, (c, n) in enumerate(zip(calcs, names, strict=False))
+    )
     lines = [
-        f"# Campaign `{cfg.name}`",
+        f"# Campaign `{cfg.name}` ({cfg.kind})",
         "",
-        f"Calculator `{calc}` ({cfg.calculator.name}), top-{cfg.top_k} per composition, "
-        f"promotion threshold e_above_hull <= {cfg.hull_threshold} eV/atom, {len(result['rounds'])} round(s).",
+        f"Calculator{'s' if len(calcs) > 1 else ''} {tiers}; top-{cfg.top_k} per composition, "
+        f"promotion threshold e_above_hull <= {cfg.hull_threshold} eV/atom (last tier), "
+        f"{len(result['rounds'])} round(s).",
         f"Template store `{cfg.template_store()}`; results store `{cfg.results_store()}`.",
         "",
     ]
@@ -67,24 +73,46 @@ def write_report(cfg, result: dict[str, Any]) -> Path:
         ]
         for formula, msg in sorted(r["messages"].items()):
             lines.append(f"- {formula}: {msg}")
+        more = len(r.get("tiers", [])) > 1
+        if more:
+            lines += ["", "| tier | calculator | candidates | relaxed now | cached | failed | references |"]
+            lines.append("|---:|---|---:|---:|---:|---:|---:|")
+            for t in r["tiers"]:
+                if not t.get("finished"):
+                    lines.append(f"| {t['tier']} | did not finish | | | | | |")
+                    continue
+                lines.append(
+                    f"| {t['tier']} | `{t['calculator']}` | {t['n_candidates']} | {t['n_computed']} | {t['n_cached']} "
+                    f"| {t['n_failed']} | {t['n_references']} |"
+                )
+        extra = [f"tier {t['tier']} e_above_hull" for t in r.get("tiers", [])[1:]]
         rows = sorted(r["candidates"], key=lambda c: (c["formula"], c["rank"] or 0))
         lines += [
             "",
-            "| formula | rank | score | template | status | E (eV/atom) | e_above_hull (eV/atom) | note |",
-            "|---|---:|---:|---|---|---:|---:|---|",
+            "| formula | rank | score | template | status | E (eV/atom) | e_above_hull (eV/atom) | "
+            + "".join(f"{x} | " for x in extra)
+            + "note |",
+            "|---|---:|---:|---|---|---:|---:|" + "---:|" * len(extra) + "---|",
         ]
         for c in rows:
             note = c["reason"] or c["hull_note"] or ""
+            later = {t["tier"]: t for t in c.get("tiers", [])}
+            cells = "".join(
+                f"{_fmt(later[t['tier']]['e_above_hull'], '.4f') if t['tier'] in later else '-'} | "
+                for t in r.get("tiers", [])[1:]
+            )
             lines.append(
                 f"| {c['formula']} | {_fmt(c['rank'], 'd')} | {_fmt(c['score'])} | {c['template_id']} | {c['status']} "
-                f"| {_fmt(c['energy_per_atom'], '.4f')} | {_fmt(c['e_above_hull'], '.4f')} | {note} |"
+                f"| {_fmt(c['energy_per_atom'], '.4f')} | {_fmt(c['e_above_hull'], '.4f')} | {cells}{note} |"
             )
             if c["status"] == "successful":
                 systems.add(_chemsys(c["formula"]))
         if r["promoted"]:
             lines += ["", "Promoted into the template store: " + ", ".join(f"`{m}`" for m in r["promoted"])]
         lines.append("")
-    plots = _plots(cfg, calc, sorted(systems), out)
+    plots = []
+    for k, (calc, name) in enumerate(zip(calcs, names, strict=False)):
+        plots += _plots(cfg, calc, name == "vasp", sorted(systems), out, "" if k == 0 else f"_tier{k + 1}")
     if plots:
         lines += ["## Convex hulls", ""]
         lines += [f"![{cs} hull]({p.name})" for cs, p in plots]
@@ -99,7 +127,7 @@ def _chemsys(formula: str) -> str:
     return Composition(formula).chemical_system
 
 
-def _plots(cfg, calc: str, systems: list[str], out: Path) -> list[tuple[str, Path]]:
+def _plots(cfg, calc: str, vasp: bool, systems: list[str], out: Path, suffix: str = "") -> list[tuple[str, Path]]:
     store = open_store(cfg.results_store(), RESULTS_COLLECTION)
     try:
         records = [RelaxRecord.coerce(d) for d in store.query({"calculator": calc, "status": "successful"})]
@@ -107,7 +135,7 @@ def _plots(cfg, calc: str, systems: list[str], out: Path) -> list[tuple[str, Pat
         close_store(store)
     made = []
     for cs in systems:
-        p = hull_plot(records, cs, out / f"hull_{cs}.png", vasp=cfg.calculator.name == "vasp")
+        p = hull_plot(records, cs, out / f"hull_{cs}{suffix}.png", vasp=vasp)
         if p is not None:
             made.append((cs, p))
     return made

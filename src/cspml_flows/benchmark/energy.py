@@ -4,7 +4,7 @@ improve the engine's first choice?
 On a fixed sample, each query's top candidates (the current engine: pair model + ranker, deduplicated, as
 ``predict`` returns them) get a SevenNet-0 energy per atom: a single point of the unrelaxed substituted
 candidate, and for the best ``relax_top`` a short relaxation through the flows' own relaxation code
-(:func:`cspml_flows.flows.jobs.relax_one` with :func:`cspml_flows.flows.calculators.relax_maker`). The
+(:func:`cspml_flows.flows.relax.relax_one` with :func:`cspml_flows.flows.calculators.relax_maker`). The
 feature is the energy per atom relative to the query's lowest candidate. Orders of the same candidates
 are compared: the ranker's, energy only, a blend (ranker score minus ``w`` x energy, both taken relative
 to the query's best candidate and divided by their spread over the pool sample) and a logistic second
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import hashlib
 import json
 import math
 import os
@@ -123,19 +124,27 @@ def single_points(structures: Sequence[Structure], calculator, tag: str, cache: 
     return out
 
 
+def cache_id(settings: CalculatorSettings) -> str:
+    """Energy-cache id of relaxation settings (a hash of the settings, stable across Maker versions)."""
+    digest = hashlib.sha1(json.dumps(settings.key_settings(), sort_keys=True).encode()).hexdigest()[:10]
+    return f"{settings.name}/{digest}"
+
+
 def relaxed(structures: Sequence[Structure], maker, settings: CalculatorSettings, cache: EnergyCache) -> list[dict]:
-    """Energy per atom after the flows' relaxation (:func:`cspml_flows.flows.jobs.relax_one`); a relaxation
+    """Energy per atom after the flows' relaxation (:func:`cspml_flows.flows.relax.relax_one`); a relaxation
     that stops unconverged at ``settings.steps`` keeps its last energy (that is the short relaxation)."""
     from cspml_flows.flows.calculators import relax_key
-    from cspml_flows.flows.jobs import relax_one
+    from cspml_flows.flows.relax import RelaxationMaker, relax_one
 
+    relaxation = RelaxationMaker(relax_maker=maker)
+    cid = cache_id(settings)
     out = []
     for s in structures:
-        key = relax_key(structure_fingerprint(s), settings)
+        key = relax_key(structure_fingerprint(s), cid)
         rec = cache.get(key)
         if rec is None:
             cpu = time.process_time()
-            r = relax_one(maker, {"structure": s}, settings)
+            r = relax_one(relaxation, {"structure": s})
             rec = {
                 "energy_per_atom": r.energy_per_atom,
                 "seconds": r.elapsed_s,
@@ -690,7 +699,7 @@ def run_energy(cfg: EnergyConfig, log: Callable[[str], None] = print) -> dict[st
     result = {
         "config": asdict(cfg),
         "model": model_file.name,
-        "calculator": {"single_point": tag, "relax": settings.calc_id, "settings": settings.key_settings()},
+        "calculator": {"single_point": tag, "relax": cache_id(settings), "settings": settings.key_settings()},
         "pool": pool_info,
         "n": {name: len(qs.structures) for name, qs in sets.items()},
         "informative_top5": {name: len(qs.informative(cfg.top)) for name, qs in sets.items()},

@@ -1,20 +1,19 @@
-"""jobflow/atomate2 validation flows: retrieval -> substitution -> dedup -> relaxation -> stability -> promotion."""
+"""jobflow/atomate2 validation flows, one module per stage: retrieval -> candidates (substitution, dedup) ->
+relax -> hull -> promotion; :class:`CSPMaker` composes them."""
 
 from cspml_flows.flows.calculators import CalculatorSettings, relax_maker, structure_fingerprint
-from cspml_flows.flows.makers import (
-    CSPMaker,
-    DedupMaker,
-    RelaxationMaker,
-    StabilityMaker,
-    SubstitutionMaker,
-    TemplateRetrievalMaker,
-    TemplateUpdateMaker,
-)
+from cspml_flows.flows.candidates import DedupMaker, SubstitutionMaker
+from cspml_flows.flows.hull import StabilityMaker
+from cspml_flows.flows.makers import CSPMaker
+from cspml_flows.flows.promotion import PromotionBuilder, TemplateUpdateMaker
+from cspml_flows.flows.relax import RelaxationMaker
+from cspml_flows.flows.retrieval import TemplateRetrievalMaker
 
 __all__ = [
     "CSPMaker",
     "CalculatorSettings",
     "DedupMaker",
+    "PromotionBuilder",
     "RelaxationMaker",
     "StabilityMaker",
     "SubstitutionMaker",

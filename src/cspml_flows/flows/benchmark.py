@@ -103,7 +103,7 @@ def compare_relaxations(
     from jobflow import JobStore, run_locally
     from maggma.stores import MemoryStore
 
-    from cspml_flows.flows.jobs import relax_flow
+    from cspml_flows.flows.relax import relax_flow
     from cspml_flows.flows.schemas import RelaxOutput
 
     if len(candidates) != len(ground_truths):

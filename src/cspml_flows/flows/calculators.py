@@ -1,6 +1,7 @@
-"""Relaxation calculators, chosen in config: ASE EMT (tests), CHGNet or SevenNet-0 through atomate2's
-ForceFieldRelaxMaker (weights ship in the chgnet and sevenn wheels; SevenNet is the optional ``sevennet``
-extra), VASP through atomate2's DoubleRelaxMaker (custodian on HPC)."""
+"""The YAML ``calculator`` section: a thin way to build an atomate2 relax Maker. ASE EMT (tests), CHGNet or
+SevenNet-0 through atomate2's ForceFieldRelaxMaker (weights ship in the chgnet and sevenn wheels; SevenNet is
+the optional ``sevennet`` extra), VASP through atomate2's DoubleRelaxMaker (custodian on HPC). In Python, hand
+any atomate2 Maker to :class:`~cspml_flows.flows.makers.CSPMaker` instead."""
 
 from __future__ import annotations
 
@@ -26,12 +27,28 @@ class CalculatorSettings(BaseModel):
     optimizer: str = "FIRE"
     batch_size: int = Field(25, ge=1, description="structures per relaxation job (not part of the key)")
     vasp_incar: dict[str, Any] = Field(default_factory=dict, description="user INCAR settings (VASP)")
+    vasp_run: dict[str, Any] = Field(
+        default_factory=dict,
+        description="atomate2 run_vasp arguments (VASP): vasp_cmd, max_errors, wall_time, custodian_kwargs",
+    )
+    vasp_potcar_spec: bool = Field(False, description="write POTCAR.spec instead of POTCAR (VASP stand-in tests)")
+    hull_window: float | None = Field(
+        None, ge=0, description="tiers after the first: relax candidates within this of the previous hull (eV/atom)"
+    )
+
+    def relaxation(self):
+        """The :class:`~cspml_flows.flows.relax.RelaxationMaker` these settings describe."""
+        from cspml_flows.flows.relax import RelaxationMaker
+
+        return RelaxationMaker(relax_maker=relax_maker(self), batch_size=self.batch_size, hull_window=self.hull_window)
 
     def key_settings(self) -> dict[str, Any]:
         """The settings that change a relaxation's result."""
-        d = self.model_dump(exclude={"batch_size"})
+        d = self.model_dump(exclude={"batch_size", "hull_window"})
+        d.pop("vasp_run")
         if self.name != "vasp":
-            d.pop("vasp_incar")
+            for k in ("vasp_incar", "vasp_potcar_spec"):
+                d.pop(k)
         else:
             for k in ("steps", "fmax", "optimizer"):
                 d.pop(k)
@@ -39,8 +56,8 @@ class CalculatorSettings(BaseModel):
 
     @property
     def calc_id(self) -> str:
-        digest = hashlib.sha1(json.dumps(self.key_settings(), sort_keys=True).encode()).hexdigest()[:10]
-        return f"{self.name}/{digest}"
+        """The id of the relax Maker these settings build (one hull per id)."""
+        return self.relaxation().calc_id
 
 
 SEVENNET_MODEL = "7net-0"  # SevenNet-0 (11Jul2024), shipped in the sevenn wheel: nothing is downloaded
@@ -82,14 +99,9 @@ def relax_maker(settings: CalculatorSettings):
                 force_field_name="SevenNet", calculator_kwargs={"model": SEVENNET_MODEL}, **kwargs
             )
         return ForceFieldRelaxMaker(force_field_name="CHGNet", **kwargs)
-    from atomate2.vasp.flows.core import DoubleRelaxMaker
-    from atomate2.vasp.jobs.core import RelaxMaker
-    from atomate2.vasp.sets.core import RelaxSetGenerator
+    from cspml_flows.flows.vasp import vasp_relax_maker
 
-    def _maker() -> RelaxMaker:
-        return RelaxMaker(input_set_generator=RelaxSetGenerator(user_incar_settings=dict(settings.vasp_incar)))
-
-    return DoubleRelaxMaker(relax_maker1=_maker(), relax_maker2=_maker())
+    return vasp_relax_maker(settings.vasp_incar, settings.vasp_run, settings.vasp_potcar_spec)
 
 
 def structure_fingerprint(structure: Structure | dict) -> str:
@@ -101,6 +113,7 @@ def structure_fingerprint(structure: Structure | dict) -> str:
     return hashlib.sha1(json.dumps([lattice, rows]).encode()).hexdigest()[:20]
 
 
-def relax_key(fingerprint: str, settings: CalculatorSettings) -> str:
-    """Cache key of one relaxation: (structure fingerprint, calculator, settings)."""
-    return f"{fingerprint}:{settings.calc_id}"
+def relax_key(fingerprint: str, calculator: Any) -> str:
+    """Cache key of one relaxation: (structure fingerprint, calculator id: text, or a RelaxationMaker or
+    settings)."""
+    return f"{fingerprint}:{calculator if isinstance(calculator, str) else calculator.calc_id}"

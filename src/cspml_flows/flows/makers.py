@@ -1,173 +1,121 @@
-"""jobflow Makers, one per stage (as in atomate2), and :class:`CSPMaker` composing them into one Flow."""
+""":class:`CSPMaker`: one round of crystal structure prediction and validation as a jobflow Flow.
+
+retrieve -> substitute -> deduplicate -> [relax -> hull] per calculator tier -> promote templates.
+
+Each stage is a Maker whose ``make`` is the job (as atomate2's), held as a field, so
+``Flow.update_maker_kwargs`` reaches every stage and the atomate2 relax Makers inside them. The metastable
+(hetero) and inverse flows are this Maker with another retrieval Maker (:mod:`cspml_flows.hetero.flows`).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any
 
-from jobflow import Flow, Job, Maker
+from jobflow import Flow, Maker
 
-from cspml_flows.flows import jobs
-from cspml_flows.flows.calculators import CalculatorSettings
+from cspml_flows.flows.candidates import DedupMaker, SubstitutionMaker
+from cspml_flows.flows.hull import StabilityMaker, near_hull
+from cspml_flows.flows.promotion import TemplateUpdateMaker
+from cspml_flows.flows.relax import RelaxationMaker, as_relaxation
+from cspml_flows.flows.retrieval import TemplateRetrievalMaker
 
-
-@dataclass
-class TemplateRetrievalMaker(Maker):
-    """Rank templates for compositions with the learned similarity (nearest-descriptor without a model)."""
-
-    name: str = "retrieve templates"
-    top: int = 5
-    strict: bool = False
-    workers: int = 1
-
-    def make(
-        self,
-        compositions: list[str],
-        template_store: str,
-        model: str | None = None,
-        round: int = 1,
-        campaign: str | None = None,
-    ) -> Job:
-        j = jobs.retrieve_templates(
-            list(compositions),
-            str(template_store),
-            model and str(model),
-            self.top,
-            self.strict,
-            round,
-            campaign,
-            self.workers,
-        )
-        j.name = self.name
-        return j
-
-
-@dataclass
-class SubstitutionMaker(Maker):
-    """Element substitution onto retrieved templates."""
-
-    name: str = "substitute elements"
-
-    def make(self, retrieval, template_store: str) -> Job:
-        j = jobs.substitute_elements(retrieval, str(template_store))
-        j.name = self.name
-        return j
-
-
-@dataclass
-class DedupMaker(Maker):
-    """Symmetry deduplication (StructureMatcher) keeping ``top`` candidates per composition."""
-
-    name: str = "deduplicate"
-    top: int = 5
-
-    def make(self, candidates) -> Job:
-        j = jobs.deduplicate_candidates(candidates, self.top)
-        j.name = self.name
-        return j
-
-
-@dataclass
-class RelaxationMaker(Maker):
-    """Relax candidates with the configured calculator; fans out into batch jobs at run time."""
-
-    name: str = "relax"
-    calculator: CalculatorSettings = field(default_factory=CalculatorSettings)
-
-    def make(self, candidates, results_store: str) -> Job:
-        j = jobs.relax_candidates(candidates, self.calculator.model_dump(), str(results_store))
-        j.name = self.name
-        return j
-
-
-@dataclass
-class StabilityMaker(Maker):
-    """Competing phases relaxed with the same calculator (cached), then e_above_hull per chemical system."""
-
-    name: str = "stability"
-    calculator: CalculatorSettings = field(default_factory=CalculatorSettings)
-    max_references: int = 40
-
-    def make(self, relaxed, template_store: str, results_store: str, round: int = 1) -> Job:
-        j = jobs.stability_stage(
-            relaxed, str(template_store), self.calculator.model_dump(), str(results_store), self.max_references, round
-        )
-        j.name = self.name
-        return j
-
-
-@dataclass
-class TemplateUpdateMaker(Maker):
-    """Promote candidates with e_above_hull <= ``threshold`` (eV/atom) into the template store."""
-
-    name: str = "update templates"
-    threshold: float = 0.1
-    campaign: str = "campaign"
-
-    def make(self, stability, template_store: str, round: int = 1) -> Job:
-        j = jobs.promote_candidates(stability, str(template_store), self.threshold, round, self.campaign)
-        j.name = self.name
-        return j
+DEFAULT_HULL_WINDOW = 0.1  # eV/atom: candidates this close to a tier's hull go to the next tier
 
 
 @dataclass
 class CSPMaker(Maker):
-    """One round of crystal structure prediction and validation as a single jobflow Flow:
+    """Predict structures for compositions and validate them, as one jobflow Flow.
 
-    retrieve -> substitute -> deduplicate -> relax -> stability -> update templates.
+    Parameters
+    ----------
+    name
+        Flow name (the round is appended).
+    template_store, results_store
+        Store URIs (folder, ``mongodb://...``, ``memory://NAME``): templates; relaxation records.
+    model
+        Model file of the retrieval Maker (CSPML similarity, or hetero model); None: nearest descriptor.
+    campaign
+        Campaign name: promoted template ids and provenance.
+    retrieval
+        Retrieval Maker: :class:`TemplateRetrievalMaker` (CSPML), a hetero or inverse retrieval Maker.
+        One whose ``returns_candidates`` is True yields candidate structures itself (no substitution stage).
+    substitution, dedup
+        Substitution and symmetry-deduplication Makers (``dedup.top``: structures kept per composition).
+    relaxation
+        A :class:`RelaxationMaker`, or any atomate2 relax Maker (``ForceFieldRelaxMaker``, ``EmtRelaxMaker``,
+        ``DoubleRelaxMaker``, a user's own), which is wrapped in one.
+    tiers
+        Further calculator tiers in order (RelaxationMakers or atomate2 Makers): each relaxes only the
+        candidates within its ``hull_window`` (default 0.1 eV/atom) of the previous tier's hull, and builds
+        its own hull; energies of different calculators never share a hull.
+    stability
+        Hull Maker (competing phases); its ``relaxation`` is set to each tier's.
+    promotion
+        Template update after the last tier's hull; None: no promotion.
     """
 
     name: str = "cspml"
     template_store: str = ""
     results_store: str = ""
     model: str | None = None
-    top: int = 5
-    strict: bool = False
-    calculator: CalculatorSettings = field(default_factory=CalculatorSettings)
-    hull_threshold: float = 0.1
-    max_references: int = 40
     campaign: str = "campaign"
-    promote: bool = True
-    workers: int = 1
+    retrieval: Maker = field(default_factory=TemplateRetrievalMaker)
+    substitution: SubstitutionMaker = field(default_factory=SubstitutionMaker)
+    dedup: DedupMaker = field(default_factory=DedupMaker)
+    relaxation: Maker = field(default_factory=RelaxationMaker)
+    tiers: list[Maker] = field(default_factory=list)
+    stability: StabilityMaker = field(default_factory=StabilityMaker)
+    promotion: TemplateUpdateMaker | None = field(default_factory=TemplateUpdateMaker)
+
+    def __post_init__(self) -> None:
+        self.relaxation = as_relaxation(self.relaxation)
+        self.tiers = [_tier(t) for t in self.tiers]
+
+    def tier_makers(self) -> list[RelaxationMaker]:
+        """The relaxation of every calculator tier, first to last."""
+        return [self.relaxation, *self.tiers]
 
     def make(self, compositions: list[str], round: int = 1) -> Flow:
-        retrieve = TemplateRetrievalMaker(top=self.top, strict=self.strict, workers=self.workers).make(
-            compositions, self.template_store, self.model, round, self.campaign
-        )
-        stages, output = realize_and_validate(
-            retrieve, self.top, self.calculator, self.template_store, self.results_store, self.max_references, round
-        )
-        if self.promote:
-            update = TemplateUpdateMaker(threshold=self.hull_threshold, campaign=self.campaign).make(
-                output["stability"], self.template_store, round
-            )
-            stages.append(update)
+        """The round's Flow; outputs ``retrieval``, ``candidates``, ``relaxed`` and ``stability`` (first tier),
+        ``tiers`` (per tier: ``candidates``, ``relaxed``, ``stability``), ``final`` (the last tier's hull)
+        and ``promotion``."""
+        ts, rs = self.template_store, self.results_store
+        retrieve = self.retrieval.make(list(compositions), ts, self.model, round, self.campaign)
+        jobs: list = [retrieve]
+        if getattr(self.retrieval, "returns_candidates", False):
+            found = retrieve.output
+        else:
+            substitute = self.substitution.make(retrieve.output, ts)
+            jobs.append(substitute)
+            found = substitute.output
+        dedup = self.dedup.make(found)
+        jobs.append(dedup)
+        output: dict[str, Any] = {"retrieval": retrieve.output, "candidates": dedup.output}
+        tiers: list[dict[str, Any]] = []
+        candidates, stab = dedup.output, None
+        for k, relaxation in enumerate(self.tier_makers(), 1):
+            if stab is not None:
+                window = DEFAULT_HULL_WINDOW if relaxation.hull_window is None else relaxation.hull_window
+                select = near_hull(stab.output, window)
+                select.name = f"tier {k}: within {window} eV/atom of tier {k - 1}'s hull"
+                jobs.append(select)
+                candidates = select.output
+            relax = relaxation.make(candidates, rs)
+            stab = replace(self.stability, relaxation=relaxation, tier=k).make(relax.output, ts, rs, round)
+            if k > 1:
+                relax.name, stab.name = f"{relax.name} (tier {k})", f"{stab.name} (tier {k})"
+            jobs += [relax, stab]
+            tiers.append({"candidates": candidates, "relaxed": relax.output, "stability": stab.output})
+        output |= {"relaxed": tiers[0]["relaxed"], "stability": tiers[0]["stability"], "tiers": tiers}
+        output["final"] = tiers[-1]["stability"]
+        if self.promotion is not None:
+            update = self.promotion.make(output["final"], ts, rs, round)
+            jobs.append(update)
             output["promotion"] = update.output
-        return Flow(stages, output=output, name=f"{self.name} round {round}")
+        return Flow(jobs, output=output, name=f"{self.name} round {round}")
 
 
-def validate_candidates(
-    candidates, calculator: CalculatorSettings, template_store: str, results_store: str, max_references: int, round: int
-) -> tuple[list[Job], dict]:
-    """The relaxation and stability stages for a candidate set: jobs, and outputs ``relaxed``/``stability``."""
-    relax = RelaxationMaker(calculator=calculator).make(candidates, results_store)
-    stability = StabilityMaker(calculator=calculator, max_references=max_references).make(
-        relax.output, template_store, results_store, round
-    )
-    return [relax, stability], {"relaxed": relax.output, "stability": stability.output}
-
-
-def realize_and_validate(
-    retrieve: Job,
-    top: int,
-    calculator: CalculatorSettings,
-    template_store: str,
-    results_store: str,
-    max_references: int,
-    round: int,
-) -> tuple[list[Job], dict]:
-    """A retrieval job followed by substitution, deduplication (``top`` per composition), relaxation and
-    stability: the jobs in order, and outputs ``retrieval``/``candidates``/``relaxed``/``stability``."""
-    substitute = SubstitutionMaker().make(retrieve.output, template_store)
-    dedup = DedupMaker(top=top).make(substitute.output)
-    stages, output = validate_candidates(dedup.output, calculator, template_store, results_store, max_references, round)
-    return [retrieve, substitute, dedup, *stages], {"retrieval": retrieve.output, "candidates": dedup.output, **output}
+def _tier(maker: Maker) -> RelaxationMaker:
+    r = as_relaxation(maker)
+    return r if r.hull_window is not None else replace(r, hull_window=DEFAULT_HULL_WINDOW)

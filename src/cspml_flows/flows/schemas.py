@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
@@ -109,6 +110,12 @@ class RelaxRecord(_Doc):
     round: int | None = None
     e_above_hull: float | None = Field(None, description="latest hull analysis of this record (eV/atom)")
     worker: str | None = Field(None, description="host:pid of the process that computed it")
+    corrections: list[dict[str, Any]] = Field(
+        default_factory=list, description="custodian's corrections of the run (VASP): handler, errors, actions"
+    )
+    last_updated: datetime = Field(
+        default_factory=lambda: datetime.now(UTC), description="when computed or last placed on a hull (UTC)"
+    )
 
 
 class RelaxOutput(_Doc):
@@ -141,6 +148,7 @@ class StabilityOutput(_Doc):
     n_references: int
     chemsys_references: dict[str, list[str]] = Field(default_factory=dict)
     round: int = 1
+    tier: int = Field(1, description="calculator tier (1: first calculator)")
 
 
 class PromotionOutput(_Doc):

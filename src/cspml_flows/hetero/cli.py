@@ -114,24 +114,10 @@ def benchmark_hetero(cfg, json_path: str | None, md_path: str | None) -> int:
     return 0
 
 
-def hetero_campaign(args: argparse.Namespace) -> int:
-    """``cspml hetero-campaign FILE``: a metastable or inverse campaign validated by relaxation."""
-    from cspml_flows.hetero.flows import load_hetero_campaign, run_hetero_campaign
-
-    cfg = load_hetero_campaign(args.config)
-    summary = run_hetero_campaign(cfg, log=lambda m: print(m, flush=True))
-    n = len(summary["candidates"])
-    print(f"{n} candidates relaxed in {summary['seconds']:.0f} s; summary in {cfg.workdir_path()}")
-    return 0
-
-
 def add_hetero_parsers(sub) -> None:
-    """Subcommands ``inverse`` and ``hetero-campaign``."""
+    """Subcommand ``inverse`` (metastable and inverse campaigns run with ``cspml campaign run``)."""
     from cspml_flows.cli import positive
 
-    c = sub.add_parser("hetero-campaign", help="metastable or inverse campaign from YAML (hetero model + relaxation)")
-    c.add_argument("config", help="e.g. configs/hetero_inverse.yaml")
-    c.set_defaults(func=hetero_campaign)
     s = sub.add_parser("inverse", help="rank compositions that crystallise in a given structure (hetero model)")
     s.add_argument("structure", help="CIF or POSCAR file of the structure (prototype)")
     s.add_argument("--elements", nargs="*", help="elements to substitute onto the structure's sites")

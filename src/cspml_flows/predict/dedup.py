@@ -6,7 +6,7 @@ from pymatgen.core import Structure
 from pymatgen.io.cif import CifWriter
 from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
 
-from cspml_flows.prototype import structure_matcher
+from cspml_flows.prototype import safe_fit, structure_matcher
 
 
 def deduplicate(structures: list[Structure]) -> list[int]:
@@ -22,10 +22,7 @@ def deduplicate(structures: list[Structure]) -> list[int]:
 def _same(sm, a: Structure, b: Structure) -> bool:
     if a.composition.reduced_formula != b.composition.reduced_formula:
         return False
-    try:
-        return bool(sm.fit(a, b))
-    except Exception:
-        return False
+    return safe_fit(sm, a, b)
 
 
 def symmetrize(structure: Structure, symprec: float = 0.1) -> tuple[Structure, int, str]:

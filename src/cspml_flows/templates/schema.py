@@ -43,6 +43,7 @@ class TemplateDoc(BaseModel):
     round: int = 0
     parent_id: str | None = None
     calculator: str | None = None
+    relaxation_key: str | None = Field(None, description="results-store record it was promoted from")
     schema_version: int = SCHEMA_VERSION
     last_updated: datetime = Field(default_factory=lambda: datetime.now(UTC))
 

@@ -1,8 +1,10 @@
-"""Campaigns: a YAML config (validated with pydantic), N rounds of :class:`CSPMaker` flows run with jobflow,
-state in maggma stores so that a re-run or a restart after a kill recomputes nothing finished.
+"""The campaign file (YAML, validated with pydantic) and the CSPMaker it describes.
 
-Round k+1 retrieves from the template store that round k updated. Relative paths in a campaign file are
-relative to the file's folder. Limits (each a one-line error): ``MAX_COMPOSITIONS`` compositions per campaign,
+Three kinds share one file layout and one runner: ``csp`` (CSPML retrieval), ``metastable`` (K polymorphs per
+composition from the hetero model) and ``inverse`` (compositions of given elements on a user structure).
+``calculator`` is the first relaxation tier; ``tiers`` adds costlier calculators that only see candidates
+within their ``hull_window`` of the previous hull. Relative paths in a campaign file are relative to the
+file's folder. Limits (each a one-line error): ``MAX_COMPOSITIONS`` compositions per campaign,
 ``MAX_SYSTEM_ELEMENTS`` elements per chemical system, and a composition space of at most ``MAX_CANDIDATES``
 formulas before the charge-balance filter.
 """
@@ -10,10 +12,9 @@ formulas before the charge-balance filter.
 from __future__ import annotations
 
 import math
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
@@ -123,22 +124,65 @@ class CampaignConfig(BaseModel):
     model_config = {"extra": "forbid"}
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.]+$", description="letters, digits, '_' and '.' (at most 100)")
-    compositions: list[str] | CompositionSpace
-    top_k: int = Field(5, ge=1, le=50)
+    kind: Literal["csp", "metastable", "inverse"] = Field("csp", description="which retrieval stage")
+    compositions: list[str] | CompositionSpace = Field(default_factory=list, description="csp, metastable")
+    top_k: int = Field(5, ge=1, le=50, description="csp: structures per composition; inverse: compositions")
+    polymorphs: int = Field(3, ge=1, le=20, description="metastable: distinct structures per composition")
+    structure: str | None = Field(None, description="inverse: CIF/POSCAR file of the user structure")
+    elements: list[str] = Field(default_factory=list, description="inverse: elements to substitute")
     strict: bool = Field(False, description="ignore templates of the query's own formula")
     calculator: CalculatorSettings = Field(default_factory=CalculatorSettings)
+    tiers: list[CalculatorSettings] = Field(
+        default_factory=list, description="further calculators; each relaxes candidates within its hull_window"
+    )
     hull_threshold: float = Field(0.1, ge=0, description="promote candidates with e_above_hull <= this (eV/atom)")
     rounds: int = Field(1, ge=1, le=100)
     max_references: int = Field(40, ge=1, description="competing phases per chemical subsystem")
-    model: str | None = Field("default", description="similarity model file; 'default': $CSPML_HOME; null: none")
+    model: str | None = Field(
+        "default", description="model file (csp: similarity, else hetero); 'default': $CSPML_HOME; null: none (csp)"
+    )
     stores: StoresConfig = Field(default_factory=StoresConfig)
     workdir: str | None = Field(None, description="reports and default stores (default: out/campaigns/<name>)")
     workers: int = Field(1, ge=1, description="processes for building the template index")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_hetero_keys(cls, data: Any) -> Any:
+        """Hetero campaign files of earlier versions: ``hetero_model``, ``top``, flat store keys."""
+        if isinstance(data, dict) and data.get("kind") in ("metastable", "inverse"):
+            data = dict(data)
+            if "hetero_model" in data:
+                data.setdefault("model", data.pop("hetero_model"))
+            if "top" in data:
+                data.setdefault("top_k", data.pop("top"))
+            stores = dict(data.get("stores") or {})
+            for old, new in (("template_store", "templates"), ("results_store", "results"), ("jobs_store", "jobs")):
+                if old in data:
+                    stores.setdefault(new, data.pop(old))
+            if stores:
+                data["stores"] = stores
+        return data
 
     @field_validator("name")
     @classmethod
     def _check_name(cls, value: str) -> str:
         return check_name(value)
+
+    @model_validator(mode="after")
+    def _check_kind(self) -> CampaignConfig:
+        if self.kind == "inverse":
+            if not self.structure:
+                raise ValueError("an inverse campaign needs 'structure' (a CIF/POSCAR file)")
+            if not self.elements:
+                raise ValueError("an inverse campaign needs 'elements'")
+        elif isinstance(self.compositions, list) and not self.compositions:
+            raise ValueError(f"compositions: at least one composition is needed for a {self.kind} campaign")
+        if self.kind != "csp" and self.model is None:
+            raise ValueError(f"a {self.kind} campaign needs a hetero model ('model: default' or a file)")
+        for k, tier in enumerate(self.tiers, 2):
+            if tier.name == self.calculator.name and tier == self.calculator:
+                raise ValueError(f"tiers[{k - 2}] repeats the first calculator")
+        return self
 
     @field_validator("compositions")
     @classmethod
@@ -146,8 +190,6 @@ class CampaignConfig(BaseModel):
         from cspml_flows.composition import check_formulas
 
         if isinstance(value, list):
-            if not value:
-                raise ValueError("at least one composition is needed")
             if len(value) > MAX_COMPOSITIONS:
                 raise ValueError(f"{len(value):,} compositions; a campaign may have at most {MAX_COMPOSITIONS:,}")
             check_formulas(value)
@@ -155,6 +197,7 @@ class CampaignConfig(BaseModel):
 
     # ---- derived paths ------------------------------------------------------------------------------
     def formulas(self) -> list[str]:
+        """The campaign's reduced formulas (none for an inverse campaign: its retrieval generates them)."""
         from cspml_flows.composition import parse_composition
 
         if isinstance(self.compositions, CompositionSpace):
@@ -176,11 +219,24 @@ class CampaignConfig(BaseModel):
         return str(self.stores.jobs or self.workdir_path() / "jobstore")
 
     def model_path(self) -> str | None:
+        """The model file: similarity model (csp) or hetero model (metastable, inverse)."""
         from cspml_flows.config import model_path as resolve_model
 
         if self.model is None:
             return None
+        if self.kind != "csp":
+            from cspml_flows.hetero.model import default_hetero_path
+
+            return str(default_hetero_path() if self.model == "default" else Path(self.model).expanduser())
         return str(resolve_model(None if self.model == "default" else self.model))
+
+    def relaxations(self) -> list:
+        """The RelaxationMaker of every calculator tier, first to last."""
+        return [self.calculator.relaxation(), *(t.relaxation() for t in self.tiers)]
+
+    def calc_ids(self) -> list[str]:
+        """The calculator id of every tier."""
+        return [r.calc_id for r in self.relaxations()]
 
 
 def _format_errors(exc: ValidationError) -> str:
@@ -213,6 +269,7 @@ def parse_campaign(data: Any, source: str = "campaign config", base: Path | None
         cfg.stores = StoresConfig(**stores)
         cfg.workdir = resolve_path(cfg.workdir, base)
         cfg.model = resolve_path(cfg.model, base)
+        cfg.structure = resolve_path(cfg.structure, base)
     return cfg
 
 
@@ -230,156 +287,48 @@ def with_rounds(cfg: CampaignConfig, rounds: int) -> CampaignConfig:
         raise ConfigError(f"--rounds: {_format_errors(exc)}") from None
 
 
-# ---------------------------------------------------------------------------------------------- running
+# ---------------------------------------------------------------------------------------------- the Maker
 def make_maker(cfg: CampaignConfig):
+    """The CSPMaker of a campaign: its retrieval Maker by kind, one RelaxationMaker per calculator tier."""
+    from cspml_flows.flows.candidates import DedupMaker
+    from cspml_flows.flows.hull import StabilityMaker
     from cspml_flows.flows.makers import CSPMaker
+    from cspml_flows.flows.promotion import TemplateUpdateMaker
+    from cspml_flows.flows.retrieval import TemplateRetrievalMaker
 
+    top = cfg.top_k
+    if cfg.kind == "csp":
+        retrieval = TemplateRetrievalMaker(top=top, strict=cfg.strict, workers=cfg.workers)
+    elif cfg.kind == "metastable":
+        from cspml_flows.hetero.flows import HeteroRetrievalMaker
+
+        retrieval, top = (
+            HeteroRetrievalMaker(polymorphs=cfg.polymorphs, strict=cfg.strict, workers=cfg.workers),
+            cfg.polymorphs,
+        )
+    else:
+        from cspml_flows.hetero.flows import InverseRetrievalMaker
+        from cspml_flows.hetero.inverse import check_elements
+        from cspml_flows.templates.importers import read_structure
+
+        structure = read_structure(cfg.structure)
+        retrieval = InverseRetrievalMaker(
+            structure=structure.as_dict(),
+            structure_name=Path(str(cfg.structure)).name,
+            elements=check_elements(cfg.elements),
+            top=top,
+        )
+    first, *more = cfg.relaxations()
     return CSPMaker(
         name=f"cspml {cfg.name}",
         template_store=cfg.template_store(),
         results_store=cfg.results_store(),
         model=cfg.model_path(),
-        top=cfg.top_k,
-        strict=cfg.strict,
-        calculator=cfg.calculator,
-        hull_threshold=cfg.hull_threshold,
-        max_references=cfg.max_references,
         campaign=cfg.name,
-        workers=cfg.workers,
+        retrieval=retrieval,
+        dedup=DedupMaker(top=top),
+        relaxation=first,
+        tiers=more,
+        stability=StabilityMaker(max_references=cfg.max_references),
+        promotion=TemplateUpdateMaker(threshold=cfg.hull_threshold, campaign=cfg.name),
     )
-
-
-def check_inputs(cfg: CampaignConfig) -> None:
-    """Fail early, naming the problem: a missing or empty template store, a missing model."""
-    from cspml_flows.errors import ModelError
-    from cspml_flows.templates.store import TemplateStore
-
-    ts = TemplateStore.open(cfg.template_store(), create=False)
-    try:
-        ts.require_nonempty()
-    finally:
-        ts.close()
-    model = cfg.model_path()
-    if model is not None and not Path(model).is_file():
-        raise ModelError(f"similarity model not found: {model} (train one with 'cspml train', or set 'model: null')")
-
-
-def round_flow(cfg: CampaignConfig, k: int):
-    """The jobflow Flow of round ``k`` (what the local runner, jobflow-remote and FireWorks all execute)."""
-    return make_maker(cfg).make(cfg.formulas(), round=k)
-
-
-def run_campaign(cfg: CampaignConfig, log: Callable[[str], None] = print, report: bool = True) -> dict[str, Any]:
-    """Run (or resume) every round locally with ``run_locally``; returns the per-round summaries."""
-    from jobflow import run_locally
-
-    from cspml_flows.flows.stores import STATE_COLLECTION, close_store, job_store, open_store, write_docs
-
-    check_inputs(cfg)
-    cfg.workdir_path().mkdir(parents=True, exist_ok=True)
-    state = open_store(cfg.results_store(), STATE_COLLECTION, key="round_id")
-    rounds: list[dict[str, Any]] = []
-    try:
-        for k in range(1, cfg.rounds + 1):
-            rid = f"{cfg.name}:{k}"
-            prev = state.query_one({"round_id": rid})
-            if prev is not None and prev.get("status") == "done":
-                log(f"round {k}: already finished, skipped")
-                rounds.append(prev["summary"])
-                continue
-            flow = round_flow(cfg, k)
-            log(f"round {k}: {len(cfg.formulas())} compositions, calculator {cfg.calculator.calc_id}")
-            t0 = time.perf_counter()
-            store = job_store(cfg.jobs_store())
-            run_locally(flow, store=store, create_folders=False, ensure_success=False, log=False)
-            summary = summarize_round(flow, store, k, time.perf_counter() - t0)
-            write_docs(state, [{"round_id": rid, "status": "done", "summary": summary}], key="round_id")
-            rounds.append(summary)
-            log(
-                f"round {k}: {summary['n_candidates']} candidates, {summary['n_computed']} relaxed now, "
-                f"{summary['n_cached']} cached, {summary['n_failed']} failed, {len(summary['promoted'])} promoted "
-                f"({summary['seconds']:.1f} s)"
-            )
-    finally:
-        close_store(state)
-    result = {"campaign": cfg.name, "calculator": cfg.calculator.calc_id, "rounds": rounds}
-    if report:
-        from cspml_flows.report import write_report
-
-        result["report"] = str(write_report(cfg, result))
-        log(f"report: {result['report']}")
-    return result
-
-
-def finished_rounds(cfg: CampaignConfig) -> dict[str, Any]:
-    """The summaries of a campaign's finished rounds, read from its results store."""
-    from cspml_flows.flows.stores import STATE_COLLECTION, close_store, open_store
-
-    state = open_store(cfg.results_store(), STATE_COLLECTION, key="round_id", create=False)
-    try:
-        docs = [d for d in state.query({"status": "done"}) if str(d["round_id"]).startswith(f"{cfg.name}:")]
-    finally:
-        close_store(state)
-    if not docs:
-        raise CampaignError(f"campaign {cfg.name} has no finished round in {cfg.results_store()}")
-    rounds = sorted((d["summary"] for d in docs), key=lambda r: r["round"])
-    return {"campaign": cfg.name, "calculator": cfg.calculator.calc_id, "rounds": rounds}
-
-
-def _resolve(ref, store) -> Any:
-    try:
-        return ref.resolve(store, on_missing="error")
-    except Exception:
-        return None
-
-
-def summarize_round(flow, store, k: int, seconds: float) -> dict[str, Any]:
-    """Read a round's outputs back from the JobStore; a stage that did not finish raises CampaignError."""
-    from cspml_flows.flows.schemas import CandidateSet, PromotionOutput, RelaxOutput, StabilityOutput
-
-    store.connect()
-    try:
-        cands = _resolve(flow.output["candidates"], store)
-        stab = _resolve(flow.output["stability"], store)
-        relaxed = _resolve(flow.output["relaxed"], store)
-        prom = _resolve(flow.output.get("promotion"), store) if "promotion" in flow.output else None
-    finally:
-        store.close()
-    if cands is None or stab is None or relaxed is None:
-        raise CampaignError(f"round {k} did not finish: a stage failed before the stability analysis (see the log)")
-    cs, so = CandidateSet.coerce(cands), StabilityOutput.coerce(stab)
-    po = PromotionOutput.coerce(prom) if prom is not None else None
-    ehull = {r.key: r for r in so.records}
-    rows = []
-    for c in so.candidates:
-        cand = c.candidate
-        st = ehull.get(c.key)
-        rows.append(
-            {
-                "formula": c.formula,
-                "rank": cand.rank if cand else None,
-                "score": cand.score if cand else None,
-                "template_id": c.source_id,
-                "key": c.key,
-                "status": c.status,
-                "reason": c.reason,
-                "energy_per_atom": c.energy_per_atom,
-                "e_above_hull": st.e_above_hull if st else None,
-                "hull_note": st.reason if st else None,
-                "n_steps": c.n_steps,
-            }
-        )
-    ro = RelaxOutput.coerce(relaxed)
-    return {
-        "round": k,
-        "seconds": seconds,
-        "n_candidates": len(cs.candidates),
-        "messages": cs.messages,
-        "n_failed": sum(r["status"] == "failed" for r in rows),
-        "n_computed": ro.n_computed,
-        "n_cached": ro.n_cached,
-        "n_references": so.n_references,
-        "candidates": rows,
-        "promoted": po.promoted if po else [],
-        "calculator": so.calculator,
-    }

@@ -1,0 +1,128 @@
+"""Substitution and deduplication stages: retrieved templates -> candidate structures -> distinct ones."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from jobflow import Maker, job
+from pymatgen.core import Structure
+
+from cspml_flows.composition import as_composition
+from cspml_flows.flows.calculators import structure_fingerprint
+from cspml_flows.flows.schemas import CandidateDoc, CandidateSet, RetrievalOutput
+
+
+def as_structure(value: Structure | dict) -> Structure:
+    """A Structure from a dict or a Structure (engines such as FireWorks decode job arguments)."""
+    return value if isinstance(value, Structure) else Structure.from_dict(value)
+
+
+def candidate_doc(structure: Structure, formula: str, round: int, **fields: Any) -> CandidateDoc:
+    """A candidate document: fingerprint, chemical system and structure dict from ``structure``."""
+    return CandidateDoc(
+        candidate_id=structure_fingerprint(structure),
+        formula=formula,
+        chemsys=structure.composition.chemical_system,
+        structure=structure.as_dict(),
+        round=round,
+        **fields,
+    )
+
+
+@dataclass
+class SubstitutionMaker(Maker):
+    """Put each query's elements on its retrieved templates (volume rescaled, 0.5 A distance gate).
+
+    Parameters
+    ----------
+    name
+        Job name.
+    """
+
+    name: str = "substitute elements"
+
+    @job(output_schema=CandidateSet)
+    def make(self, retrieval: RetrievalOutput, template_store: str) -> CandidateSet:
+        """Candidate structures of every retrieved (template, assignment) pair, in rank order."""
+        from cspml_flows.flows.retrieval import load_index
+        from cspml_flows.predict.predictor import CSPPredictor
+        from cspml_flows.predict.retrieve import Ranked
+
+        retrieval = RetrievalOutput.coerce(retrieval)
+        index = load_index(template_store)
+        pos = {str(m): i for i, m in enumerate(index.ids)}
+        comps, ranked = [], []
+        for q in retrieval.queries:
+            comps.append(as_composition(q.formula))
+            ranked.append(
+                [
+                    Ranked(
+                        pos[h.template_id],
+                        tuple(h.perm),
+                        h.score,
+                        h.cluster,
+                        tuple(pos[a] for a in h.alternates if a in pos),
+                    )
+                    for h in q.hits
+                    if h.template_id in pos
+                ]
+            )
+        out = CandidateSet(candidates=[], round=retrieval.round)
+        preds = CSPPredictor(index, None).realize(comps, ranked, top=10**6, dedup=False)
+        for q, pred in zip(retrieval.queries, preds, strict=True):
+            if pred.message or q.message:
+                out.messages[q.formula] = q.message or pred.message or ""
+            for c in pred.candidates:
+                out.candidates.append(
+                    candidate_doc(
+                        c.structure,
+                        pred.formula,
+                        retrieval.round,
+                        rank=c.rank,
+                        score=c.score,
+                        template_id=c.template_id,
+                        template_formula=c.template_formula,
+                        prototype=c.prototype,
+                        assignment=c.assignment,
+                        min_distance=c.min_distance,
+                    )
+                )
+        return out
+
+
+@dataclass
+class DedupMaker(Maker):
+    """Symmetry deduplication (StructureMatcher): the best-ranked of each equivalence class.
+
+    Parameters
+    ----------
+    name
+        Job name.
+    top
+        Distinct candidates kept per composition.
+    """
+
+    name: str = "deduplicate"
+    top: int = 5
+
+    @job(output_schema=CandidateSet)
+    def make(self, candidates: CandidateSet) -> CandidateSet:
+        """At most ``top`` distinct candidates per formula, re-ranked 1..n."""
+        from cspml_flows.prototype import safe_fit, structure_matcher
+
+        cs = CandidateSet.coerce(candidates)
+        sm = structure_matcher()
+        kept: dict[str, list[tuple[CandidateDoc, Structure]]] = {}
+        removed = 0
+        for c in sorted(cs.candidates, key=lambda c: (c.formula, c.rank)):
+            group = kept.setdefault(c.formula, [])
+            if len(group) >= self.top:
+                continue
+            s = Structure.from_dict(c.structure)
+            if any(k.candidate_id == c.candidate_id or safe_fit(sm, ks, s) for k, ks in group):
+                removed += 1
+                continue
+            group.append((c, s))
+        out = [c.model_copy(update={"rank": i + 1}) for group in kept.values() for i, (c, _) in enumerate(group)]
+        return CandidateSet(candidates=out, messages=cs.messages, n_removed=removed, round=cs.round)

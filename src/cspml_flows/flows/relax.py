@@ -1,0 +1,300 @@
+"""Relaxation stage: :class:`RelaxationMaker` relaxes candidates with any atomate2 relax Maker.
+
+ASE-based Makers (``EmtRelaxMaker``, ``ForceFieldRelaxMaker`` with CHGNet, SevenNet...) run in batches: one
+job relaxes ``batch_size`` structures with one calculator instance, through the Maker's own ``make`` body.
+Any other Maker (``DoubleRelaxMaker`` for VASP, a user's own) runs as its own job or flow per structure and
+its task document becomes a record (:mod:`cspml_flows.flows.vasp`). Every result is written to the results
+store at once under the key (structure fingerprint, calculator id), so nothing finished is computed twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import socket
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from jobflow import Flow, Maker, Response, job
+from jobflow.core.reference import OnMissing
+from monty.json import jsanitize
+
+from cspml_flows.flows.calculators import relax_key, structure_fingerprint
+from cspml_flows.flows.schemas import CandidateDoc, CandidateSet, RelaxOutput, RelaxRecord
+from cspml_flows.flows.stores import RESULTS_COLLECTION, close_store, open_store, write_docs
+
+
+def default_relax_maker() -> Maker:
+    """ASE EMT, FIRE with the cell relaxed, fmax 0.05 eV/A, 300 steps (metals; seconds)."""
+    from cspml_flows.flows.calculators import CalculatorSettings, relax_maker
+
+    return relax_maker(CalculatorSettings())
+
+
+def _strip(d: Any) -> Any:
+    """A Maker dict without the keys that do not change a result (versions, names, how VASP is launched)."""
+    if isinstance(d, dict):
+        return {k: _strip(v) for k, v in d.items() if k not in ("@version", "name", "run_vasp_kwargs")}
+    if isinstance(d, list):
+        return [_strip(v) for v in d]
+    return d
+
+
+def calculator_label(maker: Maker) -> str:
+    """Short calculator name of an atomate2 Maker: ``emt``, ``chgnet``, ``sevennet``, ``vasp``..."""
+    if is_vasp_maker(maker):
+        return "vasp"
+    ff = getattr(maker, "force_field_name", None)
+    if ff is not None:
+        text = str(getattr(ff, "value", ff))
+        return text.rsplit(".", 1)[-1].lower()
+    name = type(maker).__name__
+    return name.removesuffix("RelaxMaker").removesuffix("Maker").lower() or name.lower()
+
+
+def is_vasp_maker(maker: Maker) -> bool:
+    """True for atomate2's VASP Makers (their energies get MP2020 corrections on the hull)."""
+    return type(maker).__module__.startswith("atomate2.vasp")
+
+
+def runs_in_process(maker: Maker) -> bool:
+    """True for ASE-calculator Makers, whose ``make`` body can relax a batch in one process."""
+    from atomate2.ase.jobs import AseRelaxMaker
+
+    return isinstance(maker, AseRelaxMaker)
+
+
+@dataclass
+class RelaxationMaker(Maker):
+    """Relax candidate structures with an atomate2 relax Maker; fans out into jobs at run time.
+
+    Parameters
+    ----------
+    name
+        Job name.
+    relax_maker
+        Any atomate2 relax Maker: ``EmtRelaxMaker``, ``ForceFieldRelaxMaker(force_field_name=...)``,
+        ``DoubleRelaxMaker`` (VASP) or a user's own. Its settings are part of every result's cache key.
+    batch_size
+        Structures per job for ASE-based Makers (not part of the key).
+    hull_window
+        Tiered validation: only candidates within this distance (eV/atom) of the previous tier's hull are
+        relaxed by this tier; unused for the first tier.
+    """
+
+    name: str = "relax"
+    relax_maker: Maker = field(default_factory=default_relax_maker)
+    batch_size: int = 25
+    hull_window: float | None = None
+
+    @property
+    def label(self) -> str:
+        """Short calculator name (``emt``, ``chgnet``, ``vasp``...)."""
+        return calculator_label(self.relax_maker)
+
+    @property
+    def calc_id(self) -> str:
+        """Calculator id ``label/digest`` of the relax Maker's settings: one hull per id."""
+        d = _strip(jsanitize(self.relax_maker.as_dict(), strict=True, enum_values=True))
+        digest = hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:10]
+        return f"{self.label}/{digest}"
+
+    @property
+    def vasp(self) -> bool:
+        return is_vasp_maker(self.relax_maker)
+
+    @job
+    def make(self, candidates: CandidateSet, results_store: str) -> Response:
+        """Relax every candidate: cached results are reused, the rest fan out into jobs."""
+        return Response(replace=self.relax_flow(candidate_items(candidates), str(results_store), "relax candidates"))
+
+    def relax_flow(self, items: list[dict], results_store: str, name: str) -> Flow:
+        """A Flow relaxing ``items`` (dicts with ``structure``, ``kind``, ``source_id``...) whose output is a
+        :class:`RelaxOutput` in input order. Finished relaxations (any status) come from the results store."""
+        cid = self.calc_id
+        keys = [relax_key(structure_fingerprint(it["structure"]), cid) for it in items]
+        store = open_store(results_store, RESULTS_COLLECTION)
+        try:
+            done = {d["key"] for d in store.query({"key": {"$in": sorted(set(keys))}}, properties=["key"])}
+        finally:
+            close_store(store)
+        todo: dict[str, dict] = {}
+        for k, it in zip(keys, items, strict=True):
+            if k not in done and k not in todo:
+                todo[k] = it
+        jobs: list = []
+        parts: list = []
+        if runs_in_process(self.relax_maker):
+            pending = list(todo.values())
+            for start in range(0, len(pending), self.batch_size):
+                batch = relax_batch(pending[start : start + self.batch_size], self, results_store)
+                batch.name = f"{name} {start // self.batch_size + 1}"
+                jobs.append(batch)
+                parts.append(batch.output)
+        else:
+            from cspml_flows.flows.candidates import as_structure
+            from cspml_flows.flows.vasp import task_record
+
+            for it in todo.values():
+                sub = self.relax_maker.make(as_structure(it["structure"]))
+                rec = task_record(sub.output, it, self, results_store)
+                rec.config.on_missing_references = OnMissing.NONE
+                rec.name = f"{name}: record"
+                jobs += [sub, rec]
+                parts.append(rec.output)
+        gather = gather_relaxations(keys, list(todo.values()), parts, self, results_store, len(items) - len(todo))
+        gather.config.on_missing_references = OnMissing.NONE
+        gather.name = f"{name}: gather"
+        return Flow([*jobs, gather], output=gather.output, name=name)
+
+
+def as_relaxation(value: Any) -> RelaxationMaker:
+    """A :class:`RelaxationMaker` from itself, an atomate2 relax Maker, or YAML calculator settings."""
+    if isinstance(value, RelaxationMaker):
+        return value
+    if isinstance(value, Maker):
+        return RelaxationMaker(relax_maker=value)
+    from cspml_flows.flows.calculators import CalculatorSettings
+
+    if isinstance(value, CalculatorSettings):
+        return value.relaxation()
+    raise TypeError(f"cannot relax with {type(value).__name__}: pass an atomate2 Maker or calculator settings")
+
+
+def relax_flow(items: list[dict], relaxation: Any, results_store: str, name: str) -> Flow:
+    """:meth:`RelaxationMaker.relax_flow` for a RelaxationMaker, an atomate2 Maker or calculator settings."""
+    return as_relaxation(relaxation).relax_flow(items, str(results_store), name)
+
+
+def candidate_items(candidates: CandidateSet) -> list[dict]:
+    """Relaxation items of a candidate set (structure, kind, template id, the candidate document, round)."""
+    cs = CandidateSet.coerce(candidates)
+    return [
+        {
+            "structure": c.structure,
+            "kind": "candidate",
+            "source_id": c.template_id,
+            "candidate": c.model_dump(mode="json"),
+            "round": c.round,
+        }
+        for c in cs.candidates
+    ]
+
+
+def new_record(item: dict, relaxation: RelaxationMaker, **fields: Any) -> RelaxRecord:
+    """A :class:`RelaxRecord` for ``item`` (formula, chemical system and key from its structure)."""
+    from cspml_flows.flows.candidates import as_structure
+
+    s = as_structure(item["structure"])
+    fp = structure_fingerprint(s)
+    candidate = item.get("candidate")
+    return RelaxRecord(
+        key=relax_key(fp, relaxation),
+        fingerprint=fp,
+        calculator=relaxation.calc_id,
+        kind=item.get("kind", "candidate"),
+        formula=s.composition.reduced_formula,
+        chemsys=s.composition.chemical_system,
+        nsites=len(s),
+        initial_structure=s.as_dict(),
+        source_id=item.get("source_id"),
+        candidate=CandidateDoc.coerce(candidate) if candidate is not None else None,
+        round=item.get("round"),
+        worker=f"{socket.gethostname()}:{os.getpid()}",
+        **fields,
+    )
+
+
+def relax_one(relaxation: RelaxationMaker, item: dict) -> RelaxRecord:
+    """Relax one structure with the atomate2 Maker's own ``make`` body; failures become failed records."""
+    from cspml_flows.flows.candidates import as_structure
+
+    maker = relaxation.relax_maker
+    make = type(maker).make.original  # the undecorated atomate2 job function: same code, no nested job
+    t0 = time.perf_counter()
+    try:
+        with warnings.catch_warnings(), np.errstate(all="ignore"):
+            warnings.simplefilter("ignore")
+            doc = make(maker, as_structure(item["structure"]))
+    except Exception as exc:
+        reason = f"calculator error: {type(exc).__name__}: {exc}"[:500]
+        return new_record(item, relaxation, status="failed", reason=reason, elapsed_s=time.perf_counter() - t0)
+    final = doc.output.mol_or_struct
+    energy = None if doc.output.energy is None else float(doc.output.energy)  # CHGNet returns numpy float32
+    n_steps = None if doc.output.n_steps is None else int(doc.output.n_steps)
+    converged = None if doc.is_force_converged is None else bool(doc.is_force_converged)
+    fields: dict[str, Any] = {"n_steps": n_steps, "converged": converged, "elapsed_s": time.perf_counter() - t0}
+    finite = energy is not None and math.isfinite(energy)
+    if finite and final is not None:
+        finite = bool(np.all(np.isfinite(final.frac_coords)) and np.all(np.isfinite(final.lattice.matrix)))
+    if final is not None and finite:
+        structure = jsanitize(final.as_dict(), strict=False)  # numpy scalars (float32 from CHGNet) -> Python
+        fields |= {"structure": structure, "energy": energy, "energy_per_atom": energy / len(final)}
+    if not finite:
+        return new_record(item, relaxation, status="failed", reason="non-finite energy or structure (NaN)", **fields)
+    if converged is False:
+        fmax = (getattr(maker, "relax_kwargs", None) or {}).get("fmax", "?")
+        reason = f"not converged: forces above {fmax} eV/A after {n_steps} steps"
+        return new_record(item, relaxation, status="failed", reason=reason, **fields)
+    return new_record(item, relaxation, status="successful", **fields)
+
+
+@job
+def relax_batch(items: list[dict], relaxation: RelaxationMaker, results_store: str) -> list[RelaxRecord]:
+    """Relax a batch with one calculator instance; each result is written to the results store at once."""
+    from tqdm import tqdm
+
+    from cspml_flows.flows.calculators import pin_torch_threads
+
+    if relaxation.label == "sevennet":
+        pin_torch_threads()
+    cid = relaxation.calc_id
+    store = open_store(results_store, RESULTS_COLLECTION)
+    out = []
+    try:
+        bar = tqdm(items, desc=f"relax ({relaxation.label})", unit="structure", file=sys.stderr, leave=False)
+        for it in bar:
+            key = relax_key(structure_fingerprint(it["structure"]), cid)
+            prev = store.query_one({"key": key})
+            if prev is not None:  # another worker (or an earlier, killed run) finished it
+                out.append(RelaxRecord.coerce(prev))
+                continue
+            rec = relax_one(relaxation, it)
+            write_docs(store, [rec.model_dump(mode="json")])
+            out.append(rec)
+    finally:
+        close_store(store)
+    return out
+
+
+@job
+def gather_relaxations(
+    keys: list[str],
+    pending: list[dict],
+    parts: list[Any],
+    relaxation: RelaxationMaker,
+    results_store: str,
+    n_cached: int = 0,
+) -> RelaxOutput:
+    """Collect records in input order from the results store (the source of truth). A pending item with no
+    record (its job crashed) becomes a failed record with its real formula; it is not stored, so a rerun
+    retries it."""
+    store = open_store(results_store, RESULTS_COLLECTION)
+    try:
+        found = {d["key"]: RelaxRecord.coerce(d) for d in store.query({"key": {"$in": sorted(set(keys))}})}
+    finally:
+        close_store(store)
+    crashed = sum(p is None for p in parts)
+    reason = f"relaxation job failed before recording a result ({crashed} job(s) failed; see the job log)"
+    for it in pending:
+        rec = new_record(it, relaxation, status="failed", reason=reason)
+        found.setdefault(rec.key, rec)
+    records = [found[k] for k in keys]
+    n_failed = sum(r.status == "failed" for r in records)
+    return RelaxOutput(records=records, n_cached=n_cached, n_computed=len(keys) - n_cached, n_failed=n_failed)
