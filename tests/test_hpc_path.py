@@ -77,7 +77,11 @@ def test_stage_jobs_belong_to_their_makers_and_update_maker_kwargs_reaches_them(
         "TemplateUpdateMaker",
     ]
     flow.update_maker_kwargs({"top": 1}, class_filter=DedupMaker)
-    flow.update_maker_kwargs({"steps": 1, "relax_kwargs": {"fmax": 1e-6}}, class_filter=EmtRelaxMaker, nested=True)
+    flow.update_maker_kwargs(
+        {"steps": 1, "relax_kwargs": {"fmax": 1e-6, "final_atoms_object_file": None}},
+        class_filter=EmtRelaxMaker,
+        nested=True,
+    )
     assert flow.jobs[2].maker.top == 1
     assert flow.jobs[3].maker.relax_maker.steps == 1
     assert flow.jobs[4].maker.relaxation.relax_maker.steps == 1  # competing phases use the same settings

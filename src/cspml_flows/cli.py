@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import tempfile
@@ -211,73 +210,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_campaign_run(args: argparse.Namespace) -> int:
-    from cspml_flows.campaign import load_campaign, run_campaign, with_rounds
-
-    cfg = load_campaign(args.config)
-    if args.rounds is not None:
-        cfg = with_rounds(cfg, args.rounds)  # validated like the file's value
-    result = run_campaign(cfg, log=lambda m: print(m, flush=True), report=not args.no_report)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2, default=str))
-    return 0
-
-
-def cmd_campaign_promote(args: argparse.Namespace) -> int:
-    from cspml_flows.campaign import load_campaign, promote
-    from cspml_flows.flows.promotion import promotion_builder
-
-    cfg = load_campaign(args.config)
-    if args.builder_json:
-        builder = promotion_builder(
-            cfg.results_store(),
-            cfg.template_store(),
-            cfg.name,
-            cfg.hull_threshold,
-            cfg.calc_ids()[-1],
-            incremental=not args.all,
-        )
-        Path(args.builder_json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.builder_json).write_text(builder.to_json())
-        print(f"builder written to {args.builder_json}: run it with 'mrun {args.builder_json}'")
-        return 0
-    out = promote(cfg, log=lambda m: print(m, flush=True), incremental=not args.all)
-    for mid in out.promoted:
-        print(mid)
-    return 0
-
-
-def cmd_campaign_report(args: argparse.Namespace) -> int:
-    from cspml_flows.campaign import finished_rounds, load_campaign
-    from cspml_flows.report import write_report
-
-    cfg = load_campaign(args.config)
-    print(write_report(cfg, finished_rounds(cfg)))
-    return 0
-
-
-def cmd_campaign_benchmark(args: argparse.Namespace) -> int:
-    from cspml_flows.flows.benchmark import RelaxBenchmarkConfig, run_relax_benchmark
-
-    cfg = RelaxBenchmarkConfig(
-        protocol=args.protocol,
-        queries=args.queries,
-        top=args.top,
-        calculator=args.calculator,
-        steps=args.steps,
-        fmax=args.fmax,
-        seed=args.seed,
-        workers=args.workers,
-        out=args.out,
-        chunk=args.chunk,
-        pool=args.pool,
-    )
-    result = run_relax_benchmark(cfg, log=lambda m: print(m, file=sys.stderr, flush=True))
-    print(result["markdown"])
-    return 0
-
-
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors (``error: ...``, exit code 2) like every other bad input."""
 
@@ -393,12 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     from cspml_flows.hetero.cli import add_hetero_parsers
 
     add_hetero_parsers(sub)  # inverse
-    h = sub.add_parser("hetero-campaign", help="same as 'campaign run' (metastable or inverse campaign files)")
-    h.add_argument("config", help="e.g. configs/hetero_inverse.yaml")
-    h.add_argument("--rounds", type=positive, help="override the number of rounds")
-    h.add_argument("--no-report", action="store_true")
-    h.add_argument("--json", help="write the round summaries to this JSON file")
-    h.set_defaults(func=cmd_campaign_run)
+    from cspml_flows.campaign.cli import add_campaign_parsers
 
     s = sub.add_parser("demo", help="end to end on the embedded default store")
     s.add_argument("--out", default="out/demo")
@@ -409,35 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--ranker-queries", type=non_negative, default=2000, help="with --train: formulas the ranker learns from"
     )
     s.set_defaults(func=cmd_demo)
-    s = sub.add_parser("campaign", help="validation campaigns: predict, relax, hull, promote over rounds")
-    csub = s.add_subparsers(dest="campaign_command", required=True)
-    c = csub.add_parser("run", help="run (or resume) a campaign locally with jobflow run_locally")
-    c.add_argument("config", help="campaign YAML, e.g. configs/campaign_emt.yaml")
-    c.add_argument("--rounds", type=positive, help="override the number of rounds")
-    c.add_argument("--no-report", action="store_true")
-    c.add_argument("--json", help="write the round summaries to this JSON file")
-    c.set_defaults(func=cmd_campaign_run)
-    c = csub.add_parser("promote", help="run the template-promotion Builder alone (incremental)")
-    c.add_argument("config")
-    c.add_argument("--builder-json", help="write the maggma Builder as JSON for 'mrun' instead of running it")
-    c.add_argument("--all", action="store_true", help="consider every record, not only those updated since")
-    c.set_defaults(func=cmd_campaign_promote)
-    c = csub.add_parser("report", help="rewrite the Markdown report of a campaign's finished rounds")
-    c.add_argument("config")
-    c.set_defaults(func=cmd_campaign_report)
-    c = csub.add_parser("benchmark", help="relax top-k candidates of benchmark queries: flow vs plain ASE loop")
-    c.add_argument("--protocol", default="mp20bt", choices=["mp20bt", "mpts52"])
-    c.add_argument("--queries", type=positive, default=100)
-    c.add_argument("--top", type=positive, default=5)
-    c.add_argument("--calculator", default="chgnet", choices=["chgnet", "emt"])
-    c.add_argument("--steps", type=positive, default=300)
-    c.add_argument("--fmax", type=float, default=0.05)
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--workers", type=positive, default=2)
-    c.add_argument("--out", default="out/bench/relax")
-    c.add_argument("--chunk", type=positive, default=5, help="queries per alternation of the two methods")
-    c.add_argument("--pool", help="an existing pool store folder (default: import under $CSPML_HOME)")
-    c.set_defaults(func=cmd_campaign_benchmark)
+    add_campaign_parsers(sub)
     return p
 
 
