@@ -400,7 +400,8 @@ def test_store_from_uri_backends(tmp_path):
     from maggma.stores import JSONStore, MongoURIStore, MontyStore
 
     assert isinstance(store_from_uri("memory://abc"), MemoryStore)
-    assert store_from_uri("memory://abc").collection_name == "abc"
+    assert store_from_uri("memory://abc") is store_from_uri("memory://abc")  # shared in the process
+    assert store_from_uri("memory://abc").collection_name == "abc:templates"
     assert isinstance(store_from_uri(tmp_path / "t.json"), JSONStore)
     assert isinstance(store_from_uri(tmp_path / "dir"), MontyStore)
     assert isinstance(store_from_uri("mongodb://h/db"), MongoURIStore)

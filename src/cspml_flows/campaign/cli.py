@@ -100,7 +100,7 @@ def add_campaign_parsers(sub) -> None:
     c.add_argument("--protocol", default="mp20bt", choices=["mp20bt", "mpts52"])
     c.add_argument("--queries", type=positive, default=100)
     c.add_argument("--top", type=positive, default=5)
-    c.add_argument("--calculator", default="chgnet", choices=["chgnet", "emt"])
+    c.add_argument("--calculator", default="chgnet", choices=["chgnet", "sevennet", "emt"])
     c.add_argument("--steps", type=positive, default=300)
     c.add_argument("--fmax", type=float, default=0.05)
     c.add_argument("--seed", type=int, default=0)

@@ -1,8 +1,9 @@
 """Stores of the validation flows: the results (relaxation cache) store and the jobflow JobStore.
 
-URIs: a folder path (embedded on-disk MontyStore, sqlite, readable by other processes), ``mongodb://`` /
-``mongodb+srv://`` (a MongoDB server), or ``memory://NAME`` (mongomock-backed maggma MemoryStore shared by
-every opener in this process; tests only).
+URIs (one factory for every store: :func:`cspml_flows.templates.store.make_store`): a folder path (embedded
+on-disk MontyStore, sqlite, readable by other processes), ``mongodb://`` / ``mongodb+srv://`` (a MongoDB
+server), or ``memory://NAME`` (mongomock-backed maggma MemoryStore shared by every opener in this process;
+tests only).
 
 Writes to these stores go through :func:`cspml_flows.templates.store.upsert`: one document per key, whatever
 runs twice or at the same time.
@@ -14,27 +15,13 @@ from pathlib import Path
 
 from jobflow import JobStore
 from maggma.core import Store
-from maggma.stores import MemoryStore, MongoURIStore, MontyStore
+from maggma.stores import MemoryStore, MontyStore
 
 from cspml_flows.errors import StoreError
-from cspml_flows.templates.store import embedded_store, mongo_database_name, redact_uri, upsert
+from cspml_flows.templates.store import make_store, redact_uri, upsert
 
 RESULTS_COLLECTION = "relaxations"
 STATE_COLLECTION = "campaign_state"
-_MEMORY: dict[str, MemoryStore] = {}
-
-
-def make_store(uri: str | Path, collection: str, key: str = "key", create: bool = True) -> Store:
-    """A maggma Store (not connected) for ``uri``; ``create=False`` refuses a missing folder."""
-    text = str(uri)
-    if text.startswith(("mongodb://", "mongodb+srv://")):
-        return MongoURIStore(uri=text, collection_name=collection, database=mongo_database_name(text), key=key)
-    if text.startswith("memory://"):
-        name = f"{text[len('memory://') :] or 'default'}:{collection}"
-        if name not in _MEMORY:
-            _MEMORY[name] = MemoryStore(collection_name=name, key=key)
-        return _MEMORY[name]
-    return embedded_store(Path(text).expanduser(), collection, key, create, "store folder")
 
 
 def open_store(uri: str | Path, collection: str, key: str = "key", create: bool = True) -> Store:

@@ -53,22 +53,35 @@ def redact_uri(uri: str) -> str:
     return re.sub(r"^([a-z][a-z0-9+.-]*://[^:/@]+):[^@/]*@", r"\1:***@", uri, flags=re.IGNORECASE)
 
 
-def store_from_uri(uri: str | Path | None, collection: str = COLLECTION, create: bool = True) -> Store:
-    """Build (not connect) a maggma Store for a URI or path."""
-    if uri is None:
-        uri = default_store_path()
+_MEMORY: dict[str, MemoryStore] = {}  # memory://NAME stores of this process, one per (name, collection)
+
+
+def make_store(uri: str | Path, collection: str, key: str = "key", create: bool = True, what: str = "store") -> Store:
+    """The one URI -> maggma Store factory (not connected), for templates, results, state and job stores.
+
+    ``mongodb://`` / ``mongodb+srv://``: a MongoDB collection; ``memory://NAME``: a mongomock-backed
+    MemoryStore shared by every opener in this process (tests); ``*.json``: a JSON file; anything else: a
+    folder holding the embedded on-disk store. ``create=False`` refuses a missing file or folder, naming
+    ``what``."""
     text = str(uri)
     if text.startswith(("mongodb://", "mongodb+srv://")):
-        database = mongo_database_name(text)
-        return MongoURIStore(uri=text, collection_name=collection, database=database, key=KEY)
+        return MongoURIStore(uri=text, collection_name=collection, database=mongo_database_name(text), key=key)
     if text.startswith("memory://"):
-        return MemoryStore(collection_name=text[len("memory://") :] or collection, key=KEY)
+        name = f"{text[len('memory://') :] or 'default'}:{collection}"
+        if name not in _MEMORY:
+            _MEMORY[name] = MemoryStore(collection_name=name, key=key)
+        return _MEMORY[name]
     path = Path(text).expanduser()
     if path.suffix == ".json":
         if not path.exists() and not create:
-            raise StoreError(f"template store file not found: {path}")
-        return AtomicJSONStore(str(path), read_only=False, key=KEY)
-    return embedded_store(path, collection, KEY, create, "template store")
+            raise StoreError(f"{what} file not found: {path}")
+        return AtomicJSONStore(str(path), read_only=False, key=key)
+    return embedded_store(path, collection, key, create, what)
+
+
+def store_from_uri(uri: str | Path | None, collection: str = COLLECTION, create: bool = True) -> Store:
+    """The template store (not connected) of a URI or path; None: the embedded default store."""
+    return make_store(default_store_path() if uri is None else uri, collection, KEY, create, "template store")
 
 
 def embedded_store(path: Path, collection: str, key: str, create: bool, what: str) -> MontyStore:
@@ -305,7 +318,8 @@ class TemplateStore:
 
     def close(self) -> None:
         if self._connected:
-            self.store.close()
+            if not isinstance(self.store, MemoryStore):  # memory:// stores live for the process
+                self.store.close()
             self._connected = False
 
     def __enter__(self) -> TemplateStore:
