@@ -137,6 +137,8 @@ def test_task_doc_state_decides():
     doc["custodian"] = [{"corrections": [{"handler": {"@class": "VaspErrorHandler"}, "errors": ["pricel"]}]}]
     ok = record_from_task_doc(doc, item, VR)
     assert ok.status == "successful" and ok.corrections[0]["handler"] == "VaspErrorHandler"
+    # relax 2 failed after relax 1 was corrected: the failed record keeps relax 1's correction
+    assert record_from_task_doc(None, item, VR, [doc]).corrections == ok.corrections
     for state, reason in ((None, "without a state"), ("failed", "task state failed")):
         rec = record_from_task_doc({**doc, "state": state}, item, VR)
         assert rec.status == "failed" and reason in rec.reason and rec.formula == "Mg"
@@ -213,7 +215,8 @@ def test_campaign_through_custodian_with_standin_vasp(tmp_path: Path, monkeypatc
     rs.close()
     assert set(recs) == {"Cu", "Au", "CuAu", "Cu3Au", "CuAu3"}
     assert all(recs[f]["status"] == "successful" for f in ("Cu", "Au", "CuAu", "Cu3Au"))
-    assert [c["errors"] for c in recs["CuAu"]["corrections"]] == [["pricel"]]  # relax 2 was corrected too
+    fixes = [(c["job"], c["handler"], c["errors"]) for c in recs["CuAu"]["corrections"]]
+    assert fixes == [(f"MP GGA relax {i}", "VaspErrorHandler", ["pricel"]) for i in (1, 2)]
     assert recs["Cu3Au"]["corrections"] == [] and recs["CuAu3"]["energy"] is None
     entry = recs["CuAu"]["entry"]
     assert entry["parameters"]["run_type"] == "GGA"

@@ -143,7 +143,8 @@ class RelaxationMaker(Maker):
 
             for it in todo.values():
                 sub = self.relax_maker.make(as_structure(it["structure"]))
-                rec = task_record(sub.output, it, self, results_store)
+                earlier = [j.output for j in sub.jobs[:-1]] if isinstance(sub, Flow) else []  # VASP: relax 1
+                rec = task_record(sub.output, it, self, results_store, earlier)
                 rec.config.on_missing_references = OnMissing.NONE
                 rec.name = f"{name}: record"
                 jobs += [sub, rec]

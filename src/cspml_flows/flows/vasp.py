@@ -54,9 +54,12 @@ def vasp_relax_maker(
 
 
 @job
-def task_record(task_doc: Any, item: dict, relaxation: RelaxationMaker, results_store: str) -> RelaxRecord:
-    """Turn the final task document of one relaxation job into a record (and store it)."""
-    rec = record_from_task_doc(task_doc, item, relaxation)
+def task_record(
+    task_doc: Any, item: dict, relaxation: RelaxationMaker, results_store: str, earlier: list | None = None
+) -> RelaxRecord:
+    """Turn the final task document of one relaxation flow into a record (and store it); ``earlier`` are the
+    outputs of the flow's other jobs (the first VASP relaxation), whose custodian corrections it keeps."""
+    rec = record_from_task_doc(task_doc, item, relaxation, earlier)
     store = open_store(results_store, RESULTS_COLLECTION)
     try:
         write_docs(store, [rec.model_dump(mode="json")])
@@ -77,13 +80,15 @@ def _as_dict(task_doc: Any) -> dict:
 
 
 def corrections(d: dict) -> list[dict[str, Any]]:
-    """Custodian's corrections in a VASP task document: one entry per correction (handler, errors, actions)."""
+    """Custodian's corrections in a VASP task document: one entry per correction (job, handler, errors,
+    actions)."""
     out = []
     for run in d.get("custodian") or []:
         for corr in (run or {}).get("corrections") or []:
             handler = corr.get("handler")
             name = handler.get("@class") if isinstance(handler, dict) else type(handler).__name__
-            out.append({"handler": name, "errors": list(corr.get("errors") or []), "actions": corr.get("actions")})
+            errors = list(corr.get("errors") or [])
+            out.append({"job": d.get("task_label"), "handler": name, "errors": errors, "actions": corr.get("actions")})
     return out
 
 
@@ -99,14 +104,18 @@ def _run_info(d: dict) -> dict[str, Any]:
     return {"n_steps": len(steps) if steps is not None else None, "elapsed_s": elapsed}
 
 
-def record_from_task_doc(task_doc: Any, item: dict, relaxation: RelaxationMaker) -> RelaxRecord:
-    """A :class:`RelaxRecord` from a task document (object or stored dict); None means the job failed."""
+def record_from_task_doc(
+    task_doc: Any, item: dict, relaxation: RelaxationMaker, earlier: list | None = None
+) -> RelaxRecord:
+    """A :class:`RelaxRecord` from a task document (object or stored dict); None means the job failed.
+    Custodian's corrections of ``earlier`` task documents (None for a failed job) come first."""
     from cspml_flows.flows.relax import new_record
 
     what = "VASP" if relaxation.vasp else relaxation.label
+    before = [c for doc in earlier or [] if isinstance(doc, dict | BaseModel) for c in corrections(_as_dict(doc))]
     if task_doc is None:
         reason = f"{what} relaxation job failed: no task document (custodian gave up or the job raised; see its log)"
-        return new_record(item, relaxation, status="failed", reason=reason)
+        return new_record(item, relaxation, status="failed", reason=reason, corrections=before)
     d = _as_dict(task_doc)
     output = d.get("output") or {}
     energy = output.get("energy")
@@ -118,7 +127,7 @@ def record_from_task_doc(task_doc: Any, item: dict, relaxation: RelaxationMaker)
         entry = entry.as_dict()
     state = d.get("state")
     state = None if state is None else str(getattr(state, "value", state)).lower()
-    fields: dict[str, Any] = {"entry": entry, "corrections": corrections(d), **_run_info(d)}
+    fields: dict[str, Any] = {"entry": entry, "corrections": before + corrections(d), **_run_info(d)}
     if structure is None or energy is None or not math.isfinite(energy):
         reason = f"{what} task document without a finite energy"
         return new_record(item, relaxation, status="failed", reason=reason, **fields)
