@@ -239,3 +239,5 @@ def test_campaign_through_custodian_with_standin_vasp(tmp_path: Path, monkeypatc
     assert [[c["errors"] for c in log[0]["corrections"]] for log in logs] == [[["pricel"], ["pricel"]]]
     report = Path(result["report"]).read_text()
     assert "CuAu3" in report and "VASP relaxation job failed" in report
+    assert rows["CuAu"]["corrections"] == ["VaspErrorHandler: pricel"] * 2  # the summary and report show the retries
+    assert "custodian corrected VaspErrorHandler: pricel" in report

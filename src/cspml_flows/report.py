@@ -96,6 +96,8 @@ def write_report(cfg, result: dict[str, Any]) -> Path:
         ]
         for c in rows:
             note = c["reason"] or c["hull_note"] or ""
+            if c.get("corrections"):  # custodian fixed VASP errors on the way
+                note = "; ".join([note, f"custodian corrected {', '.join(c['corrections'])}"]).lstrip("; ")
             later = {t["tier"]: t for t in c.get("tiers", [])}
             cells = "".join(
                 f"{_fmt(later[t['tier']]['e_above_hull'], '.4f') if t['tier'] in later else '-'} | "

@@ -228,6 +228,9 @@ def summarize_round(flow, store, k: int, seconds: float) -> dict[str, Any]:
                 "e_above_hull": st.e_above_hull if st else None,
                 "hull_note": st.reason if st else None,
                 "n_steps": c.n_steps,
+                "corrections": [
+                    f"{x.get('handler')}: {', '.join(map(str, x.get('errors') or []))}" for x in c.corrections or []
+                ],
             }
             if t == 1:
                 cand = c.candidate
