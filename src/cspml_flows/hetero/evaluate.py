@@ -136,7 +136,7 @@ def inverse_retrieval(index: TemplateIndex, bank: Bank, model: HeteroModel, held
     structure, every formula of its anonymous formula ranked (relevant: the others taking the prototype), by
     the model's inverse weights (``hetero``), the CSPML logit, the tower, pymatgen's substitution
     probabilities and the unlearned descriptor distance."""
-    from cspml_flows.hetero.inverse import assignment_parts, score_assignments
+    from cspml_flows.hetero.inverse import assignment_parts, formula_assignments, score_assignments
 
     core = model.core
     weights = {"hetero": model.inv, "cspml": (1, 0, 0), "tower": (0, 1, 0), "pymatgen": (0, 0, 1)}
@@ -153,13 +153,7 @@ def inverse_retrieval(index: TemplateIndex, bank: Bank, model: HeteroModel, held
         if not rel or not formulas:
             continue
         relevant.append(rel)
-        assignments, owner = [], []
-        for fi, f in enumerate(formulas):
-            r = roles(f)
-            for p in r.permutations(limit=6):
-                assignments.append(tuple(r.elements[j] for j in p))
-                owner.append(fi)
-        owner_arr = np.asarray(owner)
+        assignments, owner_arr = formula_assignments(formulas)
         _, _, parts = assignment_parts(model, bank, t, assignments, core)
         scores = {m: parts @ np.asarray(w, dtype=float) for m, w in weights.items()}
         scores["descriptor"] = score_assignments(model, bank, t, assignments, "descriptor")[2]

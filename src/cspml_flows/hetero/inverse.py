@@ -102,6 +102,18 @@ def _queries(index: TemplateIndex, t: int, assignments: Sequence[tuple[str, ...]
     return list(qs), list(perms)
 
 
+def formula_assignments(formulas: Sequence[str], limit: int = 6) -> tuple[list[tuple[str, ...]], np.ndarray]:
+    """Every role assignment (up to ``limit`` per formula) of candidate formulas in a template's role order,
+    and the formula position owning each."""
+    assignments, owner = [], []
+    for fi, f in enumerate(formulas):
+        r = roles(f)
+        for p in r.permutations(limit=limit):
+            assignments.append(tuple(r.elements[j] for j in p))
+            owner.append(fi)
+    return assignments, np.asarray(owner, dtype=int)
+
+
 def substitution_prior(template: Roles, qs: Sequence[Roles], perms: Sequence[tuple[int, ...]]) -> np.ndarray:
     """log of pymatgen's substitution probability of each assignment from the template's ionic species."""
     from cspml_flows.benchmark.baselines import log_cond_prob, oxidation_species

@@ -4,9 +4,11 @@
 (element properties in the role order of the candidate assignment, fractions, Magpie statistics), ``psi``
 the template's site chemistry in the same layout, its element-agnostic geometry
 (:mod:`cspml_flows.hetero.encoders`), its pretrained CHGNet 0.3.0 representation
-(:mod:`cspml_flows.hetero.embeddings`; ``variant`` ``species`` or the element-agnostic ``role``; ``none``
-leaves it out), its e_above_hull and prototype-cluster size. Training lives in
-:mod:`cspml_flows.hetero.train`, measurement in :mod:`cspml_flows.hetero.evaluate`; this module only scores.
+(:mod:`cspml_flows.hetero.embeddings`: its pooled crystal feature, ``variant`` ``species`` or the
+element-agnostic ``role``; ``none`` leaves it out; the per-role atom blocks are cached but not read: with them
+the tower was slower to train and no better on held-out formulas), its e_above_hull and prototype-cluster size.
+Training lives in :mod:`cspml_flows.hetero.train`, measurement in :mod:`cspml_flows.hetero.evaluate`; this
+module only scores.
 
 Scores: composition -> structure ``z = logit(p_cspml) + lam * tower + mu * e_above_hull`` (or the optional
 LightGBM second stage); structure -> composition (inverse) ``inv[0] * logit + inv[1] * tower + inv[2] *
@@ -32,14 +34,14 @@ import numpy as np
 from cspml_flows.config import home_dir
 from cspml_flows.descriptors import DESCRIPTOR_VERSION
 from cspml_flows.errors import ModelError
-from cspml_flows.hetero.embeddings import EMBED_VERSION, N_EMBED, index_embeddings
+from cspml_flows.hetero.embeddings import EMBED_VERSION, FEA, N_EMBED, index_embeddings
 from cspml_flows.hetero.encoders import GEOMETRY_VERSION, N_GEOMETRY, chemistry_block, geometry_features
 from cspml_flows.learning.features import Standardizer
 from cspml_flows.learning.model import QueryBatch, SimilarityModel
 from cspml_flows.safeio import read_json_gz, write_json_gz
 from cspml_flows.templates.index import TemplateIndex
 
-HETERO_FORMAT = 3  # 3: + CHGNet embedding block and inverse weights; 2: gzipped JSON; 1: a joblib pickle
+HETERO_FORMAT = 4  # 4: the tower reads CHGNet's crystal feature; 3: all embedding blocks; 2: gzipped JSON; 1: pickle
 TAU = 0.05  # eV/atom: target weight exp(-E_hull / TAU) of a positive prototype
 
 
@@ -100,7 +102,7 @@ class HeteroModel:
         if self.variant != "none":
             if emb is None or emb.shape != (len(index), N_EMBED):
                 raise ModelError(f"this hetero model needs the {self.variant!r} CHGNet embeddings of its templates")
-            parts.append((emb - self.emb_mu) / self.emb_sd)
+            parts.append(((emb - self.emb_mu) / self.emb_sd)[:, :FEA])  # the pooled crystal feature (see module doc)
         return np.hstack([*parts, extra, np.ones((len(index), 1))])
 
     def embeddings(self, index: TemplateIndex, cache: bool = True) -> np.ndarray | None:

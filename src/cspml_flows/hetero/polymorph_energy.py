@@ -148,6 +148,21 @@ def choose_weight(hits, scores, energies, k: int, weights: Sequence[float] = WEI
     return best["w"], curve
 
 
+def polymorph_candidates(hetero, bank, val_rows: np.ndarray, candidates: int, limit: int, rng) -> tuple[list, list]:
+    """Held-out formulas with >= 2 prototypes in the pool (a sample of ``limit``) and their ``candidates``
+    distinct predicted structures (no template of the formula allowed)."""
+    from cspml_flows.hetero.evaluate import formula_targets
+    from cspml_flows.hetero.rank import HeteroPredictor
+
+    targets = [t for t in formula_targets(bank.index, val_rows) if len(t[4]) >= 2]
+    if len(targets) > limit:
+        targets = [targets[i] for i in sorted(rng.choice(len(targets), limit, replace=False))]
+    if not targets:
+        return [], []
+    hp = HeteroPredictor(bank.index, hetero, bank)
+    return targets, hp.predict([t[0] for t in targets], polymorphs=candidates, strict=True)
+
+
 def energy_polymorphs(
     hetero,
     bank,
@@ -166,20 +181,15 @@ def energy_polymorphs(
     formulas (chosen on one half, reported on the other); ground state first and metastable recall@k of the
     predicted structures (StructureMatcher against the formula's known polymorphs, one per prototype)."""
     from cspml_flows.benchmark.scoring import rms_table
-    from cspml_flows.hetero.evaluate import formula_targets
-    from cspml_flows.hetero.rank import HeteroPredictor
 
     settings = settings or energy_settings()
     index = bank.index
-    targets = [t for t in formula_targets(index, val_rows) if len(t[4]) >= 2]
     rng = np.random.default_rng(seed)
-    if len(targets) > limit:
-        targets = [targets[i] for i in sorted(rng.choice(len(targets), limit, replace=False))]
+    targets, preds = polymorph_candidates(hetero, bank, val_rows, candidates, limit, rng)
     out: dict[str, Any] = {"n_formulas": len(targets), "k": k, "candidates": candidates, "calculator": settings.calc_id}
     out["settings"] = settings.key_settings()
     if not targets:
         return out
-    preds = HeteroPredictor(index, hetero, bank).predict([t[0] for t in targets], polymorphs=candidates, strict=True)
     gts, plist, owner = [], [], []
     for qi, (t, p) in enumerate(zip(targets, preds, strict=True)):
         members = np.flatnonzero(index.formulas == t[0])

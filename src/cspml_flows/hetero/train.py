@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 
-from cspml_flows.composition import roles
 from cspml_flows.descriptors import DESCRIPTOR_VERSION
 from cspml_flows.errors import ModelError
 from cspml_flows.hetero.embeddings import EMBED_VERSION
@@ -294,18 +293,13 @@ def inverse_queries(index: TemplateIndex, val_rows: np.ndarray, max_queries: int
 def inverse_parts(model: HeteroModel, bank: Bank, queries, core) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per inverse query: (n_assignments, 3) columns (CSPML logit, tower, log substitution prior) and the
     candidate formula owning each assignment."""
-    from cspml_flows.hetero.inverse import assignment_parts
+    from cspml_flows.hetero.inverse import assignment_parts, formula_assignments
 
     out = []
     for t, formulas, _rel in queries:
-        assignments, owner = [], []
-        for fi, f in enumerate(formulas):
-            r = roles(f)
-            for p in r.permutations(limit=6):
-                assignments.append(tuple(r.elements[j] for j in p))
-                owner.append(fi)
+        assignments, owner = formula_assignments(formulas)
         _, _, parts = assignment_parts(model, bank, t, assignments, core)
-        out.append((parts, np.asarray(owner)))
+        out.append((parts, owner))
     return out
 
 
