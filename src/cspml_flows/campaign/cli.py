@@ -24,18 +24,11 @@ def cmd_campaign_run(args: argparse.Namespace) -> int:
 
 def cmd_campaign_promote(args: argparse.Namespace) -> int:
     from cspml_flows.campaign import load_campaign, promote
-    from cspml_flows.flows.promotion import promotion_builder
+    from cspml_flows.campaign.runner import campaign_builder
 
     cfg = load_campaign(args.config)
     if args.builder_json:
-        builder = promotion_builder(
-            cfg.results_store(),
-            cfg.template_store(),
-            cfg.name,
-            cfg.hull_threshold,
-            cfg.calc_ids()[-1],
-            incremental=not args.all,
-        )
+        builder = campaign_builder(cfg, incremental=not args.all)
         Path(args.builder_json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.builder_json).write_text(builder.to_json())
         print(f"builder written to {args.builder_json}: run it with 'mrun {args.builder_json}'")

@@ -117,11 +117,11 @@ def _run_rounds(cfg: CampaignConfig, log: Callable[[str], None]) -> list[dict[st
     state = open_store(cfg.results_store(), STATE_COLLECTION, key="round_id")
     rounds: list[dict[str, Any]] = []
     formulas = cfg.formulas()
+    ext = external_templates(cfg)  # this campaign's own promotions do not change it: once per run
     try:
         for k in range(1, cfg.rounds + 1):
             rid = f"{cfg.name}:{k}"
             prev = state.query_one({"round_id": rid})
-            ext = external_templates(cfg)
             todo = list(formulas)
             if prev is not None and prev.get("status") == "done":
                 covered = set(prev.get("formulas") or formulas)
@@ -273,12 +273,12 @@ def summarize_round(flow, store, k: int, seconds: float) -> dict[str, Any]:
     }
 
 
-def promote(cfg: CampaignConfig, log: Callable[[str], None] = print, incremental: bool = True):
-    """Run the promotion Builder alone on the campaign's stores, with the last tier's calculator; incremental:
-    only records updated since the campaign's newest promoted template (False: every record)."""
-    from cspml_flows.flows.promotion import promotion_builder, run_builder
+def campaign_builder(cfg: CampaignConfig, incremental: bool = True):
+    """The campaign's promotion Builder on its stores, with the last tier's calculator; incremental: only
+    records updated since the campaign's newest promoted template (False: every record)."""
+    from cspml_flows.flows.promotion import promotion_builder
 
-    builder = promotion_builder(
+    return promotion_builder(
         cfg.results_store(),
         cfg.template_store(),
         cfg.name,
@@ -286,6 +286,12 @@ def promote(cfg: CampaignConfig, log: Callable[[str], None] = print, incremental
         cfg.calc_ids()[-1],
         incremental=incremental,
     )
-    out = run_builder(builder)
+
+
+def promote(cfg: CampaignConfig, log: Callable[[str], None] = print, incremental: bool = True):
+    """Run the campaign's promotion Builder (:func:`campaign_builder`) alone, in this process."""
+    from cspml_flows.flows.promotion import run_builder
+
+    out = run_builder(campaign_builder(cfg, incremental))
     log(f"{len(out.promoted)} template(s) promoted of {out.n_considered} record(s) considered")
     return out

@@ -293,9 +293,11 @@ def gather_relaxations(
         close_store(store)
     crashed = sum(p is None for p in parts)
     reason = f"relaxation job failed before recording a result ({crashed} job(s) failed; see the job log)"
-    for it in pending:
-        rec = new_record(it, relaxation, status="failed", reason=reason)
-        found.setdefault(rec.key, rec)
+    cid = relaxation.calc_id
+    for it in pending:  # only an item without a stored record is built into a failed one
+        if relax_key(structure_fingerprint(it["structure"]), cid) not in found:
+            rec = new_record(it, relaxation, status="failed", reason=reason)
+            found[rec.key] = rec
     records = [found[k] for k in keys]
     n_failed = sum(r.status == "failed" for r in records)
     return RelaxOutput(records=records, n_cached=n_cached, n_computed=len(keys) - n_cached, n_failed=n_failed)
