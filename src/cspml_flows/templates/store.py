@@ -20,6 +20,7 @@ import importlib
 import os
 import re
 import sqlite3
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -399,7 +400,14 @@ class TemplateStore:
             self._reading("write to"),
             st.transaction() if isinstance(st, AtomicJSONStore) else contextlib.nullcontext(),
         ):
-            return upsert(st, rows, KEY, assume_new=assume_new)
+            for attempt in range(5):
+                try:
+                    return upsert(st, rows, KEY, assume_new=assume_new)
+                except (sqlite3.OperationalError, FileExistsError) as exc:  # another process creates the collection
+                    if attempt == 4 or (not isinstance(exc, FileExistsError) and "no such table" not in str(exc)):
+                        raise
+                    time.sleep(0.05 * (attempt + 1))
+            return 0
 
     def docs(self, criteria: dict | None = None, properties: list[str] | None = None) -> Iterator[dict]:
         if self._being_created():
