@@ -5,6 +5,7 @@ Real data: the session ``template_index`` (400 MP-20 val structures plus hand-bu
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,16 @@ from cspml_flows.composition import roles
 from cspml_flows.errors import CompositionError, ModelError, StructureReadError
 from cspml_flows.hetero.encoders import MAX_ROLES, structure_geometry
 from cspml_flows.hetero.evaluate import objective
-from cspml_flows.hetero.inverse import NoCompositionError, inverse_design, inverse_from_structure
+from cspml_flows.hetero.inverse import (
+    NoCompositionError,
+    PoolNormaliser,
+    assignment_parts,
+    core_logits,
+    formula_assignments,
+    inverse_design,
+    inverse_from_structure,
+    representatives,
+)
 from cspml_flows.hetero.model import HeteroModel, Stacker, index_geometry
 from cspml_flows.hetero.rank import HeteroPredictor, hetero_rank
 from cspml_flows.hetero.train import TrainingGroups, fit_towers, init_model, loss_and_grads, train_hetero
@@ -130,6 +140,33 @@ def _q(idx, i):
     return idx.role_props[[i]], idx.role_fracs[[i]], idx.stats[[i]]
 
 
+def test_distilled_targets_mix_labels_with_the_core_softmax(template_index, trained_model):
+    """Knowledge distillation of the tower: each group's target is (1 - a) * labels + a * softmax of the CSPML
+    logits over the group's candidates (computed here pair by pair), padding kept at zero weight."""
+    from cspml_flows.learning.model import QueryBatch
+
+    idx = template_index
+    geom = index_geometry(idx, workers=1, cache=False)
+    model = init_model(idx, geom)
+    rows = np.arange(len(idx))
+    groups = TrainingGroups.build(model, idx, rows, rows)
+    assert groups.anchors is not None and len(groups.anchors) == len(groups.phi)
+    assert groups.distill(trained_model, idx, 0.0) is groups
+    mixed = groups.distill(trained_model, idx, 0.3)
+    assert np.allclose(mixed.y.sum(axis=1), 1.0) and (mixed.y[~groups.valid] == 0).all()
+    for g in (0, len(groups.phi) // 2, len(groups.phi) - 1):
+        a, cand = groups.anchors[g], groups.cand[g][groups.valid[g]]
+        qb = QueryBatch.from_roles([idx.roles[a]])
+        zero = np.zeros(len(cand), dtype=int)
+        p = trained_model.predict_proba(trained_model.features(qb, zero, idx.role_props[[a] * len(cand)], idx, cand))
+        p = np.clip(p, 1e-6, 1 - 1e-6)
+        soft = np.exp(np.log(p / (1 - p)) - np.log(p / (1 - p)).max())
+        soft /= soft.sum()
+        expected = 0.7 * groups.y[g][groups.valid[g]] + 0.3 * soft
+        assert np.allclose(mixed.y[g][groups.valid[g]], expected, atol=1e-9)
+    assert not np.allclose(mixed.y, groups.y)  # the teacher moves mass onto unlabeled candidates
+
+
 def test_tower_gradient_matches_finite_differences():
     idx = _polymorph_index()
     geom = index_geometry(idx, workers=1, cache=False)
@@ -185,8 +222,8 @@ def test_training_report_tower_beats_chance_and_fusion_rule(hetero_trained):
     else:
         assert objective(v["hetero"]) == objective(v["cspml"])
     inv = report["inverse"]
-    assert len(inv["chosen"]) == 3 and inv["n"] >= 1
-    assert inv["pymatgen"]["recall@10"] > 0 and inv["cspml"]["n"] == inv["n"]
+    assert len(inv["chosen"]) == 4 and inv["n"] >= 1
+    assert inv["pymatgen"]["recall@10"] > 0 and inv["cspml"]["n"] == inv["n"] == inv["normalised"]["n"]
     assert model.core is not None and model.use_core
     assert report["tower_loss"][-1] < report["tower_loss"][0]
 
@@ -294,6 +331,53 @@ def test_inverse_recall_on_real_prototype(hetero_model, hetero_bank, template_in
     assert len(found) >= 1, (others, ranked[:20], res.n_charge_balanced)
 
 
+def test_normalised_logit_is_log_p_structure_given_composition(hetero_model, hetero_bank, template_index):
+    """The fourth inverse component: the CSPML logit minus the log-sum-exp over this prototype and one
+    representative (lowest e_above_hull) of every other prototype of the anonymous formula, computed here by
+    brute force; 0 without a pool; a composition whose known structure is another prototype scores lower
+    on it than on its own."""
+    idx, core = template_index, hetero_model.core
+    t = _row(idx, "hand-nacl")
+    reps = representatives(idx, "AB", exclude_cluster=int(idx.cluster[t]))
+    assert len(reps) >= 2 and int(idx.cluster[t]) not in set(idx.cluster[reps].tolist())
+    assert len(set(idx.cluster[reps].tolist())) == len(reps)
+    for r in reps:  # the lowest-energy member of its cluster
+        members = np.flatnonzero(idx.cluster == idx.cluster[r])
+        assert np.nan_to_num(idx.e_above_hull[r]) <= np.nan_to_num(idx.e_above_hull[members]).min() + 1e-12
+    formulas = ["KBr", "CsCl"]
+    asg, owner = formula_assignments(formulas)
+    _, _, parts = assignment_parts(
+        hetero_model, hetero_bank, t, asg, core, PoolNormaliser(core, idx), int(idx.cluster[t])
+    )
+    assert parts.shape == (len(asg), 4)
+    brute = core_logits(core, idx, reps, asg)  # (assignments, representatives)
+    best = np.full((len(formulas), len(reps)), -np.inf)
+    np.maximum.at(best, owner, brute)
+    lse = np.log(np.exp(best).sum(axis=1))[owner]
+    expected = parts[:, 0] - np.log(np.exp(parts[:, 0]) + np.exp(lse))
+    assert np.allclose(parts[:, 3], expected, atol=1e-9)
+    assert (parts[:, 3] <= 1e-12).all()
+    _, _, alone = assignment_parts(hetero_model, hetero_bank, t, asg, core)  # no pool: the component is 0
+    assert np.allclose(alone[:, 3], 0) and np.allclose(alone[:, :3], parts[:, :3])
+    # KBr is a rocksalt compound: p(rocksalt | KBr) > 1/2; CsCl takes B2: another prototype fits it better
+    kbr, cscl = parts[owner == 0, 3].max(), parts[owner == 1, 3].max()
+    assert kbr > np.log(0.5) > cscl
+
+
+def test_old_inverse_weight_files_load_with_zero_normalised_weight(hetero_model, tmp_path):
+    from cspml_flows.safeio import read_json_gz, write_json_gz
+
+    path = hetero_model.save(tmp_path / "h.json.gz")
+    blob = read_json_gz(path)
+    blob["inv"] = [1.0, 0.0, 0.1]  # a model file written before the fourth component
+    write_json_gz(path, blob)
+    assert HeteroModel.load(path).inv.tolist() == [1.0, 0.0, 0.1, 0.0]
+    blob["inv"] = [1.0, 0.0]
+    write_json_gz(path, blob)
+    with pytest.raises(ModelError, match="inverse weights of the wrong length"):
+        HeteroModel.load(path)
+
+
 def test_inverse_bad_input(hetero_model, hand_structures):
     s = hand_structures["srtio3"]
     with pytest.raises(CompositionError, match="empty element list"):
@@ -375,10 +459,18 @@ def test_cli_polymorphs_inverse_and_templates(
     assert "KCl" in text and len(list(out.glob("KCl_*.cif"))) >= 1
     cif = tmp_path / "perovskite.cif"
     hand_structures["srtio3"].to(filename=str(cif))
-    rc = main(["inverse", str(cif), "--elements", "Ba", "Ti", "Zr", "O", "--top", "5", "--model", str(hpath)])
-    assert rc == 0
+    normed = copy.copy(hetero_model)
+    normed.inv = np.array([1.0, 0.0, 0.1, 1.0])  # weighs the normalised logit: the pool is read
+    npath = normed.save(tmp_path / "hetero-normed.json.gz")
+    inv = ["inverse", str(cif), "--elements", "Ba", "Ti", "Zr", "O", "--top", "5", "--model", str(npath)]
+    assert main([*inv, "--store", str(cli_store), "--workers", "1"]) == 0
     text = capsys.readouterr().out
     assert "BaTiO3" in text or "BaZrO3" in text
+    assert main(inv) == 0  # no store named and no default store: ranked without that component, with a note
+    captured = capsys.readouterr()
+    assert "BaTiO3" in captured.out or "BaZrO3" in captured.out
+    assert "leaves out the logit normalised" in captured.err
+    assert main([*inv, "--store", str(tmp_path / "nowhere")]) == 2  # a named store must exist
     folder = tmp_path / "user"
     folder.mkdir()
     quaternary = hand_structures["nacl"].copy()  # rocksalt cell with one K on Na and one Br on Cl sites

@@ -72,7 +72,7 @@ def run_hetero_benchmark(cfg, log_fn=print) -> dict[str, Any]:
     folder = home_dir() / "hetero"
     h = training_hash(train_index)
     hetero = _cached_model(
-        folder / f"hetero3-{cfg.protocol}-{cfg.setting}-{h}.json.gz",
+        folder / f"hetero5-{cfg.protocol}-{cfg.setting}-{h}.json.gz",
         lambda: train_hetero(
             train_index, core=core, geom=geom_all[mask], emb=emb_all["species"][mask], seed=cfg.seed, log=log_fn
         )[0],
@@ -122,7 +122,7 @@ def run_hetero_benchmark(cfg, log_fn=print) -> dict[str, Any]:
             e = emb_all[v][mask]
             xcore = xmodels["species"].core if xmodels else None
             xmodels[v] = _cached_model(
-                folder / f"hetero3-x-{v}-{cfg.protocol}-{cfg.setting}-{h}-{cfg.seed}.json.gz",
+                folder / f"hetero5-x-{v}-{cfg.protocol}-{cfg.setting}-{h}-{cfg.seed}.json.gz",
                 lambda e=e, v=v, xcore=xcore: train_without(
                     train_index, g, val, held, cfg.seed, log_fn, emb=e, variant=v, core_tr=xcore, core_kwargs=core_kw
                 ),

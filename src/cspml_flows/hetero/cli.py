@@ -67,7 +67,7 @@ def predictions(args: argparse.Namespace, comps: list[Composition]):
 def inverse(args: argparse.Namespace) -> int:
     """``cspml inverse prototype.cif --elements ... --top N``."""
     from cspml_flows.cli import check_out
-    from cspml_flows.hetero.inverse import check_elements, inverse_from_structure
+    from cspml_flows.hetero.inverse import check_elements, inverse_from_structure, inverse_pool
     from cspml_flows.hetero.model import HeteroModel, default_hetero_path
     from cspml_flows.predict.dedup import symmetrize, to_cif
     from cspml_flows.templates.importers import read_structure
@@ -76,7 +76,8 @@ def inverse(args: argparse.Namespace) -> int:
     check_out(args.out)
     structure = read_structure(args.structure)
     model = HeteroModel.load(args.model or default_hetero_path())
-    res = inverse_from_structure(model, structure, elements, top=args.top, name=Path(args.structure).name)
+    pool = inverse_pool(model, args.store, args.workers, log=lambda m: print(m, file=sys.stderr))
+    res = inverse_from_structure(model, structure, elements, top=args.top, name=Path(args.structure).name, pool=pool)
     print(
         f"{Path(args.structure).name}: {res.template_formula} ({res.anonymous_formula}); {res.n_enumerated} "
         f"substitutions, {res.n_charge_balanced} charge-balanced (SMACT)"
@@ -123,5 +124,7 @@ def add_hetero_parsers(sub) -> None:
     s.add_argument("--elements", nargs="*", help="elements to substitute onto the structure's sites")
     s.add_argument("--top", type=positive, default=20)
     s.add_argument("--model", help="hetero model file (default $CSPML_HOME/models/hetero.json.gz)")
+    s.add_argument("--store", help="template store whose prototypes the normalised score competes with")
+    s.add_argument("--workers", type=positive, default=2)
     s.add_argument("--out", help="folder for CIF files and inverse.json")
     s.set_defaults(func=inverse)

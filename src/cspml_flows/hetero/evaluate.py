@@ -134,14 +134,21 @@ def held_out_split(
 def inverse_retrieval(index: TemplateIndex, bank: Bank, model: HeteroModel, held: np.ndarray) -> dict[str, Any]:
     """Structure -> composition retrieval on held-out prototypes: each queried with its lowest-energy
     structure, every formula of its anonymous formula ranked (relevant: the others taking the prototype), by
-    the model's inverse weights (``hetero``), the CSPML logit, the tower, pymatgen's substitution
-    probabilities and the unlearned descriptor distance."""
-    from cspml_flows.hetero.inverse import assignment_parts, formula_assignments, score_assignments
+    the model's inverse weights (``hetero``), the CSPML logit, the logit normalised over the pool's other
+    prototypes, the tower, pymatgen's substitution probabilities and the unlearned descriptor distance."""
+    from cspml_flows.hetero.inverse import PoolNormaliser, assignment_parts, formula_assignments, score_assignments
 
     core = model.core
-    weights = {"hetero": model.inv, "cspml": (1, 0, 0), "tower": (0, 1, 0), "pymatgen": (0, 0, 1)}
+    weights = {
+        "hetero": model.inv,
+        "cspml": (1, 0, 0, 0),
+        "cspml normalised": (0, 0, 0, 1),
+        "tower": (0, 1, 0, 0),
+        "pymatgen": (0, 0, 1, 0),
+    }
     if core is None:
         weights = {k: w for k, w in weights.items() if k in ("tower", "pymatgen")}
+    normaliser = PoolNormaliser(core, index) if core is not None else None
     ranked: dict[str, list[list[str]]] = {m: [] for m in [*weights, "descriptor"]}
     relevant: list[set] = []
     for c in held:
@@ -154,7 +161,7 @@ def inverse_retrieval(index: TemplateIndex, bank: Bank, model: HeteroModel, held
             continue
         relevant.append(rel)
         assignments, owner_arr = formula_assignments(formulas)
-        _, _, parts = assignment_parts(model, bank, t, assignments, core)
+        _, _, parts = assignment_parts(model, bank, t, assignments, core, normaliser, int(index.cluster[t]))
         scores = {m: parts @ np.asarray(w, dtype=float) for m, w in weights.items()}
         scores["descriptor"] = score_assignments(model, bank, t, assignments, "descriptor")[2]
         for m, sc in scores.items():

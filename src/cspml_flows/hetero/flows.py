@@ -118,15 +118,18 @@ class InverseRetrievalMaker(Maker):
         round: int = 1,
         campaign: str | None = None,
     ) -> CandidateSet:
-        """Candidates of the ranked compositions (``compositions`` and ``template_store`` are unused: the
-        compositions are generated from ``elements``; the structure is the only template)."""
+        """Candidates of the ranked compositions (``compositions`` is unused: they are generated from
+        ``elements``; the structure is the only template, ``template_store`` the database its prototypes
+        compete with in the normalised score)."""
         from pymatgen.core import Structure
 
         from cspml_flows.flows.candidates import candidate_doc
-        from cspml_flows.hetero.inverse import inverse_from_structure
+        from cspml_flows.hetero.inverse import inverse_from_structure, inverse_pool
 
         s = Structure.from_dict(self.structure)
-        res = inverse_from_structure(load_hetero(model), s, self.elements, top=self.top, name=self.structure_name)
+        hetero = load_hetero(model)
+        pool = inverse_pool(hetero, template_store)
+        res = inverse_from_structure(hetero, s, self.elements, top=self.top, name=self.structure_name, pool=pool)
         out = CandidateSet(candidates=[], round=round)
         for c in res.candidates:
             out.candidates.append(

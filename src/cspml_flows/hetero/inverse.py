@@ -2,9 +2,11 @@
 
 Element substitutions consistent with the structure's anonymous formula are enumerated (each role of the
 prototype takes one element of the user's list, distinct elements), compositions that SMACT cannot charge
-balance are dropped, and the rest are ranked by the hetero model's inverse score: CSPML's logit, the tower and
-pymatgen's substitution probability (a chemistry prior) with weights chosen on held-out formulas. Each
-answer carries the substituted, volume-rescaled structure from the core engine.
+balance are dropped, and the rest are ranked by the hetero model's inverse score: CSPML's logit, the tower,
+pymatgen's substitution probability (a chemistry prior) and the logit normalised over the pool's other
+prototypes (``log p(structure | composition)``: a composition that fits many prototypes well is less telling
+than one that fits only this one), with weights chosen on held-out formulas. Each answer carries the
+substituted, volume-rescaled structure from the core engine.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import numpy as np
 from pymatgen.core import Composition, Element, Structure
 
 from cspml_flows.composition import Roles, roles
+from cspml_flows.descriptors import role_properties
 from cspml_flows.errors import CompositionError, CSPMLError
 from cspml_flows.hetero.model import Bank, HeteroModel
 from cspml_flows.learning.model import QueryBatch
@@ -25,6 +28,8 @@ from cspml_flows.predict.validity import MIN_DISTANCE, smact_valid
 from cspml_flows.templates.index import TemplateIndex
 
 MAX_ENUMERATED = 500_000
+N_PARTS = 4  # inverse score components: CSPML logit, tower, log substitution prior, normalised logit
+CHUNK = 100_000
 
 
 class NoCompositionError(CSPMLError):
@@ -126,32 +131,115 @@ def substitution_prior(template: Roles, qs: Sequence[Roles], perms: Sequence[tup
     return np.array(scores, dtype=float)
 
 
+def core_logits(core, index: TemplateIndex, rows: np.ndarray, assignments: Sequence[tuple[str, ...]]) -> np.ndarray:
+    """CSPML logits of every element assignment onto every template row (``(n_assignments, n_rows)``); the
+    rows share one anonymous formula, the assignments are in its role order."""
+    out = np.full((len(assignments), len(rows)), -np.inf)
+    if not len(assignments) or not len(rows):
+        return out
+    qs, perms = _queries(index, int(rows[0]), assignments)
+    qb = QueryBatch.from_roles(qs)
+    q_role = np.concatenate([role_properties([q], [p]) for q, p in zip(qs, perms, strict=True)])
+    qi = np.tile(np.arange(len(qs)), len(rows))
+    ti = np.repeat(np.asarray(rows, dtype=int), len(qs))
+    flat = np.empty(len(qi))
+    for s in range(0, len(qi), CHUNK):
+        sl = slice(s, s + CHUNK)
+        p = np.clip(core.predict_proba(core.features(qb, qi[sl], q_role[qi[sl]], index, ti[sl])), 1e-6, 1 - 1e-6)
+        flat[sl] = np.log(p / (1 - p))
+    return flat.reshape(len(rows), len(qs)).T
+
+
+def representatives(index: TemplateIndex, anon: str, exclude_cluster: int | None = None) -> np.ndarray:
+    """One template per prototype cluster of an anonymous formula (the member with the lowest e_above_hull)."""
+    rows = index.by_anon.get(anon)
+    if rows is None or not len(rows):
+        return np.zeros(0, dtype=int)
+    rows = rows[index.cluster[rows] != exclude_cluster] if exclude_cluster is not None else rows
+    e = np.nan_to_num(index.e_above_hull[rows], nan=0.0)
+    order = rows[np.lexsort((e, index.cluster[rows]))]
+    first = np.ones(len(order), dtype=bool)
+    first[1:] = index.cluster[order][1:] != index.cluster[order][:-1]
+    return np.sort(order[first])
+
+
+class PoolNormaliser:
+    """``log sum exp`` over the pool's prototypes (one representative each, the query's own cluster left out) of
+    a formula's best-assignment CSPML logit; logits are cached per (formula, template) across queries."""
+
+    def __init__(self, core, pool: TemplateIndex):
+        self.core, self.pool = core, pool
+        self._logit: dict[tuple[str, int], float] = {}
+
+    def lse(self, formulas: Sequence[str], anon: str, exclude_cluster: int | None = None) -> np.ndarray:
+        from scipy.special import logsumexp
+
+        reps = representatives(self.pool, anon, exclude_cluster)
+        if not len(reps) or not len(formulas):
+            return np.full(len(formulas), -np.inf)
+        need = sorted({f for f in formulas for r in reps if (f, int(r)) not in self._logit})
+        if need:
+            assignments, owner = formula_assignments(need)
+            lg = core_logits(self.core, self.pool, reps, assignments)
+            best = np.full((len(need), len(reps)), -np.inf)
+            np.maximum.at(best, owner, lg)
+            for i, f in enumerate(need):
+                for j, r in enumerate(reps):
+                    self._logit[(f, int(r))] = float(best[i, j])
+        table = np.array([[self._logit[(f, int(r))] for r in reps] for f in formulas])
+        return logsumexp(table, axis=1)
+
+
+def normalised(
+    logit: np.ndarray, formulas: Sequence[str], normaliser: PoolNormaliser | None, anon: str, exclude: int | None
+) -> np.ndarray:
+    """``logit - log(exp(logit) + sum over the pool's other prototypes)`` per assignment (0 without a pool)."""
+    if normaliser is None or not len(logit):
+        return np.zeros(len(logit))
+    uniq = sorted(set(formulas))
+    lse = dict(zip(uniq, normaliser.lse(uniq, anon, exclude), strict=True))
+    return logit - np.logaddexp(logit, np.array([lse[f] for f in formulas]))
+
+
 def assignment_parts(
-    model: HeteroModel, bank: Bank, t: int, assignments: Sequence[tuple[str, ...]], core
+    model: HeteroModel,
+    bank: Bank,
+    t: int,
+    assignments: Sequence[tuple[str, ...]],
+    core,
+    normaliser: PoolNormaliser | None = None,
+    exclude_cluster: int | None = None,
 ) -> tuple[list[Roles], list[tuple[int, ...]], np.ndarray]:
     """Per assignment onto template row ``t``: (CSPML logit or 0 without ``core``, tower score, log
-    substitution prior) as an (n, 3) array."""
-    from cspml_flows.descriptors import role_properties
-
+    substitution prior, logit normalised over the pool's other prototypes or 0) as an (n, 4) array."""
     qs, perms = _queries(bank.index, t, assignments)
     if not qs:
-        return [], [], np.zeros((0, 3))
+        return [], [], np.zeros((0, N_PARTS))
     qb = QueryBatch.from_roles(qs)
     qi = np.arange(len(qs))
     q_role = np.concatenate([role_properties([q], [p]) for q, p in zip(qs, perms, strict=True)])
     logit, tower, _ = model.components(bank, qb, qi, q_role, np.full(len(qs), t), core)
     prior = substitution_prior(bank.index.roles[t], qs, perms)
-    return qs, perms, np.column_stack([logit, tower, prior])
+    anon = bank.index.roles[t].anonymous_formula
+    formulas = [q.reduced_formula for q in qs]
+    norm = normalised(logit, formulas, normaliser if core is not None else None, anon, exclude_cluster)
+    return qs, perms, np.column_stack([logit, tower, prior, norm])
 
 
 def score_assignments(
-    model: HeteroModel | None, bank: Bank, t: int, assignments: Sequence[tuple[str, ...]], method: str = "hetero"
+    model: HeteroModel | None,
+    bank: Bank,
+    t: int,
+    assignments: Sequence[tuple[str, ...]],
+    method: str = "hetero",
+    normaliser: PoolNormaliser | None = None,
+    exclude_cluster: int | None = None,
 ) -> tuple[list[Roles], list[tuple[int, ...]], np.ndarray]:
     """Scores of element assignments onto template row ``t`` (higher is better).
 
-    ``method``: ``hetero`` (the model's inverse weights over CSPML logit, tower and substitution prior),
-    ``tower`` (the tower alone), ``descriptor`` (minus the unlearned Magpie distance to the template's
-    composition), ``pymatgen`` (log substitution probability).
+    ``method``: ``hetero`` (the model's inverse weights over CSPML logit, tower, substitution prior and the
+    logit normalised over ``normaliser``'s pool), ``tower`` (the tower alone), ``descriptor`` (minus the
+    unlearned Magpie distance to the template's composition), ``pymatgen`` (log substitution probability).
     """
     index = bank.index
     qs, perms = _queries(index, t, assignments)
@@ -167,11 +255,12 @@ def score_assignments(
     if model is None:
         raise CSPMLError(f"method {method!r} needs a hetero model")
     core = model.core if model.use_core and method == "hetero" else None
-    _, _, parts = assignment_parts(model, bank, t, assignments, core)
+    norm = normaliser if core is not None and model.inv[3] != 0 else None
+    _, _, parts = assignment_parts(model, bank, t, assignments, core, norm, exclude_cluster)
     if method == "tower":
         return qs, perms, parts[:, 1]
-    inv = model.inv if core is not None else np.array([0.0, 1.0, 0.0])
-    return qs, perms, model.fuse_inverse(parts[:, 0], parts[:, 1], parts[:, 2], inv)
+    inv = model.inv if core is not None else np.array([0.0, 1.0, 0.0, 0.0])
+    return qs, perms, model.fuse_inverse(parts, inv)
 
 
 def inverse_design(
@@ -183,8 +272,11 @@ def inverse_design(
     charge_balance: bool = True,
     build: bool = True,
     method: str = "hetero",
+    pool: TemplateIndex | None = None,
 ) -> InverseResult:
-    """Rank compositions from ``elements`` for template row ``t`` of ``bank.index``."""
+    """Rank compositions from ``elements`` for template row ``t`` of ``bank.index``; ``pool`` (default
+    ``bank.index``, where ``t``'s own prototype cluster is left out) holds the prototypes that the normalised
+    logit competes with."""
     elements = check_elements(elements)
     index: TemplateIndex = bank.index
     tr = index.roles[t]
@@ -198,7 +290,10 @@ def inverse_design(
             f"no valid composition: none of the {len(assignments)} substitutions of {', '.join(elements)} into "
             f"{tr.anonymous_formula} ({tr.reduced_formula}) is charge-balanced by SMACT"
         )
-    qs, perms, scores = score_assignments(model, bank, t, kept, method)
+    exclude = None if pool is not None else int(index.cluster[t])
+    pool = index if pool is None else pool
+    normaliser = PoolNormaliser(model.core, pool) if model.core is not None and len(pool) else None
+    qs, perms, scores = score_assignments(model, bank, t, kept, method, normaliser, exclude)
     best: dict[str, int] = {}
     for k, q in enumerate(qs):  # one answer per composition: its best assignment
         f = q.reduced_formula
@@ -227,12 +322,38 @@ def inverse_design(
 
 
 def inverse_from_structure(
-    model: HeteroModel, structure: Structure, elements: Sequence[str], top: int = 20, name: str = "user"
+    model: HeteroModel,
+    structure: Structure,
+    elements: Sequence[str],
+    top: int = 20,
+    name: str = "user",
+    pool: TemplateIndex | None = None,
 ) -> InverseResult:
-    """Inverse design for a pymatgen Structure (e.g. read from a user CIF)."""
+    """Inverse design for a pymatgen Structure (e.g. read from a user CIF); ``pool``: the template database
+    whose prototypes the normalised logit competes with (without it that component is 0)."""
     from cspml_flows.hetero.encoders import geometry_features
     from cspml_flows.hetero.user_templates import user_index
 
     ui = user_index({name: structure})
     geom = geometry_features(list(ui.ids), ui.structures, ui.roles, list(ui.spacegroup), list(ui.nprim), 1, False)
-    return inverse_design(model, model.bank(ui, geom, emb=model.embeddings(ui, cache=False)), 0, elements, top=top)
+    bank = model.bank(ui, geom, emb=model.embeddings(ui, cache=False))
+    return inverse_design(model, bank, 0, elements, top=top, pool=pool)
+
+
+def inverse_pool(model: HeteroModel, store: str | None, workers: int = 1, log=None) -> TemplateIndex | None:
+    """The template database the normalised logit needs (None where the model gives that component no
+    weight, so that nothing is loaded for nothing). A store named by the user that cannot be read is a
+    StoreError; where none is named and the default embedded store is missing or empty, the component is
+    left out with one line to ``log`` (the other components still rank the compositions)."""
+    from cspml_flows.errors import StoreError
+
+    if model.core is None or not model.use_core or float(model.inv[3]) == 0.0:
+        return None
+    try:
+        return TemplateIndex.open(store, workers=workers)
+    except StoreError as exc:
+        if store is not None:
+            raise
+        if log is not None:
+            log(f"note: {exc}; the score leaves out the logit normalised over the pool's prototypes")
+        return None

@@ -12,8 +12,9 @@ module only scores.
 
 Scores: composition -> structure ``z = logit(p_cspml) + lam * tower + mu * e_above_hull`` (or the optional
 LightGBM second stage); structure -> composition (inverse) ``inv[0] * logit + inv[1] * tower + inv[2] *
-log p_substitution`` (pymatgen's substitution probabilities as the chemistry prior). Every weight is chosen
-on held-out formulas during training (:func:`cspml_flows.hetero.train.train_hetero`).
+log p_substitution + inv[3] * (logit - logsumexp over the pool's prototypes)`` (pymatgen's substitution
+probabilities as the chemistry prior; the last term is ``log p(structure | composition)`` under CSPML).
+Every weight is chosen on held-out formulas during training (:func:`cspml_flows.hetero.train.train_hetero`).
 
 Model files are gzipped JSON: the arrays as number lists, the embedded core model as its own JSON blob
 (LightGBM text model), the optional stacker as LightGBM's text model, and the metadata. Reading one never
@@ -81,7 +82,8 @@ class HeteroModel:
     use_core: bool = True
     meta: dict[str, Any] = field(default_factory=dict)
     stacker: Stacker | None = None  # optional second stage (gradient boosting) fitted on held-out formulas
-    inv: np.ndarray = field(default_factory=lambda: np.array([1.0, 0.0, 0.0]))  # inverse: logit, tower, prior
+    # inverse weights: logit, tower, substitution prior, logit normalised over the pool's other prototypes
+    inv: np.ndarray = field(default_factory=lambda: np.array([1.0, 0.0, 0.0, 0.0]))
 
     # ---- encoders -------------------------------------------------------------------------------------
     def phi(self, role_props: np.ndarray, role_fracs: np.ndarray, stats: np.ndarray) -> np.ndarray:
@@ -159,11 +161,11 @@ class HeteroModel:
         use_core = self.use_core if use_core is None else use_core
         return (logit if use_core else 0.0) + lam * tower + mu * np.clip(ehull, 0, 1)
 
-    def fuse_inverse(self, logit: np.ndarray, tower: np.ndarray, prior: np.ndarray, inv=None) -> np.ndarray:
-        """Structure -> composition score: weighted CSPML logit, tower and chemistry prior (log substitution
-        probability)."""
-        a, b, c = self.inv if inv is None else inv
-        return a * logit + b * tower + c * prior
+    def fuse_inverse(self, parts: np.ndarray, inv=None) -> np.ndarray:
+        """Structure -> composition score of (n, 4) components: weighted CSPML logit, tower, chemistry prior
+        (log substitution probability) and the logit normalised over the pool's other prototypes."""
+        w = np.asarray(self.inv if inv is None else inv, dtype=float)
+        return np.asarray(parts, dtype=float) @ w
 
     def score(self, bank: Bank, q: QueryBatch, qi: np.ndarray, q_role: np.ndarray, ti: np.ndarray) -> np.ndarray:
         """Fused score of pair rows (higher: more likely the composition takes the structure)."""
@@ -240,7 +242,9 @@ class HeteroModel:
                 raise ValueError("geometry scaling of the wrong length")
             variant = str(blob["variant"])
             n_emb = 0 if variant == "none" else N_EMBED
-            if arrays["emb_mu"].shape != (n_emb,) or arrays["emb_sd"].shape != (n_emb,) or arrays["inv"].shape != (3,):
+            if arrays["inv"].shape == (3,):  # written before the normalised logit: its weight is 0
+                arrays["inv"] = np.append(arrays["inv"], 0.0)
+            if arrays["emb_mu"].shape != (n_emb,) or arrays["emb_sd"].shape != (n_emb,) or arrays["inv"].shape != (4,):
                 raise ValueError("embedding scaling or inverse weights of the wrong length")
             std = Standardizer.from_dict(blob["std"])
             stacker = Stacker.from_string(blob["stacker"]) if blob.get("stacker") is not None else None
