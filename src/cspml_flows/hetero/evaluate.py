@@ -100,7 +100,7 @@ def objective(m: dict) -> float:
 
 
 # ---------------------------------------------------------------------------------------------------------
-def _held_out_prototypes(index: TemplateIndex, fraction: float, min_formulas: int, seed: int) -> np.ndarray:
+def held_out_prototypes(index: TemplateIndex, fraction: float, min_formulas: int, seed: int) -> np.ndarray:
     """Cluster ids held out: a random share of the clusters taken by at least ``min_formulas`` formulas."""
     rng = np.random.default_rng(seed)
     n_formulas: dict[int, set] = {}
@@ -125,10 +125,26 @@ def held_out_split(
     rng = np.random.default_rng(seed + 11)
     formulas = np.unique(index.formulas)
     val = set(rng.choice(formulas, size=max(1, int(len(formulas) * formula_fraction)), replace=False))
-    held = _held_out_prototypes(index, proto_fraction, min_formulas, seed)
+    held = held_out_prototypes(index, proto_fraction, min_formulas, seed)
     if len(held) > max_prototypes:
         held = np.sort(rng.choice(held, max_prototypes, replace=False))
     return np.flatnonzero(np.isin(index.formulas, list(val))), held
+
+
+def prototype_queries(index: TemplateIndex, held: Sequence[int]) -> list[tuple[int, list[str], set[str]]]:
+    """Structure -> composition queries of held-out prototype clusters: each queried with its lowest-energy
+    structure ``t``; candidates: every other formula of its anonymous formula; relevant: the other formulas
+    that take the prototype."""
+    out = []
+    for c in held:
+        members = np.flatnonzero(index.cluster == c)
+        t = int(members[np.argmin(np.nan_to_num(index.e_above_hull[members], nan=0.0))])
+        pool = index.by_anon[str(index.anon[t])]
+        formulas = sorted(set(index.formulas[pool].tolist()) - {str(index.formulas[t])})
+        rel = set(index.formulas[members].tolist()) - {str(index.formulas[t])}
+        if rel and formulas:
+            out.append((t, formulas, rel))
+    return out
 
 
 def inverse_retrieval(index: TemplateIndex, bank: Bank, model: HeteroModel, held: np.ndarray) -> dict[str, Any]:
@@ -151,14 +167,7 @@ def inverse_retrieval(index: TemplateIndex, bank: Bank, model: HeteroModel, held
     normaliser = PoolNormaliser(core, index) if core is not None else None
     ranked: dict[str, list[list[str]]] = {m: [] for m in [*weights, "descriptor"]}
     relevant: list[set] = []
-    for c in held:
-        members = np.flatnonzero(index.cluster == c)
-        t = int(members[np.argmin(np.nan_to_num(index.e_above_hull[members], nan=0.0))])
-        pool = index.by_anon[str(index.anon[t])]
-        formulas = sorted(set(index.formulas[pool].tolist()) - {str(index.formulas[t])})
-        rel = set(index.formulas[members].tolist()) - {str(index.formulas[t])}
-        if not rel or not formulas:
-            continue
+    for t, formulas, rel in prototype_queries(index, held):
         relevant.append(rel)
         assignments, owner_arr = formula_assignments(formulas)
         _, _, parts = assignment_parts(model, bank, t, assignments, core, normaliser, int(index.cluster[t]))

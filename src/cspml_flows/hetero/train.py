@@ -18,6 +18,7 @@ standard error of the best, kept under the same rule against the CSPML logit alo
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -30,8 +31,10 @@ from cspml_flows.hetero.encoders import GEOMETRY_VERSION
 from cspml_flows.hetero.evaluate import (
     cluster_lists,
     formula_targets,
+    held_out_prototypes,
     objective,
     polymorph_metrics,
+    prototype_queries,
     retrieval_metrics,
     significant,
 )
@@ -45,6 +48,8 @@ MUS = (0.0, -2.0, -5.0, -10.0, -20.0)
 INV_TOWER = (0.0, 0.05, 0.1, 0.2, 0.4, 1.0)
 INV_PRIOR = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0)
 INV_NORM = (0.0, 0.25, 0.5, 1.0, 2.0)
+HELD_PROTOTYPES = 0.1  # share of the prototypes taken by >= 3 formulas held out of the weight-choosing models
+MAX_INV_PROTOTYPES = 150
 DISTILL = 0.5  # share of the tower's target from CSPML's softmax (chosen on the mpts52 pool's held-out formulas)
 
 
@@ -348,10 +353,16 @@ def inverse_rankings(parts, weights) -> list[np.ndarray]:
     return out
 
 
-def choose_inverse(model: HeteroModel, bank: Bank, index: TemplateIndex, val_rows: np.ndarray, core) -> dict:
-    """Inverse weights chosen on held-out formulas: the simplest weights within one standard error of the best
-    recall@10 in the grid, kept only when they beat the CSPML logit alone by one standard error per query."""
-    queries = inverse_queries(index, val_rows)
+def choose_inverse(
+    model: HeteroModel, bank: Bank, index: TemplateIndex, val_rows: np.ndarray, core, held: Sequence[int] = ()
+) -> dict:
+    """Inverse weights chosen on structure -> composition queries of held-out formulas and of the held-out
+    prototypes ``held`` (unseen by ``model`` and ``core``, as a new structure is): the simplest weights within
+    one standard error of the best recall@10 in the grid, kept only when they beat the CSPML logit alone by
+    one standard error per query."""
+    formula_q = inverse_queries(index, val_rows)
+    proto_q = prototype_queries(index, held)[:MAX_INV_PROTOTYPES]
+    queries = formula_q + proto_q
     if not queries or core is None:
         return {"chosen": [0.0, 1.0, 0.0, 0.0] if core is None else [1.0, 0.0, 0.0, 0.0], "n": len(queries)}
     parts = inverse_parts(model, bank, queries, core)
@@ -375,6 +386,8 @@ def choose_inverse(model: HeteroModel, bank: Bank, index: TemplateIndex, val_row
         best = (1.0, 0.0, 0.0, 0.0)
     return {
         "n": len(queries),
+        "n_formula_queries": len(formula_q),
+        "n_prototype_queries": len(proto_q),
         "chosen": list(best),
         "best_in_grid": list(top),
         "cspml": base[0],
@@ -425,13 +438,17 @@ def train_hetero(
     formulas = np.unique(index.formulas)
     val_formulas = set(rng.choice(formulas, size=max(1, int(len(formulas) * val_fraction)), replace=False))
     is_val = np.isin(index.formulas, list(val_formulas))
+    # prototypes held out as well (the inverse weights are chosen on them too); a given core_tr should come
+    # from a training of this index and seed, which held out the same ones
+    held = held_out_prototypes(index.subset(~is_val), HELD_PROTOTYPES, 3, seed)
+    fit_mask = ~is_val & ~np.isin(index.cluster, held)
     model = init_model(index, geom, emb, variant, dim=dim, seed=seed)
     bank = Bank(index, model.psi(index, geom, emb))
-    train_rows = np.flatnonzero(~is_val)
-    if core_tr is None and np.any(~is_val) and int((~is_val).sum()) >= 10:
+    train_rows = np.flatnonzero(fit_mask)
+    if core_tr is None and int(fit_mask.sum()) >= 10:
         try:
             kw = {"refit_all": False, "check_labels": 0, "seed": seed, **(core_kwargs or {})}
-            core_tr, _ = SimilarityModel.train(index.subset(~is_val), log=log, **kw)
+            core_tr, _ = SimilarityModel.train(index.subset(fit_mask), log=log, **kw)
         except ModelError:
             core_tr = None
     groups = TrainingGroups.build(model, index, train_rows, train_rows, seed=seed)
@@ -441,7 +458,7 @@ def train_hetero(
     losses = fit_towers(model, bank, groups, epochs=epochs, seed=seed)
     log(f"hetero: tower loss {losses[0]:.3f} -> {losses[-1]:.3f} ({time.perf_counter() - t0:.0f} s)")
     report = choose_fusion(model, bank, index, np.flatnonzero(is_val), core_tr)
-    report["inverse"] = choose_inverse(model, bank, index, np.flatnonzero(is_val), core_tr)
+    report["inverse"] = choose_inverse(model, bank, index, np.flatnonzero(is_val), core_tr, held)
     stacker = report.pop("stacker", None)
     c = report["chosen"]
     log(f"hetero: fusion lam={c['lam']} mu={c['mu']} stacked={c['stacked']} on {report['n_val_queries']} formulas")
