@@ -228,6 +228,24 @@ def test_training_report_tower_beats_chance_and_fusion_rule(hetero_trained):
     assert report["tower_loss"][-1] < report["tower_loss"][0]
 
 
+def test_fused_ranking_only_without_a_core_ranker(hetero_model, hetero_bank, template_index):
+    """A kept tower ranks the candidates only where the core model has no learned ranker (which replaces the
+    logit ordering the fusion was chosen against); otherwise the core engine's candidates come back."""
+    fused = copy.copy(hetero_model)
+    fused.lam, fused.mu, fused.stacker = 0.4, 0.0, None
+    plain = copy.copy(fused.core)
+    plain.ranker = None
+    fused.core = plain
+    assert fused.fused and HeteroPredictor(template_index, fused, hetero_bank).fused
+    ranked = copy.copy(plain)
+    ranked.ranker = object()  # any learned ranker
+    fused.core = ranked
+    assert not HeteroPredictor(template_index, fused, hetero_bank).fused
+    kept = copy.copy(hetero_model)
+    kept.lam, kept.mu, kept.stacker, kept.core = 0.0, 0.0, None, plain
+    assert not kept.fused and not HeteroPredictor(template_index, kept, hetero_bank).fused
+
+
 def test_save_load_and_bad_model_files(hetero_model, hetero_bank, tmp_path):
     path = hetero_model.save(tmp_path / "h.json.gz")
     back = HeteroModel.load(path)

@@ -81,6 +81,7 @@ def run_hetero_benchmark(cfg, log_fn=print) -> dict[str, Any]:
     train_seconds = time.perf_counter() - t
     exclude = [{mid} for mid in q.material_ids]
     bank = hetero.bank(index, geom_all, emb=emb_all["species"])
+    uses_fusion = HeteroPredictor(index, hetero, bank).fused
     results: dict[str, Any] = {}
     for name, run in (
         ("cspml", lambda: CSPPredictor(index, core).predict(comps, top=TOP, exclude_ids=exclude, strict=strict)),
@@ -104,6 +105,7 @@ def run_hetero_benchmark(cfg, log_fn=print) -> dict[str, Any]:
         "match_rates": results,
         "retrieval_held_out_formulas": report.get("variants"),
         "fusion": report.get("chosen"),
+        "hetero_uses_fusion": uses_fusion,
         "inverse_weights": report.get("inverse"),
         "hetero_train_seconds": report.get("train_seconds"),
         "train_seconds": train_seconds,
@@ -179,6 +181,9 @@ def markdown(result: dict[str, Any]) -> str:
     for name, m in result["match_rates"].items():
         lines.append(f"| {name} | {m['top1']:.1%} | {m['top5']:.1%} | {m['top20']:.1%} | {m['rmse_top1']:.4f} |")
     lines += ["", f"Fusion chosen on held-out formulas: {result.get('fusion')}"]
+    if "hetero_uses_fusion" in result:
+        path = "the fused score" if result["hetero_uses_fusion"] else "the core engine's (ranker included)"
+        lines += [f"Hetero candidates: {path}"]
     head = [
         "",
         "| model / ranking | recall@1 | recall@5 | recall@10 | MRR | ground state first | n |",

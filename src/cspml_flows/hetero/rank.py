@@ -121,6 +121,15 @@ class HeteroPredictor:
     def index(self) -> TemplateIndex:
         return self.bank.index
 
+    @property
+    def fused(self) -> bool:
+        """Whether the fused score ranks the candidates: the fusion kept the tower (chosen against CSPML's
+        logit ordering on held-out formulas) and the core model has no learned ranker. A core ranker replaces
+        that logit ordering in the core engine, and the fused list fell below the ranker's on the 1,000-query
+        benchmark (README, Heterogeneous retrieval), so the ranker's candidates are kept."""
+        core = self.model.core
+        return self.model.fused and (core is None or getattr(core, "ranker", None) is None)
+
     @classmethod
     def from_paths(
         cls,
@@ -153,15 +162,16 @@ class HeteroPredictor:
         energy: EnergyRanker | None = None,
     ) -> list[Prediction]:
         """``polymorphs`` structures per composition. Where the fusion chosen on held-out formulas kept
-        CSPML's ranking (``lam = mu = 0``, no second stage), the candidates are the core engine's (its ranker
-        included); otherwise the fused score ranks them. ``check_distinct`` adds a StructureMatcher pass over
-        candidates of different templates (the core dedup compares only equal primitive sizes); the
-        match-rate benchmark turns it off so that both models get the same deduplication. ``energy``
+        CSPML's ranking (``lam = mu = 0``, no second stage) or the core model has a learned ranker, the
+        candidates are the core engine's (its ranker included); otherwise the fused score ranks them.
+        ``check_distinct`` adds a StructureMatcher pass over candidates of different templates (the core dedup
+        compares only equal primitive sizes); the match-rate benchmark turns it off so that both models get
+        the same deduplication. ``energy``
         relaxes ``energy.candidates`` distinct candidates and reorders them by score and relaxed energy."""
         comps = [as_composition(c) for c in compositions]
         n = polymorphs if energy is None else max(polymorphs, energy.candidates)
         extra = 3 if check_distinct else 0
-        if self.model.fused:
+        if self.fused:
             ranked = hetero_rank(self.model, self.bank, [roles(c) for c in comps], n * 2 + 2, exclude_ids, strict)
             preds = self.core.realize(comps, ranked, n + extra, dedup=True)
         else:
