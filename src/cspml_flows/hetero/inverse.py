@@ -330,7 +330,8 @@ def inverse_from_structure(
     pool: TemplateIndex | None = None,
 ) -> InverseResult:
     """Inverse design for a pymatgen Structure (e.g. read from a user CIF); ``pool``: the template database
-    whose prototypes the normalised logit competes with (without it that component is 0)."""
+    whose prototypes the normalised logit competes with (without it that component is 0; where the pool
+    holds the structure's own prototype, that one competes too, which lowers every answer alike in kind)."""
     from cspml_flows.hetero.encoders import geometry_features
     from cspml_flows.hetero.user_templates import user_index
 
