@@ -459,6 +459,7 @@ def train_hetero(
     log(f"hetero: tower loss {losses[0]:.3f} -> {losses[-1]:.3f} ({time.perf_counter() - t0:.0f} s)")
     report = choose_fusion(model, bank, index, np.flatnonzero(is_val), core_tr)
     report["inverse"] = choose_inverse(model, bank, index, np.flatnonzero(is_val), core_tr, held)
+    report["n_held_prototypes"] = len(held)
     stacker = report.pop("stacker", None)
     c = report["chosen"]
     log(f"hetero: fusion lam={c['lam']} mu={c['mu']} stacked={c['stacked']} on {report['n_val_queries']} formulas")
