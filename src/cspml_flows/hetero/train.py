@@ -7,12 +7,13 @@ Half of each target comes from the CSPML model's softmax over the same candidate
 ``DISTILL``; the teacher never saw the held-out formulas): on held-out formulas of both pools it moved the
 tower's recall@1 up by 0.04-0.07 over labels alone.
 
-Every weight that mixes the tower with CSPML is chosen on held-out formulas of the pool (15 %), scored by a
-core model trained without them: the composition -> structure fusion (``lam``, ``mu``, or a LightGBM second
-stage), kept only when its per-query gain over CSPML exceeds one standard error; and the inverse weights
-(CSPML logit, tower, pymatgen substitution prior, logit normalised over the pool's other prototypes), chosen
-on structure -> composition queries built from the same held-out formulas: the simplest weights within one
-standard error of the best, kept under the same rule against the CSPML logit alone.
+Every weight that mixes the tower with CSPML is chosen on held-out formulas (15 %) and held-out prototypes
+(10 % of those taken by three or more formulas) of the pool, scored by a core model and a tower trained
+without them: the composition -> structure fusion (``lam``, ``mu``, or a LightGBM second stage), kept only
+when its per-query gain over CSPML exceeds one standard error; and the inverse weights (CSPML logit, tower,
+pymatgen substitution prior, logit normalised over the pool's other prototypes), chosen on structure ->
+composition queries of the held-out formulas and prototypes: the simplest weights within one standard error
+of the best, kept under the same rule against the CSPML logit alone.
 """
 
 from __future__ import annotations
