@@ -351,9 +351,9 @@ def test_inverse_recall_on_real_prototype(hetero_model, hetero_bank, template_in
 
 def test_normalised_logit_is_log_p_structure_given_composition(hetero_model, hetero_bank, template_index):
     """The fourth inverse component: the CSPML logit minus the log-sum-exp over this prototype and one
-    representative (lowest e_above_hull) of every other prototype of the anonymous formula, computed here by
-    brute force; 0 without a pool; a composition whose known structure is another prototype scores lower
-    on it than on its own."""
+    representative (lowest e_above_hull) of every other prototype of the anonymous formula, the formula's own
+    structures left out (they would only say that the pool knows the composition), computed here by brute
+    force; 0 without a pool."""
     idx, core = template_index, hetero_model.core
     t = _row(idx, "hand-nacl")
     reps = representatives(idx, "AB", exclude_cluster=int(idx.cluster[t]))
@@ -362,24 +362,26 @@ def test_normalised_logit_is_log_p_structure_given_composition(hetero_model, het
     for r in reps:  # the lowest-energy member of its cluster
         members = np.flatnonzero(idx.cluster == idx.cluster[r])
         assert np.nan_to_num(idx.e_above_hull[r]) <= np.nan_to_num(idx.e_above_hull[members]).min() + 1e-12
-    formulas = ["KBr", "CsCl"]
+    known = next(str(idx.formulas[r]) for r in reps if str(idx.formulas[r]) != "KBr")
+    formulas = ["KBr", known]  # the second is itself a representative of another prototype
     asg, owner = formula_assignments(formulas)
-    _, _, parts = assignment_parts(
-        hetero_model, hetero_bank, t, asg, core, PoolNormaliser(core, idx), int(idx.cluster[t])
-    )
+    norm = PoolNormaliser(core, idx)
+    _, _, parts = assignment_parts(hetero_model, hetero_bank, t, asg, core, norm, int(idx.cluster[t]))
     assert parts.shape == (len(asg), 4)
     brute = core_logits(core, idx, reps, asg)  # (assignments, representatives)
     best = np.full((len(formulas), len(reps)), -np.inf)
     np.maximum.at(best, owner, brute)
-    lse = np.log(np.exp(best).sum(axis=1))[owner]
+    own = np.array(formulas, dtype=object)[:, None] == idx.formulas[reps].astype(object)[None, :]
+    assert own[1].any() and not own[0].any()
+    lse = np.log(np.where(own, 0.0, np.exp(best)).sum(axis=1))[owner]
     expected = parts[:, 0] - np.log(np.exp(parts[:, 0]) + np.exp(lse))
     assert np.allclose(parts[:, 3], expected, atol=1e-9)
     assert (parts[:, 3] <= 1e-12).all()
+    with_own = parts[:, 0] - np.log(np.exp(parts[:, 0]) + np.exp(np.log(np.exp(best).sum(axis=1))[owner]))
+    assert (parts[owner == 1, 3] > with_own[owner == 1] + 1e-6).all()  # leaving its own structure out matters
     _, _, alone = assignment_parts(hetero_model, hetero_bank, t, asg, core)  # no pool: the component is 0
     assert np.allclose(alone[:, 3], 0) and np.allclose(alone[:, :3], parts[:, :3])
-    # KBr is a rocksalt compound: p(rocksalt | KBr) > 1/2; CsCl takes B2: another prototype fits it better
-    kbr, cscl = parts[owner == 0, 3].max(), parts[owner == 1, 3].max()
-    assert kbr > np.log(0.5) > cscl
+    assert parts[owner == 0, 3].max() > np.log(0.5)  # KBr is a rocksalt compound: p(rocksalt | KBr) > 1/2
 
 
 def test_old_inverse_weight_files_load_with_zero_normalised_weight(hetero_model, tmp_path):

@@ -165,7 +165,11 @@ def representatives(index: TemplateIndex, anon: str, exclude_cluster: int | None
 
 class PoolNormaliser:
     """``log sum exp`` over the pool's prototypes (one representative each, the query's own cluster left out) of
-    a formula's best-assignment CSPML logit; logits are cached per (formula, template) across queries."""
+    a formula's best-assignment CSPML logit; logits are cached per (formula, template) across queries.
+
+    A representative of the formula itself is left out of that formula's sum: its logit against its own
+    structure only says that the pool knows the composition, which would rank every composition the pool
+    does not know (in an evaluation: exactly those whose only structure is the held-out prototype) first."""
 
     def __init__(self, core, pool: TemplateIndex):
         self.core, self.pool = core, pool
@@ -187,7 +191,8 @@ class PoolNormaliser:
                 for j, r in enumerate(reps):
                     self._logit[(f, int(r))] = float(best[i, j])
         table = np.array([[self._logit[(f, int(r))] for r in reps] for f in formulas])
-        return logsumexp(table, axis=1)
+        own = np.asarray(formulas, dtype=object)[:, None] == self.pool.formulas[reps].astype(object)[None, :]
+        return logsumexp(np.where(own, -np.inf, table), axis=1)
 
 
 def normalised(
