@@ -81,11 +81,11 @@ def run_hetero_benchmark(cfg, log_fn=print) -> dict[str, Any]:
     train_seconds = time.perf_counter() - t
     exclude = [{mid} for mid in q.material_ids]
     bank = hetero.bank(index, geom_all, emb=emb_all["species"])
-    uses_fusion = HeteroPredictor(index, hetero, bank).fused
+    hp = HeteroPredictor(index, hetero, bank)
     results: dict[str, Any] = {}
     for name, run in (
         ("cspml", lambda: CSPPredictor(index, core).predict(comps, top=TOP, exclude_ids=exclude, strict=strict)),
-        ("hetero", lambda: HeteroPredictor(index, hetero, bank).predict(comps, TOP, exclude, strict, False)),
+        ("hetero", lambda: hp.predict(comps, TOP, exclude, strict, False)),
     ):
         t = time.perf_counter()
         preds = run()
@@ -105,7 +105,7 @@ def run_hetero_benchmark(cfg, log_fn=print) -> dict[str, Any]:
         "match_rates": results,
         "retrieval_held_out_formulas": report.get("variants"),
         "fusion": report.get("chosen"),
-        "hetero_uses_fusion": uses_fusion,
+        "hetero_uses_fusion": hp.fused,
         "inverse_weights": report.get("inverse"),
         "hetero_train_seconds": report.get("train_seconds"),
         "train_seconds": train_seconds,

@@ -21,7 +21,7 @@ from pymatgen.core import Composition, Element, Structure
 from cspml_flows.composition import Roles, roles
 from cspml_flows.descriptors import role_properties
 from cspml_flows.errors import CompositionError, CSPMLError
-from cspml_flows.hetero.model import Bank, HeteroModel
+from cspml_flows.hetero.model import Bank, HeteroModel, core_logit
 from cspml_flows.learning.model import QueryBatch
 from cspml_flows.predict.substitute import substitute
 from cspml_flows.predict.validity import MIN_DISTANCE, smact_valid
@@ -29,7 +29,6 @@ from cspml_flows.templates.index import TemplateIndex
 
 MAX_ENUMERATED = 500_000
 N_PARTS = 4  # inverse score components: CSPML logit, tower, log substitution prior, normalised logit
-CHUNK = 100_000
 
 
 class NoCompositionError(CSPMLError):
@@ -107,6 +106,14 @@ def _queries(index: TemplateIndex, t: int, assignments: Sequence[tuple[str, ...]
     return list(qs), list(perms)
 
 
+def _pair_inputs(index: TemplateIndex, t: int, assignments: Sequence[tuple[str, ...]]):
+    """Queries of element assignments onto template row ``t``: (roles, permutations, their QueryBatch, their
+    role properties in the template's role order, one row per assignment)."""
+    qs, perms = _queries(index, t, assignments)
+    q_role = np.concatenate([role_properties([q], [p]) for q, p in zip(qs, perms, strict=True)])
+    return qs, perms, QueryBatch.from_roles(qs), q_role
+
+
 def formula_assignments(formulas: Sequence[str], limit: int = 6) -> tuple[list[tuple[str, ...]], np.ndarray]:
     """Every role assignment (up to ``limit`` per formula) of candidate formulas in a template's role order,
     and the formula position owning each."""
@@ -134,20 +141,12 @@ def substitution_prior(template: Roles, qs: Sequence[Roles], perms: Sequence[tup
 def core_logits(core, index: TemplateIndex, rows: np.ndarray, assignments: Sequence[tuple[str, ...]]) -> np.ndarray:
     """CSPML logits of every element assignment onto every template row (``(n_assignments, n_rows)``); the
     rows share one anonymous formula, the assignments are in its role order."""
-    out = np.full((len(assignments), len(rows)), -np.inf)
     if not len(assignments) or not len(rows):
-        return out
-    qs, perms = _queries(index, int(rows[0]), assignments)
-    qb = QueryBatch.from_roles(qs)
-    q_role = np.concatenate([role_properties([q], [p]) for q, p in zip(qs, perms, strict=True)])
+        return np.full((len(assignments), len(rows)), -np.inf)
+    qs, _, qb, q_role = _pair_inputs(index, int(rows[0]), assignments)
     qi = np.tile(np.arange(len(qs)), len(rows))
     ti = np.repeat(np.asarray(rows, dtype=int), len(qs))
-    flat = np.empty(len(qi))
-    for s in range(0, len(qi), CHUNK):
-        sl = slice(s, s + CHUNK)
-        p = np.clip(core.predict_proba(core.features(qb, qi[sl], q_role[qi[sl]], index, ti[sl])), 1e-6, 1 - 1e-6)
-        flat[sl] = np.log(p / (1 - p))
-    return flat.reshape(len(rows), len(qs)).T
+    return core_logit(core, qb, qi, q_role, index, ti, role_rows=qi).reshape(len(rows), len(qs)).T
 
 
 def representatives(index: TemplateIndex, anon: str, exclude_cluster: int | None = None) -> np.ndarray:
@@ -217,13 +216,10 @@ def assignment_parts(
 ) -> tuple[list[Roles], list[tuple[int, ...]], np.ndarray]:
     """Per assignment onto template row ``t``: (CSPML logit or 0 without ``core``, tower score, log
     substitution prior, logit normalised over the pool's other prototypes or 0) as an (n, 4) array."""
-    qs, perms = _queries(bank.index, t, assignments)
-    if not qs:
+    if not assignments:
         return [], [], np.zeros((0, N_PARTS))
-    qb = QueryBatch.from_roles(qs)
-    qi = np.arange(len(qs))
-    q_role = np.concatenate([role_properties([q], [p]) for q, p in zip(qs, perms, strict=True)])
-    logit, tower, _ = model.components(bank, qb, qi, q_role, np.full(len(qs), t), core)
+    qs, perms, qb, q_role = _pair_inputs(bank.index, t, assignments)
+    logit, tower, _ = model.components(bank, qb, np.arange(len(qs)), q_role, np.full(len(qs), t), core)
     prior = substitution_prior(bank.index.roles[t], qs, perms)
     anon = bank.index.roles[t].anonymous_formula
     formulas = [q.reduced_formula for q in qs]

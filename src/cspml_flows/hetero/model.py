@@ -46,6 +46,34 @@ HETERO_FORMAT = 4  # 4: the tower reads CHGNet's crystal feature; 3: all embeddi
 TAU = 0.05  # eV/atom: target weight exp(-E_hull / TAU) of a positive prototype
 
 
+PAIR_CHUNK = 100_000  # pair rows scored at once (memory of the feature matrix)
+
+
+def to_logit(p: np.ndarray) -> np.ndarray:
+    """Logit of probabilities clipped to [1e-6, 1 - 1e-6]."""
+    p = np.clip(np.asarray(p, dtype=float), 1e-6, 1 - 1e-6)
+    return np.log(p / (1 - p))
+
+
+def core_logit(
+    core: SimilarityModel,
+    q: QueryBatch,
+    qi: np.ndarray,
+    q_role: np.ndarray,
+    index: TemplateIndex,
+    ti: np.ndarray,
+    role_rows: np.ndarray | None = None,
+) -> np.ndarray:
+    """CSPML logits of pair rows (query ``qi``, template row ``ti``), scored in chunks. ``q_role`` holds one
+    row per pair, or, with ``role_rows``, the rows that ``role_rows`` picks for each pair."""
+    out = np.empty(len(qi))
+    for s in range(0, len(qi), PAIR_CHUNK):
+        sl = slice(s, s + PAIR_CHUNK)
+        roles_ = q_role[sl] if role_rows is None else q_role[role_rows[sl]]
+        out[sl] = to_logit(core.predict_proba(core.features(q, qi[sl], roles_, index, ti[sl])))
+    return out
+
+
 def default_hetero_path() -> Path:
     return home_dir() / "models" / "hetero.json.gz"
 
@@ -138,15 +166,11 @@ class HeteroModel:
         """(core logit or zeros, tower score, template e_above_hull) for pair rows."""
         idx = bank.index
         tower = np.empty(len(qi))
-        logit = np.zeros(len(qi))
-        for s in range(0, len(qi), 100000):
-            sl = slice(s, s + 100000)
+        for s in range(0, len(qi), PAIR_CHUNK):
+            sl = slice(s, s + PAIR_CHUNK)
             phi = self.phi(q_role[sl], q.role_fracs[qi[sl]], q.stats[qi[sl]])
             tower[sl] = self.tower(phi, bank.psi[ti[sl]])
-            if core is not None:
-                p = core.predict_proba(core.features(q, qi[sl], q_role[sl], idx, ti[sl]))
-                p = np.clip(p, 1e-6, 1 - 1e-6)
-                logit[sl] = np.log(p / (1 - p))
+        logit = core_logit(core, q, qi, q_role, idx, ti) if core is not None else np.zeros(len(qi))
         ehull = np.nan_to_num(idx.e_above_hull[ti], nan=0.0)
         return logit, tower, ehull
 
@@ -207,9 +231,7 @@ class HeteroModel:
     def stacked(cls, bank: Bank, qi, ti, logit, tower, stacker) -> np.ndarray:
         if len(qi) == 0:
             return np.zeros(0)
-        p = stacker.predict_proba(cls.stack_features(bank, qi, ti, logit, tower))[:, 1]
-        p = np.clip(p, 1e-6, 1 - 1e-6)
-        return np.log(p / (1 - p))
+        return to_logit(stacker.predict_proba(cls.stack_features(bank, qi, ti, logit, tower))[:, 1])
 
     # ---- persistence ----------------------------------------------------------------------------------
     _ARRAYS = ("geo_mu", "geo_sd", "A", "B", "w", "emb_mu", "emb_sd", "inv")

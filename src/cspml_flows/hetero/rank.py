@@ -128,7 +128,7 @@ class HeteroPredictor:
         that logit ordering in the core engine, and the fused list fell below the ranker's on the 1,000-query
         benchmark (README, Heterogeneous retrieval), so the ranker's candidates are kept."""
         core = self.model.core
-        return self.model.fused and (core is None or getattr(core, "ranker", None) is None)
+        return self.model.fused and (core is None or core.ranker is None)
 
     @classmethod
     def from_paths(

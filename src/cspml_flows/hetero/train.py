@@ -39,7 +39,7 @@ from cspml_flows.hetero.evaluate import (
     retrieval_metrics,
     significant,
 )
-from cspml_flows.hetero.model import HETERO_FORMAT, TAU, Bank, HeteroModel, Stacker
+from cspml_flows.hetero.model import HETERO_FORMAT, TAU, Bank, HeteroModel, Stacker, core_logit, to_logit
 from cspml_flows.learning.features import Standardizer, role_distance
 from cspml_flows.learning.model import SimilarityModel, training_hash
 from cspml_flows.templates.index import TemplateIndex
@@ -156,12 +156,7 @@ class TrainingGroups:
         qb = QueryBatch.from_roles([index.roles[i] for i in self.anchors])
         qi = np.repeat(np.arange(b), m)
         ti = np.where(self.valid, self.cand, 0).reshape(-1)
-        q_role = index.role_props[self.anchors]
-        logit = np.empty(len(qi))
-        for s in range(0, len(qi), 100_000):
-            sl = slice(s, s + 100_000)
-            p = np.clip(core.predict_proba(core.features(qb, qi[sl], q_role[qi[sl]], index, ti[sl])), 1e-6, 1 - 1e-6)
-            logit[sl] = np.log(p / (1 - p))
+        logit = core_logit(core, qb, qi, index.role_props[self.anchors], index, ti, role_rows=qi)
         z = np.where(self.valid, logit.reshape(b, m) / temp, -1e9)
         z -= z.max(axis=1, keepdims=True)
         q = np.exp(z) * self.valid
@@ -289,8 +284,7 @@ def choose_fusion(
         z = np.zeros(len(rows.qi))
         for f in (0, 1):
             clf = Stacker().fit(x[fold != f], y[fold != f], sample_weight=w[fold != f])
-            p = np.clip(clf.predict_proba(x[fold == f])[:, 1], 1e-6, 1 - 1e-6)
-            z[fold == f] = np.log(p / (1 - p))
+            z[fold == f] = to_logit(clf.predict_proba(x[fold == f])[:, 1])
         stacked = evaluate(z)
         variants["stacked (2-fold CV)"] = stacked
         if objective(stacked) > objective(best) and significant(stacked["_per_query"], best["_per_query"]):
