@@ -12,6 +12,7 @@ import contextlib
 import gzip
 import json
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,10 +23,31 @@ import numpy as np
 NPZ_META = "__meta__"  # the JSON metadata member of an .npz written by save_npz
 
 
+def current_umask() -> int:
+    """The process's file mode creation mask (read from ``/proc``; else set and restored at once)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _target_mode(target: Path) -> int:
+    """The permission bits a rewrite of ``target`` gets: the file's own, or for a new file the mode ``open``
+    would give it (``0o666`` less the umask)."""
+    try:
+        return stat.S_IMODE(os.stat(target).st_mode)
+    except FileNotFoundError:
+        return 0o666 & ~current_umask()
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """A temporary path beside ``path``; renamed onto ``path`` when the block ends without error (removed
-    otherwise). Readers never see a partly written file."""
+    otherwise). Readers never see a partly written file. The file keeps its permission bits (a new file gets
+    ``0o666`` less the umask, as ``open`` would give it)."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
@@ -34,6 +56,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     try:
         yield tmp_path
         with tmp_path.open("rb+") as fh:  # the data is on disk before the rename makes it visible
+            os.fchmod(fh.fileno(), _target_mode(target))
             os.fsync(fh.fileno())
         os.replace(tmp_path, target)
     finally:

@@ -1,9 +1,10 @@
 """Stores of the validation flows: the results (relaxation cache) store and the jobflow JobStore.
 
 URIs (one factory for every store: :func:`cspml_flows.templates.store.make_store`): a folder path (embedded
-on-disk MontyStore, sqlite, readable by other processes), ``mongodb://`` / ``mongodb+srv://`` (a MongoDB
-server), or ``memory://NAME`` (mongomock-backed maggma MemoryStore shared by every opener in this process;
-tests only).
+on-disk MontyStore, sqlite, readable by other processes; its collection is created when the store is opened,
+under the store's lock), ``mongodb://`` / ``mongodb+srv://`` (a MongoDB server, which must answer within the
+MongoDB timeout), or ``memory://NAME`` (mongomock-backed maggma MemoryStore shared by every opener in this
+process; tests only).
 
 Writes to these stores go through :func:`cspml_flows.templates.store.upsert`: one document per key, whatever
 runs twice or at the same time.
@@ -17,15 +18,16 @@ from jobflow import JobStore
 from maggma.core import Store
 from maggma.stores import MemoryStore, MontyStore
 
-from cspml_flows.errors import StoreError
-from cspml_flows.templates.store import make_store, redact_uri, upsert
+from cspml_flows.errors import CSPMLError, StoreError
+from cspml_flows.templates.store import BUSY_TIMEOUT_MS, check_reachable, error_reason, make_store, redact_uri, upsert
 
 RESULTS_COLLECTION = "relaxations"
 STATE_COLLECTION = "campaign_state"
 
 
 def open_store(uri: str | Path, collection: str, key: str = "key", create: bool = True) -> Store:
-    """:func:`make_store`, connected; a store that cannot be opened raises StoreError naming it."""
+    """:func:`make_store`, connected (a MongoDB server is asked once); a store that cannot be opened raises
+    StoreError naming it in one line."""
     store = make_store(uri, collection, key=key, create=create)
     try:
         if isinstance(store, MemoryStore):
@@ -33,8 +35,11 @@ def open_store(uri: str | Path, collection: str, key: str = "key", create: bool 
                 store.connect()
         else:
             store.connect()
+    except CSPMLError:
+        raise
     except Exception as exc:
-        raise StoreError(f"cannot open store {redact_uri(str(uri))} ({collection}): {exc}") from None
+        raise StoreError(f"cannot open store {redact_uri(str(uri))} ({collection}): {error_reason(exc)}") from None
+    check_reachable(store, f"store ({collection})")
     return store
 
 
@@ -56,8 +61,12 @@ def job_store(uri: str | Path) -> JobStore:
 
 
 def _job_store_part(uri: str | Path, collection: str, key: str) -> Store:
-    """jobflow's stores stay plain maggma stores (their class is serialised into job documents)."""
+    """jobflow's stores stay plain maggma stores (their class is serialised into job documents); an embedded
+    one's collection is created here (:func:`make_store`), and its writers wait for each other."""
     store = make_store(uri, collection, key=key)
     if isinstance(store, MontyStore):
-        return MontyStore(collection, database_path=store.database_path, storage="sqlite", key=key)
+        client_kwargs = {"busy_timeout": BUSY_TIMEOUT_MS}
+        return MontyStore(
+            collection, database_path=store.database_path, storage="sqlite", key=key, client_kwargs=client_kwargs
+        )
     return store

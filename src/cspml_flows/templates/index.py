@@ -1,12 +1,14 @@
 """An in-memory, array-based view of a template store for fast retrieval.
 
-Built once from the store (one full read) and cached on disk under ``$CSPML_HOME/cache``; rebuilt when the
-store's document count or newest ``last_updated`` changes. Structures stay as dicts until a prediction needs
-them.
+Built once from the store (one full read) and cached on disk under ``$CSPML_HOME/cache``, one file per store
+location (:attr:`TemplateStore.identity`); rebuilt when the store's content digest
+(:meth:`TemplateStore.fingerprint`) changes. Structures stay as dicts until a prediction needs them.
 
 The cache file is an uncompressed numpy ``.npz`` read with ``allow_pickle=False``: numeric and text arrays,
 the structures as one JSON text, and JSON metadata with the cache format and the store signature. Nothing in
-it can run code; a file of another format or signature, or a damaged one, is rebuilt (one log line).
+it can run code. Every array is checked against the layout an index has (:func:`check_index_arrays`: dtype
+kind, shape and widths, lengths, finite values where an index has them); a file of another format or
+signature, or one that fails a check, is rebuilt (one log line).
 """
 
 from __future__ import annotations
@@ -26,7 +28,16 @@ from pymatgen.core import Structure
 from cspml_flows import progress
 from cspml_flows.composition import Roles, roles
 from cspml_flows.config import home_dir, max_template_atoms
-from cspml_flows.descriptors import DESCRIPTOR_VERSION, magpie_stats, role_fractions, role_properties
+from cspml_flows.descriptors import (
+    DESCRIPTOR_VERSION,
+    MAGPIE_PROPERTIES,
+    MAGPIE_STATS,
+    MAX_ROLES,
+    ROLE_PROPERTIES,
+    magpie_stats,
+    role_fractions,
+    role_properties,
+)
 from cspml_flows.prototype import cluster_prototypes
 from cspml_flows.safeio import load_npz, save_npz
 from cspml_flows.templates.store import TemplateStore
@@ -131,9 +142,9 @@ class TemplateIndex:
             z.astype(int),
             [],
             z.astype(int),
-            np.zeros((0, 132)),
-            np.zeros((0, 6, 12)),
-            np.zeros((0, 6)),
+            np.zeros((0, STATS_WIDTH)),
+            np.zeros((0, MAX_ROLES, len(ROLE_PROPERTIES))),
+            np.zeros((0, MAX_ROLES)),
         )
 
     @classmethod
@@ -153,11 +164,10 @@ class TemplateIndex:
         ``max_template_atoms``) are left out, with one log line."""
         store.require_nonempty()
         limit = max_template_atoms()
-        signature = f"{INDEX_VERSION}|{DESCRIPTOR_VERSION}|{store.name}|{store.fingerprint()}|{limit}"
+        signature = f"{INDEX_VERSION}|{DESCRIPTOR_VERSION}|{store.identity}|{store.fingerprint()}|{limit}"
         path = None
         if cache:
-            digest = hashlib.sha1(store.name.encode()).hexdigest()[:16]
-            path = Path(cache) if isinstance(cache, Path) else home_dir() / "cache" / f"index-{digest}.npz"
+            path = Path(cache) if isinstance(cache, Path) else index_cache_path(store)
             if path.is_file():
                 idx = load_index_cache(path, signature)
                 if idx is not None:
@@ -174,8 +184,11 @@ class TemplateIndex:
         docs.sort(key=lambda d: str(d["material_id"]))
         idx = cls.from_docs(docs, workers=workers, signature=signature)
         if path is not None:
-            save_index_cache(idx, path)
-            path.with_suffix(".pkl").unlink(missing_ok=True)  # the pickle cache of earlier versions: never read
+            try:
+                save_index_cache(idx, path)
+                path.with_suffix(".pkl").unlink(missing_ok=True)  # the pickle cache of earlier versions: never read
+            except OSError as exc:
+                log.warning("index cache %s cannot be written (%s): the index is used without it", path, exc)
         return idx
 
     def __getstate__(self) -> dict:
@@ -229,8 +242,15 @@ class TemplateIndex:
         )
 
 
+STATS_WIDTH = len(MAGPIE_PROPERTIES) * len(MAGPIE_STATS)  # columns of TemplateIndex.stats
 _TEXT = ("ids", "formulas", "anon", "prototype")
 _NUMERIC = ("nprim", "e_above_hull", "spacegroup", "cluster", "stats", "role_props", "role_fracs", "min_dist")
+
+
+def index_cache_path(store: TemplateStore) -> Path:
+    """The index cache file of a store: one per store location (:attr:`TemplateStore.identity`)."""
+    digest = hashlib.sha1(store.identity.encode()).hexdigest()[:16]
+    return home_dir() / "cache" / f"index-{digest}.npz"
 
 
 def _json_bytes(obj: object) -> np.ndarray:
@@ -294,22 +314,118 @@ def _read_index_cache(path: Path, signature: str) -> TemplateIndex | None:
     if meta.get("format") != CACHE_FORMAT or meta.get("signature") != signature:
         log.info("index cache %s is for another store state or version: rebuilding", path)
         return None
-    n = int(meta["n"])
-    roles_raw = _json_loads(arrays.pop("roles"))
-    structures = _json_loads(arrays.pop("structures"))
-    syms_raw = _json_loads(arrays.pop("role_syms")) if "role_syms" in arrays else None
-    fields = {k: arrays[k] for k in _TEXT + _NUMERIC if k in arrays or k != "min_dist"}
+    n = meta.get("n")
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        raise ValueError("no template count in the metadata")
+    for name in ("roles", "structures"):
+        if name not in arrays:
+            raise ValueError(f"no '{name}' array")
+    role_list = _check_roles(_json_member(arrays.pop("roles"), "roles"), n)
+    structures = _json_member(arrays.pop("structures"), "structures")
+    if not isinstance(structures, list) or len(structures) != n:
+        raise ValueError(f"'structures' does not hold {n} structures")
+    if not all(isinstance(d, dict) and isinstance(d.get("sites"), list) and "lattice" in d for d in structures):
+        raise ValueError("'structures' holds an entry that is not a structure")
+    syms = None
+    if "role_syms" in arrays:
+        syms = _check_role_syms(_json_member(arrays.pop("role_syms"), "role_syms"), role_list)
+    unknown = set(arrays) - set(_TEXT + _NUMERIC)
+    if unknown:
+        raise ValueError(f"unknown arrays {sorted(unknown)}")
+    check_index_arrays(arrays, [len(r.elements) for r in role_list])
+    fields = {k: arrays[k] for k in _TEXT + _NUMERIC if k in arrays}
     fields["prototype"] = fields["prototype"].astype(object)
-    columns = [*fields.values(), roles_raw, structures, *([syms_raw] if syms_raw is not None else [])]
-    if any(len(c) != n for c in columns):
-        raise ValueError("arrays of different lengths")
-    if any(arrays[k].dtype.kind not in "iuf" for k in _NUMERIC if k in arrays) or any(
-        arrays[k].dtype.kind != "U" for k in _TEXT
-    ):
-        raise ValueError("an array of the wrong type")
-    role_list = [Roles(tuple(str(e) for e in els), tuple(float(a) for a in amts)) for els, amts in roles_raw]
-    syms = None if syms_raw is None else [[tuple(int(x) for x in p) for p in perms] for perms in syms_raw]
     return TemplateIndex(**fields, roles=role_list, structures=structures, signature=signature, role_syms=syms)
+
+
+def _json_member(arr: np.ndarray, name: str) -> object:
+    if arr.dtype != np.uint8 or arr.ndim != 1:
+        raise ValueError(f"'{name}' is not a JSON text")
+    return _json_loads(arr)
+
+
+def _check_roles(raw: object, n: int) -> list[Roles]:
+    """The roles of ``n`` templates from their JSON form ``[[elements], [amounts]]``; ValueError otherwise."""
+    if not isinstance(raw, list) or len(raw) != n:
+        raise ValueError(f"'roles' does not hold {n} entries")
+    out = []
+    for entry in raw:
+        ok = isinstance(entry, list) and len(entry) == 2 and all(isinstance(x, list) for x in entry)
+        els, amts = entry if ok else ([], [])
+        if not (
+            ok
+            and 0 < len(els) == len(amts)
+            and all(isinstance(e, str) for e in els)
+            and all(isinstance(a, int | float) and not isinstance(a, bool) and 0 < a < float("inf") for a in amts)
+        ):
+            raise ValueError(f"'roles' holds a malformed entry {str(entry)[:60]}")
+        out.append(Roles(tuple(els), tuple(float(a) for a in amts)))
+    return out
+
+
+def _check_role_syms(raw: object, role_list: list[Roles]) -> list[list[tuple[int, ...]]]:
+    """Role permutations per template from their JSON form; each a permutation of the template's roles."""
+    if not isinstance(raw, list) or len(raw) != len(role_list):
+        raise ValueError(f"'role_syms' does not hold {len(role_list)} entries")
+    out = []
+    for perms, r in zip(raw, role_list, strict=True):
+        ident = list(range(len(r.elements)))
+        if not isinstance(perms, list) or not perms:
+            raise ValueError("'role_syms' holds an empty or malformed entry")
+        for p in perms:
+            if not isinstance(p, list) or sorted(x if isinstance(x, int) else -1 for x in p) != ident:
+                raise ValueError(f"'role_syms' holds {str(p)[:40]}, not a permutation of {len(ident)} roles")
+        out.append([tuple(p) for p in perms])
+    return out
+
+
+def check_index_arrays(arrays: dict[str, np.ndarray], n_roles: list[int]) -> None:
+    """Raise ValueError unless ``arrays`` have the layout of an index over templates with ``n_roles`` roles
+    each: text arrays of length n; integer counts, space groups and cluster ids in range; ``stats``
+    (n, STATS_WIDTH), ``role_props`` (n, MAX_ROLES, len(ROLE_PROPERTIES)) and ``role_fracs`` (n, MAX_ROLES)
+    floats with values exactly on each template's roles (NaN padding after them); ``e_above_hull`` floats
+    (NaN: unknown) and the optional ``min_dist`` finite and positive."""
+    n = len(n_roles)
+    shapes = {
+        "nprim": ((n,), "iu"),
+        "spacegroup": ((n,), "iu"),
+        "cluster": ((n,), "iu"),
+        "e_above_hull": ((n,), "f"),
+        "stats": ((n, STATS_WIDTH), "f"),
+        "role_props": ((n, MAX_ROLES, len(ROLE_PROPERTIES)), "f"),
+        "role_fracs": ((n, MAX_ROLES), "f"),
+        "min_dist": ((n,), "f"),
+    } | {k: ((n,), "U") for k in _TEXT}
+    for name, (shape, kinds) in shapes.items():
+        if name not in arrays:
+            if name == "min_dist":
+                continue
+            raise ValueError(f"no '{name}' array")
+        a = arrays[name]
+        if a.dtype.kind not in kinds:
+            raise ValueError(f"'{name}' has dtype {a.dtype}, not {'text' if kinds == 'U' else 'numbers'}")
+        if a.shape != shape:
+            raise ValueError(f"'{name}' has shape {a.shape}, not {shape}")
+    if len(set(arrays["ids"].tolist())) != n:
+        raise ValueError("'ids' repeats an id")
+    if n == 0:
+        return
+    if arrays["nprim"].min() < 1 or arrays["spacegroup"].min() < 0 or arrays["spacegroup"].max() > 230:
+        raise ValueError("'nprim' or 'spacegroup' out of range")
+    if arrays["cluster"].min() < 0 or arrays["cluster"].max() >= n:
+        raise ValueError("'cluster' out of range")
+    if np.isinf(arrays["e_above_hull"]).any():
+        raise ValueError("'e_above_hull' is infinite")
+    if np.isinf(arrays["stats"]).any():
+        raise ValueError("'stats' holds infinite values")  # an element property that is missing is NaN
+    if "min_dist" in arrays and not (np.isfinite(arrays["min_dist"]).all() and (arrays["min_dist"] > 0).all()):
+        raise ValueError("'min_dist' is not finite and positive")
+    on_role = np.arange(MAX_ROLES)[None, :] < np.minimum(np.asarray(n_roles), MAX_ROLES)[:, None]
+    fracs, props = arrays["role_fracs"], arrays["role_props"]
+    if not (np.isfinite(fracs[on_role]).all() and (fracs[on_role] > 0).all() and np.isnan(fracs[~on_role]).all()):
+        raise ValueError("'role_fracs' does not match the templates' roles")
+    if np.isinf(props).any() or not np.isnan(props[~on_role]).all():
+        raise ValueError("'role_props' does not match the templates' roles")
 
 
 def usable_template(d: dict, max_atoms: int) -> bool:

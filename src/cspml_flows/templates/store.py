@@ -3,11 +3,19 @@
 ``TemplateStore.open(uri)`` picks the backend:
 
 - ``None`` or a folder path: embedded on-disk MontyStore (sqlite) that other processes can read (default
-  ``$CSPML_HOME/store``);
-- ``mongodb://`` / ``mongodb+srv://`` URI: a MongoDB server (``MongoURIStore``);
+  ``$CSPML_HOME/store``). Opening it for writing creates its configuration and collection (the sqlite file
+  with its table) at once, under a lock on ``<folder>/.cspml.lock``, each appearing whole (temporary file,
+  then rename); a collection file left without its table is repaired there;
+- ``mongodb://`` / ``mongodb+srv://`` URI: a MongoDB server (``MongoURIStore``); an unreachable server fails
+  after ``CSPML_MONGO_TIMEOUT_MS`` / config ``mongo_timeout_ms`` (default 5000; a ``serverSelectionTimeoutMS``
+  in the URI wins);
 - ``*.json``: a maggma JSONStore file, written atomically (temporary file, then rename) under a file lock;
   a file that does not parse is an error naming it, never an empty store;
 - ``memory://NAME``: an in-process MemoryStore (tests).
+
+A store's :attr:`TemplateStore.identity` names its location (resolved path; redacted URI, database and
+collection), and :meth:`TemplateStore.fingerprint` digests its content: caches built from a store are keyed on
+both.
 
 Every write is an upsert on the document key (:func:`upsert`): a document's ``_id`` is its key, so two
 processes writing the same key at once leave one document, not two.
@@ -16,27 +24,37 @@ processes writing the same key at once leave one document, not two.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib
+import logging
 import os
 import re
 import sqlite3
-import time
+import tempfile
+import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl
 
 from maggma.core import Store
-from maggma.stores import JSONStore, MemoryStore, MongoURIStore, MontyStore
+from maggma.stores import JSONStore, MemoryStore, MongoStore, MongoURIStore, MontyStore
 
-from cspml_flows.config import default_store_path
-from cspml_flows.errors import CSPMLError, StoreError
-from cspml_flows.safeio import atomic_open
+from cspml_flows.config import default_store_path, load_config
+from cspml_flows.errors import ConfigError, CSPMLError, StoreError
+from cspml_flows.safeio import atomic_open, current_umask
 from cspml_flows.templates.schema import TemplateDoc
+
+log = logging.getLogger(__name__)
 
 COLLECTION = "templates"
 KEY = "material_id"
 DEFAULT_DATABASE = "cspml"
 MONTY_CONFIG = "monty.storage.cfg"  # what montydb writes into every embedded store folder
+STORE_LOCK = ".cspml.lock"  # held while an embedded store's configuration or collections are created
+BUSY_TIMEOUT_MS = 30_000  # how long a write to the embedded store waits for another writer's lock
+MONGO_TIMEOUT_ENV = "CSPML_MONGO_TIMEOUT_MS"
+DEFAULT_MONGO_TIMEOUT_MS = 5000
 
 
 def mongo_database_name(uri: str) -> str:
@@ -54,6 +72,87 @@ def redact_uri(uri: str) -> str:
     return re.sub(r"^([a-z][a-z0-9+.-]*://[^:/@]+):[^@/]*@", r"\1:***@", uri, flags=re.IGNORECASE)
 
 
+def mongo_timeout_ms(config: dict[str, Any] | None = None) -> int:
+    """How long a MongoDB store waits for its server: ``CSPML_MONGO_TIMEOUT_MS``, config ``mongo_timeout_ms``,
+    else 5000 ms."""
+    value = os.environ.get(MONGO_TIMEOUT_ENV)
+    if not value:
+        config = load_config() if config is None else config
+        value = config.get("mongo_timeout_ms", DEFAULT_MONGO_TIMEOUT_MS)
+    try:
+        ms = int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"mongo_timeout_ms must be a whole number of milliseconds, got {str(value)[:40]!r}") from None
+    if ms < 1:
+        raise ConfigError(f"mongo_timeout_ms must be at least 1, got {ms}")
+    return ms
+
+
+def _uri_options(uri: str) -> set[str]:
+    """The option names (lower case) of a MongoDB URI's query string."""
+    query = uri.split("?", 1)[1] if "?" in uri else ""
+    return {k.lower() for k, _ in parse_qsl(query, keep_blank_values=True)}
+
+
+def mongo_store(uri: str, collection: str, key: str) -> MongoURIStore:
+    """The (not connected) MongoDB store of a URI, with the server selection and connection timeouts of
+    :func:`mongo_timeout_ms` unless the URI sets them."""
+    options = _uri_options(uri)
+    ms = mongo_timeout_ms()
+    client_kwargs = {
+        name: ms for name in ("serverSelectionTimeoutMS", "connectTimeoutMS") if name.lower() not in options
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # maggma's note that MongoURIStore is now MongoStore
+        return MongoURIStore(
+            uri=uri,
+            collection_name=collection,
+            database=mongo_database_name(uri),
+            key=key,
+            mongoclient_kwargs=client_kwargs,
+        )
+
+
+def is_mongo_server(store: Store) -> bool:
+    """Whether a store lives on a MongoDB server (maggma's MontyStore and MemoryStore are MongoStores too)."""
+    return isinstance(store, MongoStore) and not isinstance(store, MontyStore | MemoryStore)
+
+
+def store_identity(store: Store) -> str:
+    """The location of a store, unique per store: the resolved path of a file or folder store, a MongoDB
+    store's redacted URI with its database and collection."""
+    if is_mongo_server(store):
+        uri = redact_uri(str(store.uri or f"mongodb://{store.host}:{store.port}"))
+        return f"{uri}#{store.database}/{store.collection_name}"
+    return redact_uri(str(store.name))
+
+
+def error_reason(exc: BaseException) -> str:
+    """One line saying why a backend call failed (pymongo's topology description and timeout settings left
+    out)."""
+    text = str(exc).strip()
+    reason = text.splitlines()[0] if text else type(exc).__name__
+    reason = reason.split(", Timeout:", 1)[0]
+    return re.sub(r" \(configured timeouts: [^)]*\)", "", reason)
+
+
+def check_reachable(store: Store, what: str = "store") -> None:
+    """For a MongoDB store: ask its server once (a ping), so that an unreachable server fails here within the
+    timeout, as one StoreError naming the redacted URI. Other stores: nothing to do."""
+    if not is_mongo_server(store):
+        return
+    client = store._collection.database.client
+    try:
+        client.admin.command("ping")
+    except Exception as exc:
+        seconds = getattr(getattr(client, "options", None), "server_selection_timeout", None)  # pymongo's setting
+        within = f" within {seconds:g} s" if isinstance(seconds, int | float) else ""
+        name = redact_uri(str(store.uri))
+        raise StoreError(
+            f"cannot reach {what} {name}: no MongoDB server answered{within} ({error_reason(exc)})"
+        ) from None
+
+
 _MEMORY: dict[str, MemoryStore] = {}  # memory://NAME stores of this process, one per (name, collection)
 
 
@@ -66,7 +165,7 @@ def make_store(uri: str | Path, collection: str, key: str = "key", create: bool 
     ``what``."""
     text = str(uri)
     if text.startswith(("mongodb://", "mongodb+srv://")):
-        return MongoURIStore(uri=text, collection_name=collection, database=mongo_database_name(text), key=key)
+        return mongo_store(text, collection, key)
     if text.startswith("memory://"):
         name = f"{text[len('memory://') :] or 'default'}:{collection}"
         if name not in _MEMORY:
@@ -86,8 +185,10 @@ def store_from_uri(uri: str | Path | None, collection: str = COLLECTION, create:
 
 
 def embedded_store(path: Path, collection: str, key: str, create: bool, what: str) -> MontyStore:
-    """The embedded on-disk store (montydb on sqlite) of a folder; ``create=False`` refuses a missing folder
-    or one that is not a store, without writing anything into it."""
+    """The embedded on-disk store (montydb on sqlite) of a folder. ``create=True`` (opening it for writing)
+    makes the folder, its configuration and the collection now (:func:`prepare_embedded`); ``create=False``
+    refuses a missing folder or one that is not a store, without writing anything into it."""
+    path = path.resolve()
     if not path.exists():
         if not create:
             raise StoreError(f"{what} not found: {path} (import structures with 'cspml import')")
@@ -96,19 +197,120 @@ def embedded_store(path: Path, collection: str, key: str, create: bool, what: st
         raise StoreError(f"{what} {path} is a file, not a store folder")
     elif not create and not (path / MONTY_CONFIG).is_file():
         raise StoreError(f"{path} is not a {what} (no {MONTY_CONFIG} in it)")
-    return EmbeddedStore(collection, database_path=str(path), storage="sqlite", key=key)
+    store = EmbeddedStore(
+        collection, database_path=str(path), storage="sqlite", key=key, client_kwargs={"busy_timeout": BUSY_TIMEOUT_MS}
+    )
+    if create:
+        try:
+            prepare_embedded(path, store.database_name, collection)
+        except (sqlite3.Error, OSError) as exc:
+            raise StoreError(f"cannot open {what} {path} for writing: {error_reason(exc)}") from None
+    return store
+
+
+def collection_file(path: Path, database: str, collection: str) -> Path:
+    """The sqlite file montydb keeps a collection of an embedded store in."""
+    return path / database / f"{collection}.collection"
+
+
+def _connect_sqlite(f: Path) -> sqlite3.Connection:
+    """A connection to an existing sqlite file (read-write, never creating it) that waits for other writers."""
+    return sqlite3.connect(f"file:{f}?mode=rw", uri=True, timeout=BUSY_TIMEOUT_MS / 1000)
+
+
+def _has_table(f: Path) -> bool:
+    """Whether the sqlite file ``f`` holds montydb's document table (sqlite3.Error: not an sqlite file)."""
+    from montydb.storage.sqlite import SQLITE_RECORD_TABLE
+
+    with contextlib.closing(_connect_sqlite(f)) as con:
+        sql = "SELECT 1 FROM sqlite_master WHERE type='table' AND name=?"
+        return con.execute(sql, (SQLITE_RECORD_TABLE,)).fetchone() is not None
+
+
+def _create_table_sql(if_not_exists: bool = False) -> str:
+    from montydb.storage.sqlite import CREATE_TABLE, SQLITE_RECORD_TABLE
+
+    sql = CREATE_TABLE.format(SQLITE_RECORD_TABLE)
+    return sql.replace("CREATE TABLE", "CREATE TABLE IF NOT EXISTS", 1) if if_not_exists else sql
+
+
+@contextlib.contextmanager
+def store_lock(folder: Path) -> Iterator[None]:
+    """An exclusive lock on ``<folder>/.cspml.lock`` (``fcntl.flock``; released when the block ends, or when
+    the process dies)."""
+    import fcntl
+
+    with (folder / STORE_LOCK).open("a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def prepare_embedded(path: Path, database: str, collection: str) -> None:
+    """Make an embedded store ready for writing: montydb's configuration and the collection's sqlite file
+    with its table, created under :func:`store_lock`, each put in place whole by a rename (a reader sees no
+    collection or a complete one; two processes never both create it). A collection file without its table
+    (a store whose creation was killed half-way) is repaired in place."""
+    coll = collection_file(path, database, collection)
+    if (path / MONTY_CONFIG).is_file() and coll.is_file() and _has_table(coll):
+        return  # the usual case: nothing to create, no lock taken
+    with store_lock(path):
+        if not (path / MONTY_CONFIG).is_file():
+            _write_monty_config(path)
+        if not coll.exists():
+            _create_collection_file(coll)
+        elif not _has_table(coll):
+            with contextlib.closing(_connect_sqlite(coll)) as con, con:
+                con.execute(_create_table_sql(if_not_exists=True))
+            log.warning("store %s: collection %s had no table (creation interrupted): repaired", path, coll.name)
+
+
+def _write_monty_config(path: Path) -> None:
+    """montydb's storage configuration (sqlite) for the store folder ``path``, written in a temporary folder
+    and renamed into place (the configuration file last: its presence marks a store)."""
+    from montydb import set_storage
+
+    with tempfile.TemporaryDirectory(prefix=".monty-config.", dir=path) as tmp:
+        set_storage(tmp, storage="sqlite")
+        for name in sorted(os.listdir(tmp), key=lambda n: n == MONTY_CONFIG):
+            os.replace(Path(tmp) / name, path / name)
+
+
+def _create_collection_file(coll: Path) -> None:
+    """A new collection file with montydb's document table (WAL journal, montydb's default), built under a
+    temporary name and renamed onto ``coll``."""
+    coll.parent.mkdir(parents=True, exist_ok=True)
+    for stale in coll.parent.glob(f".{coll.name}.*.tmp*"):  # left by a creator that was killed (we hold the lock)
+        stale.unlink(missing_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{coll.name}.", suffix=".tmp", dir=coll.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        with contextlib.closing(sqlite3.connect(tmp)) as con:
+            con.execute("PRAGMA journal_mode=WAL")
+            with con:
+                con.execute(_create_table_sql())
+        # closing the only connection checkpointed the journal into the file and removed it
+        os.chmod(tmp, 0o666 & ~current_umask())
+        os.replace(tmp, coll)
+    finally:
+        for leftover in (tmp, Path(f"{tmp}-wal"), Path(f"{tmp}-shm")):
+            leftover.unlink(missing_ok=True)
 
 
 class EmbeddedStore(MontyStore):
-    """maggma's MontyStore (sqlite) that writes montydb's storage configuration only when it creates the
-    store: opening an existing store to read it (``cspml predict``) leaves its folder as it was."""
+    """maggma's MontyStore (sqlite) that never writes montydb's storage configuration when it connects
+    (:func:`embedded_store` creates it): opening an existing store to read it (``cspml predict``) leaves its
+    folder as it was."""
 
     def connect(self, force_reset: bool = False) -> None:
         if not self._coll or force_reset:
-            from montydb import MontyClient, set_storage
+            from montydb import MontyClient
 
             if not (Path(self.database_path) / MONTY_CONFIG).is_file():
-                set_storage(self.database_path, storage=self.storage, **self.storage_kwargs)
+                raise StoreError(f"{self.database_path} is not a template store (no {MONTY_CONFIG} in it)")
             client = MontyClient(self.database_path, **self.client_kwargs)
             self._coll = client[self.database_name][self.collection_name]
 
@@ -125,12 +327,25 @@ class AtomicJSONStore(JSONStore):
     """
 
     _stamp: tuple[int, int, int] | None = None
+    _digest: str = ""  # sha1 of the file content the documents in memory were read from (or written as)
+
+    @property
+    def name(self) -> str:
+        """The file's resolved path: unique per store (maggma names every JSONStore ``mem://memory_db``)."""
+        return str(Path(self.paths[0]).expanduser().resolve())
+
+    def content_digest(self) -> str:
+        """A digest of the documents in memory (the file's bytes they were read from or written as), after
+        reloading the file if another process replaced it."""
+        if self._file_stamp() != self._stamp:
+            self._load()
+        return self._digest
 
     def connect(self, force_reset: bool = False) -> None:
         if self._coll is None or force_reset:
             import mongomock_ng
 
-            self._coll = mongomock_ng.MongoClient().db[self.name]
+            self._coll = mongomock_ng.MongoClient().db[self.collection_name]
             path = Path(self.paths[0])
             if not self.read_only and not path.exists():
                 with self.transaction():
@@ -148,11 +363,14 @@ class AtomicJSONStore(JSONStore):
     def read_json_file(self, path) -> list:
         """The file's documents, as maggma reads them except that a dict-valued ``last_updated`` is decoded
         only as monty's datetime form, without importing anything a file names."""
+        return self._parse(Path(path).read_text(encoding=self.encoding or "utf-8"))
+
+    def _parse(self, data: str) -> list:
+        """:meth:`read_json_file` of the file's text."""
         import bson.json_util
         import orjson
         from maggma.utils import to_dt
 
-        data = Path(path).read_text(encoding=self.encoding or "utf-8")
         objects = bson.json_util.loads(data) if "$oid" in data else orjson.loads(data)
         objects = objects if isinstance(objects, list) else [objects]
         for obj in objects:
@@ -170,7 +388,8 @@ class AtomicJSONStore(JSONStore):
         path = Path(self.paths[0])
         stamp = self._file_stamp()
         try:
-            objects = self.read_json_file(path) if stamp is not None else []
+            raw = path.read_bytes() if stamp is not None else b""
+            objects = self._parse(raw.decode(self.encoding or "utf-8")) if stamp is not None else []
             rows: dict[str, dict] = {}
             for obj in objects:
                 if not isinstance(obj, dict) or obj.get(self.key) is None:
@@ -186,6 +405,7 @@ class AtomicJSONStore(JSONStore):
         if rows:
             self._coll.insert_many(list(rows.values()))
         self._stamp = stamp
+        self._digest = hashlib.sha1(raw).hexdigest()
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
@@ -225,9 +445,11 @@ class AtomicJSONStore(JSONStore):
 
         data = [{k: v for k, v in d.items() if k != "_id"} for d in self.query()]
         text = orjson.dumps(data, option=self.serialization_option, default=self.serialization_default).decode()
-        with atomic_open(self.paths[0], "w", encoding=self.encoding or "utf-8") as fh:
-            fh.write(text)
+        raw = text.encode(self.encoding or "utf-8")
+        with atomic_open(self.paths[0], "wb") as fh:
+            fh.write(raw)
         self._stamp = self._file_stamp()
+        self._digest = hashlib.sha1(raw).hexdigest()
 
 
 def _duplicate_key_errors() -> tuple[type[BaseException], ...]:
@@ -306,15 +528,23 @@ class TemplateStore:
 
     @property
     def name(self) -> str:
-        """The store's name for messages (a MongoDB URI without its password)."""
+        """The store's name for messages (a MongoDB URI without its password; a resolved path)."""
         return redact_uri(str(self.store.name))
+
+    @property
+    def identity(self) -> str:
+        """The store's location, unique per store (see :func:`store_identity`)."""
+        return store_identity(self.store)
 
     def connect(self) -> None:
         if not self._connected:
             try:
                 self.store.connect()
+            except CSPMLError:
+                raise
             except Exception as exc:
-                raise StoreError(f"cannot open template store {self.name}: {exc}") from None
+                raise StoreError(f"cannot open template store {self.name}: {error_reason(exc)}") from None
+            check_reachable(self.store, "template store")
             self._connected = True
 
     def close(self) -> None:
@@ -338,6 +568,13 @@ class TemplateStore:
             return f if f.is_file() else None
         return None
 
+    def _half_created(self) -> StoreError:
+        """The error for an embedded store whose collection file has no table (its creation was killed)."""
+        return StoreError(
+            f"template store {self.store.database_path} was left half-created (its collection has no table): "
+            f"opening it for writing repairs it, e.g. 'cspml import folder --store {self.store.database_path}'"
+        )
+
     @contextlib.contextmanager
     def _reading(self, action: str = "read") -> Iterator[None]:
         """Backend failures (a damaged sqlite file, an unreachable server, a full disk) as one StoreError
@@ -347,41 +584,22 @@ class TemplateStore:
         except CSPMLError:
             raise
         except (sqlite3.Error, OSError, ValueError, *_backend_errors()) as exc:
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            hint = " (damaged or not a store?)" if action == "read" else ""
-            raise StoreError(f"cannot {action} template store {self.name}: {reason}{hint}") from None
+            if isinstance(exc, sqlite3.OperationalError) and "no such table" in str(exc) and self._sqlite_file():
+                raise self._half_created() from None
+            hint = " (damaged or not a store?)" if action == "read" and not is_mongo_server(self.store) else ""
+            raise StoreError(f"cannot {action} template store {self.name}: {error_reason(exc)}{hint}") from None
 
     def count(self) -> int:
         """Number of documents (montydb decodes every document to count; sqlite is asked directly)."""
         f = self._sqlite_file()
         if f is not None:
-            try:
-                # read-write without create: closing it removes the -wal/-shm files a read-only one leaves
-                with contextlib.closing(sqlite3.connect(f"file:{f}?mode=rw", uri=True)) as con:
-                    return int(con.execute("SELECT COUNT(*) FROM documents").fetchone()[0])
-            except sqlite3.Error as exc:
-                if "no such table" in str(exc):
-                    return 0  # another process is creating the collection right now
-                # another montydb layout: ask the store
+            # read-write without create: closing it removes the -wal/-shm files a read-only one leaves
+            with self._reading(), contextlib.closing(_connect_sqlite(f)) as con:
+                return int(con.execute("SELECT COUNT(*) FROM documents").fetchone()[0])
         with self._reading():
             return self.store.count()
 
-    def _being_created(self) -> bool:
-        """Whether the embedded collection's file exists without its table yet (another process creating it
-        this instant): montydb would fail to read it; it is empty."""
-        f = self._sqlite_file()
-        if f is None:
-            return False
-        try:
-            with contextlib.closing(sqlite3.connect(f"file:{f}?mode=rw", uri=True)) as con:
-                sql = "SELECT name FROM sqlite_master WHERE type='table' AND name='documents'"
-                return con.execute(sql).fetchone() is None
-        except sqlite3.Error:
-            return False
-
     def ids(self) -> set[str]:
-        if self._being_created():
-            return set()
         with self._reading():
             return {str(i) for i in self.store.distinct(KEY)}
 
@@ -400,26 +618,15 @@ class TemplateStore:
             self._reading("write to"),
             st.transaction() if isinstance(st, AtomicJSONStore) else contextlib.nullcontext(),
         ):
-            for attempt in range(5):
-                try:
-                    return upsert(st, rows, KEY, assume_new=assume_new)
-                except (sqlite3.OperationalError, FileExistsError) as exc:  # another process creates the collection
-                    if attempt == 4 or (not isinstance(exc, FileExistsError) and "no such table" not in str(exc)):
-                        raise
-                    time.sleep(0.05 * (attempt + 1))
-            return 0
+            return upsert(st, rows, KEY, assume_new=assume_new)
 
     def docs(self, criteria: dict | None = None, properties: list[str] | None = None) -> Iterator[dict]:
-        if self._being_created():
-            return
         with self._reading():
             for d in self.store.query(criteria or {}, properties=properties):
                 d.pop("_id", None)
                 yield d
 
     def get(self, material_id: str) -> TemplateDoc | None:
-        if self._being_created():
-            return None
         with self._reading():
             d = self.store.query_one({KEY: material_id})
         if d is None:
@@ -435,12 +642,30 @@ class TemplateStore:
         return n
 
     def fingerprint(self) -> str:
-        """A cheap token that changes whenever the store's content changes: the sqlite file's size and
-        modification time for the embedded store, else the count and the newest ``last_updated``."""
+        """A digest of the store's content, which changes whenever any document changes.
+
+        The embedded store: every stored document (key and encoded document), read from sqlite in one
+        statement. A JSON file: the file's bytes. A MongoDB or memory store: every (``material_id``,
+        ``last_updated``) pair, which every write through :meth:`add` of a :class:`TemplateDoc` renews."""
+        st = self.store
+        h = hashlib.sha1()
         f = self._sqlite_file()
         if f is not None:
-            st = f.stat()
-            return f"{self.count()}|{st.st_size}|{st.st_mtime_ns}"
+            with self._reading(), contextlib.closing(_connect_sqlite(f)) as con:
+                con.text_factory = bytes
+                n = 0
+                for k, v in con.execute("SELECT k, v FROM documents ORDER BY k"):
+                    for part in (k, v):
+                        data = part.encode() if isinstance(part, str) else bytes(part)
+                        h.update(len(data).to_bytes(8, "little") + data)
+                    n += 1
+            return f"sqlite|{n}|{h.hexdigest()}"
+        if isinstance(st, AtomicJSONStore):
+            with self._reading():
+                return f"json|{st.content_digest()}"
         with self._reading():
-            newest = self.store.query_one(properties=["last_updated"], sort={"last_updated": -1}) or {}
-        return f"{self.count()}|{newest.get('last_updated')}"
+            rows = st.query(properties=[KEY, "last_updated"])
+            pairs = sorted((str(d.get(KEY)), str(d.get("last_updated"))) for d in rows)
+        for pair in pairs:
+            h.update(repr(pair).encode())
+        return f"docs|{len(pairs)}|{h.hexdigest()}"
