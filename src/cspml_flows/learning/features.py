@@ -8,10 +8,13 @@ pairs.
 from __future__ import annotations
 
 import warnings
+from functools import cache
+from typing import Any
 
 import numpy as np
 
-from cspml_flows.descriptors import MAGPIE_PROPERTIES, MAGPIE_STATS
+from cspml_flows.descriptors import MAGPIE_PROPERTIES, MAGPIE_STATS, MAX_ROLES, ROLE_PROPERTIES
+from cspml_flows.learning.checks import field, numbers
 
 # Magpie statistics whose query-template differences enter the pair features (mean and avg_dev).
 _STAT_COLS = np.array(
@@ -39,14 +42,16 @@ class Standardizer:
         return {k: getattr(self, k).tolist() for k in self._ARRAYS}
 
     @classmethod
-    def from_dict(cls, d: dict[str, list[float]]) -> Standardizer:
-        """Inverse of :meth:`to_dict`; ValueError for missing or non-numeric arrays."""
+    def from_dict(cls, d: Any, where: str = "std.") -> Standardizer:
+        """Inverse of :meth:`to_dict`. SchemaError (naming the field ``where`` + array) unless every array is a
+        list of finite numbers of this version's length (one per Magpie statistic or role property) and every
+        scale is above zero."""
         new = cls.__new__(cls)
+        n_stats, n_roles = len(MAGPIE_PROPERTIES) * len(MAGPIE_STATS), len(ROLE_PROPERTIES)
         for k in cls._ARRAYS:
-            arr = np.asarray(d[k], dtype=float)
-            if arr.ndim != 1:
-                raise ValueError(f"standardiser array {k} must be one-dimensional")
-            setattr(new, k, arr)
+            value = field(d, k, list, where)
+            n = n_stats if k.startswith("stats") else n_roles
+            setattr(new, k, numbers(f"{where}{k}", value, (n,), positive=k.endswith("_sd")))
         return new
 
     def roles(self, x: np.ndarray) -> np.ndarray:
@@ -93,6 +98,15 @@ def pair_features(
         t_ehull,
         t_nprim,
     )
+
+
+@cache
+def n_pair_features() -> int:
+    """Columns of :func:`standardized_pair_features` (what a pair model must read)."""
+    qr = np.zeros((1, MAX_ROLES, len(ROLE_PROPERTIES)))
+    st = np.zeros((1, len(MAGPIE_PROPERTIES) * len(MAGPIE_STATS)))
+    one = np.ones(1)
+    return standardized_pair_features(qr, np.zeros((1, MAX_ROLES)), st, qr, st, one, one, one).shape[1]
 
 
 def standardized_pair_features(

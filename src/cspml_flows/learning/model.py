@@ -3,7 +3,9 @@ learning), saved with its descriptor version and training-data hash.
 
 Model files are gzipped JSON: the standardiser's arrays as lists, LightGBM's own text model format, and
 the metadata. Nothing in them is executed when they are read (no pickle), so a shared or downloaded model
-file cannot run code.
+file cannot run code. Every field is checked when the file is read (:mod:`cspml_flows.learning.checks`):
+types, array lengths, finite statistics, positive scales, and the feature count each LightGBM model reads;
+a file that fails gets one ModelError naming the file and the field, before any prediction.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from cspml_flows import progress
 from cspml_flows.composition import Roles
 from cspml_flows.descriptors import DESCRIPTOR_VERSION, magpie_stats, role_fractions, role_properties
 from cspml_flows.errors import ModelError
-from cspml_flows.learning.features import Standardizer, pair_features, standardized_pair_features
+from cspml_flows.learning import checks
+from cspml_flows.learning.features import Standardizer, n_pair_features, pair_features, standardized_pair_features
 from cspml_flows.learning.pairs import pair_labels, sample_pairs
 from cspml_flows.learning.ranker import CandidateRanker
 from cspml_flows.templates.index import TemplateIndex
@@ -230,16 +233,18 @@ class SimilarityModel:
         return blob
 
     @classmethod
-    def from_blob(cls, blob: dict[str, Any]) -> SimilarityModel:
-        try:
-            std = Standardizer.from_dict(blob["std"])
-            booster = lgb.Booster(model_str=blob["booster"])
-        except Exception as exc:
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise ModelError(f"damaged model data: {reason}") from None
-        model = cls(std, booster, blob.get("meta", {}))
-        if blob.get("ranker"):
-            model.ranker = CandidateRanker.from_blob(blob["ranker"])
+    def from_blob(cls, blob: Any, where: str = "") -> SimilarityModel:
+        """Inverse of :meth:`to_blob`, checked field by field before anything is built: SchemaError naming the
+        field (prefixed by ``where``) for a missing field, a wrong type or shape, a non-finite statistic, a
+        scale that is not positive, or a booster that reads another number of features than
+        :func:`~cspml_flows.learning.features.n_pair_features`."""
+        meta = _check_meta(blob, where)
+        std = Standardizer.from_dict(checks.field(blob, "std", dict, where), f"{where}std.")
+        booster = checks.booster(f"{where}booster", checks.field(blob, "booster", str, where), n_pair_features())
+        model = cls(std, booster, meta)
+        ranker = checks.field(blob, "ranker", dict, where, optional=True)
+        if ranker:
+            model.ranker = CandidateRanker.from_blob(ranker, f"{where}ranker.")
         return model
 
     def without_ranker(self) -> SimilarityModel:
@@ -258,8 +263,15 @@ class SimilarityModel:
 
     @classmethod
     def load(cls, path: str | Path) -> SimilarityModel:
+        """Read a model file written by :meth:`save`; every problem is one ModelError naming the file."""
         versions = {"format": MODEL_FORMAT, "descriptor_version": DESCRIPTOR_VERSION}
-        return cls.from_blob(read_json_model(path, "model", "booster", "train one with 'cspml train'", versions))
+        blob = read_json_model(path, "model", "booster", "train one with 'cspml train'", versions)
+        try:
+            return cls.from_blob(blob)
+        except checks.SchemaError as exc:
+            raise ModelError(f"damaged model data in {path}: {exc}") from None
+        except ModelError as exc:
+            raise ModelError(f"{path}: {exc}") from None
 
 
 def _threads() -> int:
@@ -295,10 +307,20 @@ def _fit_booster(x: np.ndarray, y: np.ndarray, max_iter: int, seed: int) -> lgb.
         )
 
 
+def _check_meta(blob: Any, where: str = "") -> dict[str, Any]:
+    """A model's ``meta`` mapping; its ``report`` (training metrics), where present, a mapping too."""
+    meta = checks.field(blob, "meta", dict, where)
+    checks.field(meta, "report", dict, f"{where}meta.", optional=True)
+    return meta
+
+
 def _check_versions(p: Path, what: str, blob: Any, key: str, versions: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(blob, dict) or key not in blob:
         raise ModelError(f"{p} is not a cspml-flows {what} file")
-    meta = blob.get("meta") or {}
+    meta = blob.get("meta")
+    if not isinstance(meta, dict):
+        problem = f"is {checks.kind(meta)}, expected a mapping" if "meta" in blob else "is missing"
+        raise ModelError(f"damaged {what} data in {p}: field meta {problem}")
     got = {k: meta.get(k) for k in versions}
     if got != versions:
         raise ModelError(f"{what} {p} was made with {got}; this version needs {versions}: retrain it")

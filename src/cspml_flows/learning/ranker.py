@@ -31,6 +31,7 @@ from cspml_flows import progress
 from cspml_flows.composition import Roles
 from cspml_flows.descriptors import MAGPIE_PROPERTIES, MAX_ROLES, element_table
 from cspml_flows.errors import ModelError
+from cspml_flows.learning import checks
 from cspml_flows.learning.features import Standardizer, role_distance, unlearned_distance
 from cspml_flows.templates.index import TemplateIndex
 
@@ -305,15 +306,14 @@ class CandidateRanker:
         return {"meta": self.meta, "booster": self.booster.model_to_string()}
 
     @classmethod
-    def from_blob(cls, blob: dict[str, Any]) -> CandidateRanker:
-        meta = blob.get("meta") or {}
+    def from_blob(cls, blob: Any, where: str = "ranker.") -> CandidateRanker:
+        """Inverse of :meth:`to_blob`: ModelError for a ranker of another version, SchemaError (naming the field)
+        for a damaged one, e.g. a booster that does not read exactly :data:`FEATURES`."""
+        meta = checks.field(blob, "meta", dict, where)
         if meta.get("format") != RANKER_FORMAT or meta.get("features") != list(FEATURES):
             raise ModelError("the ranker in this model file was made by another version: retrain it")
-        try:
-            booster = lgb.Booster(model_str=blob["booster"])
-        except Exception as exc:
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise ModelError(f"damaged ranker data: {reason}") from None
+        checks.field(meta, "report", dict, f"{where}meta.", optional=True)
+        booster = checks.booster(f"{where}booster", checks.field(blob, "booster", str, where), len(FEATURES))
         return cls(booster, meta)
 
 
