@@ -14,7 +14,8 @@ Two variants:
 
 Vectors are cached per ``material_id`` under ``$CSPML_HOME/hetero/<version>-<variant>.npz`` together with a
 digest of the template's structure, so a store whose structure for an id changed recomputes that id; the
-file is read with ``allow_pickle=False`` and a damaged or foreign file is recomputed.
+file is read with ``allow_pickle=False`` and checked (text ids and digests, one per row; finite vectors of
+the right width); a damaged or foreign file is recomputed, with one log line.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from pymatgen.core import Structure
 from cspml_flows.composition import Roles
 from cspml_flows.config import home_dir
 from cspml_flows.descriptors import MAX_ROLES
+from cspml_flows.learning import checks
 from cspml_flows.safeio import load_npz, save_npz
 
 log = logging.getLogger(__name__)
@@ -165,18 +167,18 @@ def write_cache(path: Path, variant: str, known: dict[str, tuple[str, np.ndarray
 
 
 def read_cache(path: Path, variant: str) -> dict[str, tuple[str, np.ndarray]]:
-    """Cached (digest, vector) by id; empty (so recomputed) when the file is damaged or foreign."""
+    """Cached (digest, vector) by id; empty (so rebuilt, with one log line) unless the file is this version's
+    and variant's, with one text id and digest per row and finite vectors of width :data:`N_EMBED`."""
     try:
         arrays, meta = load_npz(path)
-        ids, digests, vectors = arrays["ids"], arrays["digests"], arrays["vectors"]
         if meta.get("version") != EMBED_VERSION or meta.get("variant") != variant:
             raise ValueError("another embedding version or variant")
-        if vectors.shape != (len(ids), N_EMBED) or len(digests) != len(ids) or vectors.dtype.kind != "f":
-            raise ValueError("arrays of the wrong shape or type")
+        ids = checks.texts("ids", arrays.get("ids"))
+        digests = checks.texts("digests", arrays.get("digests"), len(ids))
+        vectors = checks.numbers("vectors", arrays.get("vectors"), (len(ids), N_EMBED))
         return {str(k): (str(d), v) for k, d, v in zip(ids.tolist(), digests.tolist(), vectors, strict=True)}
     except Exception as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        log.warning("embedding cache %s is unreadable (%s): recomputing it", path, reason)
+        log.warning("embedding cache %s is unreadable (%s): recomputing it", path, checks.first_line(exc))
         return {}
 
 

@@ -5,7 +5,8 @@
   within a looser shell, share of like-role nearest neighbours, nearest-neighbour distance over
   ``(V/N)^(1/3)``; plus crystal system, space group, primitive size, Niggli cell shape and the volume per
   atom over the elemental volumes. Cached per ``material_id`` under ``$CSPML_HOME/hetero`` in an ``.npz``
-  (ids and vectors, read with ``allow_pickle=False``; a damaged file is recomputed).
+  (ids and vectors, read with ``allow_pickle=False`` and checked: text ids, finite vectors of the right
+  width; a damaged file is recomputed, with one log line).
 - Site chemistry of a template and the composition side share one block layout
   (:func:`chemistry_block`): standardised element properties per role, role fractions, role mask and the
   Magpie mean / average-deviation statistics.
@@ -26,6 +27,7 @@ from pymatgen.core import Structure
 from cspml_flows.composition import Roles
 from cspml_flows.config import home_dir
 from cspml_flows.descriptors import MAX_ROLES
+from cspml_flows.learning import checks
 from cspml_flows.learning.features import _STAT_COLS, Standardizer
 from cspml_flows.predict.substitute import element_volume
 from cspml_flows.safeio import load_npz, save_npz
@@ -147,21 +149,17 @@ def geometry_features(
 
 
 def _read_geometry_cache(path: Path) -> dict[str, np.ndarray]:
-    """Geometry vectors by id from a cache file; empty (recomputed) when the file is damaged or foreign."""
+    """Geometry vectors by id; empty (so rebuilt, with one log line) unless the file is this version's, with
+    one text id per row and finite vectors of width :data:`N_GEOMETRY`."""
     try:
         arrays, meta = load_npz(path)
-        ids, vectors = arrays["ids"], arrays["vectors"]
-        if meta.get("version") != GEOMETRY_VERSION or vectors.shape != (len(ids), N_GEOMETRY):
-            raise ValueError("another geometry version or shape")
-        if ids.dtype.kind != "U" or vectors.dtype.kind != "f":
-            raise ValueError("arrays of the wrong type")
+        if meta.get("version") != GEOMETRY_VERSION:
+            raise ValueError("another geometry version")
+        ids = checks.texts("ids", arrays.get("ids"))
+        vectors = checks.numbers("vectors", arrays.get("vectors"), (len(ids), N_GEOMETRY))
         return {str(k): v for k, v in zip(ids.tolist(), vectors, strict=True)}
     except Exception as exc:
-        log.warning(
-            "geometry cache %s is unreadable (%s): recomputing it",
-            path,
-            str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
-        )
+        log.warning("geometry cache %s is unreadable (%s): recomputing it", path, checks.first_line(exc))
         return {}
 
 

@@ -19,7 +19,8 @@ Every weight is chosen on held-out formulas during training (:func:`cspml_flows.
 Model files are gzipped JSON: the arrays as number lists, the embedded core model as its own JSON blob
 (LightGBM text model), the optional stacker as LightGBM's text model, and the metadata. Reading one never
 unpickles anything; a pickle (the format-1 ``hetero.joblib`` files) or a file of another format or version
-gets a one-line ModelError.
+gets a one-line ModelError, and so does a damaged one: every field is checked at load
+(:meth:`HeteroModel.from_blob`: types, shapes, finite values, positive scales, LightGBM feature counts).
 """
 
 from __future__ import annotations
@@ -33,11 +34,12 @@ import lightgbm as lgb
 import numpy as np
 
 from cspml_flows.config import home_dir
-from cspml_flows.descriptors import DESCRIPTOR_VERSION
+from cspml_flows.descriptors import DESCRIPTOR_VERSION, MAX_ROLES, ROLE_PROPERTIES
 from cspml_flows.errors import ModelError
-from cspml_flows.hetero.embeddings import EMBED_VERSION, FEA, N_EMBED, index_embeddings
+from cspml_flows.hetero.embeddings import EMBED_VERSION, FEA, N_EMBED, VARIANTS, index_embeddings
 from cspml_flows.hetero.encoders import GEOMETRY_VERSION, N_GEOMETRY, chemistry_block, geometry_features
-from cspml_flows.learning.features import Standardizer
+from cspml_flows.learning import checks
+from cspml_flows.learning.features import _STAT_COLS, Standardizer
 from cspml_flows.learning.model import QueryBatch, SimilarityModel
 from cspml_flows.safeio import read_json_gz, write_json_gz
 from cspml_flows.templates.index import TemplateIndex
@@ -47,6 +49,7 @@ TAU = 0.05  # eV/atom: target weight exp(-E_hull / TAU) of a positive prototype
 
 
 PAIR_CHUNK = 100_000  # pair rows scored at once (memory of the feature matrix)
+N_STACK_FEATURES = 8  # columns of HeteroModel.stack_features (what a stacker reads)
 
 
 def to_logit(p: np.ndarray) -> np.ndarray:
@@ -250,34 +253,62 @@ class HeteroModel:
         """Write the gzipped JSON model file atomically (temporary file, then rename)."""
         return write_json_gz(path, self.to_blob())
 
+    @staticmethod
+    def widths(variant: str) -> tuple[int, int]:
+        """Columns of :meth:`phi` and :meth:`psi` (the widths of ``A`` and ``B``) for an embedding ``variant``."""
+        chemistry = MAX_ROLES * len(ROLE_PROPERTIES) + 2 * MAX_ROLES + len(_STAT_COLS)
+        return chemistry + 1, chemistry + N_GEOMETRY + (0 if variant == "none" else FEA) + 4
+
     @classmethod
     def load(cls, path: str | Path) -> HeteroModel:
         """Read a model file written by :meth:`save`; every problem is one ModelError naming the file."""
         p = Path(path)
         blob = read_hetero_file(p)
         try:
-            arrays = {k: np.asarray(blob[k], dtype=float) for k in cls._ARRAYS}
-            a, b, w = arrays["A"], arrays["B"], arrays["w"]
-            if a.ndim != 2 or b.ndim != 2 or w.ndim != 1 or a.shape[0] != b.shape[0] or b.shape[1] != len(w):
-                raise ValueError("tower matrices of inconsistent shapes")
-            if arrays["geo_mu"].shape != (N_GEOMETRY,) or arrays["geo_sd"].shape != (N_GEOMETRY,):
-                raise ValueError("geometry scaling of the wrong length")
-            variant = str(blob["variant"])
-            n_emb = 0 if variant == "none" else N_EMBED
-            if arrays["inv"].shape == (3,):  # written before the normalised logit: its weight is 0
-                arrays["inv"] = np.append(arrays["inv"], 0.0)
-            if arrays["emb_mu"].shape != (n_emb,) or arrays["emb_sd"].shape != (n_emb,) or arrays["inv"].shape != (4,):
-                raise ValueError("embedding scaling or inverse weights of the wrong length")
-            std = Standardizer.from_dict(blob["std"])
-            stacker = Stacker.from_string(blob["stacker"]) if blob.get("stacker") is not None else None
-            scalars = {"lam": float(blob["lam"]), "mu": float(blob["mu"]), "use_core": bool(blob["use_core"])}
-        except ModelError:
-            raise
-        except Exception as exc:
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise ModelError(f"hetero model file {p} is damaged: {reason}") from None
-        core = SimilarityModel.from_blob(blob["core"]) if isinstance(blob.get("core"), dict) else None
-        return cls(std, **arrays, **scalars, variant=variant, core=core, meta=blob["meta"], stacker=stacker)
+            return cls.from_blob(blob)
+        except checks.SchemaError as exc:
+            raise ModelError(f"hetero model file {p} is damaged: {exc}") from None
+        except ModelError as exc:
+            raise ModelError(f"hetero model file {p}: {exc}") from None
+
+    @classmethod
+    def from_blob(cls, blob: dict[str, Any]) -> HeteroModel:
+        """Inverse of :meth:`to_blob`, checked field by field (SchemaError naming the field): every array of
+        the shape this version computes (tower widths from :meth:`widths`, geometry and embedding scaling of
+        their vectors' lengths), every number finite, every scale above zero, the stacker a LightGBM model of
+        :data:`N_STACK_FEATURES` features and the embedded core model checked as its own file is."""
+        variant = checks.field(blob, "variant", str)
+        if variant not in ("none", *VARIANTS):
+            raise checks.SchemaError(f"field variant is {variant!r}, expected one of none, {', '.join(VARIANTS)}")
+        dc, ds = cls.widths(variant)
+        n_emb = 0 if variant == "none" else N_EMBED
+        n_inv = len(checks.field(blob, "inv", list))
+        if n_inv not in (3, 4):  # 3: written before the normalised logit, whose weight is then 0
+            raise checks.SchemaError(f"field inv holds inverse weights of the wrong length ({n_inv}, expected 4)")
+        schema: dict[str, tuple[tuple[int | None, ...], bool]] = {  # array: (shape, a scale that must be > 0)
+            "geo_mu": ((N_GEOMETRY,), False),
+            "geo_sd": ((N_GEOMETRY,), True),
+            "A": ((None, dc), False),
+            "B": ((None, ds), False),
+            "w": ((ds,), False),
+            "emb_mu": ((n_emb,), False),
+            "emb_sd": ((n_emb,), True),
+            "inv": ((n_inv,), False),
+        }
+        arrays = {k: checks.numbers(k, checks.field(blob, k, list), shape, pos) for k, (shape, pos) in schema.items()}
+        if len(arrays["A"]) != len(arrays["B"]) or len(arrays["A"]) == 0:
+            raise checks.SchemaError(f"fields A and B have {len(arrays['A'])} and {len(arrays['B'])} rows")
+        if n_inv == 3:
+            arrays["inv"] = np.append(arrays["inv"], 0.0)
+        std = Standardizer.from_dict(checks.field(blob, "std", dict), "std.")
+        text = checks.field(blob, "stacker", str, optional=True)
+        stacker = None if text is None else Stacker.from_string(text)
+        scalars = {k: checks.number(k, checks.field(blob, k, (int, float))) for k in ("lam", "mu")}
+        use_core = checks.field(blob, "use_core", bool)
+        core_blob = checks.field(blob, "core", dict, optional=True)
+        core = None if core_blob is None else SimilarityModel.from_blob(core_blob, "core.")
+        meta = checks.field(blob, "meta", dict)
+        return cls(std, **arrays, **scalars, use_core=use_core, variant=variant, core=core, meta=meta, stacker=stacker)
 
 
 def read_hetero_file(path: Path) -> dict[str, Any]:
@@ -346,6 +377,5 @@ class Stacker:
 
     @classmethod
     def from_string(cls, text: str) -> Stacker:
-        if not isinstance(text, str):
-            raise ValueError("stacker model is not text")
-        return cls(lgb.Booster(model_str=text))
+        """A stacker from its LightGBM text model (SchemaError unless it reads :data:`N_STACK_FEATURES`)."""
+        return cls(checks.booster("stacker", text, N_STACK_FEATURES))
