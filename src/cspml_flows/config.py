@@ -8,12 +8,16 @@
 - ``CSPML_MAX_TEMPLATE_ATOMS`` / config key ``max_template_atoms``: the most sites a template structure may
   have (default 200); larger structures are refused at import.
 
-YAML files (config and campaign files) larger than ``MAX_YAML_BYTES`` are refused before they are parsed.
+YAML files (config and campaign files) larger than ``MAX_YAML_BYTES`` are refused before they are parsed, and
+so are YAML aliases (``*name``): an alias repeats a node without copying it, so a few hundred bytes of nested
+aliases describe a document of billions of values. Error messages show user values through :func:`excerpt`.
 """
 
 from __future__ import annotations
 
 import os
+import reprlib
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +31,7 @@ CONFIG_ENV = "CSPML_CONFIG"
 MAX_ATOMS_ENV = "CSPML_MAX_TEMPLATE_ATOMS"
 DEFAULT_MAX_TEMPLATE_ATOMS = 200  # MP-20 has at most 20 sites, MPTS-52 52; prediction memory grows as N^2
 MAX_YAML_BYTES = 1_000_000
+EXCERPT_CHARS = 80  # characters of a user value that an error message shows
 
 
 def _project_root() -> Path:
@@ -34,8 +39,43 @@ def _project_root() -> Path:
     return Path(__file__).resolve().parents[2]
 
 
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxdict, _REPR.maxlist, _REPR.maxtuple, _REPR.maxset = 2, 4, 6, 6, 6
+_REPR.maxstring, _REPR.maxlong, _REPR.maxother = EXCERPT_CHARS + 2, 40, EXCERPT_CHARS
+
+
+def excerpt(value: Any, limit: int = EXCERPT_CHARS) -> str:
+    """``repr(value)`` cut to ``limit`` characters plus ``...``, without building the repr of a whole large value."""
+    try:
+        text = _REPR.repr(value)
+    except Exception:  # a repr that fails (e.g. an int over Python's digit limit)
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def excerpt_text(text: str, limit: int = 2 * EXCERPT_CHARS) -> str:
+    """``text`` on one line, cut to ``limit`` characters plus ``...``."""
+    text = " ".join(str(text)[: limit * 4].split())
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _yaml_loader() -> type:
+    return getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def _refuse_aliases(text: str) -> None:
+    """YAMLError at the first alias event (``*name``, also in a ``<<: *name`` merge key)."""
+    for event in yaml.parse(text, Loader=_yaml_loader()):
+        if isinstance(event, yaml.AliasEvent):
+            raise yaml.YAMLError(
+                f"alias *{excerpt_text(event.anchor or '', 40)} on line {event.start_mark.line + 1}: YAML aliases "
+                "are not accepted (write the values out)"
+            )
+
+
 def read_yaml(path: str | Path, what: str) -> Any:
-    """Parsed YAML of a file; ConfigError names a missing file or invalid YAML (``what``: e.g. 'config file')."""
+    """Parsed YAML of a file (safe tags only, no aliases); ConfigError names a missing file or invalid YAML
+    (``what``: e.g. 'config file')."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise ConfigError(f"{what} not found: {p}")
@@ -43,9 +83,12 @@ def read_yaml(path: str | Path, what: str) -> Any:
     if size > MAX_YAML_BYTES:
         raise ConfigError(f"{what} {p} is {size / 1e6:.1f} MB; at most {MAX_YAML_BYTES / 1e6:.0f} MB is read")
     try:
-        return yaml.safe_load(p.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        reason = " ".join(str(exc).split())
+        text = p.read_text()
+        _refuse_aliases(text)  # before any node is built
+        return yaml.load(text, Loader=_yaml_loader())  # a safe loader: standard tags only
+    except (yaml.YAMLError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        # ValueError: e.g. an integer over Python's digit limit; RecursionError: thousands of nested brackets
+        reason = excerpt_text(str(exc) or type(exc).__name__, 200)
         raise ConfigError(f"{what} {p} is not valid YAML: {reason}") from None
 
 
@@ -68,7 +111,7 @@ def max_template_atoms(config: dict[str, Any] | None = None) -> int:
     try:
         n = int(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"max_template_atoms must be a whole number, got {value!r}") from None
+        raise ConfigError(f"max_template_atoms must be a whole number, got {excerpt(value)}") from None
     if n < 1:
         raise ConfigError(f"max_template_atoms must be at least 1, got {n}")
     return n
@@ -84,6 +127,46 @@ def load_config(path: str | Path | None = None) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"config file {p} must hold a mapping, got {type(data).__name__}")
     return data
+
+
+def check_output_path(out: str | Path, kind: str = "folder", label: str | None = None) -> Path:
+    """Refuse, before any work is done, an output ``kind`` ('folder' or 'file') that cannot be written: a broken
+    symbolic link on its path, a file where a folder is needed (or a folder where a file is), a nearest
+    existing folder that does not take a (deleted at once) temporary file. Nothing is created; returns the path."""
+    label = label or f"output {kind}"
+    path = Path(out).expanduser()
+    existing = path
+    try:
+        while not existing.exists():
+            if existing.is_symlink():
+                target = os.readlink(existing)
+                if existing == path:
+                    raise ConfigError(f"{label} {out} is a broken symbolic link (to {target}): remove it or repoint it")
+                raise ConfigError(f"cannot create {label} {out}: {existing} is a broken symbolic link (to {target})")
+            if existing == existing.parent:
+                break
+            existing = existing.parent
+    except OSError as exc:
+        raise ConfigError(f"cannot reach {label} {out}: {exc.strerror or exc}") from None
+    if existing == path:
+        if kind == "folder" and not path.is_dir():
+            raise ConfigError(f"{label} {out} is a file")
+        if kind == "file" and path.is_dir():
+            raise ConfigError(f"{label} {out} is a folder")
+        if kind == "file" and not os.access(path, os.W_OK):
+            raise ConfigError(f"cannot write to {label} {out}: permission denied")
+    elif not existing.is_dir():
+        raise ConfigError(f"cannot create {label} {out}: {existing} is a file")
+    # must take a temporary file: the folder the missing part would be created in, the folder itself, or the
+    # folder of a file (files are written beside themselves, then renamed)
+    folder = existing if existing != path else path if kind == "folder" else path.parent
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        where = "" if folder == path else f" ({folder} is not writable)"
+        raise ConfigError(f"cannot write to {label} {out}{where}: {exc.strerror or exc}") from None
+    return path
 
 
 LOCAL_HOME = ".cspml"

@@ -16,9 +16,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from cspml_flows.config import read_yaml, resolve_path
+from cspml_flows.config import excerpt, excerpt_text, read_yaml, resolve_path
 from cspml_flows.errors import ConfigError, CSPMLError
 from cspml_flows.flows.calculators import CalculatorSettings
 
@@ -26,6 +26,7 @@ MAX_COMPOSITIONS = 10_000  # compositions of one campaign
 MAX_SYSTEM_ELEMENTS = 6  # elements of one chemical system in a composition space
 MAX_CANDIDATES = 20_000  # formulas of a composition space before the (slow) charge-balance filter
 MAX_NAME = 100  # characters of a campaign name (it names folders)
+MAX_ERRORS_SHOWN = 3  # validation errors listed in one message
 
 
 class CampaignError(CSPMLError):
@@ -70,9 +71,11 @@ class CompositionSpace(BaseModel):
             els = cs.split("-")
             bad = [e for e in els if not Element.is_valid_symbol(e)]
             if bad or len(set(els)) != len(els) or len(els) < 2:
-                raise ValueError(f"chemical system {cs!r} must be 2+ distinct element symbols joined by '-'")
+                raise ValueError(f"chemical system {excerpt(cs)} must be 2+ distinct element symbols joined by '-'")
             if len(els) > MAX_SYSTEM_ELEMENTS:
-                raise ValueError(f"chemical system {cs!r} has {len(els)} elements; at most {MAX_SYSTEM_ELEMENTS}")
+                raise ValueError(
+                    f"chemical system {excerpt(cs)} has {len(els)} elements; at most {MAX_SYSTEM_ELEMENTS}"
+                )
         return value
 
     @model_validator(mode="after")
@@ -144,6 +147,12 @@ class CampaignConfig(BaseModel):
     stores: StoresConfig = Field(default_factory=StoresConfig)
     workdir: str | None = Field(None, description="reports and default stores (default: out/campaigns/<name>)")
     workers: int = Field(1, ge=1, description="processes for building the template index")
+    _source: str | None = PrivateAttr(None)  # the campaign file this configuration was read from
+
+    @property
+    def source(self) -> str | None:
+        """The campaign file this configuration was read from (None: built in Python)."""
+        return self._source
 
     @model_validator(mode="before")
     @classmethod
@@ -240,19 +249,29 @@ class CampaignConfig(BaseModel):
 
 
 def _format_errors(exc: ValidationError) -> str:
+    """The validation errors on one line: each key path, message and (an excerpt of) the value given; at most
+    ``MAX_ERRORS_SHOWN`` of them, every user value cut to an excerpt."""
     lines = []
-    for e in exc.errors():
+    for e in exc.errors(include_url=False):
         if e["type"] == "list_type" and isinstance(e.get("input"), dict):
             continue  # a composition space was meant, not a list: its own errors follow
-        loc = ".".join(str(x) for x in e["loc"] if "[" not in str(x) and not str(x).startswith("CompositionSpace"))
-        msg = e["msg"].replace("Value error, ", "")
+        parts = [str(x) for x in e["loc"]]  # str() of a key from the file: may be long, cut below
+        loc = ".".join(
+            excerpt_text(x, 40) for x in parts if "[" not in x[:200] and not x.startswith("CompositionSpace")
+        )
+        msg = excerpt_text(e["msg"].replace("Value error, ", ""), 200)
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
         given = e.get("input")
-        text = repr(given) if len(repr(given)) <= 60 else repr(given)[:57] + "..."
-        shown = f" (got {text})" if e["type"] != "extra_forbidden" and not isinstance(given, dict | list) else ""
+        shown = (
+            f" (got {excerpt(given, 60)})"
+            if e["type"] != "extra_forbidden" and not isinstance(given, dict | list)
+            else ""
+        )
         lines.append(f"{loc or '<top>'}: {msg}{shown}")
-    return "; ".join(dict.fromkeys(lines))
+    unique = list(dict.fromkeys(lines))
+    more = f"; and {len(unique) - MAX_ERRORS_SHOWN:,} more" if len(unique) > MAX_ERRORS_SHOWN else ""
+    return "; ".join(unique[:MAX_ERRORS_SHOWN]) + more
 
 
 def parse_campaign(data: Any, source: str = "campaign config", base: Path | None = None) -> CampaignConfig:
@@ -270,6 +289,7 @@ def parse_campaign(data: Any, source: str = "campaign config", base: Path | None
         cfg.workdir = resolve_path(cfg.workdir, base)
         cfg.model = resolve_path(cfg.model, base)
         cfg.structure = resolve_path(cfg.structure, base)
+        cfg._source = source
     return cfg
 
 
@@ -282,9 +302,11 @@ def load_campaign(path: str | Path) -> CampaignConfig:
 def with_rounds(cfg: CampaignConfig, rounds: int) -> CampaignConfig:
     """The campaign with another number of rounds, validated like the file's value."""
     try:
-        return CampaignConfig.model_validate({**cfg.model_dump(), "rounds": rounds})
+        out = CampaignConfig.model_validate({**cfg.model_dump(), "rounds": rounds})
     except ValidationError as exc:
         raise ConfigError(f"--rounds: {_format_errors(exc)}") from None
+    out._source = cfg.source
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- the Maker

@@ -11,7 +11,7 @@ import os
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 from pymatgen.core import Structure
 
 
@@ -24,7 +24,7 @@ class CalculatorSettings(BaseModel):
     steps: int = Field(300, ge=1, description="maximum optimizer steps (ASE calculators)")
     fmax: float = Field(0.05, gt=0, description="force convergence (eV/A, ASE calculators)")
     relax_cell: bool = True
-    optimizer: str = "FIRE"
+    optimizer: str = Field("FIRE", description="ASE optimizer by atomate2's name (ASE calculators)")
     batch_size: int = Field(25, ge=1, description="structures per relaxation job (not part of the key)")
     vasp_incar: dict[str, Any] = Field(default_factory=dict, description="user INCAR settings (VASP)")
     vasp_run: dict[str, Any] = Field(
@@ -35,6 +35,14 @@ class CalculatorSettings(BaseModel):
     hull_window: float | None = Field(
         None, ge=0, description="tiers after the first: relax candidates within this of the previous hull (eV/atom)"
     )
+
+    @field_validator("optimizer")
+    @classmethod
+    def _check_optimizer(cls, value: str) -> str:
+        names = optimizer_names()
+        if value not in names:
+            raise ValueError(f"must be one of atomate2's optimizers: {', '.join(names)}")
+        return value
 
     def relaxation(self):
         """The :class:`~cspml_flows.flows.relax.RelaxationMaker` these settings describe."""
@@ -58,6 +66,13 @@ class CalculatorSettings(BaseModel):
     def calc_id(self) -> str:
         """The id of the relax Maker these settings build (one hull per id)."""
         return self.relaxation().calc_id
+
+
+def optimizer_names() -> list[str]:
+    """The optimizer names atomate2's ASE relaxer accepts (its ``OPTIMIZERS`` table of ASE classes)."""
+    from atomate2.ase.utils import OPTIMIZERS
+
+    return list(OPTIMIZERS)
 
 
 SEVENNET_MODEL = "7net-0"  # SevenNet-0 (11Jul2024), shipped in the sevenn wheel: nothing is downloaded
