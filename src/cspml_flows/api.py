@@ -37,7 +37,9 @@ def import_structures(
     from cspml_flows.templates.store import TemplateStore, store_from_uri
 
     if source not in SOURCES:
-        raise CSPMLError(f"unknown import source {source!r}; choose one of {', '.join(SOURCES)}")
+        from cspml_flows.config import excerpt
+
+        raise CSPMLError(f"unknown import source {excerpt(source)}; choose one of {', '.join(SOURCES)}")
     ts = TemplateStore.open(store)
     try:
         if source == "csv":
@@ -126,13 +128,14 @@ def predict(
 def prediction_summary(predictions: Sequence, out: str | Path | None = None) -> list[dict[str, Any]]:
     """One JSON-ready entry per prediction (candidates with space group); with ``out``, also a symmetrised
     CIF per candidate and ``predictions.json`` in that folder. The folder is checked before anything is
-    written, so an unusable ``out`` fails before the work is lost to a half-written folder."""
+    written, so an unusable ``out`` fails before the work is lost to a half-written folder (callers that compute
+    the predictions check it first too, with :func:`cspml_flows.config.check_output_path`)."""
+    from cspml_flows.config import check_output_path
     from cspml_flows.predict.dedup import symmetrize, to_cif
 
     folder = Path(out) if out else None
     if folder is not None:
-        if folder.exists() and not folder.is_dir():
-            raise CSPMLError(f"output folder {folder} is a file")
+        check_output_path(folder)
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -36,6 +35,7 @@ def _print_imports(reports: list, count: int, name: str) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    check_out(args.model, "file", "model file")
     if getattr(args, "hetero", False):
         from cspml_flows.hetero.cli import train_hetero
 
@@ -85,25 +85,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def check_out(out: str | None) -> None:
-    """Refuse, before any work is done, an output folder that is a file or cannot be written: the nearest
-    existing folder on its path must take a (deleted at once) temporary file. Nothing is created."""
-    if not out:
-        return
-    path = Path(out).expanduser()
-    if path.exists() and not path.is_dir():
-        raise CSPMLError(f"output folder {out} is a file")
-    existing = path
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise CSPMLError(f"cannot create output folder {out}: {existing} is a file")
-    try:
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as exc:
-        where = "" if existing == path else f" ({existing} is not writable)"
-        raise CSPMLError(f"cannot write to output folder {out}{where}: {exc.strerror or exc}") from None
+def check_out(out: str | Path | None, kind: str = "folder", label: str | None = None) -> None:
+    """Refuse, before any work is done, an output ``kind`` ('folder' or 'file') that cannot be written (see
+    :func:`cspml_flows.config.check_output_path`): one line, nothing created. ``None``: nothing to check."""
+    from cspml_flows.config import check_output_path
+
+    if out:
+        check_output_path(out, kind, label)
 
 
 def _print_predictions(summary: list[dict], out: str | Path | None) -> None:
@@ -129,6 +117,8 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
 
     if args.max_assignments is not None and args.max_assignments < 1:
         raise CSPMLError("--max-assignments must be at least 1")
+    check_out(args.json, "file", "--json file")
+    check_out(args.markdown, "file", "--markdown file")
 
     cfg = BenchmarkConfig(
         protocol=args.protocol,
@@ -214,16 +204,27 @@ class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors (``error: ...``, exit code 2) like every other bad input."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        print(f"error: {self.prog}: {message}", file=sys.stderr)
+        print(f"error: {self.prog}: {one_line(message)}", file=sys.stderr)
         raise SystemExit(2)
+
+
+MAX_MESSAGE = 1000  # characters of an error line
+
+
+def one_line(message: object) -> str:
+    """An error message on one line, at most ``MAX_MESSAGE`` characters (a value quoted whole is cut)."""
+    text = " ".join(str(message).split())
+    return text if len(text) <= MAX_MESSAGE else text[:MAX_MESSAGE] + "..."
 
 
 def _int_at_least(low: int):
     def parse(text: str) -> int:
+        from cspml_flows.config import excerpt
+
         try:
             value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+            raise argparse.ArgumentTypeError(f"not a whole number: {excerpt(text)}") from None
         if value < low:
             raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
         return value
@@ -351,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except CSPMLError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; finished work is kept in the store", file=sys.stderr)

@@ -11,10 +11,12 @@ from pathlib import Path
 
 def cmd_campaign_run(args: argparse.Namespace) -> int:
     from cspml_flows.campaign import load_campaign, run_campaign, with_rounds
+    from cspml_flows.cli import check_out
 
     cfg = load_campaign(args.config)
     if args.rounds is not None:
         cfg = with_rounds(cfg, args.rounds)  # validated like the file's value
+    check_out(args.json, "file", "--json file")
     result = run_campaign(cfg, log=lambda m: print(m, flush=True), report=not args.no_report)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -25,8 +27,10 @@ def cmd_campaign_run(args: argparse.Namespace) -> int:
 def cmd_campaign_promote(args: argparse.Namespace) -> int:
     from cspml_flows.campaign import load_campaign, promote
     from cspml_flows.campaign.runner import campaign_builder
+    from cspml_flows.cli import check_out
 
     cfg = load_campaign(args.config)
+    check_out(args.builder_json, "file", "--builder-json file")
     if args.builder_json:
         builder = campaign_builder(cfg, incremental=not args.all)
         Path(args.builder_json).parent.mkdir(parents=True, exist_ok=True)
@@ -41,16 +45,20 @@ def cmd_campaign_promote(args: argparse.Namespace) -> int:
 
 def cmd_campaign_report(args: argparse.Namespace) -> int:
     from cspml_flows.campaign import finished_rounds, load_campaign
+    from cspml_flows.campaign.runner import check_workdir
     from cspml_flows.report import write_report
 
     cfg = load_campaign(args.config)
+    check_workdir(cfg)  # the report of another campaign's workdir is not overwritten
     print(write_report(cfg, finished_rounds(cfg)))
     return 0
 
 
 def cmd_campaign_benchmark(args: argparse.Namespace) -> int:
+    from cspml_flows.cli import check_out
     from cspml_flows.flows.benchmark import RelaxBenchmarkConfig, run_relax_benchmark
 
+    check_out(args.out)
     cfg = RelaxBenchmarkConfig(
         protocol=args.protocol,
         queries=args.queries,

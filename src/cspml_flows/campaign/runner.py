@@ -5,7 +5,9 @@ A scheduled re-run (cron, a systemd timer) of the same file: a round already fin
 with the template store unchanged since, is skipped; compositions added to the file since are run alone; a
 template store that gained templates from elsewhere re-runs the round's retrieval for all compositions, and
 only new candidates are relaxed (relaxations are cached by structure and calculator). Two runs of one
-campaign never overlap: the second stops at once with a message naming the lock and its holder.
+campaign never overlap: the second stops at once with a message naming the lock and its holder. A workdir
+belongs to the campaign that first ran in it (``<workdir>/.campaign.json``, name and campaign file): another
+campaign pointed at it is refused before anything is written.
 """
 
 from __future__ import annotations
@@ -25,13 +27,63 @@ from cspml_flows.campaign.config import CampaignConfig, CampaignError, make_make
 from cspml_flows.flows.stores import STATE_COLLECTION, close_store, job_store, open_store, write_docs
 
 LOCK_FILE = ".campaign.lock"
+OWNER_FILE = ".campaign.json"
+
+
+def _describe(name: str, source: str | None) -> str:
+    return f"campaign {name}" + (f" ({source})" if source else "")
+
+
+def workdir_owner(workdir: Path) -> tuple[str, str | None] | None:
+    """The (name, campaign file) of the campaign a workdir belongs to: its ``.campaign.json``, else the
+    ``summary.json`` an earlier version wrote; None for a workdir no campaign has used."""
+    from cspml_flows.config import excerpt_text
+
+    for name, key in ((OWNER_FILE, "name"), ("summary.json", "campaign")):
+        path = workdir / name
+        if not path.is_file():
+            continue
+        try:
+            doc = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, ValueError):
+            doc = None
+        if not isinstance(doc, dict) or not isinstance(doc.get(key), str):
+            raise CampaignError(
+                f"{path} is not a campaign's record: check that workdir {workdir} is the campaign's, then delete it"
+            )
+        source = doc.get("config") if name == OWNER_FILE else None
+        return excerpt_text(doc[key], 100), excerpt_text(source, 300) if isinstance(source, str) else None
+    return None
+
+
+def check_workdir(cfg: CampaignConfig, claim: bool = False) -> Path:
+    """CampaignError when the campaign's workdir belongs to another campaign, or cannot be written (a file, a
+    broken link, no permission). ``claim``: record this campaign as its owner (``.campaign.json``)."""
+    from cspml_flows.config import check_output_path
+    from cspml_flows.safeio import atomic_open
+
+    workdir = cfg.workdir_path()
+    check_output_path(workdir, label=f"campaign {cfg.name}'s workdir")
+    owner = workdir_owner(workdir)
+    source = str(Path(cfg.source).resolve()) if cfg.source else None
+    if owner is not None and owner[0] != cfg.name:
+        raise CampaignError(
+            f"workdir {workdir} belongs to {_describe(*owner)}; {_describe(cfg.name, source)} stops without writing "
+            f"anything: give it another 'workdir', or delete {workdir} if {owner[0]}'s results are no longer wanted"
+        )
+    if claim and (owner is None or (source and owner[1] != source)):
+        workdir.mkdir(parents=True, exist_ok=True)
+        with atomic_open(workdir / OWNER_FILE) as fh:
+            json.dump({"name": cfg.name, "kind": cfg.kind, "config": source}, fh)
+    return workdir
 
 
 @contextmanager
 def campaign_lock(cfg: CampaignConfig) -> Iterator[Path]:
     """Hold ``<workdir>/.campaign.lock`` (an exclusive ``flock``, released when the process ends, even if it
-    is killed); CampaignError names the holder when another run has it."""
-    workdir = cfg.workdir_path()
+    is killed) and claim the workdir for the campaign; CampaignError names the holder when another run has
+    it, or the campaign the workdir belongs to."""
+    workdir = check_workdir(cfg)
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / LOCK_FILE
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -43,6 +95,7 @@ def campaign_lock(cfg: CampaignConfig) -> Iterator[Path]:
             raise CampaignError(
                 f"campaign {cfg.name} is already running ({holder}; lock {path}): this run stops, nothing was done"
             ) from None
+        check_workdir(cfg, claim=True)  # again under the lock: another campaign may have claimed it meanwhile
         os.ftruncate(fd, 0)
         os.pwrite(
             fd,
@@ -99,6 +152,7 @@ def job_folders(cfg: CampaignConfig) -> dict[str, Any]:
 
 def run_campaign(cfg: CampaignConfig, log: Callable[[str], None] = print, report: bool = True) -> dict[str, Any]:
     """Run (or resume, or update) every round locally with ``run_locally``; returns the per-round summaries."""
+    check_workdir(cfg)  # a workdir of another campaign, or one that cannot be written, fails before any work
     check_inputs(cfg)
     with campaign_lock(cfg):
         rounds = _run_rounds(cfg, log)
