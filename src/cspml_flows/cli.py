@@ -23,6 +23,11 @@ def cmd_import(args: argparse.Namespace) -> int:
         args.source, paths, args.store, args.workers, args.skip_invalid, args.collection
     )
     _print_imports(reports, count, name)
+    refused = [r for r in reports if r.all_failed]
+    if refused:
+        names = ", ".join(r.source for r in refused)
+        print(f"error: every structure of {names} was refused (reasons above)", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -6,7 +6,8 @@ anonymous formula are compared role by role; elements whose amounts tie form a *
 may be permuted when substituting onto a template.
 
 Formulas are read with ASCII digits only, at most ``MAX_ELEMENTS`` elements and ``MAX_AMOUNT`` atoms of an
-element; decimal amounts that are simple fractions are scaled to integers (``Na0.5Cl0.5`` is NaCl).
+element; decimal amounts that are simple fractions are scaled to integers (``Na0.5Cl0.5`` is NaCl). An amount
+of zero (``Na0Cl``) and the isotope symbols ``D`` and ``T`` (which pymatgen reads as H) are errors.
 """
 
 from __future__ import annotations
@@ -20,11 +21,14 @@ from functools import lru_cache
 
 from pymatgen.core import Composition, Element
 
+from cspml_flows.config import excerpt, excerpt_text
 from cspml_flows.errors import CompositionError
+from cspml_flows.structure_checks import ISOTOPES
 
 MAX_ASSIGNMENTS = 120  # element-to-site assignments per composition: all of five tied elements (ABCDE)
 MAX_ELEMENTS = 12  # distinct elements in a formula
 MAX_AMOUNT = 10_000  # atoms of one element in a formula
+MIN_AMOUNT = 1e-3  # smaller amounts would vanish in pymatgen's tolerances
 MAX_DENOMINATOR = 100  # decimal amounts are scaled to integers by at most this factor (Na0.5Cl0.5 -> NaCl)
 _TOKEN = re.compile(r"([A-Z][a-z]?)|([0-9]+(?:\.[0-9]+)?)|(\()|(\))|(\s+)", re.ASCII)
 
@@ -36,16 +40,23 @@ def _check_tokens(formula: str) -> None:
         if not m:
             char = formula[pos]
             hint = " (element symbols start with a capital letter, e.g. 'NaCl')" if char.islower() else ""
-            raise CompositionError(f"malformed formula {formula!r}: unexpected {char!r} at position {pos}{hint}")
-        sym, _num, opening, closing, _ws = m.groups()
+            raise CompositionError(f"malformed formula {excerpt(formula)}: unexpected {char!r} at position {pos}{hint}")
+        sym, num, opening, closing, _ws = m.groups()
+        if sym in ISOTOPES:
+            raise CompositionError(
+                f"isotope {sym!r} in formula {excerpt(formula)}: write the element (H); "
+                "structures do not tell isotopes apart"
+            )
         if sym and not Element.is_valid_symbol(sym):
-            raise CompositionError(f"unknown element {sym!r} in formula {formula!r}")
+            raise CompositionError(f"unknown element {sym!r} in formula {excerpt(formula)}")
+        if num is not None and float(num) == 0:
+            raise CompositionError(f"malformed formula {excerpt(formula)}: amount 0 at position {pos}")
         depth += 1 if opening else -1 if closing else 0
         if depth < 0:
-            raise CompositionError(f"malformed formula {formula!r}: unbalanced parentheses")
+            raise CompositionError(f"malformed formula {excerpt(formula)}: unbalanced parentheses")
         pos = m.end()
     if depth:
-        raise CompositionError(f"malformed formula {formula!r}: unbalanced parentheses")
+        raise CompositionError(f"malformed formula {excerpt(formula)}: unbalanced parentheses")
 
 
 @lru_cache(maxsize=65536)
@@ -60,16 +71,25 @@ def parse_composition(formula: str) -> Composition:
     try:
         comp = Composition(formula)
     except Exception as exc:  # pymatgen raises several types
-        raise CompositionError(f"malformed formula {formula!r}: {exc}") from None
+        raise CompositionError(f"malformed formula {excerpt(formula)}: {excerpt_text(exc)}") from None
     if any(not isinstance(el, Element) for el in comp):
-        raise CompositionError(f"formula {formula!r} has no real elements")
+        raise CompositionError(f"formula {excerpt(formula)} has no real elements")
     if len(comp) > MAX_ELEMENTS:
-        raise CompositionError(f"formula {formula!r} has {len(comp)} elements; at most {MAX_ELEMENTS} are supported")
+        raise CompositionError(
+            f"formula {excerpt(formula)} has {len(comp)} elements; at most {MAX_ELEMENTS} are supported"
+        )
     for el, amt in comp.items():
         if not math.isfinite(amt) or amt > MAX_AMOUNT:
-            raise CompositionError(f"amount of {el} in formula {formula!r} is too large (at most {MAX_AMOUNT})")
+            raise CompositionError(f"amount of {el} in formula {excerpt(formula)} is too large (at most {MAX_AMOUNT})")
+        if amt < MIN_AMOUNT:
+            raise CompositionError(f"amount of {el} in formula {excerpt(formula)} is below {MIN_AMOUNT:g}")
+    missing = set(re.findall(r"[A-Z][a-z]?", formula)) - {el.symbol for el in comp}
+    if missing:
+        raise CompositionError(
+            f"formula {excerpt(formula)}: amount of {', '.join(sorted(missing))} is zero or below {MIN_AMOUNT:g}"
+        )
     if comp.num_atoms <= 0:
-        raise CompositionError(f"formula {formula!r} has no real elements")
+        raise CompositionError(f"formula {excerpt(formula)} has no real elements")
     scale = integer_scale([amt for _, amt in comp.items()])
     return Composition({el: round(amt * scale) for el, amt in comp.items()}) if scale > 1 else comp
 

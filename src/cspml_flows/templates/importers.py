@@ -31,6 +31,7 @@ from cspml_flows.errors import CSPMLError, StructureReadError
 from cspml_flows.progress import bar
 from cspml_flows.prototype import preload_label_data
 from cspml_flows.quiet import library_warnings
+from cspml_flows.structure_checks import check_cif_text, check_poscar_species, lattice_problem
 from cspml_flows.templates.schema import TemplateDoc, check_template_structure, template_doc_from_structure
 from cspml_flows.templates.store import TemplateStore, redact_uri
 
@@ -54,6 +55,11 @@ class ImportReport:
     added: int = 0
     skipped_existing: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def all_failed(self) -> bool:
+        """Whether the source had structures and every one of them was refused."""
+        return bool(self.failed) and not self.added and not self.skipped_existing
 
     def summary(self) -> str:
         msg = f"{self.source}: {self.added} added, {self.skipped_existing} already present"
@@ -102,38 +108,55 @@ def check_poscar_counts(text: str, name: str) -> None:
         )
 
 
+def _parsed(s: Structure, name: str) -> Structure:
+    """A freshly parsed structure with sites and a sane lattice (checked before anything else sees it)."""
+    if len(s) == 0:
+        raise StructureReadError(f"{name} has no sites")
+    problem = lattice_problem(s.lattice.matrix)
+    if problem:
+        raise StructureReadError(f"{name}: {problem}")
+    return s
+
+
 def read_structure(path: str | Path) -> Structure:
-    """Read a CIF or POSCAR file; raise :class:`StructureReadError` naming the file."""
+    """Read a CIF or POSCAR file; raise :class:`StructureReadError` naming the file.
+
+    The text is checked first (:func:`check_cif_text`, the POSCAR's atom counts and element line), the
+    parsed lattice next; the whole structure is checked as a template by :func:`read_template_file`."""
     p = Path(path)
     if not p.is_file():
         raise StructureReadError(f"structure file not found: {p}")
-    if is_poscar_name(p.name):
-        try:
-            text = p.read_text()
-        except (OSError, UnicodeDecodeError):
-            text = ""  # compressed or binary: left to the reader
-        if text:
-            check_poscar_counts(text, str(p))
+    try:
+        text = p.read_text()
+    except (OSError, UnicodeDecodeError):
+        text = ""  # compressed or binary: left to the reader
+    if text and p.suffix.lower() == ".cif":  # pymatgen reads any *.cif as a CIF
+        check_cif_text(text, f"structure file {p}")
+    elif text and is_poscar_name(p.name):
+        check_poscar_counts(text, str(p))
+        check_poscar_species(text, f"structure file {p}")
     try:
         with library_warnings():
             s = Structure.from_file(str(p))
     except Exception as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise StructureReadError(f"cannot read structure file {p}: {reason}") from None
-    if len(s) == 0:
-        raise StructureReadError(f"structure file {p} has no sites")
-    return s
+    return _parsed(s, f"structure file {p}")
 
 
 def structure_from_cif_string(cif: str, name: str = "<cif>") -> Structure:
+    """Parse a CIF text (checked first by :func:`check_cif_text`); raise :class:`StructureReadError` naming
+    ``name``."""
+    if not isinstance(cif, str):
+        raise StructureReadError(f"CIF of {name} is not text ({type(cif).__name__})")
+    check_cif_text(cif, f"CIF of {name}")
     try:
         with library_warnings():
             s = Structure.from_str(cif, fmt="cif")
     except Exception as exc:
-        raise StructureReadError(f"cannot parse CIF of {name}: {exc}") from None
-    if len(s) == 0:
-        raise StructureReadError(f"CIF of {name} has no sites")
-    return s
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise StructureReadError(f"cannot parse CIF of {name}: {reason}") from None
+    return _parsed(s, f"CIF of {name}")
 
 
 def _doc_from_row(args: tuple[str, str, str, dict[str, Any], int]) -> dict | tuple[str, str]:

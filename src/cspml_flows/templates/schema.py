@@ -2,7 +2,8 @@
 
 Only structures a prediction can substitute onto become templates (:func:`check_template_structure`): ordered
 (no partial occupancies or vacancies), real elements only, at most ``max_template_atoms`` sites (see
-:func:`cspml_flows.config.max_template_atoms`) and ``MAX_ELEMENTS`` elements.
+:func:`cspml_flows.config.max_template_atoms`) and ``MAX_ELEMENTS`` elements, and a sane cell and geometry
+(:func:`cspml_flows.structure_checks.check_structure`), checked before spglib sees the structure.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pymatgen.core import DummySpecies, Structure
 from cspml_flows.composition import MAX_ELEMENTS, roles
 from cspml_flows.errors import StructureReadError
 from cspml_flows.prototype import prototype_info
+from cspml_flows.structure_checks import check_structure
 
 SCHEMA_VERSION = 1
 
@@ -53,8 +55,8 @@ class TemplateDoc(BaseModel):
 
 def check_template_structure(structure: Structure, name: str, max_atoms: int | None = None) -> None:
     """Refuse, naming ``name`` and the reason, a structure that cannot be a template: partial occupancies,
-    non-element species, no sites, more than ``max_atoms`` sites (default: the configured limit) or more than
-    ``MAX_ELEMENTS`` elements."""
+    non-element species, no sites, more than ``max_atoms`` sites (default: the configured limit), more than
+    ``MAX_ELEMENTS`` elements, or a cell or geometry no crystal has (:func:`check_structure`)."""
     from cspml_flows.config import max_template_atoms
 
     if len(structure) == 0:
@@ -77,6 +79,7 @@ def check_template_structure(structure: Structure, name: str, max_atoms: int | N
     n_el = len(structure.composition.elements)
     if n_el > MAX_ELEMENTS:
         raise StructureReadError(f"{name} has {n_el} elements; a template may have at most {MAX_ELEMENTS}")
+    check_structure(structure, name)
 
 
 def template_doc_from_structure(
