@@ -29,6 +29,7 @@ import importlib
 import logging
 import os
 import re
+import shutil
 import sqlite3
 import tempfile
 import warnings
@@ -272,6 +273,8 @@ def _write_monty_config(path: Path) -> None:
     and renamed into place (the configuration file last: its presence marks a store)."""
     from montydb import set_storage
 
+    for stale in path.glob(".monty-config.*"):  # left by a creator that was killed (we hold the lock)
+        shutil.rmtree(stale, ignore_errors=True)
     with tempfile.TemporaryDirectory(prefix=".monty-config.", dir=path) as tmp:
         set_storage(tmp, storage="sqlite")
         for name in sorted(os.listdir(tmp), key=lambda n: n == MONTY_CONFIG):
@@ -310,7 +313,7 @@ class EmbeddedStore(MontyStore):
             from montydb import MontyClient
 
             if not (Path(self.database_path) / MONTY_CONFIG).is_file():
-                raise StoreError(f"{self.database_path} is not a template store (no {MONTY_CONFIG} in it)")
+                raise StoreError(f"{self.database_path} is not a store (no {MONTY_CONFIG} in it)")
             client = MontyClient(self.database_path, **self.client_kwargs)
             self._coll = client[self.database_name][self.collection_name]
 
