@@ -262,7 +262,7 @@ def _half_created(path: Path, variant: str) -> Path:
     """An embedded store folder as a kill during montydb's lazy collection creation left it."""
     from montydb import set_storage
 
-    set_storage(str(path), storage="sqlite")
+    set_storage(str(path), storage="sqlite", use_bson=True, mongo_version="4.0")  # as maggma's MontyStore does
     coll = collection_file(path, "db", "templates")
     coll.parent.mkdir(parents=True)
     if variant == "empty file":

@@ -203,7 +203,7 @@ def embedded_store(path: Path, collection: str, key: str, create: bool, what: st
     )
     if create:
         try:
-            prepare_embedded(path, store.database_name, collection)
+            prepare_embedded(path, store.database_name, collection, store.storage_kwargs)
         except (sqlite3.Error, OSError) as exc:
             raise StoreError(f"cannot open {what} {path} for writing: {error_reason(exc)}") from None
     return store
@@ -249,17 +249,18 @@ def store_lock(folder: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def prepare_embedded(path: Path, database: str, collection: str) -> None:
+def prepare_embedded(path: Path, database: str, collection: str, storage_kwargs: dict[str, Any]) -> None:
     """Make an embedded store ready for writing: montydb's configuration and the collection's sqlite file
     with its table, created under :func:`store_lock`, each put in place whole by a rename (a reader sees no
     collection or a complete one; two processes never both create it). A collection file without its table
-    (a store whose creation was killed half-way) is repaired in place."""
+    (a store whose creation was killed half-way) is repaired in place. ``storage_kwargs``: the montydb
+    settings (``montydb.set_storage``) of a new store, maggma's MontyStore defaults (pymongo's BSON)."""
     coll = collection_file(path, database, collection)
     if (path / MONTY_CONFIG).is_file() and coll.is_file() and _has_table(coll):
         return  # the usual case: nothing to create, no lock taken
     with store_lock(path):
         if not (path / MONTY_CONFIG).is_file():
-            _write_monty_config(path)
+            _write_monty_config(path, storage_kwargs)
         if not coll.exists():
             _create_collection_file(coll)
         elif not _has_table(coll):
@@ -268,7 +269,7 @@ def prepare_embedded(path: Path, database: str, collection: str) -> None:
             log.warning("store %s: collection %s had no table (creation interrupted): repaired", path, coll.name)
 
 
-def _write_monty_config(path: Path) -> None:
+def _write_monty_config(path: Path, storage_kwargs: dict[str, Any]) -> None:
     """montydb's storage configuration (sqlite) for the store folder ``path``, written in a temporary folder
     and renamed into place (the configuration file last: its presence marks a store)."""
     from montydb import set_storage
@@ -276,7 +277,7 @@ def _write_monty_config(path: Path) -> None:
     for stale in path.glob(".monty-config.*"):  # left by a creator that was killed (we hold the lock)
         shutil.rmtree(stale, ignore_errors=True)
     with tempfile.TemporaryDirectory(prefix=".monty-config.", dir=path) as tmp:
-        set_storage(tmp, storage="sqlite")
+        set_storage(tmp, storage="sqlite", **storage_kwargs)
         for name in sorted(os.listdir(tmp), key=lambda n: n == MONTY_CONFIG):
             os.replace(Path(tmp) / name, path / name)
 
