@@ -163,3 +163,33 @@ def test_real_structures_pass(data_dir):
     cifs = pd.read_csv(data_dir / "mpts_52" / "val.csv.gz", usecols=["material_id", "cif"]).iloc[::10]
     for mid, cif in zip(cifs.material_id, cifs.cif, strict=True):
         check_structure(structure_from_cif_string(cif, mid), mid)
+
+
+def test_index_leaves_out_degenerate_templates_an_older_store_holds(tmp_path, capsys, caplog):
+    """A det-0 template written by an earlier version was handed back by predict as a P1 CIF with gamma = 0."""
+    from cspml_flows.templates.index import TemplateIndex
+    from cspml_flows.templates.schema import template_doc_from_structure
+
+    good = Structure(Lattice.cubic(5.64), ["Na", "Na", "Na", "Na", "Cl", "Cl", "Cl", "Cl"], FCC_ROCKSALT)
+    ts = TemplateStore.open(tmp_path / "store")
+    ts.add([template_doc_from_structure(good, "good")])
+    doc = template_doc_from_structure(good, "flat").model_dump(mode="json")
+    flat = doc["structure"]
+    flat["lattice"]["matrix"][2] = list(flat["lattice"]["matrix"][1])  # collinear axes: zero volume
+    ts.store._collection.insert_one({**doc, "formula": "KBr", "_id": "flat"})
+    ts.close()
+    index = TemplateIndex.open(tmp_path / "store", workers=1)
+    assert list(index.ids) == ["good"]
+    assert "1 templates of" in caplog.text and "a cell no crystal has" in caplog.text
+
+
+FCC_ROCKSALT = [
+    [0, 0, 0],
+    [0, 0.5, 0.5],
+    [0.5, 0, 0.5],
+    [0.5, 0.5, 0],
+    [0.5, 0.5, 0.5],
+    [0.5, 0, 0],
+    [0, 0.5, 0],
+    [0, 0, 0.5],
+]

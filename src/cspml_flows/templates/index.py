@@ -40,6 +40,7 @@ from cspml_flows.descriptors import (
 )
 from cspml_flows.prototype import cluster_prototypes
 from cspml_flows.safeio import load_npz, save_npz
+from cspml_flows.structure_checks import geometry_problem, min_periodic_distance
 from cspml_flows.templates.store import TemplateStore
 
 log = logging.getLogger(__name__)
@@ -176,7 +177,8 @@ class TemplateIndex:
         skipped = store.count() - len(docs)
         if skipped > 0:
             log.warning(
-                "%d templates of %s left out: partial occupancies or more than %d sites (max_template_atoms)",
+                "%d templates of %s left out: partial occupancies, more than %d sites (max_template_atoms) or a cell "
+                "no crystal has",
                 skipped,
                 store.name,
                 limit,
@@ -429,12 +431,18 @@ def check_index_arrays(arrays: dict[str, np.ndarray], n_roles: list[int]) -> Non
 
 
 def usable_template(d: dict, max_atoms: int) -> bool:
-    """Whether a structure dict is ordered (one species of occupancy 1 per site) and has at most
-    ``max_atoms`` sites (see :func:`cspml_flows.templates.schema.check_template_structure`)."""
+    """Whether a structure dict is ordered (one species of occupancy 1 per site), has at most ``max_atoms``
+    sites and a sane cell and geometry (see :func:`cspml_flows.templates.schema.check_template_structure`)."""
     sites = d.get("sites") or []
     if not 0 < len(sites) <= max_atoms:
         return False
-    return all(len(s["species"]) == 1 and abs(float(s["species"][0].get("occu", 1.0)) - 1.0) < 1e-6 for s in sites)
+    if not all(len(s["species"]) == 1 and abs(float(s["species"][0].get("occu", 1.0)) - 1.0) < 1e-6 for s in sites):
+        return False
+    try:
+        frac = np.asarray([s["abc"] for s in sites], dtype=float)
+        return geometry_problem(np.asarray(d["lattice"]["matrix"], dtype=float), frac) is None
+    except (KeyError, TypeError, ValueError):
+        return False
 
 
 def cell_arrays(d: dict, r: Roles) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -520,12 +528,3 @@ def role_symmetry_perms(
             if len(set(perm.tolist())) == len(ident):
                 found.add(tuple(int(x) for x in perm))
     return sorted(found)
-
-
-def min_periodic_distance(matrix: np.ndarray, frac: np.ndarray) -> float:
-    """Shortest interatomic distance in a periodic cell (including a site's own images)."""
-    shifts = np.array([[i, j, k] for i in (-1, 0, 1) for j in (-1, 0, 1) for k in (-1, 0, 1)], dtype=float)
-    diff = frac[:, None, None, :] - frac[None, :, None, :] + shifts[None, None, :, :]
-    dist = np.linalg.norm(diff @ matrix, axis=-1)
-    dist[dist < 1e-8] = np.inf
-    return float(dist.min())
