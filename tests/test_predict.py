@@ -264,10 +264,13 @@ def test_predict_bad_formula_and_empty(predictor):
 
 
 def test_candidates_failing_distance_rule_are_dropped(trained_model):
-    """A template whose atoms are 0.35 A apart gives no candidate, and the message says why."""
+    """A template whose atoms are 0.35 A apart gives no candidate, and the message says why. Imports refuse
+    such a structure (structure_checks), so the document is made as an older store may hold it."""
     squeezed = Structure(Lattice.cubic(4.0), ["Na", "Cl"], [[0, 0, 0], [0.05, 0.05, 0.05]])
+    wide = Structure(Lattice.cubic(4.0), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
     docs = [
-        template_doc_from_structure(squeezed, "squeezed", e_above_hull=0.0).model_dump(mode="json"),
+        template_doc_from_structure(wide, "squeezed", e_above_hull=0.0).model_dump(mode="json")
+        | {"structure": squeezed.as_dict()},
         template_doc_from_structure(
             Structure(Lattice.cubic(4.2), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]]), "b2", e_above_hull=0.0
         ).model_dump(mode="json"),
