@@ -2,7 +2,9 @@
 
 1. Candidates: templates with the query's anonymous formula, minus excluded ones (a query's own id; in
    the strict setting every template of its reduced formula).
-2. Prefilter: the ``prefilter`` nearest by role-wise element-property distance.
+2. Prefilter: the ``prefilter`` nearest by role-wise element-property distance, ties by row; exactly in
+   small groups, through a nearest-neighbour graph with an exact re-rank in large ones
+   (:mod:`cspml_flows.predict.prefilter`).
 3. Score: the learned similarity for every kept template and every within-tie-group permutation of the
    query's elements (at most ``max_perms``, fewest swaps against the electronegativity order first; see
    :meth:`cspml_flows.composition.Roles.permutations`). The first ``FULL_PERMS`` assignments are scored
@@ -15,17 +17,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 
 from cspml_flows import progress
 from cspml_flows.composition import MAX_ASSIGNMENTS, Roles
 from cspml_flows.descriptors import role_properties
-from cspml_flows.learning.features import role_distance
 from cspml_flows.learning.model import QueryBatch, SimilarityModel
+from cspml_flows.predict.prefilter import ANN_THRESHOLD, nearest_rows
 from cspml_flows.templates.index import TemplateIndex
 
 
@@ -42,15 +45,23 @@ class Ranked:
     stats: tuple[float, ...] = ()  # best and mean member probability, members scored (the ranker's input)
 
 
-def _exclusion_mask(
-    index: TemplateIndex, members: np.ndarray, query: Roles, exclude_ids: set[str], strict: bool
-) -> np.ndarray:
-    ok = np.ones(len(members), dtype=bool)
-    if exclude_ids:
-        ok &= ~np.isin(index.ids[members], list(exclude_ids))
-    if strict:
-        ok &= index.formulas[members] != query.reduced_formula
-    return ok
+def _allowed(
+    index: TemplateIndex, query: Roles, exclude_ids: set[str], strict: bool
+) -> Callable[[np.ndarray], np.ndarray]:
+    """Mask of the given template rows that ``query`` may use (not its own id; in the strict setting, not
+    its reduced formula)."""
+    excluded = list(exclude_ids)
+    formula = query.reduced_formula
+
+    def allowed(rows: np.ndarray) -> np.ndarray:
+        ok = np.ones(len(rows), dtype=bool)
+        if excluded:
+            ok &= ~np.isin(index.ids[rows], excluded)
+        if strict:
+            ok &= index.formulas[rows] != formula
+        return ok
+
+    return allowed
 
 
 def rank(
@@ -65,10 +76,13 @@ def rank(
     vote: float = 0.15,
     metric: str = "learned",
     threads: int = 1,
+    ann_threshold: int | None = ANN_THRESHOLD,
 ) -> list[list[Ranked]]:
     """Top candidates per query. ``metric='learned'`` uses the model; ``'nearest'`` the unlearned
     Magpie distance (then one candidate per template, canonical assignment, no clustering). ``threads``
-    score row chunks concurrently."""
+    score row chunks concurrently. Groups of at least ``ann_threshold`` templates are prefiltered through
+    their nearest-neighbour graph (:mod:`cspml_flows.predict.prefilter`), smaller ones exactly; ``None``:
+    every group exactly."""
     qb = QueryBatch.from_roles(list(queries))
     std = model.std if model is not None else None
     if std is None:
@@ -86,30 +100,28 @@ def rank(
         members = index.by_anon.get(anon)
         if members is None or len(members) == 0:
             continue
-        t_roles = index.role_props[members]
         for i in qis:
-            ok = _exclusion_mask(index, members, queries[i], exclude_ids[i] if exclude_ids else set(), strict)
-            cand = members[ok]
-            if len(cand) == 0:
-                continue
+            allowed = _allowed(index, queries[i], exclude_ids[i] if exclude_ids else set(), strict)
             if metric == "nearest":
                 from cspml_flows.learning.features import unlearned_distance
 
+                cand = members[allowed(members)]
                 d = unlearned_distance(qb.stats[i][None], index.stats[cand], std)
                 order = np.argsort(d, kind="stable")[:top]
                 nearest_out[i] = [
                     Ranked(int(cand[j]), perms_of[i][0], float(-d[j]), int(index.cluster[cand[j]])) for j in order
                 ]
                 continue
-            d = role_distance(qb.role_props[i][None], t_roles[ok], std)
-            keep = cand[np.argsort(d, kind="stable")[:prefilter]] if len(cand) > prefilter else cand
+            near = partial(nearest_rows, index, anon, members, std=std, allowed=allowed, threshold=ann_threshold)
+            keep = near(qb.role_props[i][None], prefilter, few_in_row_order=True)[0]
+            if len(keep) == 0:
+                continue
             qp = role_properties([queries[i]] * len(perms_of[i]), perms_of[i])
             qp_props.append(qp)
             if len(perms_of[i]) > FULL_PERMS:  # further assignments: only their own nearest templates
-                d_extra = role_distance(qp[FULL_PERMS:, None], t_roles[ok][None], std)
-                near = np.argsort(d_extra, axis=1, kind="stable")[:, :EXTRA_PREFILTER]
+                extra = near(qp[FULL_PERMS:], EXTRA_PREFILTER)
             for k in range(len(perms_of[i])):
-                kept = keep if k < FULL_PERMS else cand[near[k - FULL_PERMS]]
+                kept = keep if k < FULL_PERMS else extra[k - FULL_PERMS]
                 rows_q.append(np.full(len(kept), i))
                 rows_t.append(kept)
                 rows_p.append(np.full(len(kept), k))
