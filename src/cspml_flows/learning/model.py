@@ -156,6 +156,8 @@ class SimilarityModel:
         test_fraction: float = 0.2,
         seed: int = 0,
         max_anchors: int = 20000,
+        max_test_anchors: int = 5000,
+        max_group: int = 5000,
         n_near: int = 24,
         n_random: int = 8,
         max_iter: int = 150,
@@ -164,7 +166,13 @@ class SimilarityModel:
         log=print,
     ) -> tuple[SimilarityModel, TrainingReport]:
         """Train on pairs of the index; report accuracy and ROC-AUC on pairs whose query composition is
-        held out (20 % of reduced formulas), beside the unlearned descriptor distance."""
+        held out (20 % of reduced formulas), beside the unlearned descriptor distance.
+
+        On a large pool the work is bounded by subsampling, each with its own seeded draw: at most
+        ``max_anchors`` training anchors and ``max_test_anchors`` held-out anchors, and an anchor's nearest
+        partners are sought among at most ``max_group`` templates of its anonymous formula (see
+        :func:`sample_pairs`). Pools whose groups and held-out sets are below these sizes train on exactly the
+        pairs they always did."""
         t0 = time.perf_counter()
         if len(index) < 10:
             raise ModelError(f"need at least 10 templates to train, the store has {len(index)}")
@@ -176,8 +184,10 @@ class SimilarityModel:
         is_test = np.array([f in test_formulas for f in index.formulas])
         train_idx, test_idx = np.flatnonzero(~is_test), np.flatnonzero(is_test)
         anchors = train_idx if len(train_idx) <= max_anchors else rng.choice(train_idx, max_anchors, replace=False)
-        a_tr, t_tr = sample_pairs(index, anchors, train_idx, std, n_near, n_random, seed)
-        a_te, t_te = sample_pairs(index, test_idx, train_idx, std, n_near, n_random, seed + 1)
+        if len(test_idx) > max_test_anchors:
+            test_idx = np.sort(np.random.default_rng(seed + 3).choice(test_idx, max_test_anchors, replace=False))
+        a_tr, t_tr = sample_pairs(index, anchors, train_idx, std, n_near, n_random, seed, max_group)
+        a_te, t_te = sample_pairs(index, test_idx, train_idx, std, n_near, n_random, seed + 1, max_group)
         x_tr, y_tr = cls._pairs_xy(index, model, a_tr, t_tr)
         x_te, y_te = cls._pairs_xy(index, model, a_te, t_te)
         if len(np.unique(y_tr)) < 2:
@@ -195,7 +205,14 @@ class SimilarityModel:
         agreement = _label_agreement(index, a_te, t_te, check_labels, rng) if check_labels else None
         if refit_all:
             a_all, t_all = sample_pairs(
-                index, np.concatenate([anchors, test_idx]), np.arange(len(index)), std, n_near, n_random, seed + 2
+                index,
+                np.concatenate([anchors, test_idx]),
+                np.arange(len(index)),
+                std,
+                n_near,
+                n_random,
+                seed + 2,
+                max_group,
             )
             x_all, y_all = cls._pairs_xy(index, model, a_all, t_all)
             model.booster = _fit_booster(x_all, y_all, max_iter, seed)

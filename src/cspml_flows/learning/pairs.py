@@ -17,10 +17,15 @@ def sample_pairs(
     n_near: int = 24,
     n_random: int = 8,
     seed: int = 0,
+    max_group: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """For each anchor: its ``n_near`` nearest same-anonymous-formula templates (by role distance) among
-    ``allowed`` ones, plus ``n_random`` random others. Returns (anchor index, template index) arrays."""
+    ``allowed`` ones, plus ``n_random`` random others. Returns (anchor index, template index) arrays.
+
+    With ``max_group``, a group with more allowed templates is first cut to a seeded random sample of that
+    size (one per group), so an anchor costs at most ``max_group`` distances however large the pool."""
     rng = np.random.default_rng(seed)
+    cut = np.random.default_rng(seed + 1_000_003)
     allowed_mask = np.zeros(len(index), dtype=bool)
     allowed_mask[allowed] = True
     a_out, t_out = [], []
@@ -28,6 +33,8 @@ def sample_pairs(
     anchor_set[anchors] = True
     for members in index.by_anon.values():
         cands = members[allowed_mask[members]]
+        if max_group is not None and len(cands) > max_group:
+            cands = np.sort(cut.choice(cands, max_group, replace=False))
         group_anchors = members[anchor_set[members]]
         if len(cands) == 0 or len(group_anchors) == 0:
             continue
