@@ -147,6 +147,9 @@ class CampaignConfig(BaseModel):
     stores: StoresConfig = Field(default_factory=StoresConfig)
     workdir: str | None = Field(None, description="reports and default stores (default: out/campaigns/<name>)")
     workers: int = Field(1, ge=1, description="processes for building the template index")
+    retrieval_chunk: int = Field(
+        1000, ge=1, description="csp, metastable: compositions per retrieval job; more fan out as one job per chunk"
+    )
     _source: str | None = PrivateAttr(None)  # the campaign file this configuration was read from
 
     @property
@@ -340,6 +343,10 @@ def make_maker(cfg: CampaignConfig):
             elements=check_elements(cfg.elements),
             top=top,
         )
+    if cfg.kind != "inverse" and len(cfg.formulas()) > cfg.retrieval_chunk:
+        from cspml_flows.flows.chunked import ChunkedRetrievalMaker
+
+        retrieval = ChunkedRetrievalMaker(retrieval=retrieval, chunk_size=cfg.retrieval_chunk)
     first, *more = cfg.relaxations()
     return CSPMaker(
         name=f"cspml {cfg.name}",

@@ -3,6 +3,7 @@ relax -> hull -> promotion; :class:`CSPMaker` composes them."""
 
 from cspml_flows.flows.calculators import CalculatorSettings, relax_maker, structure_fingerprint
 from cspml_flows.flows.candidates import DedupMaker, SubstitutionMaker
+from cspml_flows.flows.chunked import ChunkedRetrievalMaker
 from cspml_flows.flows.hull import StabilityMaker
 from cspml_flows.flows.makers import CSPMaker
 from cspml_flows.flows.promotion import PromotionBuilder, TemplateUpdateMaker
@@ -12,6 +13,7 @@ from cspml_flows.flows.retrieval import TemplateRetrievalMaker
 __all__ = [
     "CSPMaker",
     "CalculatorSettings",
+    "ChunkedRetrievalMaker",
     "DedupMaker",
     "PromotionBuilder",
     "RelaxationMaker",
