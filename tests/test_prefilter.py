@@ -22,10 +22,74 @@ from cspml_flows.predict.retrieve import rank
 
 # elements with every role property (no NaN), and the ones without an electronegativity or covalent radius
 ELEMENTS = (
-    "Li Be Na Mg Al Si K Ca Sc Ti V Cr Mn Fe Co Ni Cu Zn Ga Ge Rb Sr Y Zr Nb Mo Ru Rh Pd Ag Cd In Sn Sb Cs Ba "
-    "La Ce Pr Nd Sm Eu Gd Tb Dy Ho Er Tm Yb Lu Hf Ta W Re Os Ir Pt Au Hg Tl Pb Bi Th U Np Pu"
-).split()
-ANIONS = "O S Se Te F Cl Br I N P As".split()
+    "Li",
+    "Be",
+    "Na",
+    "Mg",
+    "Al",
+    "Si",
+    "K",
+    "Ca",
+    "Sc",
+    "Ti",
+    "V",
+    "Cr",
+    "Mn",
+    "Fe",
+    "Co",
+    "Ni",
+    "Cu",
+    "Zn",
+    "Ga",
+    "Ge",
+    "Rb",
+    "Sr",
+    "Y",
+    "Zr",
+    "Nb",
+    "Mo",
+    "Ru",
+    "Rh",
+    "Pd",
+    "Ag",
+    "Cd",
+    "In",
+    "Sn",
+    "Sb",
+    "Cs",
+    "Ba",
+    "La",
+    "Ce",
+    "Pr",
+    "Nd",
+    "Sm",
+    "Eu",
+    "Gd",
+    "Tb",
+    "Dy",
+    "Ho",
+    "Er",
+    "Tm",
+    "Yb",
+    "Lu",
+    "Hf",
+    "Ta",
+    "W",
+    "Re",
+    "Os",
+    "Ir",
+    "Pt",
+    "Au",
+    "Hg",
+    "Tl",
+    "Pb",
+    "Bi",
+    "Th",
+    "U",
+    "Np",
+    "Pu",
+)
+ANIONS = ("O", "S", "Se", "Te", "F", "Cl", "Br", "I", "N", "P", "As")
 NAN_ELEMENTS = ("Ar", "Cf")
 
 
@@ -82,7 +146,7 @@ def test_graph_search_equals_exhaustive_on_a_large_group():
 def test_nan_rows_and_nan_queries_are_exact():
     """Rows with a NaN property (Ar: no electronegativity, Cf: no covalent radius) stay out of the graph
     and are re-ranked with every query; role_distance ignores the NaN entry on both paths."""
-    formulas, props = _abx3_pool(600, seed=3, nan_share=0.1)
+    _, props = _abx3_pool(600, seed=3, nan_share=0.1)
     std = _std(props)
     rows = np.arange(len(props))
     g = GroupPrefilter.build(rows, props, std, n_roles=3)
@@ -97,7 +161,7 @@ def test_nan_rows_and_nan_queries_are_exact():
 def test_updates_match_a_fresh_build(tmp_path):
     """Adding and removing rows (ties re-keyed when their smallest row goes) gives the rows and results of
     a graph built from the remaining rows."""
-    formulas, props = _abx3_pool(1200, seed=4, nan_share=0.05)
+    _, props = _abx3_pool(1200, seed=4, nan_share=0.05)
     std = _std(props)
     rows = np.arange(len(props))
     g = GroupPrefilter.build(rows[:700], props[:700], std, n_roles=3)
@@ -116,7 +180,7 @@ def test_updates_match_a_fresh_build(tmp_path):
 
 
 def test_files_round_trip_and_refuse_damage(tmp_path):
-    formulas, props = _abx3_pool(800, seed=7, nan_share=0.05)
+    _, props = _abx3_pool(800, seed=7, nan_share=0.05)
     std = _std(props)
     rows = np.arange(len(props))
     g = GroupPrefilter.build(rows, props, std, n_roles=3)
@@ -148,13 +212,13 @@ def test_index_prefilter_syncs_with_by_anon_and_persists(template_index, shipped
     anon = max(index.by_anon, key=lambda a: len(index.by_anon[a]))
     members = index.by_anon[anon]
     q = index.role_props[members[:5]]
-    found = nearest_rows(index, anon, members, q, 10, std, threshold=0)
+    found = nearest_rows(index, anon, members, q, 10, std, threshold=0, build_after=0)
     exact = nearest_rows(index, anon, members, q, 10, std, threshold=None)
     assert all(np.array_equal(a, b) for a, b in zip(found, exact, strict=True))
     pf = prefilter_for(index, std)
     assert prefilter_for(index, std) is pf and anon in pf.groups
     index.by_anon[anon] = members[::2].copy()  # an update that drops every other template of the group
-    found = nearest_rows(index, anon, index.by_anon[anon], q, 10, std, threshold=0)
+    found = nearest_rows(index, anon, index.by_anon[anon], q, 10, std, threshold=0, build_after=0)
     assert np.array_equal(pf.groups[anon].rows(), members[::2])
     exact = nearest_rows(index, anon, index.by_anon[anon], q, 10, std, threshold=None)
     assert all(np.array_equal(a, b) for a, b in zip(found, exact, strict=True))
@@ -162,7 +226,7 @@ def test_index_prefilter_syncs_with_by_anon_and_persists(template_index, shipped
     loaded = Prefilter.load(tmp_path / "pf", index, std)
     attach(index, std, loaded)
     assert prefilter_for(index, std) is loaded
-    again = nearest_rows(index, anon, index.by_anon[anon], q, 10, std, threshold=0)
+    again = nearest_rows(index, anon, index.by_anon[anon], q, 10, std, threshold=0, build_after=0)
     assert all(np.array_equal(a, b) for a, b in zip(found, again, strict=True))
 
 
@@ -197,3 +261,19 @@ def test_rank_through_graphs_equals_exhaustive_rank(template_index, shipped_mode
     same = [[(c.template, c.perm, c.cluster) for c in cands] == k for cands, k in zip(graph, key, strict=True)]
     assert sum(len(k) > 0 for k in key) > 150
     assert np.mean(same) >= 0.99
+
+
+def test_graph_built_only_after_enough_exact_answers(template_index, shipped_model):
+    """Without a loaded graph, a group answers ``build_after`` query vectors exactly before its graph is
+    built; from then on the graph answers (with the exact results here)."""
+    index = template_index.subset(np.ones(len(template_index), dtype=bool))
+    std = shipped_model.std
+    anon = max(index.by_anon, key=lambda a: len(index.by_anon[a]))
+    members = index.by_anon[anon]
+    q = index.role_props[members[:2]]
+    exact = nearest_rows(index, anon, members, q, 5, std, threshold=None)
+    pf = prefilter_for(index, std)
+    for call in range(3):
+        got = nearest_rows(index, anon, members, q, 5, std, threshold=1, build_after=3)
+        assert all(np.array_equal(a, b) for a, b in zip(got, exact, strict=True))
+        assert (anon in pf.groups) == (call == 2)

@@ -8,9 +8,12 @@ stable sort over the group's rows). Two ways, one result:
 - exactly, with numpy over every template of the group, for groups below ``threshold`` templates
   (:data:`ANN_THRESHOLD` by default);
 - through a :class:`GroupPrefilter`, an HNSW graph (usearch) per group, whose cost per query grows with the
-  logarithm of the group size. It fetches ``need`` plus a margin of graph points (more while exclusions
-  leave too few rows) and re-ranks the fetched rows with ``role_distance`` itself, so distances and tie
-  order are the exhaustive ones; the results differ only where the graph misses a true neighbour.
+  logarithm of the group size. A graph that was not loaded is built once the group has answered
+  :data:`BUILD_AFTER` query vectors exactly (a build costs about that many exact answers), so a group
+  queried once or twice never waits for a build. A search fetches ``need`` plus a margin of graph points
+  (more while exclusions leave too few rows) and re-ranks the fetched rows with ``role_distance`` itself,
+  so distances and tie order are the exhaustive ones; results differ only where the graph misses a true
+  neighbour.
 
 A :class:`GroupPrefilter` indexes each template as the vector of standardised properties of the group's
 roles (the anonymous formula's role count; the NaN padding of the other roles is dropped), in float32 under
@@ -65,7 +68,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-ANN_THRESHOLD = 4000  # groups with at least this many templates are searched through the graph
+ANN_THRESHOLD = 1000  # groups with at least this many templates are searched through a graph
+BUILD_AFTER = 32  # query vectors a group answers exactly before its graph is built (when none was loaded)
 CONNECTIVITY = 16  # graph edges per point (HNSW M)
 EXPANSION_ADD = 128  # candidate list while inserting (HNSW efConstruction)
 EXPANSION_SEARCH = 96  # candidate list while searching (HNSW ef; at least the points fetched)
@@ -323,6 +327,7 @@ class Prefilter:
         self.std = std
         self.groups: dict[str, GroupPrefilter] = {}
         self._members: dict[str, np.ndarray] = {}  # the by_anon array each graph was last synced with
+        self.exact_queries: dict[str, int] = {}  # query vectors answered exactly per group without a graph
 
     def group(self, index: TemplateIndex, anon: str, members: np.ndarray) -> GroupPrefilter:
         """The graph of group ``anon`` whose current rows are ``members``."""
@@ -412,16 +417,25 @@ def nearest_rows(
     allowed: Callable[[np.ndarray], np.ndarray] | None = None,
     threshold: int | None = ANN_THRESHOLD,
     few_in_row_order: bool = False,
+    build_after: int = BUILD_AFTER,
 ) -> list[np.ndarray]:
     """For each query vector of ``q_props`` (m, MAX_ROLES, P): the ``need`` nearest rows of group ``anon``
     (rows ``members``, ascending) that ``allowed`` keeps, by ``role_distance``, ties by row; with
-    ``few_in_row_order``, when at most ``need`` rows are allowed, all of them in row order. Exact below
-    ``threshold`` templates (``None``: always exact), else through the group's graph."""
+    ``few_in_row_order``, when at most ``need`` rows are allowed, all of them in row order.
+
+    Groups below ``threshold`` templates (``None``: every group) are answered exactly. A larger group is
+    answered through its graph when the process has one (loaded, or built earlier); else exactly until it
+    has answered ``build_after`` query vectors, then its graph is built (a build costs about as much as
+    that many exact answers, so a group queried once is never built for; 0: built at once)."""
     out: list[np.ndarray | None] = [None] * len(q_props)
     if threshold is not None and len(members) >= threshold:
         finite = np.flatnonzero(np.isfinite(q_props[:, : _n_roles(index, members)]).all(axis=(1, 2)))
+        pf = prefilter_for(index, std)
+        if anon not in pf.groups and pf.exact_queries.get(anon, 0) < build_after:
+            pf.exact_queries[anon] = pf.exact_queries.get(anon, 0) + len(q_props)
+            finite = finite[:0]
         if len(finite):
-            g = prefilter_for(index, std).group(index, anon, members)
+            g = pf.group(index, anon, members)
             found = g.search(q_props[finite], need, index.role_props, allowed, few_in_row_order)
             for i, rows in zip(finite.tolist(), found, strict=True):
                 out[i] = rows

@@ -28,7 +28,7 @@ from cspml_flows import progress
 from cspml_flows.composition import MAX_ASSIGNMENTS, Roles
 from cspml_flows.descriptors import role_properties
 from cspml_flows.learning.model import QueryBatch, SimilarityModel
-from cspml_flows.predict.prefilter import ANN_THRESHOLD, nearest_rows
+from cspml_flows.predict.prefilter import ANN_THRESHOLD, BUILD_AFTER, nearest_rows
 from cspml_flows.templates.index import TemplateIndex
 
 
@@ -81,8 +81,8 @@ def rank(
     """Top candidates per query. ``metric='learned'`` uses the model; ``'nearest'`` the unlearned
     Magpie distance (then one candidate per template, canonical assignment, no clustering). ``threads``
     score row chunks concurrently. Groups of at least ``ann_threshold`` templates are prefiltered through
-    their nearest-neighbour graph (:mod:`cspml_flows.predict.prefilter`), smaller ones exactly; ``None``:
-    every group exactly."""
+    their nearest-neighbour graph once it is loaded or worth building (:mod:`cspml_flows.predict.prefilter`),
+    smaller ones exactly; ``None``: every group exactly; 0: every group through its graph from the start."""
     qb = QueryBatch.from_roles(list(queries))
     std = model.std if model is not None else None
     if std is None:
@@ -93,6 +93,7 @@ def rank(
     perms_of: list[list[tuple[int, ...]]] = []
     nearest_out: list[list[Ranked]] = [[] for _ in queries]
     by_group: dict[str, list[int]] = {}
+    build = 0 if ann_threshold == 0 else BUILD_AFTER
     for i, q in enumerate(queries):
         by_group.setdefault(q.anonymous_formula, []).append(i)
         perms_of.append(q.permutations(limit=max_perms))
@@ -112,7 +113,9 @@ def rank(
                     Ranked(int(cand[j]), perms_of[i][0], float(-d[j]), int(index.cluster[cand[j]])) for j in order
                 ]
                 continue
-            near = partial(nearest_rows, index, anon, members, std=std, allowed=allowed, threshold=ann_threshold)
+            near = partial(
+                nearest_rows, index, anon, members, std=std, allowed=allowed, threshold=ann_threshold, build_after=build
+            )
             keep = near(qb.role_props[i][None], prefilter, few_in_row_order=True)[0]
             if len(keep) == 0:
                 continue
