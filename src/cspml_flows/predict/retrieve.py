@@ -64,6 +64,12 @@ def _allowed(
     return allowed
 
 
+def _exclusion_mask(
+    index: TemplateIndex, members: np.ndarray, query: Roles, exclude_ids: set[str], strict: bool
+) -> np.ndarray:
+    return _allowed(index, query, exclude_ids, strict)(members)
+
+
 def rank(
     model: SimilarityModel | None,
     index: TemplateIndex,
