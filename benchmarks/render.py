@@ -1,0 +1,150 @@
+"""The Markdown table of a scale benchmark result file.
+
+``python -m benchmarks.render benchmarks/results/scale.json`` prints it; ``--out FILE`` writes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+Getter = Callable[[dict[str, Any]], Any]
+
+
+def _get(*keys: str) -> Getter:
+    def get(size: dict[str, Any]) -> Any:
+        value: Any = size
+        for k in keys:
+            if not isinstance(value, dict) or k not in value:
+                return None
+            value = value[k]
+        return value
+
+    return get
+
+
+def _num(value: Any, digits: int = 1) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, int) or (isinstance(value, float) and value >= 1000):
+        return f"{value:,.0f}"
+    return f"{value:,.{digits}f}"
+
+
+def _gb(mb: Any) -> str:
+    return "-" if mb is None else f"{mb / 1024:.2f}"
+
+
+def _load_rate(size: dict[str, Any]) -> str:
+    load = _get("stages", "load")(size)
+    if load:
+        return f"{_num(load['per_s'], 0)} (import, CSV + spglib)"
+    pool = size.get("pool") or {}
+    parts = []
+    if pool.get("generated_per_s"):
+        parts.append(f"{_num(pool['generated_per_s'], 0)} generated")
+    if pool.get("add_per_s"):
+        parts.append(f"{_num(pool['add_per_s'], 0)} TemplateStore.add")
+    return ", ".join(parts) or "-"
+
+
+def _campaign(size: dict[str, Any]) -> str:
+    r = _get("stages", "campaign.round")(size)
+    if not r:
+        return "-"
+    return f"{_num(r['round_s'])} (round), {_num(r['seconds'])} (command); {r['relaxed']} relaxed"
+
+
+def _add(key: str) -> Getter:
+    def get(size: dict[str, Any]) -> str:
+        a = _get("stages", key)(size)
+        if not a:
+            return "-"
+        return f"{_num(a['total_s'])} ({_num(a['store_s'], 2)} store + {_num(a['open_s'])} index)"
+
+    return get
+
+
+ROWS: list[tuple[str, Callable[[dict[str, Any]], str]]] = [
+    ("templates", lambda s: _num(s.get("templates") or _get("pool", "size")(s))),
+    ("generated templates", lambda s: _num(_get("pool", "n_generated")(s) or 0)),
+    ("prototype clusters (index)", lambda s: _num(s.get("clusters"))),
+    ("load rate, structures/s", _load_rate),
+    ("generation, s per 10k generated", lambda s: _num(_get("pool", "seconds_per_10k")(s))),
+    ("full index build, s", lambda s: _num(_get("stages", "build", "seconds")(s))),
+    ("build peak RSS, GB (largest process)", lambda s: _gb(_get("stages", "build", "peak_rss_mb")(s))),
+    ("build peak RSS, GB (all processes)", lambda s: _gb(_get("stages", "build", "tree_rss_mb")(s))),
+    (
+        "caches on disk after the build, MB",
+        lambda s: _num((_get("stages", "build", "cache_bytes")(s) or 0) / 1e6 or None),
+    ),
+    ("cold start: index + model + 1st prediction, s", lambda s: _num(_get("stages", "cold", "seconds")(s))),
+    ("cold start process wall (with imports), s", lambda s: _num(_get("stages", "cold", "wall_s")(s))),
+    ("prediction, compositions/s (top-5, dedup)", lambda s: _num(_get("stages", "predict", "per_s")(s), 0)),
+    ("predict peak RSS, GB (all processes)", lambda s: _gb(_get("stages", "predict", "tree_rss_mb")(s))),
+    ("add 100 templates, s", _add("add100")),
+    ("add 1,000 templates, s", _add("add1000")),
+    ("campaign round, zero relaxations, s", _campaign),
+    ("cspml train, s", lambda s: _num(_get("stages", "train", "seconds")(s))),
+]
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The result as a Markdown table: one row per measure, one column per pool size, then notes."""
+    sizes = result.get("sizes") or {}
+    labels = sorted(sizes, key=lambda k: sizes[k].get("templates") or _get("pool", "size")(sizes[k]) or 0)
+    lines = [
+        "| measure | " + " | ".join(labels) + " |",
+        "|---|" + "---:|" * len(labels),
+    ]
+    for name, get in ROWS:
+        lines.append(f"| {name} | " + " | ".join(get(sizes[k]) for k in labels) + " |")
+    notes = []
+    exp = result.get("build_exponent")
+    if exp:
+        notes.append(
+            f"Full build time grows as templates^{exp['exponent']:.2f} (least-squares fit over {exp['points']} sizes)."
+        )
+    m = result.get("machine") or {}
+    workers = {sizes[k].get("workers") for k in labels}
+    notes.append(
+        f"Machine: {m.get('cpus', '?')} CPUs, {m.get('memory_gb', '?')} GB; workers {', '.join(map(str, workers))}; "
+        f"commit {m.get('commit', '?')}; updated {result.get('updated', '?')}."
+    )
+    loads = [
+        f"{k} {max(v.get('load') or 0 for v in sizes[k].get('stages', {}).values()):.1f}"
+        for k in labels
+        if sizes[k].get("stages")
+    ]
+    if loads:
+        notes.append("Highest 1-minute load average at the start of a stage: " + ", ".join(loads) + ".")
+    by_note: dict[str, list[str]] = {}
+    for k in labels:
+        note = _get("code", "note")(sizes[k])
+        if note:
+            by_note.setdefault(note, []).append(k)
+    notes += [f"Code measured for {', '.join(ks)}: {note}." for note, ks in by_note.items()]
+    digests = [f"{k} {_get('stages', 'predict', 'top5_digest')(sizes[k])}" for k in labels]
+    notes.append("Top-5 answers digest (compare runs): " + ", ".join(digests) + ".")
+    return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.render", description=__doc__.split("\n\n")[0])
+    p.add_argument("result", type=Path, help="scale.json")
+    p.add_argument("--out", type=Path, help="write the Markdown here instead of printing it")
+    args = p.parse_args(argv)
+    text = markdown(json.loads(args.result.read_text()))
+    if args.out:
+        args.out.write_text(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
