@@ -29,11 +29,12 @@ API (rows are row numbers of a :class:`~cspml_flows.templates.index.TemplateInde
 
 - ``prefilter_for(index, std) -> Prefilter``: the process's prefilter of ``index`` under standardiser
   ``std`` (cached per index object and ``std.role_sd``; dropped when the index is garbage collected).
-- ``Prefilter.group(anon, members) -> GroupPrefilter``: the group's graph, built on first use from
+- ``Prefilter.group(index, anon, members) -> GroupPrefilter``: the group's graph, built on first use from
   ``index.role_props[members]``; when ``index.by_anon[anon]`` is later a different array, the graph is
-  brought up to date by adding and removing the rows that differ (not rebuilt).
+  brought up to date by adding and removing the rows that differ (not rebuilt). A loaded graph must hold
+  the same rows with the same role properties as the index it serves.
 - ``GroupPrefilter.build(rows, role_props, std, n_roles)``, ``.add(rows, role_props)``, ``.remove(rows)``,
-  ``.rows()``, ``.search(q_props, need, index, allowed)``.
+  ``.rows()``, ``.search(q_props, need, role_props, allowed, few_in_row_order)``.
 - ``GroupPrefilter.save(stem)`` writes ``stem.usearch`` (the graph, usearch's own format) and ``stem.npz``
   (row tables, role count, standardiser scale; no pickle); ``GroupPrefilter.load(stem, std)`` reads them
   back, memory-mapping the graph with ``view=True``, and raises :class:`PrefilterFileError` for a missing,
@@ -148,9 +149,13 @@ class GroupPrefilter:
         if fresh.any():
             self.graph.add(keys[fresh].astype(np.uint64), uniq[fresh], threads=1)
         point = np.where(fresh, keys, found)
+        moved: dict[int, int] = {}  # points re-keyed by a smaller new row during this call
         for r, p in zip(rows.tolist(), point[inverse].tolist(), strict=True):
+            p = moved.get(p, p)
             if r != p:
-                self._attach_row(r, p)
+                key = self._attach_row(r, p)
+                if key != p:
+                    moved[p] = key
 
     def _existing_points(self, z: np.ndarray) -> np.ndarray:
         """Key of a graph point with exactly each vector, or -1."""
@@ -162,7 +167,8 @@ class GroupPrefilter:
                 out[j] = keys[j]
         return out
 
-    def _attach_row(self, row: int, key: int) -> None:
+    def _attach_row(self, row: int, key: int) -> int:
+        """Add ``row`` to the point ``key`` holds; the point's key afterwards."""
         if row < key:  # a smaller row takes over the point: re-key it
             vec = np.asarray(self.graph.get(key), dtype=np.float32).reshape(1, -1)
             self.graph.remove(key)
@@ -171,9 +177,10 @@ class GroupPrefilter:
             for r in others:
                 self.owner[r] = row
             self.extra[row] = sorted(others)
-        else:
-            bisect.insort(self.extra.setdefault(key, []), row)
-            self.owner[row] = key
+            return row
+        bisect.insort(self.extra.setdefault(key, []), row)
+        self.owner[row] = key
+        return key
 
     def remove(self, rows: np.ndarray) -> None:
         """Remove templates (rows that are not present are ignored)."""
