@@ -201,26 +201,35 @@ def test_predict_leaves_the_store_folder_as_it_was(bad_inputs, capsys):
 # ---------------------------------------------------------------- payloads never run
 
 
-def test_index_cache_payload_never_runs(template_folder, cspml_home, tmp_path):
-    from cspml_flows.templates.index import TemplateIndex
+def test_index_payload_never_runs(template_folder, cspml_home, tmp_path):
+    import json
+
+    from cspml_flows.templates.index import TemplateIndex, index_dir
 
     ts = TemplateStore.open(template_folder, create=False)
     digest = hashlib.sha1(ts.name.encode()).hexdigest()[:16]
+    root = index_dir(ts)
     ts.close()
-    cache = cspml_home / "cache" / f"index-{digest}.npz"
+    old = cspml_home / "cache" / f"index-{digest}.npz"
     marker = tmp_path / "index_marker"
-    write_payload(cache, marker)  # a pickle where the cache should be
-    write_payload(cache.with_suffix(".pkl"), marker)  # and the pickle cache of earlier versions
+    write_payload(old, marker)  # index caches of earlier versions
+    write_payload(old.with_suffix(".pkl"), marker)
+    write_payload(root / "manifest.json", marker)  # a pickle where the manifest should be
     index = TemplateIndex.open(template_folder, workers=1)
     assert len(index) == 16 and not marker.exists()
-    assert not cache.with_suffix(".pkl").exists()  # the old pickle cache is removed, never read
-    with np.load(cache, allow_pickle=False) as npz:  # rebuilt as a plain npz
-        assert "structures" in npz.files
-    # an npz whose array holds a pickled object is refused too
-    np.savez(cache, structures=np.array([Payload(marker)], dtype=object))
+    assert not old.exists() and not old.with_suffix(".pkl").exists()  # removed, never read
+    manifest = json.loads((root / "manifest.json").read_text())  # rebuilt as JSON and plain arrays
+    segment = root / manifest["segments"][0]
+    assert np.load(segment / "ids.npy", allow_pickle=False).tolist() == list(index.ids)
+    # a column file holding a pickled object array is refused too (written as a new file: the index
+    # opened above keeps its mapping of the old one)
+    tmp = segment / "payload.tmp"
+    with tmp.open("wb") as fh:
+        np.save(fh, np.array([Payload(marker)], dtype=object), allow_pickle=True)
+    os.replace(tmp, segment / "ids.npy")
     again = TemplateIndex.open(template_folder, workers=1)
     assert list(again.ids) == list(index.ids) and not marker.exists()
-    assert TemplateIndex.open(template_folder, workers=1).structures == index.structures  # the cache itself
+    assert TemplateIndex.open(template_folder, workers=1).structures == index.structures  # the rebuilt index
 
 
 def test_hetero_model_payload_never_runs(tmp_path, capsys):

@@ -21,8 +21,8 @@ from pymatgen.core import Lattice, Structure
 
 from cspml_flows.cli import main
 from cspml_flows.errors import ConfigError, StoreError
-from cspml_flows.safeio import atomic_open, load_npz, save_npz
-from cspml_flows.templates.index import TemplateIndex, index_cache_path
+from cspml_flows.safeio import atomic_open
+from cspml_flows.templates.index import TemplateIndex, index_dir
 from cspml_flows.templates.schema import template_doc_from_structure
 from cspml_flows.templates.store import (
     STORE_LOCK,
@@ -71,14 +71,14 @@ def predicted_space_group(capsys, store: Path | str) -> str:
 
 def test_json_stores_with_same_count_and_no_dates_each_answer_for_themselves(tmp_path, cspml_home, capsys):
     """Two JSON stores, one undated document each under the same id, different structures: each store's
-    prediction comes from its own template, and each has its own index cache file."""
+    prediction comes from its own template, and each has its own index folder."""
     a, b = tmp_path / "A.json", tmp_path / "B.json"
     a.write_text(json.dumps([undated(b2(), "t-1")]))
     b.write_text(json.dumps([undated(rocksalt(), "t-1")]))
     assert predicted_space_group(capsys, b) == "Fm-3m"
     assert predicted_space_group(capsys, a) == "Pm-3m"
     assert predicted_space_group(capsys, b) == "Fm-3m"  # read back from B's own cache
-    assert len(list((cspml_home / "cache").glob("index-*.npz"))) == 2
+    assert len(list((cspml_home / "index").glob("*/manifest.json"))) == 2
 
 
 def test_store_identity_is_unique_per_location(tmp_path, monkeypatch):
@@ -138,7 +138,8 @@ def test_memory_store_fingerprint_follows_ids_and_dates():
 
 
 def _damage(arrays: dict[str, np.ndarray], kind: str) -> None:
-    """Damage one array of an index cache the way a foreign, older or corrupted file could."""
+    """Damage one array of an index (a column of its segment or its state) the way a foreign, older or
+    corrupted file could."""
     if kind == "stats width":
         arrays["stats"] = arrays["stats"][:, :-1]
     elif kind == "role_props shape":
@@ -166,13 +167,15 @@ def _damage(arrays: dict[str, np.ndarray], kind: str) -> None:
     elif kind == "no e_above_hull":
         del arrays["e_above_hull"]
     elif kind == "roles malformed":
-        arrays["roles"] = np.frombuffer(json.dumps([["Na", 1]] * 3).encode(), dtype=np.uint8)
+        arrays["role_amt"] = arrays["role_amt"].copy()
+        arrays["role_amt"][0, 0] = -1.0
     elif kind == "role_syms not permutations":
-        syms = json.loads(arrays["role_syms"].tobytes())
-        syms[0] = [[0, 0]]
-        arrays["role_syms"] = np.frombuffer(json.dumps(syms).encode(), dtype=np.uint8)
-    elif kind == "structures not structures":
-        arrays["structures"] = np.frombuffer(json.dumps([1] * len(arrays["ids"])).encode(), dtype=np.uint8)
+        arrays["perms"] = arrays["perms"].copy()
+        arrays["perms"][0, :2] = 0
+    elif kind == "structures outside their blob":
+        arrays["str_end"] = arrays["str_end"] + len(arrays["structures"])
+    elif kind == "order repeats a row":
+        arrays["order"] = np.zeros_like(arrays["order"])
     else:
         raise AssertionError(kind)
 
@@ -192,7 +195,8 @@ DAMAGE = [
     "no e_above_hull",
     "roles malformed",
     "role_syms not permutations",
-    "structures not structures",
+    "structures outside their blob",
+    "order repeats a row",
 ]
 
 
@@ -205,17 +209,32 @@ def small_store(tmp_path_factory, hand_docs) -> Path:
     return path
 
 
+def _index_files(root: Path) -> dict[str, Path]:
+    """The ``.npy`` files of a one-segment index: its segment's columns and its state's arrays, by name."""
+    manifest = json.loads((root / "manifest.json").read_text())
+    (segment,) = manifest["segments"]
+    files = {p.stem: p for p in (root / segment).glob("*.npy")}
+    return files | {p.stem: p for p in (root / manifest["state"]).glob("*.npy")}
+
+
 @pytest.mark.parametrize("kind", DAMAGE)
-def test_damaged_index_cache_is_rebuilt_with_one_log_line(small_store, kind, caplog):
-    """A cache file with the right format and signature but arrays of the wrong layout is never used: one
-    log line, a rebuild, and the rebuilt cache is read back without a word."""
+def test_damaged_index_is_rebuilt_with_one_log_line(small_store, kind, caplog):
+    """An index whose manifest is current but whose arrays have the wrong layout is never used: one log
+    line, a rebuild, and the rebuilt index is read back without a word."""
     built = TemplateIndex.open(small_store, workers=1)
     ts = TemplateStore.open(small_store, create=False)
-    path = index_cache_path(ts)
+    root = index_dir(ts)
     ts.close()
-    arrays, meta = load_npz(path)
+    files = _index_files(root)
+    original = {k: np.load(p, allow_pickle=False) for k, p in files.items()}
+    arrays = dict(original)
     _damage(arrays, kind)
-    save_npz(path, arrays, meta)
+    for name, path in files.items():
+        if name not in arrays:
+            path.unlink()
+        elif arrays[name] is not original[name]:
+            with atomic_open(path, "wb") as fh:  # a new file: the index opened above keeps its mapping
+                np.save(fh, arrays[name], allow_pickle=False)
     with caplog.at_level(logging.INFO, logger="cspml_flows.templates.index"):
         rebuilt = TemplateIndex.open(small_store, workers=1)
     warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
@@ -223,12 +242,13 @@ def test_damaged_index_cache_is_rebuilt_with_one_log_line(small_store, kind, cap
     message = warnings[0].getMessage()
     assert "rebuilding" in message and len(message.splitlines()) == 1
     assert list(rebuilt.ids) == list(built.ids) and rebuilt.structures == built.structures
+    assert list(rebuilt.roles) == list(built.roles) and list(rebuilt.role_syms) == list(built.role_syms)
     for name in ("stats", "role_props", "role_fracs", "cluster", "min_dist"):
         assert np.array_equal(getattr(rebuilt, name), getattr(built, name), equal_nan=True), name
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="cspml_flows.templates.index"):
         TemplateIndex.open(small_store, workers=1)
-    assert caplog.records == []  # the rewritten cache is whole
+    assert caplog.records == []  # the rebuilt index is whole
 
 
 # ---------------------------------------------------------------- embedded store: creation under a lock
@@ -247,7 +267,7 @@ def test_opening_for_writing_creates_the_collection_at_once(tmp_path):
     finally:
         os.umask(old)
     coll = collection_file(path, "db", "templates")
-    assert _sqlite_tables(coll) == ["documents"]
+    assert sorted(_sqlite_tables(coll)) == ["cspml_changes", "cspml_journal", "documents", "sqlite_sequence"]
     assert stat.S_IMODE(coll.stat().st_mode) == 0o644  # as montydb itself would create it
     assert sorted(p.name for p in coll.parent.iterdir()) == ["templates.collection"]  # no temporary file left
     assert (path / STORE_LOCK).is_file() and (path / "monty.storage.cfg").is_file()
@@ -285,7 +305,7 @@ def test_half_created_store_is_named_then_repaired(tmp_path, variant, capsys, ca
     with caplog.at_level(logging.WARNING, logger="cspml_flows.templates.store"):
         assert main(command.split()[1:]) == 0  # the command the error names
     assert "repaired" in caplog.text
-    assert _sqlite_tables(coll) == ["documents"]
+    assert "documents" in _sqlite_tables(coll)
     ts = TemplateStore.open(path)
     ts.add([template_doc_from_structure(nacl, "t-nacl"), template_doc_from_structure(kbr, "t-kbr")])
     ts.close()

@@ -105,32 +105,89 @@ def prototype_info(structure: Structure, symprec: float = 0.1) -> PrototypeInfo:
         return PrototypeInfo(None, None, None, len(structure))
 
 
-def _merge_partition(args: tuple[list[int], list[dict]]) -> list[tuple[int, int]]:
-    """Pairs of label groups (by position) whose representatives match under fit_anonymous.
+def partition_pairs(labels: list[str | None], max_groups: int = 60) -> list[tuple[int, int]]:
+    """The pairs ``(i, j)``, ``i < j``, of a partition's groups whose representatives are compared, the groups
+    listed in representative-id order with their prototype labels: every pair, or in a partition of more
+    than ``max_groups`` groups only pairs with the same space-group number (from the label), to bound the
+    quadratic cost."""
+    n = len(labels)
+    if n < 2:
+        return []
+    if n > max_groups:
+        by_sg: dict[str, list[int]] = {}
+        for g, lab in enumerate(labels):
+            lab = lab or ""
+            by_sg.setdefault(lab.split("_")[2] if lab.count("_") >= 2 else "?", []).append(g)
+        subsets = [s for s in by_sg.values() if len(s) > 1]
+    else:
+        subsets = [list(range(n))]
+    return [(s[a], s[b]) for s in subsets for a in range(len(s)) for b in range(a + 1, len(s))]
 
-    Each representative's primitive Niggli cell is computed once (``fit_anonymous`` would recompute both
-    cells for every pair, half of its cost) and the fits skip that reduction; the result is the same.
+
+def fit_pairs(args: tuple[list[dict], list[tuple[int, int]]]) -> list[bool]:
+    """Whether the structures of each pair ``(i, j)`` match under ``fit_anonymous`` (``i`` the first argument).
+
+    Each structure's primitive Niggli cell is computed once (``fit_anonymous`` would recompute both cells for
+    every pair, half of its cost) and the fits skip that reduction; the result is the same. A structure that
+    cannot be reduced, or a matcher error, counts as no match.
     """
-    group_ids, rep_dicts = args
+    structures, pairs = args
     sm = structure_matcher()
-    reps: list[Structure | None] = []
-    for d in rep_dicts:
+    reduced: dict[int, Structure | None] = {}
+    for i in sorted({i for p in pairs for i in p}):
         try:
-            reps.append(sm._get_reduced_structure(Structure.from_dict(d), primitive_cell=True, niggli=True))
-        except Exception:  # an odd cell that cannot be reduced stays in its own group
-            reps.append(None)
-    merged: list[tuple[int, int]] = []
-    for i in range(len(reps)):
-        for j in range(i + 1, len(reps)):
-            a, b = reps[i], reps[j]
-            if a is None or b is None:
-                continue
-            try:
-                if sm.fit_anonymous(a, b, skip_structure_reduction=True):
-                    merged.append((group_ids[i], group_ids[j]))
-            except Exception:
-                continue
-    return merged
+            reduced[i] = sm._get_reduced_structure(Structure.from_dict(structures[i]), primitive_cell=True, niggli=True)
+        except Exception:
+            reduced[i] = None
+    out = []
+    for i, j in pairs:
+        a, b = reduced[i], reduced[j]
+        if a is None or b is None:
+            out.append(False)
+            continue
+        try:
+            out.append(bool(sm.fit_anonymous(a, b, skip_structure_reduction=True)))
+        except Exception:
+            out.append(False)
+    return out
+
+
+def run_fits(tasks: list[tuple[list[dict], list[tuple[int, int]]]], workers: int = 1) -> list[list[bool]]:
+    """:func:`fit_pairs` of every task (in ``workers`` processes, largest tasks first), in task order."""
+    order = sorted(range(len(tasks)), key=lambda t: -len(tasks[t][1]))
+    results: list[list[bool]] = [[] for _ in tasks]
+    with progress.bar(sum(len(t[1]) for t in tasks), "prototype clusters", unit="fit") as bar:
+        if workers > 1 and len(tasks) > 1:
+            from concurrent.futures import ProcessPoolExecutor
+
+            with ProcessPoolExecutor(max_workers=workers) as pool:
+                for t, res in zip(order, pool.map(fit_pairs, [tasks[t] for t in order]), strict=True):
+                    results[t] = res
+                    bar.update(len(res))
+        else:
+            for t in order:
+                results[t] = fit_pairs(tasks[t])
+                bar.update(len(results[t]))
+    return results
+
+
+def merge_groups(n: int, pairs: list[tuple[int, int]], fits: list[bool]) -> list[int]:
+    """The root of each of ``n`` groups after merging the matching pairs (union-find): the smallest group
+    index of its component."""
+    parent = list(range(n))
+
+    def find(x: int) -> int:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for (a, b), ok in zip(pairs, fits, strict=True):
+        if ok:
+            ra, rb = find(a), find(b)
+            if ra != rb:
+                parent[max(ra, rb)] = min(ra, rb)
+    return [find(g) for g in range(n)]
 
 
 def cluster_prototypes(
@@ -141,13 +198,14 @@ def cluster_prototypes(
     workers: int = 1,
     max_groups_per_partition: int = 60,
 ) -> list[int]:
-    """Prototype cluster id per structure.
+    """Prototype cluster id per structure (the structures in material-id order).
 
     Structures with the same anonymous formula, primitive-cell size and spglib prototype label start in
-    one group; groups of a partition whose representatives match under
-    ``StructureMatcher(stol=0.5, angle_tol=10, ltol=0.3).fit_anonymous`` are merged (union-find).
-    Partitions with more than ``max_groups_per_partition`` groups are merged only among groups of the
-    same space-group number, to bound the quadratic cost.
+    one group, represented by its first member; groups of a partition (anonymous formula, primitive-cell
+    size) whose representatives match under ``StructureMatcher(stol=0.5, angle_tol=10, ltol=0.3)
+    .fit_anonymous`` are merged (union-find) over the pairs of :func:`partition_pairs`. Cluster ids number
+    the clusters in order of their first member. The template index runs the same steps per partition
+    (:mod:`cspml_flows.templates.index`), keeping the fit results, so that an update refits only new pairs.
     """
     n = len(labels)
     group_of: dict[tuple, int] = {}
@@ -159,52 +217,18 @@ def cluster_prototypes(
             group_of[key] = len(first)
             first.append(i)
         gid[i] = group_of[key]
-    parent = list(range(len(first)))
-
-    def find(x: int) -> int:
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
     partitions: dict[tuple, list[int]] = {}
     for key, g in group_of.items():
-        part = (key[0], key[1])
-        partitions.setdefault(part, []).append(g)
-    tasks = []
+        partitions.setdefault((key[0], key[1]), []).append(g)
+    plans = []
     for groups in partitions.values():
-        if len(groups) < 2:
-            continue
-        if len(groups) > max_groups_per_partition:
-            by_sg: dict[str, list[int]] = {}
-            for g in groups:
-                lab = labels[first[g]] or ""
-                by_sg.setdefault(lab.split("_")[2] if lab.count("_") >= 2 else "?", []).append(g)
-            subsets = [s for s in by_sg.values() if len(s) > 1]
-        else:
-            subsets = [groups]
-        tasks.extend((s, [structures[first[g]] for g in s]) for s in subsets)
-    tasks.sort(key=lambda t: -len(t[0]))
-    n_pairs = [len(t[0]) * (len(t[0]) - 1) // 2 for t in tasks]
-    with progress.bar(sum(n_pairs), "prototype clusters", unit="fit") as bar:
-        if workers > 1 and len(tasks) > 1:
-            from concurrent.futures import ProcessPoolExecutor
-
-            results = []
-            with ProcessPoolExecutor(max_workers=workers) as pool:
-                for res, n in zip(pool.map(_merge_partition, tasks), n_pairs, strict=True):
-                    results.append(res)
-                    bar.update(n)
-        else:
-            results = []
-            for t, n in zip(tasks, n_pairs, strict=True):
-                results.append(_merge_partition(t))
-                bar.update(n)
-    for pairs in results:
-        for a, b in pairs:
-            ra, rb = find(a), find(b)
-            if ra != rb:
-                parent[max(ra, rb)] = min(ra, rb)
-    roots = np.array([find(g) for g in range(len(first))])
+        pairs = partition_pairs([labels[first[g]] for g in groups], max_groups_per_partition)
+        if pairs:
+            plans.append((groups, pairs))
+    tasks = [([structures[first[g]] for g in groups], pairs) for groups, pairs in plans]
+    roots = np.arange(len(first))
+    for (groups, pairs), fits in zip(plans, run_fits(tasks, workers), strict=True):
+        for g, r in zip(groups, merge_groups(len(groups), pairs, fits), strict=True):
+            roots[g] = groups[r]
     _, cluster = np.unique(roots[gid], return_inverse=True)
     return cluster.tolist()

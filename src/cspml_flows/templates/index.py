@@ -1,51 +1,104 @@
-"""An in-memory, array-based view of a template store for fast retrieval.
+"""An array-based view of a template store for fast retrieval, kept on disk and updated by the store's changes.
 
-Built once from the store (one full read) and cached on disk under ``$CSPML_HOME/cache``, one file per store
-location (:attr:`TemplateStore.identity`); rebuilt when the store's content digest
-(:meth:`TemplateStore.fingerprint`) changes. Structures stay as dicts until a prediction needs them.
+The index of a store lives under ``$CSPML_HOME/index/<digest of the store identity>/`` as immutable columnar
+segments, a state per generation and a manifest (layout: :mod:`cspml_flows.templates.segments`). Opening it
+(:meth:`TemplateIndex.open`) memory-maps the columns; structures stay in their byte blob until a prediction
+asks for one. When the store has moved on since the manifest's position (:meth:`TemplateStore.position`),
+the open brings the index up to date first (:func:`sync_index`), under the index's update lock:
 
-The cache file is an uncompressed numpy ``.npz`` read with ``allow_pickle=False``: numeric and text arrays,
-the structures as one JSON text, and JSON metadata with the cache format and the store signature. Nothing in
-it can run code. Every array is checked against the layout an index has (:func:`check_index_arrays`: dtype
-kind, shape and widths, lengths, finite values where an index has them); a file of another format or
-signature, or one that fails a check, is rebuilt (one log line).
+- the documents written since (:meth:`TemplateStore.changed_since`; a store that cannot tell is compared
+  document by document through stored digests) are read; new and replaced templates go into a new segment,
+  removed and replaced ones are marked dead (tombstones);
+- only the prototype partitions (anonymous formula, primitive-cell size) those templates belong to are
+  clustered again, with the fit results of representative pairs kept from earlier builds, so that only
+  pairs never fitted are fitted: an updated index has the clusters a rebuild would give;
+- small segments are merged (and dead rows dropped) when there are many, without rewriting the large ones
+  on every update;
+- a new manifest is written last, atomically: readers see the old index or the new one, and a kill leaves
+  the old one, which the next open brings up to date.
+
+Rows are in material-id order and cluster ids number the clusters by their first row, in an updated index
+as in a rebuilt one, so that predictions do not depend on how the index came about. ``cspml index
+--rebuild`` (:func:`sync_index` with ``rebuild=True``) builds it from scratch.
 """
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import hashlib
-import json
+import itertools
 import logging
-from collections.abc import Iterator
+import os
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from pymatgen.core import Structure
 
-from cspml_flows import progress
-from cspml_flows.composition import Roles, roles
+from cspml_flows.composition import MAX_ELEMENTS, Roles, roles
 from cspml_flows.config import home_dir, max_template_atoms
 from cspml_flows.descriptors import (
     DESCRIPTOR_VERSION,
-    MAGPIE_PROPERTIES,
-    MAGPIE_STATS,
     MAX_ROLES,
     ROLE_PROPERTIES,
     magpie_stats,
     role_fractions,
     role_properties,
 )
-from cspml_flows.prototype import cluster_prototypes
-from cspml_flows.safeio import load_npz, save_npz
+from cspml_flows.errors import StoreError
+from cspml_flows.prototype import cluster_prototypes, merge_groups, partition_pairs, run_fits
 from cspml_flows.structure_checks import geometry_problem, min_periodic_distance
-from cspml_flows.templates.store import TemplateStore
+from cspml_flows.templates.geometry import (
+    cell_arrays,
+    role_symmetry_perms,
+    stored_geometry,
+    template_geometry,
+)
+from cspml_flows.templates.segments import (
+    COLUMNS,
+    STATS_WIDTH,
+    Generation,
+    LazyRoles,
+    LazyRoleSyms,
+    LazyStructures,
+    Manifest,
+    Rows,
+    Segment,
+    Table,
+    check_index_arrays,
+    new_token,
+    remove_unreferenced,
+    role_counts,
+    update_lock,
+    write_segment,
+    write_state,
+)
+from cspml_flows.templates.store import TemplateStore, digest64, doc_digest, position_count
+
+__all__ = [
+    "INDEX_VERSION",
+    "STATS_WIDTH",
+    "IndexReport",
+    "TemplateIndex",
+    "cell_arrays",
+    "check_index_arrays",
+    "index_dir",
+    "min_periodic_distance",
+    "role_symmetry_perms",
+    "sync_index",
+    "template_geometry",
+    "usable_template",
+]
 
 log = logging.getLogger(__name__)
-INDEX_VERSION = 3  # 3: per-template minimum distance and role symmetries
-CACHE_FORMAT = "cspml-index-npz/1"  # the on-disk layout of the cache file (see save_index_cache)
+INDEX_VERSION = 4  # 4: segmented on-disk index; geometry read from the documents
+CHUNK = 10_000  # documents turned into index rows at a time
+MAX_SEGMENTS = 8  # more segments than this: the smallest are merged
+DEAD_FRACTION = 0.3  # a segment with more dead rows than this is rewritten without them
+PAUSE_ENV = "CSPML_INDEX_TEST_PAUSE"  # tests: seconds an update sleeps before it replaces the manifest
+_TEXT = ("ids", "formulas", "anon", "prototype")
+_NUMERIC = ("nprim", "e_above_hull", "spacegroup", "cluster", "stats", "role_props", "role_fracs", "min_dist")
 _FIELDS = [
     "material_id",
     "structure",
@@ -54,42 +107,50 @@ _FIELDS = [
     "nsites_primitive",
     "prototype",
     "e_above_hull",
-    "volume_per_atom",
     "spacegroup_number",
     "round",
     "source",
+    "min_dist",
+    "role_syms",
 ]
 
 
 @dataclass
 class TemplateIndex:
-    """Arrays over all templates of a store."""
+    """Arrays over all templates of a store (rows in material-id order for an index of a store).
+
+    ``structures``, ``roles`` and ``role_syms`` are sequences: lists for an index built in memory
+    (:meth:`from_docs`), lazy sequences over memory-mapped segments for an index read from disk."""
 
     ids: np.ndarray
     formulas: np.ndarray
     anon: np.ndarray
-    roles: list[Roles]
+    roles: Sequence[Roles]
     nprim: np.ndarray
     prototype: np.ndarray
     e_above_hull: np.ndarray
     spacegroup: np.ndarray
-    structures: list[dict]
+    structures: Sequence[dict]
     cluster: np.ndarray
     stats: np.ndarray
     role_props: np.ndarray
     role_fracs: np.ndarray
     signature: str = ""
     min_dist: np.ndarray | None = None  # shortest interatomic distance per template (None: computed on use)
-    role_syms: list[list[tuple[int, ...]]] | None = None  # see role_symmetry_perms (None: computed on use)
+    role_syms: Sequence[list[tuple[int, ...]]] | None = None  # see role_symmetry_perms (None: computed on use)
     by_anon: dict[str, np.ndarray] = field(default_factory=dict)
+    source: np.ndarray | None = None  # the documents' ``source`` (None: not known)
+    round: np.ndarray | None = None  # the documents' ``round``
+    digest: np.ndarray | None = None  # 64-bit digest of each stored document (uint64)
     _cells: dict[int, tuple] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if not self.by_anon and len(self.anon):
             order = np.argsort(self.anon, kind="stable")
-            keys, starts = np.unique(self.anon[order], return_index=True)
+            keys = self.anon[order]
+            starts = np.concatenate([[0], np.flatnonzero(keys[1:] != keys[:-1]) + 1])
             bounds = [*starts[1:], len(order)]
-            self.by_anon = {k: order[s:e] for k, s, e in zip(keys, starts, bounds, strict=True)}
+            self.by_anon = {str(keys[s]): order[s:e] for s, e in zip(starts, bounds, strict=True)}
         self.cluster_size = np.bincount(self.cluster)[self.cluster] if len(self.cluster) else self.cluster
 
     def __len__(self) -> int:
@@ -98,39 +159,41 @@ class TemplateIndex:
     # ---- construction -------------------------------------------------------------------------------
     @classmethod
     def from_docs(cls, docs: list[dict], workers: int = 1, signature: str = "") -> TemplateIndex:
+        """An index in memory over template documents, in the order given (nothing written to disk)."""
         if not docs:
             return cls.empty()
-        rl = [roles(d["formula"]) for d in docs]
-        anon = np.array([r.anonymous_formula for r in rl])
-        nprim = np.array([int(d.get("nsites_primitive") or len(d["structure"]["sites"])) for d in docs])
-        proto = np.array([d.get("prototype") or "" for d in docs], dtype=object)
-        structures = [d["structure"] for d in docs]
+        rows = doc_rows(docs, [doc_digest(d) for d in docs], workers, keep_dicts=True)
+        c = rows.cols
         cluster = np.asarray(
-            cluster_prototypes(list(anon), list(nprim), [p or None for p in proto], structures, workers=workers)
+            cluster_prototypes(
+                list(c["anon"]), list(c["nprim"]), [p or None for p in c["prototype"]], rows.structures, workers
+            ),
+            dtype=np.int64,
         )
-        ehull = np.array([np.nan if d.get("e_above_hull") is None else d["e_above_hull"] for d in docs])
-        min_dist, role_syms = template_geometry(structures, rl, workers=workers)
         return cls(
-            ids=np.array([str(d["material_id"]) for d in docs]),
-            formulas=np.array([d["formula"] for d in docs]),
-            anon=anon,
-            roles=rl,
-            nprim=nprim,
-            prototype=proto,
-            e_above_hull=ehull,
-            spacegroup=np.array([d.get("spacegroup_number") or 0 for d in docs]),
-            structures=structures,
+            ids=c["ids"],
+            formulas=c["formulas"],
+            anon=c["anon"],
+            roles=[Roles(*r) for r in _roles_of(c)],
+            nprim=c["nprim"],
+            prototype=c["prototype"].astype(object),
+            e_above_hull=c["e_above_hull"],
+            spacegroup=c["spacegroup"],
+            structures=list(rows.structures),
             cluster=cluster,
-            stats=magpie_stats([r.reduced_formula for r in rl]),
-            role_props=role_properties(rl),
-            role_fracs=role_fractions(rl),
+            stats=c["stats"],
+            role_props=c["role_props"],
+            role_fracs=c["role_fracs"],
             signature=signature,
-            min_dist=min_dist,
-            role_syms=role_syms,
+            min_dist=c["min_dist"],
+            role_syms=list(rows.perms),
+            source=c["source"],
+            round=c["round"],
+            digest=c["digest"],
         )
 
     @classmethod
-    def empty(cls) -> TemplateIndex:
+    def empty(cls, signature: str = "") -> TemplateIndex:
         z = np.zeros(0)
         return cls(
             np.array([], dtype=str),
@@ -146,11 +209,18 @@ class TemplateIndex:
             np.zeros((0, STATS_WIDTH)),
             np.zeros((0, MAX_ROLES, len(ROLE_PROPERTIES))),
             np.zeros((0, MAX_ROLES)),
+            signature=signature,
+            min_dist=z,
+            role_syms=[],
+            source=np.array([], dtype=str),
+            round=z.astype(int),
+            digest=z.astype(np.uint64),
         )
 
     @classmethod
     def open(cls, store: str | Path | None = None, workers: int = 2) -> TemplateIndex:
-        """The index of an existing template store (default: the embedded one); the store is closed after."""
+        """The index of an existing template store (default: the embedded one), brought up to date with the
+        store first when it changed; the store is closed after."""
         ts = TemplateStore.open(store, create=False)
         try:
             return cls.from_store(ts, workers=workers)
@@ -159,38 +229,17 @@ class TemplateIndex:
 
     @classmethod
     def from_store(cls, store: TemplateStore, workers: int = 2, cache: bool | Path = True) -> TemplateIndex:
-        """Build (or load from cache) the index of a store; raises StoreError when the store is empty.
+        """The index of a store: read from its index folder (``cache=True``: :func:`index_dir`; a Path: that
+        folder), updated or built there first when needed (:func:`sync_index`); ``cache=False`` builds it in
+        memory. Raises StoreError when the store is empty.
 
         Templates that imports now refuse but an older store may hold (partial occupancies, more sites than
-        ``max_template_atoms``) are left out, with one log line."""
-        store.require_nonempty()
-        limit = max_template_atoms()
-        signature = f"{INDEX_VERSION}|{DESCRIPTOR_VERSION}|{store.identity}|{store.fingerprint()}|{limit}"
-        path = None
-        if cache:
-            path = Path(cache) if isinstance(cache, Path) else index_cache_path(store)
-            if path.is_file():
-                idx = load_index_cache(path, signature)
-                if idx is not None:
-                    return idx
-        docs = [d for d in store.docs(properties=_FIELDS) if usable_template(d["structure"], limit)]
-        skipped = store.count() - len(docs)
-        if skipped > 0:
-            log.warning(
-                "%d templates of %s left out: partial occupancies, more than %d sites (max_template_atoms) or a cell "
-                "no crystal has",
-                skipped,
-                store.name,
-                limit,
-            )
-        docs.sort(key=lambda d: str(d["material_id"]))
-        idx = cls.from_docs(docs, workers=workers, signature=signature)
-        if path is not None:
-            try:
-                save_index_cache(idx, path)
-                path.with_suffix(".pkl").unlink(missing_ok=True)  # the pickle cache of earlier versions: never read
-            except OSError as exc:
-                log.warning("index cache %s cannot be written (%s): the index is used without it", path, exc)
+        ``max_template_atoms``, a cell no crystal has) are left out, with one log line."""
+        if not cache:
+            store.require_nonempty()
+            return _build_in_memory(store, workers)
+        idx = sync_index(store, workers, root=cache if isinstance(cache, Path) else None)[0]
+        assert idx is not None
         return idx
 
     def __getstate__(self) -> dict:
@@ -228,206 +277,40 @@ class TemplateIndex:
             ids=self.ids[sel],
             formulas=self.formulas[sel],
             anon=self.anon[sel],
-            roles=[self.roles[i] for i in sel],
+            roles=_take(self.roles, sel),
             nprim=self.nprim[sel],
             prototype=self.prototype[sel],
             e_above_hull=self.e_above_hull[sel],
             spacegroup=self.spacegroup[sel],
-            structures=[self.structures[i] for i in sel],
+            structures=_take(self.structures, sel),
             cluster=self.cluster[sel],
             stats=self.stats[sel],
             role_props=self.role_props[sel],
             role_fracs=self.role_fracs[sel],
             signature=self.signature + f"|subset{hashlib.sha1(sel.tobytes()).hexdigest()[:8]}",
             min_dist=None if self.min_dist is None else self.min_dist[sel],
-            role_syms=None if self.role_syms is None else [self.role_syms[i] for i in sel],
+            role_syms=None if self.role_syms is None else _take(self.role_syms, sel),
+            source=None if self.source is None else self.source[sel],
+            round=None if self.round is None else self.round[sel],
+            digest=None if self.digest is None else self.digest[sel],
         )
 
-
-STATS_WIDTH = len(MAGPIE_PROPERTIES) * len(MAGPIE_STATS)  # columns of TemplateIndex.stats
-_TEXT = ("ids", "formulas", "anon", "prototype")
-_NUMERIC = ("nprim", "e_above_hull", "spacegroup", "cluster", "stats", "role_props", "role_fracs", "min_dist")
-
-
-def index_cache_path(store: TemplateStore) -> Path:
-    """The index cache file of a store: one per store location (:attr:`TemplateStore.identity`)."""
-    digest = hashlib.sha1(store.identity.encode()).hexdigest()[:16]
-    return home_dir() / "cache" / f"index-{digest}.npz"
+    def content_token(self, mask: np.ndarray | None = None) -> str:
+        """Text that changes when any template where ``mask`` is True (default: all) is added, removed or
+        changed: their count and the sum of their document digests."""
+        sel = np.ones(len(self), dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
+        if self.digest is None:
+            raise ValueError("this index has no document digests")
+        total = int(np.sum(self.digest[sel].astype(np.uint64), dtype=np.uint64)) if sel.any() else 0
+        return f"{int(sel.sum())}|{total:016x}"
 
 
-def _json_bytes(obj: object) -> np.ndarray:
-    try:
-        import orjson  # maggma's JSON library: several times faster than json on structure dicts
-
-        data = orjson.dumps(obj)
-    except ImportError:
-        data = json.dumps(obj).encode()
-    return np.frombuffer(data, dtype=np.uint8)
+def _take(seq: Sequence, sel: np.ndarray) -> Sequence:
+    take = getattr(seq, "take", None)
+    return take(sel) if take is not None else [seq[i] for i in sel]
 
 
-def _json_loads(arr: np.ndarray) -> object:
-    try:
-        import orjson
-
-        return orjson.loads(arr.tobytes())
-    except ImportError:
-        return json.loads(arr.tobytes())
-
-
-def save_index_cache(idx: TemplateIndex, path: Path) -> Path:
-    """Write the index to an ``.npz`` cache file (atomically; see the module docstring for the layout)."""
-    arrays: dict[str, np.ndarray] = {k: np.asarray(getattr(idx, k)).astype(str) for k in _TEXT}
-    arrays |= {k: np.asarray(getattr(idx, k)) for k in _NUMERIC if getattr(idx, k) is not None}
-    arrays["structures"] = _json_bytes(idx.structures)
-    arrays["roles"] = _json_bytes([[list(r.elements), list(r.amounts)] for r in idx.roles])
-    if idx.role_syms is not None:
-        arrays["role_syms"] = _json_bytes([[list(p) for p in perms] for perms in idx.role_syms])
-    meta = {"format": CACHE_FORMAT, "signature": idx.signature, "n": len(idx)}
-    return save_npz(path, arrays, meta)
-
-
-def load_index_cache(path: Path, signature: str) -> TemplateIndex | None:
-    """The cached index of ``path`` if it is a cache file of this format for ``signature``, else None (a file
-    of another format, store state or version, or a damaged file, is logged in one line and rebuilt).
-    Read with ``allow_pickle=False``: nothing in the file is executed."""
-    try:
-        with _gc_paused():  # millions of small objects: the collector would triple the load time
-            return _read_index_cache(path, signature)
-    except Exception as exc:  # a damaged, truncated or foreign file: rebuild, never trust it
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        log.warning("index cache %s is unreadable (%s): rebuilding it", path, reason)
-        return None
-
-
-@contextlib.contextmanager
-def _gc_paused() -> Iterator[None]:
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
-def _read_index_cache(path: Path, signature: str) -> TemplateIndex | None:
-    """:func:`load_index_cache` without the error handling."""
-    arrays, meta = load_npz(path)
-    if meta.get("format") != CACHE_FORMAT or meta.get("signature") != signature:
-        log.info("index cache %s is for another store state or version: rebuilding", path)
-        return None
-    n = meta.get("n")
-    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
-        raise ValueError("no template count in the metadata")
-    for name in ("roles", "structures"):
-        if name not in arrays:
-            raise ValueError(f"no '{name}' array")
-    role_list = _check_roles(_json_member(arrays.pop("roles"), "roles"), n)
-    structures = _json_member(arrays.pop("structures"), "structures")
-    if not isinstance(structures, list) or len(structures) != n:
-        raise ValueError(f"'structures' does not hold {n} structures")
-    if not all(isinstance(d, dict) and isinstance(d.get("sites"), list) and "lattice" in d for d in structures):
-        raise ValueError("'structures' holds an entry that is not a structure")
-    syms = None
-    if "role_syms" in arrays:
-        syms = _check_role_syms(_json_member(arrays.pop("role_syms"), "role_syms"), role_list)
-    unknown = set(arrays) - set(_TEXT + _NUMERIC)
-    if unknown:
-        raise ValueError(f"unknown arrays {sorted(unknown)}")
-    check_index_arrays(arrays, [len(r.elements) for r in role_list])
-    fields = {k: arrays[k] for k in _TEXT + _NUMERIC if k in arrays}
-    fields["prototype"] = fields["prototype"].astype(object)
-    return TemplateIndex(**fields, roles=role_list, structures=structures, signature=signature, role_syms=syms)
-
-
-def _json_member(arr: np.ndarray, name: str) -> object:
-    if arr.dtype != np.uint8 or arr.ndim != 1:
-        raise ValueError(f"'{name}' is not a JSON text")
-    return _json_loads(arr)
-
-
-def _check_roles(raw: object, n: int) -> list[Roles]:
-    """The roles of ``n`` templates from their JSON form ``[[elements], [amounts]]``; ValueError otherwise."""
-    if not isinstance(raw, list) or len(raw) != n:
-        raise ValueError(f"'roles' does not hold {n} entries")
-    out = []
-    for entry in raw:
-        ok = isinstance(entry, list) and len(entry) == 2 and all(isinstance(x, list) for x in entry)
-        els, amts = entry if ok else ([], [])
-        if not (
-            ok
-            and 0 < len(els) == len(amts)
-            and all(isinstance(e, str) for e in els)
-            and all(isinstance(a, int | float) and not isinstance(a, bool) and 0 < a < float("inf") for a in amts)
-        ):
-            raise ValueError(f"'roles' holds a malformed entry {str(entry)[:60]}")
-        out.append(Roles(tuple(els), tuple(float(a) for a in amts)))
-    return out
-
-
-def _check_role_syms(raw: object, role_list: list[Roles]) -> list[list[tuple[int, ...]]]:
-    """Role permutations per template from their JSON form; each a permutation of the template's roles."""
-    if not isinstance(raw, list) or len(raw) != len(role_list):
-        raise ValueError(f"'role_syms' does not hold {len(role_list)} entries")
-    out = []
-    for perms, r in zip(raw, role_list, strict=True):
-        ident = list(range(len(r.elements)))
-        if not isinstance(perms, list) or not perms:
-            raise ValueError("'role_syms' holds an empty or malformed entry")
-        for p in perms:
-            if not isinstance(p, list) or sorted(x if isinstance(x, int) else -1 for x in p) != ident:
-                raise ValueError(f"'role_syms' holds {str(p)[:40]}, not a permutation of {len(ident)} roles")
-        out.append([tuple(p) for p in perms])
-    return out
-
-
-def check_index_arrays(arrays: dict[str, np.ndarray], n_roles: list[int]) -> None:
-    """Raise ValueError unless ``arrays`` have the layout of an index over templates with ``n_roles`` roles
-    each: text arrays of length n; integer counts, space groups and cluster ids in range; ``stats``
-    (n, STATS_WIDTH), ``role_props`` (n, MAX_ROLES, len(ROLE_PROPERTIES)) and ``role_fracs`` (n, MAX_ROLES)
-    floats with values exactly on each template's roles (NaN padding after them); ``e_above_hull`` floats
-    (NaN: unknown) and the optional ``min_dist`` finite and positive."""
-    n = len(n_roles)
-    shapes = {
-        "nprim": ((n,), "iu"),
-        "spacegroup": ((n,), "iu"),
-        "cluster": ((n,), "iu"),
-        "e_above_hull": ((n,), "f"),
-        "stats": ((n, STATS_WIDTH), "f"),
-        "role_props": ((n, MAX_ROLES, len(ROLE_PROPERTIES)), "f"),
-        "role_fracs": ((n, MAX_ROLES), "f"),
-        "min_dist": ((n,), "f"),
-    } | {k: ((n,), "U") for k in _TEXT}
-    for name, (shape, kinds) in shapes.items():
-        if name not in arrays:
-            if name == "min_dist":
-                continue
-            raise ValueError(f"no '{name}' array")
-        a = arrays[name]
-        if a.dtype.kind not in kinds:
-            raise ValueError(f"'{name}' has dtype {a.dtype}, not {'text' if kinds == 'U' else 'numbers'}")
-        if a.shape != shape:
-            raise ValueError(f"'{name}' has shape {a.shape}, not {shape}")
-    if len(set(arrays["ids"].tolist())) != n:
-        raise ValueError("'ids' repeats an id")
-    if n == 0:
-        return
-    if arrays["nprim"].min() < 1 or arrays["spacegroup"].min() < 0 or arrays["spacegroup"].max() > 230:
-        raise ValueError("'nprim' or 'spacegroup' out of range")
-    if arrays["cluster"].min() < 0 or arrays["cluster"].max() >= n:
-        raise ValueError("'cluster' out of range")
-    if np.isinf(arrays["e_above_hull"]).any():
-        raise ValueError("'e_above_hull' is infinite")
-    if np.isinf(arrays["stats"]).any():
-        raise ValueError("'stats' holds infinite values")  # an element property that is missing is NaN
-    if "min_dist" in arrays and not (np.isfinite(arrays["min_dist"]).all() and (arrays["min_dist"] > 0).all()):
-        raise ValueError("'min_dist' is not finite and positive")
-    on_role = np.arange(MAX_ROLES)[None, :] < np.minimum(np.asarray(n_roles), MAX_ROLES)[:, None]
-    fracs, props = arrays["role_fracs"], arrays["role_props"]
-    if not (np.isfinite(fracs[on_role]).all() and (fracs[on_role] > 0).all() and np.isnan(fracs[~on_role]).all()):
-        raise ValueError("'role_fracs' does not match the templates' roles")
-    if np.isinf(props).any() or not np.isnan(props[~on_role]).all():
-        raise ValueError("'role_props' does not match the templates' roles")
+# ---------------------------------------------------------------- documents -> index rows
 
 
 def usable_template(d: dict, max_atoms: int) -> bool:
@@ -436,95 +319,713 @@ def usable_template(d: dict, max_atoms: int) -> bool:
     sites = d.get("sites") or []
     if not 0 < len(sites) <= max_atoms:
         return False
-    if not all(len(s["species"]) == 1 and abs(float(s["species"][0].get("occu", 1.0)) - 1.0) < 1e-6 for s in sites):
-        return False
     try:
+        if not all(len(s["species"]) == 1 and abs(float(s["species"][0].get("occu", 1.0)) - 1.0) < 1e-6 for s in sites):
+            return False
         frac = np.asarray([s["abc"] for s in sites], dtype=float)
         return geometry_problem(np.asarray(d["lattice"]["matrix"], dtype=float), frac) is None
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, AttributeError):
         return False
 
 
-def cell_arrays(d: dict, r: Roles) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Lattice matrix, fractional coordinates and role index per site of a structure dict."""
-    matrix = np.asarray(d["lattice"]["matrix"], dtype=float)
-    frac = np.asarray([site["abc"] for site in d["sites"]], dtype=float)
-    role_of = {el: k for k, el in enumerate(r.elements)}
-    site_roles = np.array([role_of[site["species"][0]["element"]] for site in d["sites"]])
-    return matrix, frac, site_roles
+def partition_hash(anon: str, nprim: int) -> int:
+    """The 64-bit key of a prototype partition (anonymous formula, primitive-cell size)."""
+    return digest64(f"{anon}|{int(nprim)}".encode())
 
 
-def _geometry_chunk(args: tuple[list[dict], list[Roles]]) -> list[tuple[float, list[tuple[int, ...]]]]:
-    out = []
-    for d, r in zip(*args, strict=True):
-        matrix, frac, site_roles = cell_arrays(d, r)
-        out.append((min_periodic_distance(matrix, frac), role_symmetry_perms(matrix, frac, site_roles, r)))
-    return out
+def id_hash(mid: str) -> int:
+    return digest64(mid.encode())
 
 
-def template_geometry(
-    structures: list[dict], role_list: list[Roles], workers: int = 1, chunk: int = 200
-) -> tuple[np.ndarray, list[list[tuple[int, ...]]]]:
-    """Shortest interatomic distance and role symmetries of every template, computed once when an index is
-    built (in ``workers`` processes) so that predictions only look them up."""
-    tasks = [(structures[s : s + chunk], role_list[s : s + chunk]) for s in range(0, len(structures), chunk)]
-    results: list[tuple[float, list[tuple[int, ...]]]] = []
-    with progress.bar(len(structures), "template geometry", unit="template") as shown:
-        if workers > 1 and len(tasks) > 1:
-            from concurrent.futures import ProcessPoolExecutor
+def _roles_of(cols: dict[str, np.ndarray]) -> list[tuple[tuple[str, ...], tuple[float, ...]]]:
+    counts = role_counts(cols["role_el"])
+    return [
+        (tuple(str(e) for e in el[:k]), tuple(float(a) for a in am[:k]))
+        for el, am, k in zip(cols["role_el"], cols["role_amt"], counts, strict=True)
+    ]
 
-            with ProcessPoolExecutor(max_workers=workers) as pool:
-                for part in pool.map(_geometry_chunk, tasks):
-                    results.extend(part)
-                    shown.update(len(part))
+
+def doc_rows(docs: list[dict], digests: list[int], workers: int = 1, keep_dicts: bool = False) -> Rows:
+    """Index rows of template documents (all usable; see :func:`usable_template`): the :data:`COLUMNS` of
+    :mod:`cspml_flows.templates.segments`, the structures as JSON bytes (``keep_dicts``: the dicts) and the
+    role permutations. The geometry stored in a document is used; documents without it (older stores) get
+    it computed, in ``workers`` processes."""
+    import orjson
+
+    n = len(docs)
+    role_cache: dict[str, tuple[Roles, str, str]] = {}
+    rl: list[Roles] = []
+    anon, reduced = [], []
+    for d in docs:
+        f = d["formula"]
+        if f not in role_cache:
+            r = roles(f)
+            role_cache[f] = (r, r.anonymous_formula, r.reduced_formula)
+        r, a, red = role_cache[f]
+        rl.append(r)
+        anon.append(a)
+        reduced.append(red)
+    structures = [d["structure"] for d in docs]
+    geometry = [stored_geometry(d, r) for d, r in zip(docs, rl, strict=True)]
+    missing = [i for i, g in enumerate(geometry) if g is None]
+    if missing:
+        dmin, syms = template_geometry([structures[i] for i in missing], [rl[i] for i in missing], workers=workers)
+        for k, i in enumerate(missing):
+            geometry[i] = (float(dmin[k]), syms[k])
+    nprim = np.array([int(d.get("nsites_primitive") or len(d["structure"]["sites"])) for d in docs], dtype=np.int64)
+    role_el = np.full((n, MAX_ELEMENTS), "", dtype="U3")
+    role_amt = np.full((n, MAX_ELEMENTS), np.nan)
+    for i, r in enumerate(rl):
+        role_el[i, : len(r.elements)] = r.elements
+        role_amt[i, : len(r.amounts)] = r.amounts
+    stats_of: dict[str, int] = {}
+    for red in reduced:
+        stats_of.setdefault(red, len(stats_of))
+    stats = magpie_stats(list(stats_of))[[stats_of[red] for red in reduced]] if n else np.zeros((0, STATS_WIDTH))
+    cols = {
+        "ids": np.array([str(d["material_id"]) for d in docs], dtype=str),
+        "formulas": np.array([d["formula"] for d in docs], dtype=str),
+        "anon": np.array(anon, dtype=str),
+        "prototype": np.array([d.get("prototype") or "" for d in docs], dtype=str),
+        "source": np.array([str(d.get("source") or "unknown") for d in docs], dtype=str),
+        "nprim": nprim,
+        "e_above_hull": np.array([np.nan if d.get("e_above_hull") is None else d["e_above_hull"] for d in docs], float),
+        "spacegroup": np.array([d.get("spacegroup_number") or 0 for d in docs], dtype=np.int64),
+        "round": np.array([int(d.get("round") or 0) for d in docs], dtype=np.int64),
+        "stats": stats,
+        "role_props": role_properties(rl) if n else np.zeros((0, MAX_ROLES, len(ROLE_PROPERTIES))),
+        "role_fracs": role_fractions(rl) if n else np.zeros((0, MAX_ROLES)),
+        "min_dist": np.array([g[0] for g in geometry], dtype=float),
+        "role_el": role_el,
+        "role_amt": role_amt,
+        "digest": np.array(digests, dtype=np.uint64),
+        "part": np.array([partition_hash(a, p) for a, p in zip(anon, nprim, strict=True)], dtype=np.uint64),
+    }
+    if n:
+        for key in ("ids", "formulas", "anon", "prototype", "source"):
+            if cols[key].dtype.kind != "U":
+                cols[key] = cols[key].astype(str)
+    data = structures if keep_dicts else [orjson.dumps(s) for s in structures]
+    return Rows(cols, data, [list(g[1]) for g in geometry])
+
+
+def _split_usable(rows: list, limit: int) -> tuple[list, list[str]]:
+    """Stored rows whose structure can be a template, and the ids of those that cannot."""
+    good, bad = [], []
+    for r in rows:
+        d = r.doc()
+        if isinstance(d.get("structure"), dict) and d.get("formula") and usable_template(d["structure"], limit):
+            good.append(r)
         else:
-            for t in tasks:
-                results.extend(_geometry_chunk(t))
-                shown.update(len(t[0]))
-    return np.array([r[0] for r in results], dtype=float), [r[1] for r in results]
+            bad.append(r.id)
+    return good, bad
 
 
-def role_symmetry_perms(
-    matrix: np.ndarray, frac: np.ndarray, site_roles: np.ndarray, r: Roles
-) -> list[tuple[int, ...]]:
-    """Permutations of tied roles that a symmetry of the template maps onto itself (identity included).
+def _warn_left_out(n: int, store: TemplateStore, limit: int) -> None:
+    if n > 0:
+        log.warning(
+            "%d templates of %s left out: partial occupancies, more than %d sites (max_template_atoms) or a cell "
+            "no crystal has",
+            n,
+            store.name,
+            limit,
+        )
 
-    Two element assignments p1, p2 onto this template give the same crystal when p2[g[r]] == p1[r] for
-    every role r and some g here. Found from spglib operations of the template with tied roles merged
-    (symprec 0.1), all operations tested at once with numpy.
-    """
-    ident = tuple(range(len(r.elements)))
-    groups = r.tie_groups()
-    if all(len(g) == 1 for g in groups):
-        return [ident]
-    group_of_role = np.empty(len(r.elements), dtype=int)
-    for gi, g in enumerate(groups):
-        group_of_role[g] = gi
-    merged = group_of_role[site_roles]
+
+def _build_in_memory(store: TemplateStore, workers: int) -> TemplateIndex:
+    limit = max_template_atoms()
+    good, bad = _split_usable(list(store.rows()), limit)
+    _warn_left_out(len(bad), store, limit)
+    good.sort(key=lambda r: r.id)
+    idx = TemplateIndex.from_docs([r.doc() for r in good], workers=workers)
+    idx.digest = np.array([r.digest for r in good], dtype=np.uint64)
+    idx.signature = f"{_base_signature(store)}|{store.position()}"
+    return idx
+
+
+# ---------------------------------------------------------------- checks of what is read
+
+
+def _load(gen: Generation, signature: str) -> TemplateIndex:
+    """The TemplateIndex of an opened (and checked) generation: columns memory-mapped where the rows need no
+    reordering, else gathered in id order."""
+    order = np.asarray(gen.state["order"])
+    n = len(order)
+    if n == 0:
+        return TemplateIndex.empty(signature)
+    direct = len(gen.segments) == 1 and n == gen.n_phys and bool((order == np.arange(n)).all())
+
+    def col(key: str) -> np.ndarray:
+        return gen.segments[0].cols[key] if direct else gen.column(key, order)
+
+    fields = {k: col(k) for k in (*_TEXT, *(k for k in _NUMERIC if k != "cluster"))}
+    fields["cluster"] = np.asarray(gen.state["cluster"])[order]
+    fields["prototype"] = fields["prototype"].astype(object)
+    seg = gen.segment_of(order).astype(np.int32)
+    structures = LazyStructures(
+        [s.path / "structures.npy" for s in gen.segments],
+        seg,
+        col("str_start"),
+        col("str_end"),
+        blobs=[s.structures for s in gen.segments],
+    )
+    role_el = col("role_el")
+    return TemplateIndex(
+        **fields,
+        roles=LazyRoles(role_el, col("role_amt"), role_counts(role_el)),
+        structures=structures,
+        signature=signature,
+        role_syms=LazyRoleSyms([s.perms for s in gen.segments], seg, col("perm_start"), col("perm_end")),
+        source=col("source"),
+        round=col("round"),
+        digest=col("digest"),
+    )
+
+
+# ---------------------------------------------------------------- the index folder of a store
+
+
+def index_dir(store: TemplateStore) -> Path:
+    """The index folder of a store: one per store location (:attr:`TemplateStore.identity`)."""
+    digest = hashlib.sha1(store.identity.encode()).hexdigest()[:16]
+    return home_dir() / "index" / digest
+
+
+def _base_signature(store: TemplateStore) -> str:
+    return f"{INDEX_VERSION}|{DESCRIPTOR_VERSION}|{store.identity}|{max_template_atoms()}"
+
+
+@dataclass
+class IndexReport:
+    """What :func:`sync_index` did."""
+
+    action: str  # "up to date", "updated", "built" or "rebuilt"
+    templates: int = 0
+    clusters: int = 0
+    added: int = 0
+    removed: int = 0
+    left_out: int = 0
+    segments: int = 0
+    fits: int = 0
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        what = {
+            "up to date": "up to date",
+            "updated": f"updated: {self.added} added, {self.removed} removed, {self.fits} new prototype fits",
+        }.get(self.action, f"{self.action}: {self.fits} prototype fits")
+        left = f", {self.left_out} left out" if self.left_out else ""
+        return (
+            f"index {what}; {self.templates} templates{left}, {self.clusters} prototype clusters, "
+            f"{self.segments} segment(s) ({self.seconds:.1f} s)"
+        )
+
+
+def sync_index(
+    store: TemplateStore, workers: int = 2, rebuild: bool = False, root: Path | None = None, load: bool = True
+) -> tuple[TemplateIndex | None, IndexReport]:
+    """Bring a store's on-disk index up to date (incrementally; from scratch with ``rebuild`` or when the
+    index is missing, of another version, or damaged: one log line) and open it (``load=False``: only the
+    report). Raises StoreError when the store is empty. An index folder that cannot be written: the index
+    is built in memory, one log line."""
+    t0 = time.perf_counter()
+    store.require_nonempty()
+    root = index_dir(store) if root is None else root
+    base = _base_signature(store)
+    if not rebuild:
+        found = _open_current(root, store, base)
+        if found is not None:
+            return (_load(*found) if load else None), _report("up to date", found[0], t0)
     try:
-        import spglib
+        root.mkdir(parents=True, exist_ok=True)
+        with update_lock(root):
+            return _Updater(root, store, workers, base).run(rebuild, t0, load)
+    except OSError as exc:
+        log.warning("template index %s cannot be written (%s): the index is built in memory", root, exc)
+        idx = _build_in_memory(store, workers)
+        report = IndexReport("built", len(idx), len(np.unique(idx.cluster)), seconds=time.perf_counter() - t0)
+        return idx, report
 
-        ds = spglib.get_symmetry((matrix, frac, merged + 1), symprec=0.1)
-    except Exception:
-        ds = None
-    if ds is None:
-        return [ident]
-    found = {ident}
-    rotations, translations = ds["rotations"], ds["translations"]
-    same_kind = merged[:, None] == merged[None, :]
-    first_site = np.array([int(np.flatnonzero(site_roles == k)[0]) for k in ident])
-    step = max(1, 2_000_000 // len(frac) ** 2)  # operations per block: bounded memory on large cells
-    for o in range(0, len(rotations), step):
-        # a block of operations at once: (ops, sites, 3) images, then site-to-site closeness (ops, n, n)
-        images = np.einsum("nj,okj->onk", frac, rotations[o : o + step]) + translations[o : o + step, None, :]
-        diff = images[:, :, None, :] - frac[None, None, :, :]
-        close = np.all(np.abs(diff - np.round(diff)) < 0.02, axis=3) & same_kind
-        close = close[close.any(axis=2).all(axis=1)]  # operations that map the merged cell onto itself
-        target = site_roles[close.argmax(axis=2)]  # (ops, sites): role of each site's image
-        # an operation permutes roles when all sites of a role go to one role, a different one per role
-        image = target[:, first_site]  # (ops, roles)
-        consistent = np.all(target == image[:, site_roles], axis=1)
-        for perm in image[consistent]:
-            if len(set(perm.tolist())) == len(ident):
-                found.add(tuple(int(x) for x in perm))
-    return sorted(found)
+
+def _report(action: str, gen: Generation, t0: float, fits: int = 0, **kw: int) -> IndexReport:
+    cluster = gen.state["cluster"]
+    n = len(gen.state["order"])
+    return IndexReport(
+        action,
+        n,
+        int(cluster.max()) + 1 if n else 0,
+        segments=len(gen.segments),
+        fits=fits,
+        seconds=time.perf_counter() - t0,
+        **kw,
+    )
+
+
+def _open_current(root: Path, store: TemplateStore, base: str) -> tuple[Generation, str] | None:
+    """The generation in ``root`` (opened and checked) if its manifest is of this version and at the store's
+    position, with the index signature, else None. A file the manifest names that vanished (an update
+    replaced the manifest meanwhile) is read again from the new manifest; a damaged index is left to the
+    update, which rebuilds it."""
+    for _ in range(5):
+        try:
+            m = Manifest.read(root)
+        except (OSError, ValueError):
+            return None
+        if m is None or m.signature != base or m.position != store.position():
+            return None
+        try:
+            return Generation(root, m), f"{base}|{m.position}"
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError):
+            return None
+    return None
+
+
+class _Updater:
+    """One update of an index folder (the caller holds its update lock)."""
+
+    def __init__(self, root: Path, store: TemplateStore, workers: int, base: str):
+        self.root, self.store, self.workers, self.base = root, store, workers, base
+        self.limit = max_template_atoms()
+        self.fits = 0
+
+    def run(self, rebuild: bool, t0: float, load: bool = True) -> tuple[TemplateIndex | None, IndexReport]:
+        gen = None
+        action = "rebuilt" if rebuild else "built"
+        if not rebuild:
+            try:
+                m = Manifest.read(self.root)
+                if m is not None and m.signature == self.base:
+                    gen = Generation(self.root, m)
+                elif m is not None:
+                    log.info("template index %s is of another version or store: rebuilding it", self.root)
+            except (OSError, ValueError) as exc:
+                reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                log.warning("template index %s is unreadable (%s): rebuilding it", self.root, reason)
+                action = "rebuilt"
+        kw: dict[str, int] = {}
+        if gen is not None:
+            remove_unreferenced(self.root, gen.manifest)
+            if gen.manifest.position == self.store.position():
+                return self._finish(gen, "up to date", t0, load, left_out=len(gen.manifest.skipped))
+            manifest, added, removed, left = self._update(gen)
+            action, kw = "updated", {"added": added, "removed": removed, "left_out": left}
+        else:
+            remove_unreferenced(self.root, None)
+            manifest, left = self._build()
+            kw = {"left_out": left}
+            digest = hashlib.sha1(self.store.identity.encode()).hexdigest()[:16]
+            for old in (home_dir() / "cache").glob(f"index-{digest}.*"):  # caches of earlier versions: never read
+                old.unlink(missing_ok=True)
+        return self._finish(Generation(self.root, manifest), action, t0, load, **kw)
+
+    def _finish(
+        self, gen: Generation, action: str, t0: float, load: bool, **kw: int
+    ) -> tuple[TemplateIndex | None, IndexReport]:
+        idx = _load(gen, f"{self.base}|{gen.manifest.position}") if load else None
+        return idx, _report(action, gen, t0, fits=self.fits, **kw)
+
+    # ---- full build ------------------------------------------------------------------------------------
+    def _build(self) -> tuple[Manifest, int]:
+        position = self.store.position()
+        names: list[str] = []
+        skipped: list[str] = []
+        batch: list = []
+
+        def flush() -> None:
+            good, bad = _split_usable(batch, self.limit)
+            skipped.extend(bad)
+            if good:
+                rows = doc_rows([r.doc() for r in good], [r.digest for r in good], self.workers)
+                names.append(write_segment(self.root, rows))
+            batch.clear()
+
+        seen: set[str] = set()
+        for row in self.store.rows():
+            if row.id in seen:
+                continue  # a second copy of an id (left by an older writer): the first is indexed
+            seen.add(row.id)
+            batch.append(row)
+            if len(batch) >= CHUNK:
+                flush()
+        flush()
+        _warn_left_out(len(skipped), self.store, self.limit)
+        segs = [Segment(self.root, name) for name in names]
+        if len(segs) > 1:
+            merged = self._merge(segs, [np.ones(s.n, dtype=bool) for s in segs])
+            segs = [merged]
+        table = Table(segs)
+        cluster = np.zeros(table.n_phys, dtype=np.int64)
+        empty = np.zeros(0, dtype=np.uint64)
+        pairs = (empty, empty, empty, np.zeros(0, dtype=bool))
+        cluster, pairs = self._recluster(table, cluster, None, pairs)
+        return self._commit(table, cluster, pairs, position, sorted(set(skipped)), 1), len(skipped)
+
+    # ---- incremental update --------------------------------------------------------------------------
+    def _update(self, gen: Generation) -> tuple[Manifest, int, int, int]:
+        m = gen.manifest
+        now, changed = self.store.changed_since(m.position)
+        table = Table(list(gen.segments))
+        cluster = np.array(gen.state["cluster"], dtype=np.int64)
+        order = np.asarray(gen.state["order"])
+        pairs = tuple(np.array(gen.state[k]) for k in ("pair_part", "pair_a", "pair_b", "pair_fit"))
+        acc = _Changes(set(m.skipped))
+        if changed is None:
+            changed, present = self._diff(table, order, acc.skipped)
+        else:
+            present = {r.id: r for r in self.store.rows(changed)}
+        table, cluster = self._apply(table, cluster, order, changed, present, acc)
+        expected = position_count(now)
+        if expected is not None and int((cluster >= 0).sum()) + len(acc.skipped) != expected:
+            # the count disagrees (a document removed, or written without a newer date): compare the ids
+            live = np.flatnonzero(cluster >= 0)
+            known = set(table.column("ids", live).tolist()) | acc.skipped
+            in_store = self.store.ids()
+            extra = (in_store - known) | (known - in_store)
+            present = {r.id: r for r in self.store.rows(extra)}
+            order = _live_order(table, cluster)
+            table, cluster = self._apply(table, cluster, order, extra, present, acc)
+        _warn_left_out(acc.left, self.store, self.limit)
+        if acc.stale:
+            stale = np.array(sorted(acc.stale), dtype=np.uint64)
+            keep = ~(np.isin(pairs[1], stale) | np.isin(pairs[2], stale))
+            pairs = tuple(p[keep] for p in pairs)
+        touched = np.array(sorted(acc.touched), dtype=np.uint64)
+        cluster, pairs = self._recluster(table, cluster, touched, pairs)
+        table, cluster = self._compact(table, cluster)
+        manifest = self._commit(table, cluster, pairs, now, sorted(acc.skipped), m.generation + 1)
+        return manifest, acc.added, acc.removed, acc.left
+
+    def _apply(
+        self, table: Table, cluster: np.ndarray, order: np.ndarray, changed: set[str], present: dict, acc: _Changes
+    ) -> tuple[Table, np.ndarray]:
+        """Mark the rows of ``changed`` ids dead unless the stored document is the same, and append a segment
+        with the stored documents of ``changed`` that can be templates (``present``: their stored rows)."""
+        if not changed:
+            return table, cluster
+        live_ids = table.column("ids", order)
+        digests = table.column("digest", order)
+        ids = np.array(sorted(changed), dtype=str)
+        pos = np.searchsorted(live_ids, ids)
+        found = pos < len(live_ids)
+        found[found] = live_ids[pos[found]] == ids[found]
+        dead, todo = [], []
+        for mid, p, known in zip(ids.tolist(), pos.tolist(), found.tolist(), strict=True):
+            r = present.get(mid)
+            if known:
+                if r is not None and r.digest == int(digests[p]):
+                    continue  # written again with the same content
+                dead.append(int(order[p]))
+                acc.stale.add(id_hash(mid))
+            acc.skipped.discard(mid)
+            if r is not None:
+                todo.append(r)
+        if dead:
+            dead_rows = np.array(dead, dtype=np.int64)
+            cluster[dead_rows] = -1
+            acc.touched.update(int(x) for x in np.unique(table.column("part", dead_rows)))
+            acc.removed += len(dead)
+        good, bad = _split_usable(todo, self.limit)
+        acc.skipped.update(bad)
+        acc.left += len(bad)
+        if not good:
+            return table, cluster
+        rows = doc_rows([r.doc() for r in good], [r.digest for r in good], self.workers)
+        seg = Segment(self.root, write_segment(self.root, rows))
+        acc.touched.update(int(x) for x in np.unique(seg.cols["part"]))
+        acc.added += seg.n
+        return Table([*table.segments, seg]), np.concatenate([cluster, np.zeros(seg.n, dtype=np.int64)])
+
+    def _diff(self, table: Table, order: np.ndarray, skipped: set[str]) -> tuple[set[str], dict]:
+        """Every stored document compared with the index by its digest: the ids that differ (new, changed or
+        gone) and the stored rows of those that exist."""
+        live_ids = table.column("ids", order)
+        digests = table.column("digest", order)
+        changed: set[str] = set()
+        present: dict = {}
+        seen = np.zeros(len(live_ids), dtype=bool)
+        stored_skipped: set[str] = set()
+        batch: list = []
+
+        def flush() -> None:
+            ids = np.array([r.id for r in batch], dtype=str)
+            pos = np.searchsorted(live_ids, ids)
+            found = pos < len(live_ids)
+            found[found] = live_ids[pos[found]] == ids[found]
+            same = np.zeros(len(batch), dtype=bool)
+            mine = np.array([r.digest for r in batch], dtype=np.uint64)
+            same[found] = digests[pos[found]] == mine[found]
+            seen[pos[found]] = True
+            for r, ok in zip(batch, same.tolist(), strict=True):
+                if not ok:
+                    changed.add(r.id)
+                    present[r.id] = r
+            batch.clear()
+
+        for r in self.store.rows():
+            batch.append(r)
+            if r.id in skipped:
+                stored_skipped.add(r.id)
+            if len(batch) >= CHUNK:
+                flush()
+        if batch:
+            flush()
+        changed.update(live_ids[~seen].tolist())
+        changed.update(skipped - stored_skipped)
+        return changed, present
+
+    # ---- clustering ----------------------------------------------------------------------------------
+    def _recluster(
+        self, table: Table, cluster: np.ndarray, touched: np.ndarray | None, pairs: tuple[np.ndarray, ...]
+    ) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
+        """Cluster the live rows of the partitions ``touched`` (None: all) again: groups of equal prototype
+        label, merged over the representative pairs of :func:`partition_pairs`; fit results come from
+        ``pairs`` (the cache: partition, first and second representative, result) where known, the rest
+        are fitted. Returns the cluster array with new labels there and the cache with those partitions'
+        pairs replaced by the ones evaluated now."""
+        import orjson
+
+        live = np.flatnonzero(cluster >= 0)
+        part_all = table.column("part", live)
+        rows = live if touched is None else live[np.isin(part_all, touched)]
+        c_part, c_a, c_b, c_fit = pairs
+        if touched is not None and len(c_part):
+            keep = ~np.isin(c_part, touched)
+            kept = (c_part[keep], c_a[keep], c_b[keep], c_fit[keep])
+        else:
+            kept = (c_part[:0], c_a[:0], c_b[:0], c_fit[:0]) if touched is None else pairs
+        if not len(rows):
+            return cluster, kept
+        part = table.column("part", rows)
+        ids = table.column("ids", rows)
+        labels = table.column("prototype", rows)
+        by = np.lexsort((ids, part))
+        rows, part, ids, labels = rows[by], part[by], ids[by], labels[by]
+        starts = np.concatenate([[0], np.flatnonzero(part[1:] != part[:-1]) + 1, [len(rows)]])
+        plans = []  # (partition rows, group of each row, representative rows, pairs, fits or None)
+        tasks, task_of = [], []
+        for s, e in itertools.pairwise(starts):
+            group_of: dict[str, int] = {}
+            gid = np.empty(e - s, dtype=np.int64)
+            reps: list[int] = []
+            for k in range(s, e):
+                key = str(labels[k]) or f"__none_{ids[k]}"
+                g = group_of.get(key)
+                if g is None:
+                    g = group_of[key] = len(reps)
+                    reps.append(k)
+                gid[k - s] = g
+            pp = partition_pairs([str(labels[k]) or None for k in reps])
+            fits: list[bool | None] = [None] * len(pp)
+            if pp and touched is not None and len(c_part):
+                lo, hi = np.searchsorted(c_part, part[s], "left"), np.searchsorted(c_part, part[s], "right")
+                known = {
+                    (int(x), int(y)): bool(f) for x, y, f in zip(c_a[lo:hi], c_b[lo:hi], c_fit[lo:hi], strict=True)
+                }
+                hashes = [id_hash(str(ids[k])) for k in reps]
+                fits = [known.get((hashes[i], hashes[j])) for i, j in pp]
+            missing = [q for q, f in enumerate(fits) if f is None]
+            if missing:
+                need = sorted({x for q in missing for x in pp[q]})
+                local = {g: t for t, g in enumerate(need)}
+                structs = [orjson.loads(table.structure_bytes(int(rows[reps[g]]))) for g in need]
+                tasks.append((structs, [(local[pp[q][0]], local[pp[q][1]]) for q in missing]))
+                task_of.append((len(plans), missing))
+            plans.append((s, e, gid, reps, pp, fits))
+        results = run_fits(tasks, self.workers) if tasks else []
+        for (p, missing), res in zip(task_of, results, strict=True):
+            for q, ok in zip(missing, res, strict=True):
+                plans[p][5][q] = ok
+            self.fits += len(res)
+        new = np.array(cluster, dtype=np.int64)
+        next_label = int(cluster.max()) + 1 if len(cluster) else 0
+        n_part, n_a, n_b, n_fit = [], [], [], []
+        for s, e, gid, reps, pp, fits in plans:
+            roots = merge_groups(len(reps), pp, [bool(f) for f in fits])
+            new[rows[s:e]] = next_label + np.asarray(roots, dtype=np.int64)[gid]
+            next_label += len(reps)
+            if pp:
+                hashes = [id_hash(str(ids[k])) for k in reps]
+                n_part.append(np.full(len(pp), part[s], dtype=np.uint64))
+                n_a.append(np.array([hashes[i] for i, _ in pp], dtype=np.uint64))
+                n_b.append(np.array([hashes[j] for _, j in pp], dtype=np.uint64))
+                n_fit.append(np.array([bool(f) for f in fits], dtype=bool))
+        out = [np.concatenate([k, *n]) for k, n in zip(kept, (n_part, n_a, n_b, n_fit), strict=True)]
+        srt = np.argsort(out[0], kind="stable")
+        return new, tuple(o[srt] for o in out)
+
+    # ---- segments ------------------------------------------------------------------------------------
+    def _compact(self, table: Table, cluster: np.ndarray) -> tuple[Table, np.ndarray]:
+        """Merge the smallest segments while there are more than MAX_SEGMENTS, and rewrite a segment whose
+        dead rows exceed DEAD_FRACTION; returns the new table and cluster array (same labels)."""
+        segs = list(table.segments)
+        alive = [cluster[table.bounds[k] : table.bounds[k + 1]] >= 0 for k in range(len(segs))]
+        groups: list[list[int]] = [[k] for k in range(len(segs)) if alive[k].any()]
+        groups.sort(key=lambda g: -sum(int(alive[k].sum()) for k in g))
+        while len(groups) > MAX_SEGMENTS:
+            a, b = groups.pop(), groups.pop()
+            groups.append(a + b)
+            groups.sort(key=lambda g: -sum(int(alive[k].sum()) for k in g))
+        rewrite = [g for g in groups if len(g) > 1 or alive[g[0]].mean() < 1 - DEAD_FRACTION]
+        if not rewrite and all(alive[k].any() for k in range(len(segs))):
+            return table, cluster
+        new_segs, new_cluster = [], []
+        for g in groups:
+            if g in rewrite:
+                merged = self._merge([segs[k] for k in g], [alive[k] for k in g])
+                labels = np.concatenate([cluster[table.bounds[k] : table.bounds[k + 1]][alive[k]] for k in g])
+                ids = np.concatenate([segs[k].cols["ids"][alive[k]] for k in g])
+                new_segs.append(merged)
+                new_cluster.append(labels[np.argsort(ids, kind="stable")])
+            else:
+                k = g[0]
+                new_segs.append(segs[k])
+                new_cluster.append(cluster[table.bounds[k] : table.bounds[k + 1]])
+        return Table(new_segs), np.concatenate(new_cluster) if new_cluster else np.zeros(0, dtype=np.int64)
+
+    def _merge(self, segs: list[Segment], masks: list[np.ndarray]) -> Segment:
+        """One new segment with the rows of ``segs`` where ``masks`` are True, in id order, written column by
+        column into memory-mapped files (memory stays small whatever the segments' size)."""
+        from numpy.lib.format import open_memmap
+
+        src = [(s, np.flatnonzero(m)) for s, m in zip(segs, masks, strict=True)]
+        ids = np.concatenate([s.cols["ids"][r] for s, r in src])
+        which = np.concatenate([np.full(len(r), k, dtype=np.int64) for k, (_, r) in enumerate(src)])
+        local = np.concatenate([r for _, r in src])
+        srt = np.argsort(ids, kind="stable")
+        which, local = which[srt], local[srt]
+        n = len(srt)
+        name = f"seg-{new_token()}"
+        tmp = self.root / f".tmp-{name}"
+        tmp.mkdir()
+
+        def gather(key: str) -> np.ndarray:
+            shape = COLUMNS[key][1]
+            dtype = np.result_type(*[s.cols[key].dtype for s in segs])
+            out = np.empty((n, *shape), dtype=dtype)
+            for k, (s, _) in enumerate(src):
+                m = which == k
+                out[m] = s.cols[key][local[m]]
+            return out
+
+        for key in COLUMNS:
+            if key in ("str_start", "str_end", "perm_start", "perm_end"):
+                continue
+            arr = gather(key)
+            mm = open_memmap(tmp / f"{key}.npy", mode="w+", dtype=arr.dtype, shape=arr.shape)
+            mm[...] = arr
+            mm.flush()
+            del mm, arr
+        starts, ends = gather("str_start"), gather("str_end")
+        lengths = ends - starts
+        new_end = np.cumsum(lengths)
+        blob = open_memmap(tmp / "structures.npy", mode="w+", dtype=np.uint8, shape=(int(new_end[-1]),))
+        pos = 0
+        for i in range(n):
+            s = segs[int(which[i])]
+            blob[pos : pos + int(lengths[i])] = s.structures[int(starts[i]) : int(ends[i])]
+            pos += int(lengths[i])
+        blob.flush()
+        del blob
+        ps, pe = gather("perm_start"), gather("perm_end")
+        plen = pe - ps
+        p_end = np.cumsum(plen)
+        table = open_memmap(tmp / "perms.npy", mode="w+", dtype=np.int8, shape=(int(p_end[-1]), MAX_ELEMENTS))
+        pos = 0
+        for i in range(n):
+            s = segs[int(which[i])]
+            table[pos : pos + int(plen[i])] = s.perms[int(ps[i]) : int(pe[i])]
+            pos += int(plen[i])
+        table.flush()
+        del table
+        for key, arr in (
+            ("str_start", new_end - lengths),
+            ("str_end", new_end),
+            ("perm_start", p_end - plen),
+            ("perm_end", p_end),
+        ):
+            np.save(tmp / f"{key}.npy", arr.astype(np.int64), allow_pickle=False)
+        import json
+
+        (tmp / "segment.json").write_text(json.dumps({"format": "cspml-index-segment/1", "n": int(n)}))
+        for f in tmp.iterdir():
+            _sync(f)
+        _sync(tmp)
+        os.replace(tmp, self.root / name)
+        return Segment(self.root, name)
+
+    # ---- commit ----------------------------------------------------------------------------------------
+    def _commit(
+        self,
+        table: Table,
+        cluster: np.ndarray,
+        pairs: tuple[np.ndarray, ...],
+        position: str,
+        skipped: list[str],
+        generation: int,
+    ) -> Manifest:
+        """Canonical labels and row order, the state folder, then the manifest (atomically), then the files no
+        manifest names are removed."""
+        live = np.flatnonzero(cluster >= 0)
+        ids = table.column("ids", live)
+        srt = np.argsort(ids, kind="stable")
+        order = live[srt]
+        sorted_ids = ids[srt]
+        if len(sorted_ids) > 1 and not (sorted_ids[1:] > sorted_ids[:-1]).all():
+            raise StoreError(
+                f"template index {self.root}: an id appears twice; rebuild it with 'cspml index --rebuild'"
+            )
+        tokens = cluster[order]
+        labels = np.full(len(cluster), -1, dtype=np.int64)
+        if len(order):
+            _, first, inv = np.unique(tokens, return_index=True, return_inverse=True)
+            rank = np.empty(len(first), dtype=np.int64)
+            rank[np.argsort(first, kind="stable")] = np.arange(len(first))
+            labels[order] = rank[inv.reshape(-1)]
+        part, a, b, fit = pairs
+        state = write_state(
+            self.root,
+            generation,
+            {
+                "cluster": labels,
+                "order": order.astype(np.int64),
+                "pair_part": part.astype(np.uint64),
+                "pair_a": a.astype(np.uint64),
+                "pair_b": b.astype(np.uint64),
+                "pair_fit": fit.astype(bool),
+            },
+        )
+        manifest = Manifest(self.base, position, generation, [s.name for s in table.segments], state, skipped)
+        pause = os.environ.get(PAUSE_ENV)
+        if pause:
+            time.sleep(float(pause))
+        manifest.write(self.root)
+        remove_unreferenced(self.root, manifest)
+        return manifest
+
+
+@dataclass
+class _Changes:
+    """What an update has done so far."""
+
+    skipped: set[str]
+    added: int = 0
+    removed: int = 0
+    left: int = 0
+    stale: set[int] = field(default_factory=set)  # id hashes of rows removed or replaced (their fits are stale)
+    touched: set[int] = field(default_factory=set)  # partitions to cluster again
+
+
+def _live_order(table: Table, cluster: np.ndarray) -> np.ndarray:
+    """Physical positions of the live rows, in id order."""
+    live = np.flatnonzero(cluster >= 0)
+    return live[np.argsort(table.column("ids", live), kind="stable")]
+
+
+def _sync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

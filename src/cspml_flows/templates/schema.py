@@ -18,8 +18,9 @@ from cspml_flows.composition import MAX_ELEMENTS, roles
 from cspml_flows.errors import StructureReadError
 from cspml_flows.prototype import prototype_info
 from cspml_flows.structure_checks import check_structure
+from cspml_flows.templates.geometry import doc_geometry
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: min_dist and role_syms stored with the document
 
 
 class TemplateDoc(BaseModel):
@@ -46,6 +47,10 @@ class TemplateDoc(BaseModel):
     parent_id: str | None = None
     calculator: str | None = None
     relaxation_key: str | None = Field(None, description="results-store record it was promoted from")
+    min_dist: float | None = Field(None, description="shortest interatomic distance (periodic images included)")
+    role_syms: list[list[int]] | None = Field(
+        None, description="role permutations a symmetry of the structure maps onto itself (identity first)"
+    )
     schema_version: int = SCHEMA_VERSION
     last_updated: datetime = Field(default_factory=lambda: datetime.now(UTC))
 
@@ -89,7 +94,8 @@ def template_doc_from_structure(
     max_atoms: int | None = None,
     **properties: Any,
 ) -> TemplateDoc:
-    """Build a template document: formula bookkeeping plus spglib symmetry and prototype label.
+    """Build a template document: formula bookkeeping, spglib symmetry and prototype label, and the geometry
+    the index reads (shortest interatomic distance, role symmetries; see :mod:`cspml_flows.templates.geometry`).
 
     The structure is checked first (:func:`check_template_structure`; ``max_atoms`` default: the configured
     limit); a structure that cannot be a template raises StructureReadError naming ``material_id``."""
@@ -97,11 +103,14 @@ def template_doc_from_structure(
     comp = structure.composition
     r = roles(comp)
     info = prototype_info(structure)
+    as_dict = structure.as_dict()
+    formula = comp.reduced_formula
+    dmin, syms = doc_geometry(as_dict, roles(formula))  # from the stored dict: what the index would compute
     clean = {k: (None if v is not None and v != v else v) for k, v in properties.items()}  # NaN -> None
     return TemplateDoc(
         material_id=str(material_id),
-        structure=structure.as_dict(),
-        formula=comp.reduced_formula,
+        structure=as_dict,
+        formula=formula,
         anonymous_formula=r.anonymous_formula,
         chemsys=comp.chemical_system,
         elements=list(r.elements),
@@ -113,5 +122,7 @@ def template_doc_from_structure(
         spacegroup_symbol=info.spacegroup_symbol,
         prototype=info.label,
         source=source,
+        min_dist=dmin,
+        role_syms=[list(p) for p in syms],
         **clean,
     )

@@ -14,8 +14,16 @@
 - ``memory://NAME``: an in-process MemoryStore (tests).
 
 A store's :attr:`TemplateStore.identity` names its location (resolved path; redacted URI, database and
-collection), and :meth:`TemplateStore.fingerprint` digests its content: caches built from a store are keyed on
-both.
+collection), and :meth:`TemplateStore.position` says how far its content has moved on:
+:meth:`TemplateStore.changed_since` lists the documents written since a position, so that the template index
+follows a store by its changes (:mod:`cspml_flows.templates.index`).
+
+The embedded template store keeps a change journal: a table ``cspml_changes(seq, k, op)`` in the collection's
+sqlite file that triggers on the document table fill with every insert, update and delete, in the same
+transaction as the write, whoever writes (this package, maggma, jobflow). A store gets its journal when it is
+created or next opened for writing; the position of a store without one is a digest of its content.
+MongoDB template stores opened for writing get indexes on ``material_id`` (unique), ``source``, ``round``,
+``formula`` and ``last_updated``.
 
 Every write is an upsert on the document key (:func:`upsert`): a document's ``_id`` is its key, so two
 processes writing the same key at once leave one document, not two.
@@ -55,6 +63,10 @@ MONTY_CONFIG = "monty.storage.cfg"  # what montydb writes into every embedded st
 STORE_LOCK = ".cspml.lock"  # held while an embedded store's configuration or collections are created
 BUSY_TIMEOUT_MS = 30_000  # how long a write to the embedded store waits for another writer's lock
 MONGO_TIMEOUT_ENV = "CSPML_MONGO_TIMEOUT_MS"
+JOURNAL_TABLE = "cspml_changes"  # (seq, k, op): one row per write of a document of an embedded template store
+JOURNAL_ID_TABLE = "cspml_journal"  # one row: the journal's random id (a recreated collection gets another)
+JOURNAL_TRIGGERS = ("cspml_journal_insert", "cspml_journal_update", "cspml_journal_delete")
+INDEXED_FIELDS = (KEY, "source", "round", "formula", "last_updated")  # MongoDB indexes of a template store
 DEFAULT_MONGO_TIMEOUT_MS = 5000
 
 
@@ -154,6 +166,7 @@ def check_reachable(store: Store, what: str = "store") -> None:
         ) from None
 
 
+_INDEXED: set[str] = set()  # MongoDB template stores given their indexes by this process
 _MEMORY: dict[str, MemoryStore] = {}  # memory://NAME stores of this process, one per (name, collection)
 
 
@@ -203,7 +216,7 @@ def embedded_store(path: Path, collection: str, key: str, create: bool, what: st
     )
     if create:
         try:
-            prepare_embedded(path, store.database_name, collection, store.storage_kwargs)
+            prepare_embedded(path, store.database_name, collection, store.storage_kwargs, journal=key == KEY)
         except (sqlite3.Error, OSError) as exc:
             raise StoreError(f"cannot open {what} {path} for writing: {error_reason(exc)}") from None
     return store
@@ -249,24 +262,167 @@ def store_lock(folder: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def prepare_embedded(path: Path, database: str, collection: str, storage_kwargs: dict[str, Any]) -> None:
+def prepare_embedded(
+    path: Path, database: str, collection: str, storage_kwargs: dict[str, Any], journal: bool = False
+) -> None:
     """Make an embedded store ready for writing: montydb's configuration and the collection's sqlite file
     with its table, created under :func:`store_lock`, each put in place whole by a rename (a reader sees no
     collection or a complete one; two processes never both create it). A collection file without its table
     (a store whose creation was killed half-way) is repaired in place. ``storage_kwargs``: the montydb
-    settings (``montydb.set_storage``) of a new store, maggma's MontyStore defaults (pymongo's BSON)."""
+    settings (``montydb.set_storage``) of a new store, maggma's MontyStore defaults (pymongo's BSON).
+    ``journal``: the collection gets its change journal (:func:`install_journal`) if it has none yet."""
     coll = collection_file(path, database, collection)
-    if (path / MONTY_CONFIG).is_file() and coll.is_file() and _has_table(coll):
+    if (path / MONTY_CONFIG).is_file() and coll.is_file() and _has_table(coll) and (not journal or has_journal(coll)):
         return  # the usual case: nothing to create, no lock taken
     with store_lock(path):
         if not (path / MONTY_CONFIG).is_file():
             _write_monty_config(path, storage_kwargs)
         if not coll.exists():
-            _create_collection_file(coll)
+            _create_collection_file(coll, journal)
         elif not _has_table(coll):
             with contextlib.closing(_connect_sqlite(coll)) as con, con:
                 con.execute(_create_table_sql(if_not_exists=True))
             log.warning("store %s: collection %s had no table (creation interrupted): repaired", path, coll.name)
+        if journal and not has_journal(coll):
+            with contextlib.closing(_connect_sqlite(coll)) as con, con:
+                install_journal(con)
+
+
+def has_journal(f: Path) -> bool:
+    """Whether the collection file ``f`` holds the change journal with its three triggers."""
+    with contextlib.closing(_connect_sqlite(f)) as con:
+        return _journal_present(con)
+
+
+def _journal_present(con: sqlite3.Connection) -> bool:
+    names = (JOURNAL_TABLE, JOURNAL_ID_TABLE, *JOURNAL_TRIGGERS)
+    sql = f"SELECT COUNT(*) FROM sqlite_master WHERE name IN ({','.join('?' * len(names))})"
+    return con.execute(sql, names).fetchone()[0] == len(names)
+
+
+def install_journal(con: sqlite3.Connection) -> None:
+    """Create the change journal of an embedded template collection (in the caller's transaction): the table
+    ``cspml_changes(seq, k, op)``, a random journal id, and triggers that append every insert ('i'), update
+    ('u') and delete ('d') of a document row to it."""
+    import secrets
+
+    con.execute(
+        f"CREATE TABLE IF NOT EXISTS {JOURNAL_TABLE}"
+        "(seq INTEGER PRIMARY KEY AUTOINCREMENT, k BLOB NOT NULL, op TEXT NOT NULL)"
+    )
+    con.execute(f"CREATE TABLE IF NOT EXISTS {JOURNAL_ID_TABLE}(id TEXT NOT NULL)")
+    con.execute(
+        f"INSERT INTO {JOURNAL_ID_TABLE}(id) SELECT ? WHERE NOT EXISTS (SELECT 1 FROM {JOURNAL_ID_TABLE})",
+        (secrets.token_hex(8),),
+    )
+    ins, upd, dele = JOURNAL_TRIGGERS
+    con.execute(
+        f"CREATE TRIGGER IF NOT EXISTS {ins} AFTER INSERT ON documents "
+        f"BEGIN INSERT INTO {JOURNAL_TABLE}(k, op) VALUES (NEW.k, 'i'); END"
+    )
+    con.execute(
+        f"CREATE TRIGGER IF NOT EXISTS {upd} AFTER UPDATE ON documents BEGIN "
+        f"INSERT INTO {JOURNAL_TABLE}(k, op) VALUES (NEW.k, 'u'); "
+        f"INSERT INTO {JOURNAL_TABLE}(k, op) SELECT OLD.k, 'd' WHERE OLD.k IS NOT NEW.k; END"
+    )
+    con.execute(
+        f"CREATE TRIGGER IF NOT EXISTS {dele} AFTER DELETE ON documents "
+        f"BEGIN INSERT INTO {JOURNAL_TABLE}(k, op) VALUES (OLD.k, 'd'); END"
+    )
+
+
+def _journal_position(con: sqlite3.Connection) -> str | None:
+    """``journal|<id>|<last seq>|<count>`` of a collection with its journal, else None."""
+    if not _journal_present(con):
+        return None
+    (jid,) = con.execute(f"SELECT id FROM {JOURNAL_ID_TABLE} LIMIT 1").fetchone() or ("",)
+    (seq,) = con.execute(f"SELECT COALESCE(MAX(seq), 0) FROM {JOURNAL_TABLE}").fetchone()
+    (n,) = con.execute("SELECT COUNT(*) FROM documents").fetchone()
+    return f"journal|{jid}|{int(seq)}|{int(n)}"
+
+
+def decode_key(k: bytes | str) -> str | None:
+    """The ``_id`` text of a document key as montydb stores it: a BSON string element (pymongo's BSON) or a
+    JSON string (montydb's own encoding); None for a key that is not text (an ObjectId an older writer let
+    the database choose)."""
+    raw = k.encode() if isinstance(k, str) else bytes(k)
+    if raw[:1] == b"\x02" and len(raw) >= 6 and int.from_bytes(raw[1:5], "little") == len(raw) - 5:
+        return raw[5:-1].decode()
+    if raw[:1] == b'"':
+        import json
+
+        try:
+            value = json.loads(raw.decode())
+        except (UnicodeDecodeError, ValueError):
+            return None
+        return value if isinstance(value, str) else None
+    return None
+
+
+def encode_keys(mid: str) -> tuple[bytes, bytes]:
+    """The two forms montydb may store the key ``mid`` in (:func:`decode_key`)."""
+    import json
+
+    data = mid.encode()
+    return b"\x02" + (len(data) + 1).to_bytes(4, "little") + data + b"\x00", json.dumps(mid).encode()
+
+
+def digest64(data: bytes) -> int:
+    """A 64-bit digest of ``data`` (blake2b), as an unsigned integer."""
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
+
+
+def doc_digest(doc: dict[str, Any]) -> int:
+    """:func:`digest64` of a decoded document (keys sorted, ``_id`` left out, dates as text)."""
+    import orjson
+
+    body = {k: v for k, v in doc.items() if k != "_id"}
+    return digest64(orjson.dumps(body, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS, default=str))
+
+
+class StoredRow:
+    """One stored template document: its id, a 64-bit digest of what is stored, and the document (decoded on
+    first use)."""
+
+    __slots__ = ("_doc", "_raw", "digest", "id")
+
+    def __init__(self, mid: str, digest: int, raw: bytes | None = None, doc: dict[str, Any] | None = None):
+        self.id, self.digest, self._raw, self._doc = mid, digest, raw, doc
+
+    def doc(self) -> dict[str, Any]:
+        if self._doc is None:
+            self._doc = decode_value(self._raw or b"")
+            self._raw = None
+        self._doc.pop("_id", None)
+        return self._doc
+
+
+def position_count(position: str) -> int | None:
+    """The document count a store position (:meth:`TemplateStore.position`) records, or None."""
+    parts = position.split("|")
+    try:
+        return int(parts[3] if parts[0] == "journal" else parts[1])
+    except (IndexError, ValueError):
+        return None
+
+
+def decode_value(v: bytes) -> dict[str, Any]:
+    """A document row of an embedded store: BSON (pymongo's C decoder) or JSON text; a ``{"$date": ms}``
+    date of the JSON form becomes ISO text."""
+    raw = bytes(v)
+    if len(raw) >= 5 and int.from_bytes(raw[:4], "little") == len(raw) and raw[-1:] == b"\x00":
+        import bson
+
+        return bson.decode(raw)
+    import orjson
+
+    doc = orjson.loads(raw)
+    stamp = doc.get("last_updated") if isinstance(doc, dict) else None
+    if isinstance(stamp, dict) and isinstance(stamp.get("$date"), int | float):
+        from datetime import UTC, datetime
+
+        doc["last_updated"] = datetime.fromtimestamp(stamp["$date"] / 1000, UTC).isoformat()
+    return doc
 
 
 def _write_monty_config(path: Path, storage_kwargs: dict[str, Any]) -> None:
@@ -282,9 +438,9 @@ def _write_monty_config(path: Path, storage_kwargs: dict[str, Any]) -> None:
             os.replace(Path(tmp) / name, path / name)
 
 
-def _create_collection_file(coll: Path) -> None:
-    """A new collection file with montydb's document table (WAL journal, montydb's default), built under a
-    temporary name and renamed onto ``coll``."""
+def _create_collection_file(coll: Path, journal: bool = False) -> None:
+    """A new collection file with montydb's document table (WAL journal, montydb's default) and, with
+    ``journal``, the change journal, built under a temporary name and renamed onto ``coll``."""
     coll.parent.mkdir(parents=True, exist_ok=True)
     for stale in coll.parent.glob(f".{coll.name}.*.tmp*"):  # left by a creator that was killed (we hold the lock)
         stale.unlink(missing_ok=True)
@@ -296,6 +452,8 @@ def _create_collection_file(coll: Path) -> None:
             con.execute("PRAGMA journal_mode=WAL")
             with con:
                 con.execute(_create_table_sql())
+                if journal:
+                    install_journal(con)
         # closing the only connection checkpointed the journal into the file and removed it
         os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, coll)
@@ -477,6 +635,32 @@ def _backend_errors() -> tuple[type[BaseException], ...]:
     return tuple(found)
 
 
+def _string_keyed_sqlite(store: Store) -> Path | None:
+    """The sqlite file of an embedded store in which every document's ``_id`` is text (as :func:`upsert`
+    writes them), else None: there a key's document is found by its ``_id`` alone."""
+    if not (isinstance(store, MontyStore) and store.storage == "sqlite"):
+        return None
+    f = collection_file(Path(store.database_path), store.database_name, store.collection_name)
+    if not f.is_file():
+        return None
+    with contextlib.closing(_connect_sqlite(f)) as con:
+        if not con.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='documents'").fetchone():
+            return None
+        other = "SELECT 1 FROM documents WHERE substr(k, 1, 1) NOT IN (x'02', x'22') LIMIT 1"
+        return None if con.execute(other).fetchone() else f
+
+
+def _existing_ids(f: Path, ids: list[str]) -> set[str]:
+    """Which of ``ids`` are document ``_id`` values of the embedded collection file ``f`` (by its key index)."""
+    found: set[str] = set()
+    with contextlib.closing(_connect_sqlite(f)) as con:
+        for s in range(0, len(ids), 400):
+            keys = [k for mid in ids[s : s + 400] for k in encode_keys(mid)]
+            sql = f"SELECT k FROM documents WHERE k IN ({','.join('?' * len(keys))})"
+            found.update(str(decode_key(k)) for (k,) in con.execute(sql, keys))
+    return found
+
+
 def upsert(store: Store, docs: Iterable[dict[str, Any]], key: str, assume_new: bool = False) -> int:
     """Insert or replace documents by ``key`` (its value, as text, is also the document's ``_id``).
 
@@ -484,6 +668,10 @@ def upsert(store: Store, docs: Iterable[dict[str, Any]], key: str, assume_new: b
     backend refuses the duplicate ``_id`` and the write is retried as replacements, so concurrent or
     repeated writes leave exactly one document per key. Copies of a key left by older versions are removed.
     ``assume_new`` skips the first lookup of existing keys. Returns how many distinct keys were written.
+
+    An embedded store whose documents all have text ``_id`` values is looked up and written by ``_id`` in
+    sqlite (time proportional to the documents written, not to the store); one holding other ``_id`` values
+    (copies of a key written by older versions) goes through montydb's queries.
     """
     rows: dict[str, dict[str, Any]] = {}
     for d in docs:
@@ -496,9 +684,12 @@ def upsert(store: Store, docs: Iterable[dict[str, Any]], key: str, assume_new: b
         return 0
     coll = store._collection
     duplicate = _duplicate_key_errors()
+    by_id = _string_keyed_sqlite(store)
     for attempt in range(5):
         found: dict[str, list[Any]] = {}
-        if attempt or not assume_new:
+        if (attempt or not assume_new) and by_id is not None:
+            found = {k: [k] for k in _existing_ids(by_id, list(rows))}
+        elif attempt or not assume_new:
             for d in coll.find({key: {"$in": list(rows)}}, {key: 1}):
                 found.setdefault(str(d[key]), []).append(d["_id"])
         new = [{**r, "_id": k} for k, r in rows.items() if k not in found]
@@ -507,6 +698,10 @@ def upsert(store: Store, docs: Iterable[dict[str, Any]], key: str, assume_new: b
                 coll.insert_many(new, ordered=False)
         except duplicate:
             continue  # another writer added some of these keys: look again and replace them
+        if by_id is not None and found:
+            # by _id through montydb's storage layer: its query engine would decode every document per key
+            coll._storage.update_many(coll, [{**rows[k], "_id": k} for k in found])
+            return len(rows)
         for k, ids in found.items():
             keep = k if k in ids else ids[0]
             coll.replace_one({"_id": keep}, rows[k])
@@ -520,15 +715,52 @@ def upsert(store: Store, docs: Iterable[dict[str, Any]], key: str, assume_new: b
 class TemplateStore:
     """Read and write template documents in a maggma Store."""
 
+    documents_read = 0  # documents read by every TemplateStore of this process (:meth:`rows`, :meth:`docs`)
+
     def __init__(self, store: Store):
         self.store = store
         self._connected = False
 
     @classmethod
     def open(cls, uri: str | Path | None = None, create: bool = True) -> TemplateStore:
+        """The template store of a URI (see the module docstring); ``create=True`` opens it for writing: a
+        missing embedded store is created, an embedded store gets its change journal, a MongoDB store its
+        indexes (:meth:`ensure_indexes`)."""
         ts = cls(store_from_uri(uri, create=create))
         ts.connect()
+        if create and is_mongo_server(ts.store):
+            ts.ensure_indexes()
         return ts
+
+    def ensure_indexes(self) -> None:
+        """MongoDB: indexes on ``material_id`` (unique) and on the fields rounds and builders query (source,
+        round, formula, last_updated), created once per process and store. A collection that holds one id
+        twice (written by an older version) gets a plain index on ``material_id`` instead, with one log line."""
+        if self.identity in _INDEXED:
+            return
+        with self._reading("index"):
+            for name in INDEXED_FIELDS:
+                unique = name == KEY
+                try:
+                    self.store.ensure_index(name, unique=unique)
+                except _duplicate_key_errors() + _backend_errors() as exc:
+                    if not unique:
+                        raise
+                    log.warning("store %s: no unique index on %s (%s)", self.name, name, error_reason(exc))
+                    self.store.ensure_index(name)
+        _INDEXED.add(self.identity)
+
+    def ensure_journal(self) -> bool:
+        """Give an embedded store its change journal if it has none (the store must be writable); whether it
+        has one now. Other backends: False."""
+        f = self._sqlite_file()
+        if f is None:
+            return False
+        with self._reading("write to"):
+            if not has_journal(f):
+                with store_lock(f.parent.parent), contextlib.closing(_connect_sqlite(f)) as con, con:
+                    install_journal(con)
+            return True
 
     @property
     def name(self) -> str:
@@ -604,7 +836,13 @@ class TemplateStore:
             return self.store.count()
 
     def ids(self) -> set[str]:
+        """Every document's ``material_id`` (an embedded store whose ``_id`` values are all text: read from
+        its key index)."""
         with self._reading():
+            f = _string_keyed_sqlite(self.store)
+            if f is not None:
+                with contextlib.closing(_connect_sqlite(f)) as con:
+                    return {str(decode_key(k)) for (k,) in con.execute("SELECT k FROM documents")}
             return {str(i) for i in self.store.distinct(KEY)}
 
     def add(self, docs: Iterable[TemplateDoc | dict[str, Any]], assume_new: bool = False) -> int:
@@ -628,6 +866,7 @@ class TemplateStore:
         with self._reading():
             for d in self.store.query(criteria or {}, properties=properties):
                 d.pop("_id", None)
+                TemplateStore.documents_read += 1
                 yield d
 
     def get(self, material_id: str) -> TemplateDoc | None:
@@ -645,16 +884,121 @@ class TemplateStore:
             raise StoreError(f"template store {self.name} is empty: import structures first ('cspml import')")
         return n
 
+    def position(self) -> str:
+        """How far the store's content has moved on, cheaply: text that changes whenever a document is
+        written, with the document count in it (:func:`position_count`).
+
+        An embedded store with its journal: ``journal|<journal id>|<last change>|<count>`` (two lookups); one
+        without: ``sqlite|<count>|<digest of every row>``. A JSON file: ``json|<count>|<digest of the file>``.
+        A MongoDB or memory store: ``stamp|<count>|<newest last_updated>``."""
+        f = self._sqlite_file()
+        if f is not None:
+            with self._reading(), contextlib.closing(_connect_sqlite(f)) as con:
+                found = _journal_position(con)
+            return found or self.fingerprint()
+        st = self.store
+        if isinstance(st, AtomicJSONStore):
+            with self._reading():
+                digest = st.content_digest()  # reloads the file first if another process replaced it
+                return f"json|{st.count()}|{digest}"
+        with self._reading():
+            n = st.count()
+            newest = st.query_one({}, properties=["last_updated"], sort={"last_updated": -1}) or {}
+        stamp = newest.get("last_updated")
+        return f"stamp|{n}|{stamp.isoformat() if hasattr(stamp, 'isoformat') else stamp or ''}"
+
+    def changed_since(self, position: str) -> tuple[str, set[str] | None]:
+        """The store's position now and the ids of the documents written (added, replaced or removed) since
+        ``position``; None instead of ids when the store cannot tell (no journal, another journal, a JSON
+        file that changed): then every document must be compared.
+
+        A ``stamp`` position (MongoDB, memory) finds the documents whose ``last_updated`` is newer; removals
+        (and documents written with an older date) show only in the count, which the caller compares."""
+        f = self._sqlite_file()
+        kind = position.split("|", 1)[0]
+        if f is not None:
+            with self._reading(), contextlib.closing(_connect_sqlite(f)) as con:
+                con.execute("BEGIN")  # one snapshot for the position and the changes
+                try:
+                    now = _journal_position(con)
+                    if now is None or kind != "journal":
+                        return now or self.fingerprint(), None
+                    old, new = position.split("|"), now.split("|")
+                    if old[1] != new[1] or int(old[2]) > int(new[2]):
+                        return now, None
+                    sql = f"SELECT DISTINCT k FROM {JOURNAL_TABLE} WHERE seq > ? AND seq <= ?"
+                    keys = [decode_key(k) for (k,) in con.execute(sql, (int(old[2]), int(new[2])))]
+                    if any(k is None for k in keys):
+                        return now, None  # a document under a key that is not its id: compare them all
+                    ids = {str(k) for k in keys}
+                finally:
+                    con.rollback()
+            return now, ids
+        now = self.position()
+        if kind != "stamp" or not now.startswith("stamp|"):
+            return now, None if now != position else set()
+        newest = position.split("|", 2)[2]
+        if not newest:
+            return now, None
+        with self._reading():
+            ids = {str(d[KEY]) for d in self.store.query({"last_updated": {"$gt": newest}}, properties=[KEY])}
+        return now, ids
+
+    def rows(self, ids: Iterable[str] | None = None) -> Iterator[StoredRow]:
+        """The stored documents (all, or those of ``ids`` that exist), each with a digest of what is stored;
+        unordered. The embedded store is read straight from sqlite and decoded with pymongo's C BSON decoder
+        (or as JSON text), only when :meth:`StoredRow.doc` is called."""
+        f = self._sqlite_file()
+        wanted = None if ids is None else sorted({str(i) for i in ids})
+        if f is not None:
+            with self._reading(), contextlib.closing(_connect_sqlite(f)) as con:
+                con.text_factory = bytes
+                if wanted is None:
+                    batches: Iterable[list] = [[]]
+                else:
+                    batches = (wanted[s : s + 400] for s in range(0, len(wanted), 400))
+                for batch in batches:
+                    if wanted is None:
+                        cur = con.execute("SELECT k, v FROM documents")
+                    else:
+                        keys = [k for mid in batch for k in encode_keys(mid)]
+                        cur = con.execute(f"SELECT k, v FROM documents WHERE k IN ({','.join('?' * len(keys))})", keys)
+                    for k, v in cur:
+                        TemplateStore.documents_read += 1
+                        mid = decode_key(k)
+                        if mid is None:  # a key an older writer let the database choose: the id is inside
+                            row = StoredRow("", digest64(v), raw=v)
+                            row.id = str(row.doc().get(KEY))
+                            yield row
+                        else:
+                            yield StoredRow(mid, digest64(v), raw=v)
+            return
+        if wanted is None:
+            chunks: Iterable[dict] = [{}]
+        else:
+            chunks = ({KEY: {"$in": wanted[s : s + 1000]}} for s in range(0, len(wanted), 1000))
+        with self._reading():
+            for crit in chunks:
+                for d in self.store.query(crit):
+                    d.pop("_id", None)
+                    TemplateStore.documents_read += 1
+                    yield StoredRow(str(d.get(KEY)), doc_digest(d), doc=d)
+
     def fingerprint(self) -> str:
         """A digest of the store's content, which changes whenever any document changes.
 
-        The embedded store: every stored document (key and encoded document), read from sqlite in one
-        statement. A JSON file: the file's bytes. A MongoDB or memory store: every (``material_id``,
-        ``last_updated``) pair, which every write through :meth:`add` of a :class:`TemplateDoc` renews."""
+        An embedded store with its journal: its :meth:`position`. One without: every stored document (key and
+        encoded document), read from sqlite in one statement. A JSON file: the file's bytes. A MongoDB or
+        memory store: every (``material_id``, ``last_updated``) pair, which every write through :meth:`add`
+        of a :class:`TemplateDoc` renews."""
         st = self.store
         h = hashlib.sha1()
         f = self._sqlite_file()
         if f is not None:
+            with self._reading(), contextlib.closing(_connect_sqlite(f)) as con:
+                found = _journal_position(con)
+            if found:
+                return found
             with self._reading(), contextlib.closing(_connect_sqlite(f)) as con:
                 con.text_factory = bytes
                 n = 0
