@@ -73,8 +73,8 @@ ANN_THRESHOLD = 1000  # groups with at least this many templates are searched th
 BUILD_AFTER = 32  # query vectors a group answers exactly before its graph is built (when none was loaded)
 CONNECTIVITY = 16  # graph edges per point (HNSW M)
 EXPANSION_ADD = 128  # candidate list while inserting (HNSW efConstruction)
-EXPANSION_SEARCH = 96  # candidate list while searching (HNSW ef; at least the points fetched)
-MARGIN = 32  # points fetched beyond ``need``, so that a neighbour the graph ranks late is still re-ranked
+EXPANSION_SEARCH = 128  # candidate list while searching (HNSW ef; at least the points fetched)
+MARGIN = 64  # points fetched beyond ``need``, so that a neighbour the graph ranks late is still re-ranked
 FORMAT = 1  # version of the files GroupPrefilter.save writes
 
 
