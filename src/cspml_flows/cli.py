@@ -1,4 +1,5 @@
-"""Command line: ``cspml import | train | predict | benchmark | demo | campaign``. Thin: parse, call the API, print."""
+"""Command line: ``cspml import | index | train | predict | benchmark | demo | campaign``. Thin: parse, call the
+API, print."""
 
 from __future__ import annotations
 
@@ -87,6 +88,22 @@ def cmd_predict(args: argparse.Namespace) -> int:
     else:
         preds = predict(args.compositions, args.top, args.store, args.model, args.workers, args.exclude_same_formula)
     _print_predictions(prediction_summary(preds, args.out), args.out)
+    return 0
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    """Bring the template index of a store up to date (only what changed since) or, with ``--rebuild``,
+    build it from scratch; an embedded store without a change journal gets one first."""
+    from cspml_flows.templates.index import sync_index
+    from cspml_flows.templates.store import TemplateStore
+
+    with TemplateStore.open(args.store, create=False) as ts:
+        try:
+            ts.ensure_journal()
+        except CSPMLError as exc:  # a store this user cannot write: the index compares documents instead
+            logging.getLogger(__name__).info("no change journal: %s", exc)
+        _, report = sync_index(ts, workers=args.workers, rebuild=args.rebuild, load=False)
+        print(f"store {ts.name}: {report.summary()}")
     return 0
 
 
@@ -295,6 +312,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--templates", metavar="DIR", help="folder of CIF/POSCAR files added as templates (no retraining)")
     s.add_argument("--hetero-model", help="hetero model file (default $CSPML_HOME/models/hetero.json.gz)")
     s.set_defaults(func=cmd_predict)
+
+    s = sub.add_parser("index", help="bring the template index up to date with its store (or rebuild it)")
+    s.add_argument("--store", help="template store: folder (embedded), mongodb:// URI or .json file")
+    s.add_argument("--rebuild", action="store_true", help="build the index from scratch")
+    s.add_argument("--workers", type=positive, default=2)
+    s.set_defaults(func=cmd_index)
 
     s = sub.add_parser("benchmark", help="run a benchmark protocol")
     s.add_argument("--protocol", required=True, choices=["mp20bt", "mpts52"])

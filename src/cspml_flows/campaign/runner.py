@@ -129,15 +129,15 @@ def round_flow(cfg: CampaignConfig, k: int, formulas: list[str] | None = None):
 
 
 def external_templates(cfg: CampaignConfig) -> str:
-    """A token that changes when templates from elsewhere (not this campaign's promotions) are added or
-    changed: their count and newest ``last_updated``."""
-    from cspml_flows.templates.store import TemplateStore
+    """A token that changes when templates from elsewhere (not this campaign's promotions) are added, removed
+    or changed: their count and the sum of their document digests, read from the template index (brought
+    up to date with the store's changes; no scan of the store)."""
+    from cspml_flows.templates.index import TemplateIndex
 
-    with TemplateStore.open(cfg.template_store(), create=False) as ts:
-        crit = {"source": {"$ne": f"campaign:{cfg.name}"}}
-        n = ts.store.count(crit)
-        newest = ts.store.query_one(crit, properties=["last_updated"], sort={"last_updated": -1}) or {}
-    return f"{n}|{newest.get('last_updated')}"
+    index = TemplateIndex.open(cfg.template_store(), workers=cfg.workers)
+    if len(index) == 0:
+        return "0|0"
+    return index.content_token(index.source != f"campaign:{cfg.name}")
 
 
 def job_folders(cfg: CampaignConfig) -> dict[str, Any]:

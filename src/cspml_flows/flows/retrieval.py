@@ -45,16 +45,23 @@ def load_model(path: str | None):
     return _load_model(path, os.path.getmtime(path))
 
 
-def promoted_later(template_store: str, campaign: str | None, round: int) -> set[str]:
-    """Ids of the templates that ``campaign`` promoted in round ``round`` or later, read from the documents'
-    ``source`` and ``round`` fields."""
+def promoted_later(
+    template_store: str, campaign: str | None, round: int, index: TemplateIndex | None = None
+) -> set[str]:
+    """Ids of the templates that ``campaign`` promoted in round ``round`` or later, from the ``source`` and
+    ``round`` columns of the store's template index (``index``, else the store's, brought up to date)."""
     if not campaign:
         return set()
-    from cspml_flows.templates.store import TemplateStore
+    if index is None:
+        index = load_index(template_store)
+    if index.source is None or index.round is None:  # an index built in memory from documents without them
+        from cspml_flows.templates.store import TemplateStore
 
-    with TemplateStore.open(template_store, create=False) as ts:
-        query = {"source": f"campaign:{campaign}", "round": {"$gte": int(round)}}
-        return {str(d["material_id"]) for d in ts.docs(query, properties=["material_id"])}
+        with TemplateStore.open(template_store, create=False) as ts:
+            query = {"source": f"campaign:{campaign}", "round": {"$gte": int(round)}}
+            return {str(d["material_id"]) for d in ts.docs(query, properties=["material_id"])}
+    mask = (index.source == f"campaign:{campaign}") & (index.round >= int(round))
+    return set(index.ids[mask].tolist())
 
 
 def retrieval_output(index: TemplateIndex, comps: list, rl: list, ranked: list, round: int) -> RetrievalOutput:
@@ -122,7 +129,7 @@ class TemplateRetrievalMaker(Maker):
         sim = load_model(model)
         comps = [as_composition(c) for c in compositions]
         rl = [roles(c) for c in comps]
-        later = promoted_later(template_store, campaign, round)
+        later = promoted_later(template_store, campaign, round, index)
         ranked = rank(
             sim,
             index,

@@ -85,6 +85,7 @@ __all__ = [
     "check_index_arrays",
     "index_dir",
     "min_periodic_distance",
+    "open_index",
     "role_symmetry_perms",
     "sync_index",
     "template_geometry",
@@ -96,7 +97,7 @@ INDEX_VERSION = 4  # 4: segmented on-disk index; geometry read from the document
 CHUNK = 10_000  # documents turned into index rows at a time
 MAX_SEGMENTS = 8  # more segments than this: the smallest are merged
 DEAD_FRACTION = 0.3  # a segment with more dead rows than this is rewritten without them
-PAUSE_ENV = "CSPML_INDEX_TEST_PAUSE"  # tests: seconds an update sleeps before it replaces the manifest
+PAUSE_ENV = "CSPML_INDEX_TEST_PAUSE"  # tests: "<stage>:<seconds>", an update sleeps there (see _pause)
 _TEXT = ("ids", "formulas", "anon", "prototype")
 _NUMERIC = ("nprim", "e_above_hull", "spacegroup", "cluster", "stats", "role_props", "role_fracs", "min_dist")
 _FIELDS = [
@@ -561,6 +562,22 @@ def _report(action: str, gen: Generation, t0: float, fits: int = 0, **kw: int) -
     )
 
 
+def open_index(root: Path) -> TemplateIndex | None:
+    """The index in the folder ``root`` as its manifest stands now, without looking at the store (None when
+    there is none). Files that vanish while it is read (an update replaced the manifest) are read again
+    from the new manifest."""
+    for attempt in range(5):
+        m = Manifest.read(root)
+        if m is None:
+            return None
+        try:
+            return _load(Generation(root, m), f"{m.signature}|{m.position}")
+        except FileNotFoundError:
+            if attempt == 4:
+                raise
+    return None
+
+
 def _open_current(root: Path, store: TemplateStore, base: str) -> tuple[Generation, str] | None:
     """The generation in ``root`` (opened and checked) if its manifest is of this version and at the store's
     position, with the index signature, else None. A file the manifest names that vanished (an update
@@ -733,6 +750,7 @@ class _Updater:
             return table, cluster
         rows = doc_rows([r.doc() for r in good], [r.digest for r in good], self.workers)
         seg = Segment(self.root, write_segment(self.root, rows))
+        _pause("segment")
         acc.touched.update(int(x) for x in np.unique(seg.cols["part"]))
         acc.added += seg.n
         return Table([*table.segments, seg]), np.concatenate([cluster, np.zeros(seg.n, dtype=np.int64)])
@@ -997,10 +1015,9 @@ class _Updater:
             },
         )
         manifest = Manifest(self.base, position, generation, [s.name for s in table.segments], state, skipped)
-        pause = os.environ.get(PAUSE_ENV)
-        if pause:
-            time.sleep(float(pause))
+        _pause("state")
         manifest.write(self.root)
+        _pause("manifest")
         remove_unreferenced(self.root, manifest)
         return manifest
 
@@ -1015,6 +1032,15 @@ class _Changes:
     left: int = 0
     stale: set[int] = field(default_factory=set)  # id hashes of rows removed or replaced (their fits are stale)
     touched: set[int] = field(default_factory=set)  # partitions to cluster again
+
+
+def _pause(stage: str) -> None:
+    """Sleep at ``stage`` when ``CSPML_INDEX_TEST_PAUSE`` is ``<stage>:<seconds>`` (tests kill an update or
+    read the index there): "segment" (a new segment written), "state" (the state written, the manifest not
+    yet), "manifest" (the manifest replaced, old files not yet removed)."""
+    want, _, seconds = os.environ.get(PAUSE_ENV, "").partition(":")
+    if want == stage:
+        time.sleep(float(seconds or 0))
 
 
 def _live_order(table: Table, cluster: np.ndarray) -> np.ndarray:

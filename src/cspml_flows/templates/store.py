@@ -306,11 +306,14 @@ def install_journal(con: sqlite3.Connection) -> None:
     ('u') and delete ('d') of a document row to it."""
     import secrets
 
+    exists = con.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (JOURNAL_TABLE,)).fetchone()
     con.execute(
         f"CREATE TABLE IF NOT EXISTS {JOURNAL_TABLE}"
         "(seq INTEGER PRIMARY KEY AUTOINCREMENT, k BLOB NOT NULL, op TEXT NOT NULL)"
     )
     con.execute(f"CREATE TABLE IF NOT EXISTS {JOURNAL_ID_TABLE}(id TEXT NOT NULL)")
+    if not exists:  # a new journal (its numbering starts again): a new id, so no index mistakes it for the old
+        con.execute(f"DELETE FROM {JOURNAL_ID_TABLE}")
     con.execute(
         f"INSERT INTO {JOURNAL_ID_TABLE}(id) SELECT ? WHERE NOT EXISTS (SELECT 1 FROM {JOURNAL_ID_TABLE})",
         (secrets.token_hex(8),),
@@ -735,19 +738,25 @@ class TemplateStore:
     def ensure_indexes(self) -> None:
         """MongoDB: indexes on ``material_id`` (unique) and on the fields rounds and builders query (source,
         round, formula, last_updated), created once per process and store. A collection that holds one id
-        twice (written by an older version) gets a plain index on ``material_id`` instead, with one log line."""
+        twice (written by an older version) gets a plain index on ``material_id``; an index the server
+        refuses (a user without the right to create one) is left out; each with one log line."""
         if self.identity in _INDEXED:
             return
+        coll = self.store._collection
         with self._reading("index"):
+            existing = {spec[0] for ix in coll.index_information().values() for spec in ix["key"]}
             for name in INDEXED_FIELDS:
-                unique = name == KEY
+                if name in existing:
+                    continue
                 try:
-                    self.store.ensure_index(name, unique=unique)
+                    coll.create_index(name, unique=name == KEY)
                 except _duplicate_key_errors() + _backend_errors() as exc:
-                    if not unique:
-                        raise
-                    log.warning("store %s: no unique index on %s (%s)", self.name, name, error_reason(exc))
-                    self.store.ensure_index(name)
+                    log.warning(
+                        "store %s: no %sindex on %s (%s)", self.name, "unique " * (name == KEY), name, error_reason(exc)
+                    )
+                    if name == KEY:
+                        with contextlib.suppress(*_backend_errors()):
+                            coll.create_index(name)
         _INDEXED.add(self.identity)
 
     def ensure_journal(self) -> bool:
