@@ -77,7 +77,7 @@ ROWS: list[tuple[str, Callable[[dict[str, Any]], str]]] = [
     ("generation, s per 10k generated", lambda s: _num(_get("pool", "seconds_per_10k")(s))),
     ("full index build, s", lambda s: _num(_get("stages", "build", "seconds")(s))),
     ("build peak RSS, GB (largest process)", lambda s: _gb(_get("stages", "build", "peak_rss_mb")(s))),
-    ("build peak RSS, GB (all processes)", lambda s: _gb(_get("stages", "build", "tree_rss_mb")(s))),
+    ("build peak memory, GB (all processes, PSS)", lambda s: _gb(_get("stages", "build", "tree_pss_mb")(s))),
     (
         "caches on disk after the build, MB",
         lambda s: _num((_get("stages", "build", "cache_bytes")(s) or 0) / 1e6 or None),
@@ -85,7 +85,8 @@ ROWS: list[tuple[str, Callable[[dict[str, Any]], str]]] = [
     ("cold start: index + model + 1st prediction, s", lambda s: _num(_get("stages", "cold", "seconds")(s))),
     ("cold start process wall (with imports), s", lambda s: _num(_get("stages", "cold", "wall_s")(s))),
     ("prediction, compositions/s (top-5, dedup)", lambda s: _num(_get("stages", "predict", "per_s")(s), 0)),
-    ("predict peak RSS, GB (all processes)", lambda s: _gb(_get("stages", "predict", "tree_rss_mb")(s))),
+    ("predict peak RSS, GB (largest process)", lambda s: _gb(_get("stages", "predict", "peak_rss_mb")(s))),
+    ("predict peak memory, GB (all processes, PSS)", lambda s: _gb(_get("stages", "predict", "tree_pss_mb")(s))),
     ("add 100 templates, s", _add("add100")),
     ("add 1,000 templates, s", _add("add1000")),
     ("campaign round, zero relaxations, s", _campaign),

@@ -5,8 +5,8 @@
 ``scale.json`` and not run again are kept, so sizes can be run one at a time.
 
 Per size, each stage runs in a fresh process (``python -m benchmarks.scale --stage ...``), so its wall time
-includes what a new command pays and its peak RSS (``os.wait4``; the largest process of the stage, and the
-sampled sum over its process tree) is that stage's alone:
+includes what a new command pays and its memory is that stage's alone (the peak resident size of its largest
+process, and the sampled sum of proportional set sizes over its processes):
 
 - ``load``: real pools are imported with ``cspml import shared`` (CSV, CIF parsing, spglib); generated pools
   are copied from the store :mod:`benchmarks.pools` wrote, whose generation and ``TemplateStore.add`` rates
@@ -245,8 +245,9 @@ STAGE_FUNCTIONS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
 
 
 # ---------------------------------------------------------------------------------------------- running
-def _tree_rss(pid: int) -> int:
-    """Resident bytes of a process and its descendants (0 when it is gone or psutil is missing)."""
+def _tree_pss(pid: int) -> int:
+    """Proportional set size of a process and its descendants, in bytes (pages shared by forked workers
+    counted once in all); resident size where PSS cannot be read; 0 when it is gone or psutil is missing."""
     try:
         import psutil
 
@@ -257,8 +258,25 @@ def _tree_rss(pid: int) -> int:
     total = 0
     for p in procs:
         with contextlib.suppress(Exception):
-            total += p.memory_info().rss
+            try:
+                total += p.memory_full_info().pss
+            except (AttributeError, psutil.AccessDenied):
+                total += p.memory_info().rss
     return total
+
+
+def _own_peak_mb() -> float | None:
+    """Peak resident size of this process (VmHWM, counted since its exec) and of the children it waited for
+    (they are forks of it), in MB. A child's ``ru_maxrss`` seen from the parent would also count the
+    parent's size at the fork that started it, which is why each stage measures itself."""
+    import resource
+
+    peak = None
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM:"))
+        peak = int(line.split()[1]) / 1024
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return max(peak or 0.0, children) or None
 
 
 @contextlib.contextmanager
@@ -275,15 +293,16 @@ def _home_env(home: str) -> Iterator[None]:
 
 
 def run_stage(name: str, ctx: dict[str, Any], isolate: bool = True, log_name: str | None = None) -> dict[str, Any]:
-    """Run one stage and return its result plus ``wall_s`` (the whole process), ``peak_rss_mb`` (largest
-    process of the stage), ``tree_rss_mb`` (sampled sum over the stage's processes) and the load average
-    before it. ``isolate=False`` runs it in this process (no RSS figures; for tests)."""
+    """Run one stage and return its result plus ``wall_s`` (the whole process), ``peak_rss_mb`` (the largest
+    process of the stage, see :func:`_own_peak_mb`), ``tree_pss_mb`` (the largest sum of proportional set
+    sizes over the stage's processes, sampled every 0.25 s) and the load average before it. ``isolate=False``
+    runs it in this process (no memory figures; for tests)."""
     load = os.getloadavg()[0]
     if not isolate:
         t = time.perf_counter()
         with _home_env(ctx["home"]):
             out = STAGE_FUNCTIONS[name](ctx)
-        return out | {"wall_s": time.perf_counter() - t, "peak_rss_mb": None, "tree_rss_mb": None, "load": load}
+        return out | {"wall_s": time.perf_counter() - t, "peak_rss_mb": None, "tree_pss_mb": None, "load": load}
     run = Path(ctx["run"])
     logs = run / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -294,6 +313,8 @@ def run_stage(name: str, ctx: dict[str, Any], isolate: bool = True, log_name: st
     env = dict(os.environ)
     paths = [str(REPO), *(p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p)]
     env |= {"CSPML_HOME": ctx["home"], "PYTHONPATH": os.pathsep.join(paths)}
+    if ctx.get("data_dir"):
+        env["CSPML_DATA_DIR"] = ctx["data_dir"]  # the stage runs in the run folder, not beside the data
     env.setdefault("OPENBLAS_NUM_THREADS", "1")  # as `make` runs cspml
     env.pop("CSPML_CONFIG", None)
     argv = [sys.executable, "-m", "benchmarks.scale", "--stage", name, "--context", str(ctx_file)]
@@ -307,31 +328,25 @@ def run_stage(name: str, ctx: dict[str, Any], isolate: bool = True, log_name: st
         def sample() -> None:
             nonlocal peak_tree
             while not done.wait(0.25):
-                peak_tree = max(peak_tree, _tree_rss(proc.pid))
+                peak_tree = max(peak_tree, _tree_pss(proc.pid))
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
-        _, status, usage = os.wait4(proc.pid, 0)
+        proc.wait()
         wall = time.perf_counter() - t
         done.set()
         sampler.join()
-        proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0 or not result_file.is_file():
         tail = log_file.read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
         raise BenchmarkError(f"stage {tag} exited with {proc.returncode}: {tail[0][:300]} (log {log_file})")
     out = json.loads(result_file.read_text())
-    return out | {
-        "wall_s": wall,
-        "peak_rss_mb": usage.ru_maxrss / 1024,  # Linux: kilobytes
-        "tree_rss_mb": peak_tree / 2**20 or None,
-        "load": load,
-    }
+    return out | {"wall_s": wall, "tree_pss_mb": peak_tree / 2**20 or None, "load": load}
 
 
 def stage_main(name: str, ctx_file: Path, result_file: Path) -> int:
     """Entry point of a stage process: run the stage, write its result."""
     ctx = json.loads(ctx_file.read_text())
-    result = STAGE_FUNCTIONS[name](ctx)
+    result = STAGE_FUNCTIONS[name](ctx) | {"peak_rss_mb": _own_peak_mb()}
     tmp = result_file.with_suffix(".tmp")
     tmp.write_text(json.dumps(result))
     tmp.replace(result_file)
@@ -415,7 +430,10 @@ def run_size(
         shutil.rmtree(run)
     (run / "home").mkdir(parents=True)
     store = run / "store"
+    from cspml_flows.config import data_dir
+
     ctx: dict[str, Any] = {"run": str(run), "home": str(run / "home"), "store": str(store), "workers": workers}
+    ctx["data_dir"] = str(data_dir())
     import cspml_flows
 
     result: dict[str, Any] = {"label": label, "generated": spec.generated, "workers": workers, "stages": {}}
