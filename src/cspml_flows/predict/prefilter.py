@@ -23,7 +23,7 @@ squared Euclidean distance:
   by the smallest of their rows; the other rows are listed beside the graph, so a tie is fetched whole;
 - rows with a NaN among the group's roles (Electronegativity of He, Ne, Ar, Rn; CovalentRadius of Bk-Lr),
   where ``role_distance`` ignores the entry, are kept out of the graph and re-ranked with every query; a
-  query with such a NaN is answered exactly.
+  query with such a NaN is compared with every row of the group.
 
 API (rows are row numbers of a :class:`~cspml_flows.templates.index.TemplateIndex`):
 
@@ -40,8 +40,9 @@ API (rows are row numbers of a :class:`~cspml_flows.templates.index.TemplateInde
   back, memory-mapping the graph with ``view=True``, and raises :class:`PrefilterFileError` for a missing,
   damaged or other-standardiser file (the caller rebuilds).
 - ``Prefilter.save(folder)`` / ``Prefilter.load(folder, index, std)``: every built group (a manifest
-  ``prefilter.json`` names the groups' files); ``attach(index, std, prefilter)`` puts a loaded prefilter in
-  the process cache so that :func:`prefilter_for` returns it.
+  ``prefilter.json`` names the groups' files); ``attach(index, std, prefilter)`` puts a prefilter in the
+  process cache so that :func:`prefilter_for` returns it: a loaded one, or that of an earlier index object
+  whose rows keep their numbers in ``index`` (e.g. after a segment was appended).
 
 Builds and searches run on one thread; the graph's levels come from usearch's fixed-seed generator, so a
 build from the same rows in the same order gives the same graph and the same results.
@@ -237,14 +238,20 @@ class GroupPrefilter:
         allowed: Callable[[np.ndarray], np.ndarray] | None = None,
         few_in_row_order: bool = False,
     ) -> list[np.ndarray]:
-        """For each query (``q_props`` (m, MAX_ROLES, P), no NaN among the group's roles): the ``need``
-        nearest allowed rows by ``role_distance``, ties by row. ``role_props`` is the index's array (the
-        exact re-rank reads the fetched rows from it); ``allowed(rows)`` masks excluded rows;
-        ``few_in_row_order``: when at most ``need`` rows are allowed, all of them in row order."""
-        z, _ = group_vectors(q_props, self._std, self.n_roles)
+        """For each query (``q_props`` (m, MAX_ROLES, P)): the ``need`` nearest allowed rows by
+        ``role_distance``, ties by row. ``role_props`` is the index's array (the exact re-rank reads the
+        fetched rows from it); ``allowed(rows)`` masks excluded rows; ``few_in_row_order``: when at most
+        ``need`` rows are allowed, all of them in row order. A query with a NaN among the group's roles is
+        compared with every held row."""
+        z, finite = group_vectors(q_props, self._std, self.n_roles)
         n_points = len(self.graph)
         fetched: list[np.ndarray] = [np.zeros(0, dtype=np.int64)] * len(z)
-        pending, k = list(range(len(z))), min(need + MARGIN, n_points)
+        if not finite.all():
+            every = self.rows()
+            every = every[allowed(every)] if allowed is not None else every
+            for qi in np.flatnonzero(~finite):
+                fetched[qi] = every
+        pending, k = np.flatnonzero(finite).tolist(), min(need + MARGIN, n_points)
         while pending and k > 0:
             keys, counts = _search(self.graph, z[pending], k)
             retry = []
@@ -261,7 +268,7 @@ class GroupPrefilter:
             side = side[allowed(side)]
         out = []
         for qi, rows in enumerate(fetched):
-            rows = np.concatenate([rows, side]) if len(side) else rows
+            rows = np.concatenate([rows, side]) if len(side) and finite[qi] else rows
             if few_in_row_order and len(rows) <= need:  # every allowed row was fetched
                 out.append(np.sort(rows))
                 continue
