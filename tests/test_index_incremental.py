@@ -117,10 +117,11 @@ def test_incremental_equals_rebuilt_after_random_adds_and_removes(tmp_path, pool
         remove(path, [pool[i]["material_id"] for i in gone])
         present -= set(gone)
         changed = []
-        if step == 1:  # a replaced template: same id, another structure and energy
+        if step == 1:  # a replaced template: same id, a strained structure and another energy
             i = sorted(present)[0]
-            other = TemplateIndex.from_docs([pool[j] for j in sorted(present)[1:2]]).structures[0]
-            changed = [{**pool[i], "structure": other, "e_above_hull": 0.5}]
+            strained = Structure.from_dict(pool[i]["structure"])
+            strained.scale_lattice(strained.volume * 1.1)
+            changed = [template_doc_from_structure(strained, pool[i]["material_id"], e_above_hull=0.5)]
         fill(path, [pool[i] for i in add] + changed)
         present |= set(add)
         with TemplateStore.open(path, create=False) as ts:

@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 
 from cspml_flows import progress
@@ -29,13 +31,29 @@ def doc_geometry(d: dict, r: Roles) -> tuple[float, list[tuple[int, ...]]]:
     return min_periodic_distance(matrix, frac), role_symmetry_perms(matrix, frac, site_roles, r)
 
 
-def stored_geometry(doc: dict, r: Roles) -> tuple[float, list[tuple[int, ...]]] | None:
-    """The geometry a template document holds (``min_dist``, ``role_syms``), or None when it holds none or
-    values that do not fit its roles (a finite positive distance; permutations of the roles, identity first)."""
+def structure_digest(d: dict | bytes) -> str:
+    """A digest of a structure dict as JSON (orjson, keys in their order): what the stored geometry of a
+    template document was computed from (``geometry_of``)."""
+    import orjson
+
+    data = d if isinstance(d, bytes) else orjson.dumps(d)
+    return hashlib.blake2b(data, digest_size=8).hexdigest()
+
+
+def stored_geometry(
+    doc: dict, r: Roles, structure_json: bytes | None = None
+) -> tuple[float, list[tuple[int, ...]]] | None:
+    """The geometry a template document holds (``min_dist``, ``role_syms``), or None when it holds none, holds
+    it for another structure (``geometry_of``, the digest of ``structure_json``, the document's structure as
+    JSON), or holds values that do not fit its roles (a finite positive distance; permutations of the roles,
+    identity first)."""
     dmin, syms = doc.get("min_dist"), doc.get("role_syms")
     if not isinstance(dmin, int | float) or isinstance(dmin, bool) or not 0 < dmin < float("inf"):
         return None
     if not isinstance(syms, list) or not syms:
+        return None
+    data = structure_json if structure_json is not None else doc.get("structure")
+    if not isinstance(data, bytes | dict) or doc.get("geometry_of") != structure_digest(data):
         return None
     ident = list(range(len(r.elements)))
     out = []

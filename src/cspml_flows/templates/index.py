@@ -367,7 +367,8 @@ def doc_rows(docs: list[dict], digests: list[int], workers: int = 1, keep_dicts:
         anon.append(a)
         reduced.append(red)
     structures = [d["structure"] for d in docs]
-    geometry = [stored_geometry(d, r) for d, r in zip(docs, rl, strict=True)]
+    blobs = [orjson.dumps(s) for s in structures]
+    geometry = [stored_geometry(d, r, b) for d, r, b in zip(docs, rl, blobs, strict=True)]
     missing = [i for i, g in enumerate(geometry) if g is None]
     if missing:
         dmin, syms = template_geometry([structures[i] for i in missing], [rl[i] for i in missing], workers=workers)
@@ -406,19 +407,29 @@ def doc_rows(docs: list[dict], digests: list[int], workers: int = 1, keep_dicts:
         for key in ("ids", "formulas", "anon", "prototype", "source"):
             if cols[key].dtype.kind != "U":
                 cols[key] = cols[key].astype(str)
-    data = structures if keep_dicts else [orjson.dumps(s) for s in structures]
+    data = structures if keep_dicts else blobs
     return Rows(cols, data, [list(g[1]) for g in geometry])
 
 
 def _split_usable(rows: list, limit: int) -> tuple[list, list[str]]:
-    """Stored rows whose structure can be a template, and the ids of those that cannot."""
+    """Stored rows whose structure can be a template (:func:`usable_template`, elements those of the formula),
+    and the ids of those that cannot."""
     good, bad = [], []
+    elements: dict[str, set[str] | None] = {}
     for r in rows:
         d = r.doc()
-        if isinstance(d.get("structure"), dict) and d.get("formula") and usable_template(d["structure"], limit):
-            good.append(r)
-        else:
-            bad.append(r.id)
+        f, s = d.get("formula"), d.get("structure")
+        if isinstance(f, str) and f not in elements:
+            try:
+                elements[f] = set(roles(f).elements)
+            except Exception:
+                elements[f] = None
+        ok = isinstance(s, dict) and isinstance(f, str) and usable_template(s, limit) and elements[f] is not None
+        try:
+            ok = ok and {site["species"][0]["element"] for site in s["sites"]} == elements[f]
+        except (KeyError, TypeError, IndexError):
+            ok = False
+        (good if ok else bad).append(r if ok else r.id)
     return good, bad
 
 

@@ -18,7 +18,7 @@ from cspml_flows.composition import MAX_ELEMENTS, roles
 from cspml_flows.errors import StructureReadError
 from cspml_flows.prototype import prototype_info
 from cspml_flows.structure_checks import check_structure
-from cspml_flows.templates.geometry import doc_geometry
+from cspml_flows.templates.geometry import doc_geometry, structure_digest
 
 SCHEMA_VERSION = 2  # 2: min_dist and role_syms stored with the document
 
@@ -51,6 +51,7 @@ class TemplateDoc(BaseModel):
     role_syms: list[list[int]] | None = Field(
         None, description="role permutations a symmetry of the structure maps onto itself (identity first)"
     )
+    geometry_of: str | None = Field(None, description="digest of the structure min_dist and role_syms are of")
     schema_version: int = SCHEMA_VERSION
     last_updated: datetime = Field(default_factory=lambda: datetime.now(UTC))
 
@@ -124,5 +125,6 @@ def template_doc_from_structure(
         source=source,
         min_dist=dmin,
         role_syms=[list(p) for p in syms],
+        geometry_of=structure_digest(as_dict),
         **clean,
     )
