@@ -31,13 +31,17 @@ def doc_geometry(d: dict, r: Roles) -> tuple[float, list[tuple[int, ...]]]:
     return min_periodic_distance(matrix, frac), role_symmetry_perms(matrix, frac, site_roles, r)
 
 
-def structure_digest(d: dict | bytes) -> str:
-    """A digest of a structure dict as JSON (orjson, keys in their order): what the stored geometry of a
-    template document was computed from (``geometry_of``)."""
+def structure_json(d: dict) -> bytes:
+    """A structure dict as JSON bytes (orjson, keys in their order; numpy values as lists)."""
     import orjson
 
-    data = d if isinstance(d, bytes) else orjson.dumps(d)
-    return hashlib.blake2b(data, digest_size=8).hexdigest()
+    return orjson.dumps(d, option=orjson.OPT_SERIALIZE_NUMPY, default=str)
+
+
+def structure_digest(d: dict | bytes) -> str:
+    """A digest of a structure dict as JSON (:func:`structure_json`): what the stored geometry of a template
+    document was computed from (``geometry_of``)."""
+    return hashlib.blake2b(d if isinstance(d, bytes) else structure_json(d), digest_size=8).hexdigest()
 
 
 def stored_geometry(

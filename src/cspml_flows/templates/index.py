@@ -53,6 +53,8 @@ from cspml_flows.templates.geometry import (
     cell_arrays,
     role_symmetry_perms,
     stored_geometry,
+    structure_digest,
+    structure_json,
     template_geometry,
 )
 from cspml_flows.templates.segments import (
@@ -314,15 +316,19 @@ def _take(seq: Sequence, sel: np.ndarray) -> Sequence:
 # ---------------------------------------------------------------- documents -> index rows
 
 
-def usable_template(d: dict, max_atoms: int) -> bool:
+def usable_template(d: dict, max_atoms: int, checked: bool = False) -> bool:
     """Whether a structure dict is ordered (one species of occupancy 1 per site), has at most ``max_atoms``
-    sites and a sane cell and geometry (see :func:`cspml_flows.templates.schema.check_template_structure`)."""
+    sites and a sane cell and geometry (see :func:`cspml_flows.templates.schema.check_template_structure`).
+    ``checked``: the structure passed that check when it was imported (its document's geometry is of this
+    structure), so only the count and the occupancies are looked at."""
     sites = d.get("sites") or []
     if not 0 < len(sites) <= max_atoms:
         return False
     try:
         if not all(len(s["species"]) == 1 and abs(float(s["species"][0].get("occu", 1.0)) - 1.0) < 1e-6 for s in sites):
             return False
+        if checked:
+            return True
         frac = np.asarray([s["abc"] for s in sites], dtype=float)
         return geometry_problem(np.asarray(d["lattice"]["matrix"], dtype=float), frac) is None
     except (KeyError, TypeError, ValueError, AttributeError):
@@ -351,7 +357,6 @@ def doc_rows(docs: list[dict], digests: list[int], workers: int = 1, keep_dicts:
     :mod:`cspml_flows.templates.segments`, the structures as JSON bytes (``keep_dicts``: the dicts) and the
     role permutations. The geometry stored in a document is used; documents without it (older stores) get
     it computed, in ``workers`` processes."""
-    import orjson
 
     n = len(docs)
     role_cache: dict[str, tuple[Roles, str, str]] = {}
@@ -367,7 +372,7 @@ def doc_rows(docs: list[dict], digests: list[int], workers: int = 1, keep_dicts:
         anon.append(a)
         reduced.append(red)
     structures = [d["structure"] for d in docs]
-    blobs = [orjson.dumps(s) for s in structures]
+    blobs = [structure_json(s) for s in structures]
     geometry = [stored_geometry(d, r, b) for d, r, b in zip(docs, rl, blobs, strict=True)]
     missing = [i for i, g in enumerate(geometry) if g is None]
     if missing:
@@ -424,7 +429,13 @@ def _split_usable(rows: list, limit: int) -> tuple[list, list[str]]:
                 elements[f] = set(roles(f).elements)
             except Exception:
                 elements[f] = None
-        ok = isinstance(s, dict) and isinstance(f, str) and usable_template(s, limit) and elements[f] is not None
+        checked = isinstance(s, dict) and d.get("geometry_of") == structure_digest(s)
+        ok = (
+            isinstance(s, dict)
+            and isinstance(f, str)
+            and elements[f] is not None
+            and usable_template(s, limit, checked)
+        )
         try:
             ok = ok and {site["species"][0]["element"] for site in s["sites"]} == elements[f]
         except (KeyError, TypeError, IndexError):
