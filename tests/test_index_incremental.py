@@ -394,3 +394,57 @@ def test_campaign_queries_come_from_the_index(tmp_path, hand_docs):
     assert promoted_later(str(path), "y", 1) == set() and promoted_later(str(path), None, 1) == set()
     fill(path, hand_docs[9:10])
     assert external_templates(cfg) != token
+
+
+# ---------------------------------------------------------------- emulated field indexes of the embedded store
+
+
+def test_embedded_store_queries_through_field_indexes_equal_montydb(tmp_path, hand_docs):
+    """Queries on formula, source, round, material_id and last_updated of a template store opened for writing
+    go through the field table (kept up to date from the journal) and return what montydb's scan returns,
+    in the same order, after writes of every kind; a query it cannot express goes to montydb."""
+    from maggma.stores import MontyStore
+
+    from cspml_flows.templates.store import EmbeddedStore, store_from_uri
+
+    path = tmp_path / "store"
+    fill(path, hand_docs[:10])
+    promoted = [
+        template_doc_from_structure(Structure.from_dict(d["structure"]), f"cspml-x-r{k}-{i}", "campaign:x", round=k)
+        for i, (k, d) in enumerate(zip((1, 2, 2), hand_docs[10:13], strict=True))
+    ]
+    fill(path, promoted)
+    store = store_from_uri(path)
+    store.connect()
+    queries = [
+        ({"formula": "NaCl"}, {"properties": ["material_id", "structure"]}),
+        ({"formula": {"$in": ["KBr", "SrTiO3", "CsI"]}}, {}),
+        ({"source": {"$ne": "campaign:x"}}, {"properties": {"material_id": 1, "_id": 0}}),
+        ({"source": "campaign:x", "round": {"$gte": 2}}, {"properties": ["material_id"]}),
+        ({"source": "campaign:x"}, {"sort": {"last_updated": -1}, "limit": 1, "properties": ["last_updated"]}),
+        ({"material_id": {"$in": ["hand-nacl", "nope"]}}, {}),
+        ({}, {"sort": {"formula": 1}, "skip": 2, "limit": 4}),
+    ]
+
+    def same() -> None:
+        before = EmbeddedStore.indexed_queries
+        for crit, kw in queries:
+            assert list(store.query(crit, **kw)) == list(MontyStore.query(store, crit, **kw)), crit
+        assert EmbeddedStore.indexed_queries - before == len(queries)
+
+    same()
+    fill(path, hand_docs[13:])  # added
+    remove(path, ["hand-kbr"])  # removed through maggma
+    store.update([{**hand_docs[0], "formula": hand_docs[0]["formula"], "source": "edited"}])  # replaced by maggma
+    same()
+    crit = {"structure.lattice.a": {"$gt": 5}}  # a field without an index: montydb
+    before = EmbeddedStore.indexed_queries
+    assert list(store.query(crit)) == list(MontyStore.query(store, crit)) and EmbeddedStore.indexed_queries == before
+    reader = store_from_uri(path, create=False)  # opened to read: montydb, nothing written
+    reader.connect()
+    assert list(reader.query({"formula": "NaCl"})) == list(MontyStore.query(store, {"formula": "NaCl"}))
+    assert EmbeddedStore.indexed_queries == before
+    dated = {**hand_docs[1], "material_id": "dated", "last_updated": datetime.now(UTC)}
+    store._collection.insert_one({**dated, "_id": "dated"})  # a date, not text: MongoDB's type rules needed
+    assert list(store.query({"formula": "NaCl"})) == list(MontyStore.query(store, {"formula": "NaCl"}))
+    assert EmbeddedStore.indexed_queries == before

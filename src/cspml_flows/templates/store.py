@@ -214,6 +214,7 @@ def embedded_store(path: Path, collection: str, key: str, create: bool, what: st
     store = EmbeddedStore(
         collection, database_path=str(path), storage="sqlite", key=key, client_kwargs={"busy_timeout": BUSY_TIMEOUT_MS}
     )
+    store.writable = create
     if create:
         try:
             prepare_embedded(path, store.database_name, collection, store.storage_kwargs, journal=key == KEY)
@@ -468,7 +469,61 @@ def _create_collection_file(coll: Path, journal: bool = False) -> None:
 class EmbeddedStore(MontyStore):
     """maggma's MontyStore (sqlite) that never writes montydb's storage configuration when it connects
     (:func:`embedded_store` creates it): opening an existing store to read it (``cspml predict``) leaves its
-    folder as it was."""
+    folder as it was.
+
+    A template store opened for writing answers queries on ``material_id``, ``formula``, ``source``,
+    ``round`` and ``last_updated`` through emulated indexes (:mod:`cspml_flows.templates.fields`, kept up to
+    date from the change journal) instead of montydb's scan of every document; other queries, and stores
+    opened to read, go to montydb."""
+
+    writable = False  # opened for writing (set by embedded_store)
+    indexed_queries = 0  # queries of this process answered through the emulated indexes
+
+    def query(  # type: ignore[override]
+        self,
+        criteria: dict | None = None,
+        properties: dict | list | None = None,
+        sort: dict | None = None,
+        hint: dict | None = None,
+        skip: int = 0,
+        limit: int = 0,
+        **kwargs: Any,
+    ) -> Iterator[dict]:
+        found = None if hint or kwargs else self._indexed(criteria, properties, sort, skip, limit)
+        if found is None:
+            return super().query(criteria, properties, sort, hint, skip, limit, **kwargs)
+        EmbeddedStore.indexed_queries += 1
+        return iter(found)
+
+    def _indexed(self, criteria: Any, properties: Any, sort: Any, skip: int, limit: int) -> list[dict] | None:
+        """The documents of a query answered through the field table, or None when it cannot be."""
+        from cspml_flows.templates import fields
+
+        if not (self.writable and self.key == KEY and self._coll is not None):
+            return None
+        p = fields.plan(criteria, properties, sort, skip, limit)
+        f = collection_file(Path(self.database_path), self.database_name, self.collection_name)
+        if p is None or not f.is_file():
+            return None
+        import bson
+        from bson.raw_bson import RawBSONDocument
+
+        options = self._coll.codec_options
+        with contextlib.closing(_connect_sqlite(f)) as con:
+            con.isolation_level = None  # transactions as fields.refresh opens them
+            first = con.execute("SELECT k FROM documents LIMIT 1").fetchone()
+            if first is not None and bytes(first[0])[:1] != b"\x02":
+                return None  # montydb's JSON encoding: its own decoder's types
+            found = _journal_position(con)
+            journal = None if found is None else (found.split("|")[1], int(found.split("|")[2]))
+
+            def changed(since: int, upto: int) -> list[bytes]:
+                sql = f"SELECT DISTINCT k FROM {JOURNAL_TABLE} WHERE seq > ? AND seq <= ?"
+                return [k for (k,) in con.execute(sql, (since, upto)).fetchall()]
+
+            if not fields.refresh(con, journal, changed, RawBSONDocument):
+                return None
+            return fields.run(con, p, lambda v: bson.decode(bytes(v), codec_options=options))
 
     def connect(self, force_reset: bool = False) -> None:
         if not self._coll or force_reset:
