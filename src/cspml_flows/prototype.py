@@ -124,8 +124,9 @@ def partition_pairs(labels: list[str | None], max_groups: int = 60) -> list[tupl
     return [(s[a], s[b]) for s in subsets for a in range(len(s)) for b in range(a + 1, len(s))]
 
 
-def fit_pairs(args: tuple[list[dict], list[tuple[int, int]]]) -> list[bool]:
+def fit_pairs(args: tuple[list, list[tuple[int, int]]]) -> list[bool]:
     """Whether the structures of each pair ``(i, j)`` match under ``fit_anonymous`` (``i`` the first argument).
+    A structure is a dict, or an object whose ``load()`` gives one (read where the fits run).
 
     Each structure's primitive Niggli cell is computed once (``fit_anonymous`` would recompute both cells for
     every pair, half of its cost) and the fits skip that reduction; the result is the same. A structure that
@@ -136,7 +137,8 @@ def fit_pairs(args: tuple[list[dict], list[tuple[int, int]]]) -> list[bool]:
     reduced: dict[int, Structure | None] = {}
     for i in sorted({i for p in pairs for i in p}):
         try:
-            reduced[i] = sm._get_reduced_structure(Structure.from_dict(structures[i]), primitive_cell=True, niggli=True)
+            d = structures[i].load() if hasattr(structures[i], "load") else structures[i]
+            reduced[i] = sm._get_reduced_structure(Structure.from_dict(d), primitive_cell=True, niggli=True)
         except Exception:
             reduced[i] = None
     out = []
@@ -152,7 +154,7 @@ def fit_pairs(args: tuple[list[dict], list[tuple[int, int]]]) -> list[bool]:
     return out
 
 
-def run_fits(tasks: list[tuple[list[dict], list[tuple[int, int]]]], workers: int = 1) -> list[list[bool]]:
+def run_fits(tasks: list[tuple[list, list[tuple[int, int]]]], workers: int = 1) -> list[list[bool]]:
     """:func:`fit_pairs` of every task (in ``workers`` processes, largest tasks first), in task order."""
     order = sorted(range(len(tasks)), key=lambda t: -len(tasks[t][1]))
     results: list[list[bool]] = [[] for _ in tasks]

@@ -824,7 +824,6 @@ class _Updater:
         ``pairs`` (the cache: partition, first and second representative, result) where known, the rest
         are fitted. Returns the cluster array with new labels there and the cache with those partitions'
         pairs replaced by the ones evaluated now."""
-        import orjson
 
         live = np.flatnonzero(cluster >= 0)
         part_all = table.column("part", live)
@@ -869,7 +868,7 @@ class _Updater:
             if missing:
                 need = sorted({x for q in missing for x in pp[q]})
                 local = {g: t for t, g in enumerate(need)}
-                structs = [orjson.loads(table.structure_bytes(int(rows[reps[g]]))) for g in need]
+                structs = [table.structure_ref(int(rows[reps[g]])) for g in need]
                 tasks.append((structs, [(local[pp[q][0]], local[pp[q][1]]) for q in missing]))
                 task_of.append((len(plans), missing))
             plans.append((s, e, gid, reps, pp, fits))

@@ -412,6 +412,10 @@ class Table:
         s, i = self._local(phys)
         return bytes(s.structures[int(s.cols["str_start"][i]) : int(s.cols["str_end"][i])])
 
+    def structure_ref(self, phys: int) -> StructureRef:
+        s, i = self._local(phys)
+        return StructureRef(str(s.path / "structures.npy"), int(s.cols["str_start"][i]), int(s.cols["str_end"][i]))
+
     def perms_of(self, phys: int) -> list[tuple[int, ...]]:
         s, i = self._local(phys)
         rows = s.perms[int(s.cols["perm_start"][i]) : int(s.cols["perm_end"][i])]
@@ -455,6 +459,33 @@ class Generation(Table):
         pairs = [self.state[k] for k in ("pair_part", "pair_a", "pair_b", "pair_fit")]
         if len({len(p) for p in pairs}) != 1:
             raise ValueError("the fit cache arrays differ in length")
+
+
+class StructureRef:
+    """Where a structure lies in a segment's blob: small to send to a worker process, which reads and decodes
+    it there (:meth:`load`)."""
+
+    __slots__ = ("end", "path", "start")
+
+    def __init__(self, path: str, start: int, end: int):
+        self.path, self.start, self.end = path, start, end
+
+    def __getstate__(self) -> tuple[str, int, int]:
+        return self.path, self.start, self.end
+
+    def __setstate__(self, state: tuple[str, int, int]) -> None:
+        self.path, self.start, self.end = state
+
+    def load(self) -> dict:
+        blob = _BLOBS.get(self.path)
+        if blob is None:
+            if len(_BLOBS) >= 8:
+                _BLOBS.pop(next(iter(_BLOBS)))
+            blob = _BLOBS[self.path] = load_array(Path(self.path))
+        return decode_structure(bytes(blob[self.start : self.end]))
+
+
+_BLOBS: dict[str, np.ndarray] = {}  # structure blobs this process has mapped (a few, newest last)
 
 
 # ---------------------------------------------------------------- lazy sequences over live rows
