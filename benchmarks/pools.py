@@ -543,7 +543,7 @@ def build_pool(
             "import": info,
             "seconds": time.perf_counter() - t,
             "complete": True,
-        }
+        } | label_groups(store)
         _write_manifest(label, root, manifest)
         return manifest
     parents = union_parents(root)
@@ -612,9 +612,28 @@ def build_pool(
     }
     if manifest["wall_seconds"] > 0:
         manifest["generated_per_s"] = manifest["n_generated"] / manifest["wall_seconds"]
+    if manifest["complete"] and "label_groups" not in manifest:
+        manifest |= label_groups(store)
     _write_manifest(label, root, manifest)
     log_fn(f"{label}: {count} templates ({manifest['n_generated']} generated, {len(failed)} failed)")
     return manifest
+
+
+def label_groups(store: Path) -> dict[str, int]:
+    """Distinct (anonymous formula, primitive cell size, prototype label) of a store's templates: an upper
+    bound on its prototype clusters (the index merges groups whose structures match), and the anonymous
+    formulas. A template without a label counts as a group of its own."""
+    groups: set[tuple] = set()
+    anon: set[str] = set()
+    unlabelled = 0
+    with TemplateStore.open(store, create=False) as ts:
+        for d in ts.docs(properties=["anonymous_formula", "nsites_primitive", "prototype"]):
+            anon.add(d["anonymous_formula"])
+            if d.get("prototype"):
+                groups.add((d["anonymous_formula"], d.get("nsites_primitive"), d["prototype"]))
+            else:
+                unlabelled += 1
+    return {"label_groups": len(groups) + unlabelled, "anonymous_formulas": len(anon)}
 
 
 def _kind_of(recipe: Recipe) -> str:

@@ -73,6 +73,7 @@ ROWS: list[tuple[str, Callable[[dict[str, Any]], str]]] = [
     ("templates", lambda s: _num(s.get("templates") or _get("pool", "size")(s))),
     ("generated templates", lambda s: _num(_get("pool", "n_generated")(s) or 0)),
     ("prototype clusters (index)", lambda s: _num(s.get("clusters"))),
+    ("prototype label groups (bound on clusters)", lambda s: _num(_get("pool", "label_groups")(s))),
     ("load rate, structures/s", _load_rate),
     ("generation, s per 10k generated", lambda s: _num(_get("pool", "seconds_per_10k")(s))),
     ("full index build, s", lambda s: _num(_get("stages", "build", "seconds")(s))),

@@ -395,7 +395,7 @@ def _pool_record(label: str, root: Path) -> dict[str, Any]:
     from benchmarks import pools
 
     m = pools.read_manifest(label, root) or {}
-    keep = ("size", "n_real", "n_generated", "by_recipe", "n_failed", "wall_seconds", "add_seconds")
+    keep = ("size", "n_real", "n_generated", "by_recipe", "n_failed", "wall_seconds", "add_seconds", "label_groups")
     out = {k: m[k] for k in keep if k in m}
     if m.get("n_generated") and m.get("wall_seconds"):
         out["generated_per_s"] = m["n_generated"] / m["wall_seconds"]
