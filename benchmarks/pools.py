@@ -326,8 +326,9 @@ def variant_doc(parent: dict, recipe: Recipe, material_id: str) -> dict[str, Any
     A relabelled copy keeps every field of the parent's document that depends on the geometry alone (space
     group, prototype label, primitive cell size, and what else the schema stores, such as the shortest
     distance), because a same-family relabelling moves no atom and keeps the symmetry; the formula fields are
-    its own and the role symmetries are re-indexed to its role order. Any other recipe is analysed by spglib
-    through :func:`template_doc_from_structure`."""
+    its own, the role symmetries are re-indexed to its role order and the digest naming the structure its
+    geometry is of is its structure's. Any other recipe is analysed by spglib through
+    :func:`template_doc_from_structure`."""
     s = variant_structure(parent, recipe)
     kind = "anion" if recipe[0] == "anion2" else recipe[0]
     props = {"e_above_hull": parent.get("e_above_hull")}
@@ -355,6 +356,10 @@ def variant_doc(parent: dict, recipe: Recipe, material_id: str) -> dict[str, Any
             fields.pop(name, None)
         if "role_syms" in TemplateDoc.model_fields:
             fields["role_syms"] = _relabelled_role_syms(parent, dict(recipe[1]), comp.reduced_formula)
+        if fields.get("geometry_of"):  # the stored geometry names the structure it is of: now this one
+            from cspml_flows.templates.geometry import structure_digest
+
+            fields["geometry_of"] = structure_digest(fields["structure"])
         doc = TemplateDoc(**fields)
     else:
         doc = template_doc_from_structure(s, material_id, source=f"generated:{kind}", **props)
