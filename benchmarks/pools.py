@@ -567,7 +567,10 @@ def build_pool(
         t = time.perf_counter()
         _copy_store(store_path(base, root), store)
         log_fn(f"{label}: started from a copy of pool {base} ({time.perf_counter() - t:.0f} s)")
-        manifest = {"copied_from": base}
+        inherited = ("worker_cpu_seconds", "add_seconds", "wall_seconds")  # the copied documents' cost
+        manifest = {"copied_from": base} | {
+            k: v for k, v in (read_manifest(base, root) or {}).items() if k in inherited
+        }
     manifest |= {"label": label, "generated": True, "seed": seed, "size": spec.size, "n_real": n_union}
     manifest.setdefault("worker_cpu_seconds", 0.0)
     manifest.setdefault("add_seconds", 0.0)
