@@ -472,14 +472,37 @@ def union_parents(root: Path = DEFAULT_ROOT) -> list[dict]:
     with TemplateStore.open(path, create=False) as ts:
         docs = list(ts.docs())
     docs.sort(key=lambda d: str(d["material_id"]))
-    current = TemplateDoc.model_fields["schema_version"].default
-    stale = sum(d.get("schema_version") != current for d in docs)
+    stale = sum(not schema_current(d) for d in docs)
     if stale:
         raise PoolError(
-            f"{stale} documents of the union pool {path} were imported with another template schema (this code "
-            f"writes version {current}): remove {pool_dir(UNION, root)} and build it again"
+            f"{stale} documents of the union pool {path} were imported with another template schema than this "
+            f"code writes: remove {pool_dir(UNION, root)} and build it again"
         )
     return docs
+
+
+def schema_current(doc: dict) -> bool:
+    """Whether a stored document has the schema version and every field this code's TemplateDoc writes."""
+    fields = TemplateDoc.model_fields
+    return doc.get("schema_version") == fields["schema_version"].default and all(k in doc for k in fields)
+
+
+def schema_record() -> dict[str, Any]:
+    """The template schema this code writes: its version and fields (kept in a pool's record)."""
+    return {
+        "schema_version": TemplateDoc.model_fields["schema_version"].default,
+        "fields": sorted(TemplateDoc.model_fields),
+    }
+
+
+def check_pool_schema(label: str, root: Path = DEFAULT_ROOT) -> None:
+    """PoolError when the pool's record says its documents were written with another template schema than
+    this code writes (a pool made before a schema change must be built again)."""
+    if (read_manifest(label, root) or {}).get("schema") != schema_record():
+        raise PoolError(
+            f"pool {label} was written with another template schema than this code writes: remove "
+            f"{pool_dir(label, root)} and build it again (python -m benchmarks.pools --size {label})"
+        )
 
 
 def import_real_pool(
@@ -548,6 +571,7 @@ def build_pool(
             "import": info,
             "seconds": time.perf_counter() - t,
             "complete": True,
+            "schema": schema_record(),
         } | label_groups(store)
         _write_manifest(label, root, manifest)
         return manifest
@@ -572,6 +596,7 @@ def build_pool(
             k: v for k, v in (read_manifest(base, root) or {}).items() if k in inherited
         }
     manifest |= {"label": label, "generated": True, "seed": seed, "size": spec.size, "n_real": n_union}
+    manifest["schema"] = schema_record()
     manifest.setdefault("worker_cpu_seconds", 0.0)
     manifest.setdefault("add_seconds", 0.0)
     manifest.setdefault("wall_seconds", 0.0)

@@ -453,6 +453,7 @@ def run_size(
     if spec.generated:
         if not (pools.read_manifest(label, root) or {}).get("complete"):
             raise BenchmarkError(f"pool {label} is not generated yet: python -m benchmarks.pools --size {label}")
+        pools.check_pool_schema(label, root)
         result["pool"] = _pool_record(label, root)
         t = time.perf_counter()
         shutil.copytree(pools.store_path(label, root), store, ignore=shutil.ignore_patterns("*.lock"))
