@@ -70,6 +70,29 @@ def atomic_open(path: str | Path, mode: str = "w", encoding: str | None = "utf-8
         yield fh
 
 
+def fsync_path(path: str | Path) -> None:
+    """Flush a file or a folder (its entries) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | Path) -> Iterator[None]:
+    """An exclusive ``fcntl.flock`` on the file ``path`` (created if missing), released when the block ends or
+    the process dies."""
+    import fcntl
+
+    with Path(path).open("a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def json_default(obj: Any) -> Any:
     """``json.dump`` fallback for numpy scalars and arrays."""
     if isinstance(obj, np.generic | np.ndarray):

@@ -48,6 +48,7 @@ from cspml_flows.descriptors import (
 )
 from cspml_flows.errors import StoreError
 from cspml_flows.prototype import cluster_prototypes, merge_groups, partition_pairs, run_fits
+from cspml_flows.safeio import fsync_path
 from cspml_flows.structure_checks import geometry_problem, min_periodic_distance
 from cspml_flows.templates.geometry import (
     cell_arrays,
@@ -989,8 +990,8 @@ class _Updater:
 
         (tmp / "segment.json").write_text(json.dumps({"format": "cspml-index-segment/1", "n": int(n)}))
         for f in tmp.iterdir():
-            _sync(f)
-        _sync(tmp)
+            fsync_path(f)
+        fsync_path(tmp)
         os.replace(tmp, self.root / name)
         return Segment(self.root, name)
 
@@ -1068,11 +1069,3 @@ def _live_order(table: Table, cluster: np.ndarray) -> np.ndarray:
     """Physical positions of the live rows, in id order."""
     live = np.flatnonzero(cluster >= 0)
     return live[np.argsort(table.column("ids", live), kind="stable")]
-
-
-def _sync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -37,6 +37,7 @@ import numpy as np
 from cspml_flows.composition import MAX_ELEMENTS, Roles
 from cspml_flows.descriptors import MAGPIE_PROPERTIES, MAGPIE_STATS, MAX_ROLES, ROLE_PROPERTIES
 from cspml_flows.errors import StoreError
+from cspml_flows.safeio import exclusive_lock, fsync_path
 
 SEGMENT_FORMAT = "cspml-index-segment/1"
 MANIFEST_FORMAT = "cspml-index/1"
@@ -89,14 +90,6 @@ def load_array(path: Path, mmap: bool = True) -> np.ndarray:
     if not isinstance(arr, np.ndarray) or arr.dtype.hasobject:
         raise ValueError(f"{path.name} is not a plain array")
     return arr
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # ---------------------------------------------------------------- rows of a segment in memory
@@ -155,8 +148,8 @@ def _write_folder(root: Path, prefix: str, arrays: dict[str, np.ndarray], meta: 
             os.fsync(fh.fileno())
     if prefix == "seg":
         (tmp / "segment.json").write_text(json.dumps({"format": SEGMENT_FORMAT, **meta}))
-        _fsync(tmp / "segment.json")
-    _fsync(tmp)
+        fsync_path(tmp / "segment.json")
+    fsync_path(tmp)
     os.replace(tmp, root / name)
     return name
 
@@ -341,7 +334,7 @@ class Manifest:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, root / MANIFEST)
-        _fsync(root)
+        fsync_path(root)
 
 
 def remove_unreferenced(root: Path, keep: Manifest | None) -> None:
@@ -359,14 +352,8 @@ def remove_unreferenced(root: Path, keep: Manifest | None) -> None:
 @contextlib.contextmanager
 def update_lock(root: Path) -> Iterator[None]:
     """The exclusive update lock of an index folder (released when the block ends or the process dies)."""
-    import fcntl
-
-    with (root / LOCK).open("a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    with exclusive_lock(root / LOCK):
+        yield
 
 
 class Table:

@@ -51,7 +51,7 @@ from maggma.stores import JSONStore, MemoryStore, MongoStore, MongoURIStore, Mon
 
 from cspml_flows.config import default_store_path, load_config
 from cspml_flows.errors import ConfigError, CSPMLError, StoreError
-from cspml_flows.safeio import atomic_open, current_umask
+from cspml_flows.safeio import atomic_open, current_umask, exclusive_lock
 from cspml_flows.templates.schema import TemplateDoc
 
 log = logging.getLogger(__name__)
@@ -253,14 +253,8 @@ def _create_table_sql(if_not_exists: bool = False) -> str:
 def store_lock(folder: Path) -> Iterator[None]:
     """An exclusive lock on ``<folder>/.cspml.lock`` (``fcntl.flock``; released when the block ends, or when
     the process dies)."""
-    import fcntl
-
-    with (folder / STORE_LOCK).open("a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    with exclusive_lock(folder / STORE_LOCK):
+        yield
 
 
 def prepare_embedded(
