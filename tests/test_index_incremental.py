@@ -134,6 +134,38 @@ def test_incremental_equals_rebuilt_after_random_adds_and_removes(tmp_path, pool
     assert top5(idx, model) == top5(again, model)
 
 
+def test_chunked_build_as_jobflow_jobs_equals_one_build(tmp_path, pool, model):
+    """The index built by ChunkedIndexMaker (a job per chunk of templates, then the assembly) under
+    run_locally equals a one-process rebuild; a template added while the chunks ran is in it too."""
+    from jobflow import run_locally
+
+    from cspml_flows.flows.chunked import ChunkedIndexMaker
+    from cspml_flows.templates.chunked_build import assemble, build_chunk, plan_build
+
+    path = fill(tmp_path / "store", pool[:-1])
+    flow = ChunkedIndexMaker(chunk_size=25, workers=1).make(str(path))
+    responses = run_locally(flow, ensure_success=True)
+    reports = [r[1].output for r in responses.values() if isinstance(r[1].output, dict) and "action" in r[1].output]
+    assert len(reports) == 1 and reports[0]["templates"] == len(pool) - 1
+    chunks = [u for u, r in responses.items() if isinstance(r[1].output, dict) and "skipped" in r[1].output]
+    assert len(chunks) == -(-(len(pool) - 1) // 25)
+    with TemplateStore.open(path, create=False) as ts:
+        chunked, report = sync_index(ts, workers=1)
+    assert report.action == "up to date"
+    again = rebuilt(path, tmp_path / "rebuilt")
+    assert_same(chunked, again)
+    assert top5(chunked, model) == top5(again, model)
+
+    with TemplateStore.open(path, create=False) as ts:  # a store change between plan and assembly
+        plan = plan_build(ts, 40)
+        parts = [build_chunk(ts, plan, k) for k in range(plan.n_chunks)]
+        fill(path, pool[-1:])
+        assemble(ts, plan, parts)
+        latest, report = sync_index(ts, workers=1)
+    assert report.action == "up to date" and len(latest) == len(pool)
+    assert_same(latest, rebuilt(path, tmp_path / "rebuilt-2"))
+
+
 def test_update_fits_only_new_pairs(tmp_path, hand_docs):
     """Adding a template to a partition fits it against the representatives there, not the old pairs again;
     removing a representative (the group's smallest id) makes the next one represent its group."""

@@ -29,7 +29,7 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -77,7 +77,7 @@ from cspml_flows.templates.segments import (
     write_segment,
     write_state,
 )
-from cspml_flows.templates.store import TemplateStore, digest64, doc_digest, position_count
+from cspml_flows.templates.store import StoredRow, TemplateStore, digest64, doc_digest, position_count
 
 __all__ = [
     "INDEX_VERSION",
@@ -456,6 +456,35 @@ def _warn_left_out(n: int, store: TemplateStore, limit: int) -> None:
         )
 
 
+def write_row_segments(
+    root: Path, rows: Iterable[StoredRow], workers: int, limit: int
+) -> tuple[list[str], list[str]]:
+    """Index rows of the stored documents ``rows`` (the first copy of an id), written as segments under
+    ``root`` :data:`CHUNK` documents at a time; the segments' names and the ids that cannot be templates."""
+    names: list[str] = []
+    skipped: list[str] = []
+    batch: list[StoredRow] = []
+
+    def flush() -> None:
+        good, bad = _split_usable(batch, limit)
+        skipped.extend(bad)
+        if good:
+            rows = doc_rows([r.doc() for r in good], [r.digest for r in good], workers)
+            names.append(write_segment(root, rows))
+        batch.clear()
+
+    seen: set[str] = set()
+    for row in rows:
+        if row.id in seen:
+            continue  # a second copy of an id (left by an older writer): the first is indexed
+        seen.add(row.id)
+        batch.append(row)
+        if len(batch) >= CHUNK:
+            flush()
+    flush()
+    return names, skipped
+
+
 def _build_in_memory(store: TemplateStore, workers: int) -> TemplateIndex:
     limit = max_template_atoms()
     good, bad = _split_usable(list(store.rows()), limit)
@@ -669,28 +698,13 @@ class _Updater:
     # ---- full build ------------------------------------------------------------------------------------
     def _build(self) -> tuple[Manifest, int]:
         position = self.store.position()
-        names: list[str] = []
-        skipped: list[str] = []
-        batch: list = []
-
-        def flush() -> None:
-            good, bad = _split_usable(batch, self.limit)
-            skipped.extend(bad)
-            if good:
-                rows = doc_rows([r.doc() for r in good], [r.digest for r in good], self.workers)
-                names.append(write_segment(self.root, rows))
-            batch.clear()
-
-        seen: set[str] = set()
-        for row in self.store.rows():
-            if row.id in seen:
-                continue  # a second copy of an id (left by an older writer): the first is indexed
-            seen.add(row.id)
-            batch.append(row)
-            if len(batch) >= CHUNK:
-                flush()
-        flush()
+        names, skipped = write_row_segments(self.root, self.store.rows(), self.workers, self.limit)
         _warn_left_out(len(skipped), self.store, self.limit)
+        return self.assemble(names, skipped, position), len(skipped)
+
+    def assemble(self, names: list[str], skipped: list[str], position: str) -> Manifest:
+        """The index of the segments ``names`` (under the root) as of the store's ``position``: merged into
+        one segment, clustered and committed as generation 1."""
         segs = [Segment(self.root, name) for name in names]
         if len(segs) > 1:
             merged = self._merge(segs, [np.ones(s.n, dtype=bool) for s in segs])
@@ -700,7 +714,7 @@ class _Updater:
         empty = np.zeros(0, dtype=np.uint64)
         pairs = (empty, empty, empty, np.zeros(0, dtype=bool))
         cluster, pairs = self._recluster(table, cluster, None, pairs)
-        return self._commit(table, cluster, pairs, position, sorted(set(skipped)), 1), len(skipped)
+        return self._commit(table, cluster, pairs, position, sorted(set(skipped)), 1)
 
     # ---- incremental update --------------------------------------------------------------------------
     def _update(self, gen: Generation) -> tuple[Manifest, int, int, int]:

@@ -713,6 +713,17 @@ def _existing_ids(f: Path, ids: list[str]) -> set[str]:
     return found
 
 
+def _insert_rows(coll: Any, f: Path, docs: list[dict[str, Any]]) -> None:
+    """Insert new documents into the embedded collection file ``f`` in one transaction, encoded as montydb
+    encodes them (montydb's own bulk insert compares each new key with a list of every stored key); a key
+    stored already fails the whole insert (sqlite3.IntegrityError)."""
+    from montydb.types import bson as monty_bson
+
+    rows = [(monty_bson.id_encode(d["_id"]), coll._storage._encode_doc(coll, d, True)) for d in docs]
+    with contextlib.closing(_connect_sqlite(f)) as con, con:
+        con.executemany("INSERT INTO documents(k, v) VALUES (?, ?)", rows)
+
+
 def upsert(store: Store, docs: Iterable[dict[str, Any]], key: str, assume_new: bool = False) -> int:
     """Insert or replace documents by ``key`` (its value, as text, is also the document's ``_id``).
 
@@ -746,7 +757,9 @@ def upsert(store: Store, docs: Iterable[dict[str, Any]], key: str, assume_new: b
                 found.setdefault(str(d[key]), []).append(d["_id"])
         new = [{**r, "_id": k} for k, r in rows.items() if k not in found]
         try:
-            if new:
+            if new and by_id is not None:
+                _insert_rows(coll, by_id, new)
+            elif new:
                 coll.insert_many(new, ordered=False)
         except duplicate:
             continue  # another writer added some of these keys: look again and replace them
