@@ -456,9 +456,7 @@ def _warn_left_out(n: int, store: TemplateStore, limit: int) -> None:
         )
 
 
-def write_row_segments(
-    root: Path, rows: Iterable[StoredRow], workers: int, limit: int
-) -> tuple[list[str], list[str]]:
+def write_row_segments(root: Path, rows: Iterable[StoredRow], workers: int, limit: int) -> tuple[list[str], list[str]]:
     """Index rows of the stored documents ``rows`` (the first copy of an id), written as segments under
     ``root`` :data:`CHUNK` documents at a time; the segments' names and the ids that cannot be templates."""
     names: list[str] = []
