@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
 from pymatgen.analysis.structure_matcher import StructureMatcher
-from pymatgen.core import Structure
+from pymatgen.core import Lattice, Structure
 from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
 
 from cspml_flows import progress
@@ -148,10 +149,25 @@ def fit_pairs(args: tuple[list, list[tuple[int, int]]]) -> list[bool]:
             out.append(False)
             continue
         try:
-            out.append(bool(sm.fit_anonymous(a, b, skip_structure_reduction=True)))
+            out.append(lattices_can_match(sm, a, b) and bool(sm.fit_anonymous(a, b, skip_structure_reduction=True)))
         except Exception:
             out.append(False)
     return out
+
+
+def lattices_can_match(sm: StructureMatcher, a: Structure, b: Structure) -> bool:
+    """False when ``sm.fit_anonymous(a, b)`` of two reduced cells of as many sites must fail: no lattice of
+    ``a`` is within the matcher's length and angle tolerances of ``b``'s once both are scaled to the same
+    volume (the matcher's own first step, before it tries each species mapping). True otherwise, and for cells
+    of different sizes (left to the matcher)."""
+    if len(a) != len(b) or not sm._scale or sm._supercell:
+        return True
+    ratio = (b.volume / a.volume) ** (1 / 6)
+    la, lb = Lattice(a.lattice.matrix * ratio), Lattice(b.lattice.matrix / ratio)
+    for _, _, scale_m in la.find_all_mappings(lb, ltol=sm.ltol, atol=sm.angle_tol, skip_rotation_matrix=True):
+        if math.isclose(abs(np.linalg.det(scale_m)), 1, abs_tol=0.5, rel_tol=0):
+            return True
+    return False
 
 
 def run_fits(tasks: list[tuple[list, list[tuple[int, int]]]], workers: int = 1) -> list[list[bool]]:
