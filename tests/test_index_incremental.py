@@ -134,6 +134,17 @@ def test_incremental_equals_rebuilt_after_random_adds_and_removes(tmp_path, pool
     assert top5(idx, model) == top5(again, model)
 
 
+def test_build_over_id_ranges_in_two_processes_equals_one_process(tmp_path, pool, monkeypatch):
+    """A full build of an embedded store with two workers (forked processes over id ranges) equals one with
+    one worker."""
+    monkeypatch.setattr(index_module, "CHUNK", 25)
+    path = fill(tmp_path / "store", pool)
+    with TemplateStore.open(path, create=False) as ts:
+        two, report = sync_index(ts, workers=2, rebuild=True, root=tmp_path / "two")
+    assert report.templates == len(pool)
+    assert_same(two, rebuilt(path, tmp_path / "one"))
+
+
 def test_chunked_build_as_jobflow_jobs_equals_one_build(tmp_path, pool, model):
     """The index built by ChunkedIndexMaker (a job per chunk of templates, then the assembly) under
     run_locally equals a one-process rebuild; a template added while the chunks ran is in it too."""

@@ -483,6 +483,37 @@ def write_row_segments(root: Path, rows: Iterable[StoredRow], workers: int, limi
     return names, skipped
 
 
+_FORKED_STORE: TemplateStore | None = None  # the store forked workers of _parallel_row_segments read
+
+
+def _range_segments(args: tuple[Path, list[str], int]) -> tuple[list[str], list[str]]:
+    root, ids, limit = args
+    assert _FORKED_STORE is not None
+    return write_row_segments(root, _FORKED_STORE.rows(ids), 1, limit)
+
+
+def _parallel_row_segments(store: TemplateStore, root: Path, workers: int, limit: int) -> tuple[list[str], list[str]]:
+    """:func:`write_row_segments` of an embedded store over ranges of :data:`CHUNK` sorted ids in ``workers``
+    forked processes, each reading its own documents from sqlite."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    global _FORKED_STORE
+    ids = sorted(store.ids())
+    tasks = [(root, ids[s : s + CHUNK], limit) for s in range(0, len(ids), CHUNK)]
+    names: list[str] = []
+    skipped: list[str] = []
+    _FORKED_STORE = store
+    try:
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
+            for n, sk in pool.map(_range_segments, tasks):
+                names += n
+                skipped += sk
+    finally:
+        _FORKED_STORE = None
+    return names, skipped
+
+
 def _build_in_memory(store: TemplateStore, workers: int) -> TemplateIndex:
     limit = max_template_atoms()
     good, bad = _split_usable(list(store.rows()), limit)
@@ -696,7 +727,10 @@ class _Updater:
     # ---- full build ------------------------------------------------------------------------------------
     def _build(self) -> tuple[Manifest, int]:
         position = self.store.position()
-        names, skipped = write_row_segments(self.root, self.store.rows(), self.workers, self.limit)
+        if self.workers > 1 and self.store.sqlite_file() is not None:
+            names, skipped = _parallel_row_segments(self.store, self.root, self.workers, self.limit)
+        else:
+            names, skipped = write_row_segments(self.root, self.store.rows(), self.workers, self.limit)
         _warn_left_out(len(skipped), self.store, self.limit)
         return self.assemble(names, skipped, position), len(skipped)
 

@@ -824,7 +824,7 @@ class TemplateStore:
     def ensure_journal(self) -> bool:
         """Give an embedded store its change journal if it has none (the store must be writable); whether it
         has one now. Other backends: False."""
-        f = self._sqlite_file()
+        f = self.sqlite_file()
         if f is None:
             return False
         with self._reading("write to"):
@@ -867,7 +867,7 @@ class TemplateStore:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _sqlite_file(self) -> Path | None:
+    def sqlite_file(self) -> Path | None:
         """The sqlite file of an embedded MontyStore collection, if that is the backend."""
         st = self.store
         if isinstance(st, MontyStore) and st.storage == "sqlite":
@@ -891,14 +891,14 @@ class TemplateStore:
         except CSPMLError:
             raise
         except (sqlite3.Error, OSError, ValueError, *_backend_errors()) as exc:
-            if isinstance(exc, sqlite3.OperationalError) and "no such table" in str(exc) and self._sqlite_file():
+            if isinstance(exc, sqlite3.OperationalError) and "no such table" in str(exc) and self.sqlite_file():
                 raise self._half_created() from None
             hint = " (damaged or not a store?)" if action == "read" and not is_mongo_server(self.store) else ""
             raise StoreError(f"cannot {action} template store {self.name}: {error_reason(exc)}{hint}") from None
 
     def count(self) -> int:
         """Number of documents (montydb decodes every document to count; sqlite is asked directly)."""
-        f = self._sqlite_file()
+        f = self.sqlite_file()
         if f is not None:
             # read-write without create: closing it removes the -wal/-shm files a read-only one leaves
             with self._reading(), contextlib.closing(_connect_sqlite(f)) as con:
@@ -962,7 +962,7 @@ class TemplateStore:
         An embedded store with its journal: ``journal|<journal id>|<last change>|<count>`` (two lookups); one
         without: ``sqlite|<count>|<digest of every row>``. A JSON file: ``json|<count>|<digest of the file>``.
         A MongoDB or memory store: ``stamp|<count>|<newest last_updated>``."""
-        f = self._sqlite_file()
+        f = self.sqlite_file()
         if f is not None:
             with self._reading(), contextlib.closing(_connect_sqlite(f)) as con:
                 found = _journal_position(con)
@@ -985,7 +985,7 @@ class TemplateStore:
 
         A ``stamp`` position (MongoDB, memory) finds the documents whose ``last_updated`` is newer; removals
         (and documents written with an older date) show only in the count, which the caller compares."""
-        f = self._sqlite_file()
+        f = self.sqlite_file()
         kind = position.split("|", 1)[0]
         if f is not None:
             with self._reading(), contextlib.closing(_connect_sqlite(f)) as con:
@@ -1019,7 +1019,7 @@ class TemplateStore:
         """The stored documents (all, or those of ``ids`` that exist), each with a digest of what is stored;
         unordered. The embedded store is read straight from sqlite and decoded with pymongo's C BSON decoder
         (or as JSON text), only when :meth:`StoredRow.doc` is called."""
-        f = self._sqlite_file()
+        f = self.sqlite_file()
         wanted = None if ids is None else sorted({str(i) for i in ids})
         if f is not None:
             with self._reading(), contextlib.closing(_connect_sqlite(f)) as con:
@@ -1064,7 +1064,7 @@ class TemplateStore:
         of a :class:`TemplateDoc` renews."""
         st = self.store
         h = hashlib.sha1()
-        f = self._sqlite_file()
+        f = self.sqlite_file()
         if f is not None:
             with self._reading(), contextlib.closing(_connect_sqlite(f)) as con:
                 found = _journal_position(con)
