@@ -81,10 +81,13 @@ def train_model(
     check_labels: int = 200,
     index=None,
     ranker_queries: int = 2000,
+    max_anchors: int = 20000,
+    max_group: int = 5000,
 ) -> TrainResult:
     """Train the similarity model on a store (or an already built ``index``), then its second-stage ranker
     on ``ranker_queries`` held-out formulas of the same store (0: none; labels cached under the home), and
-    save both to ``model`` (default ``$CSPML_HOME/models/cspml.json.gz``)."""
+    save both to ``model`` (default ``$CSPML_HOME/models/cspml.json.gz``). ``max_anchors`` and ``max_group``
+    bound the pair sampling on large pools (:meth:`SimilarityModel.train`)."""
     from cspml_flows.config import default_model_path, home_dir
     from cspml_flows.errors import ModelError
     from cspml_flows.learning.model import SimilarityModel
@@ -95,7 +98,9 @@ def train_model(
     if index is None:
         index = TemplateIndex.open(store, workers=workers)
     index_seconds = time.perf_counter() - t
-    sim, report = SimilarityModel.train(index, seed=seed, max_iter=max_iter, check_labels=check_labels)
+    sim, report = SimilarityModel.train(
+        index, seed=seed, max_iter=max_iter, check_labels=check_labels, max_anchors=max_anchors, max_group=max_group
+    )
     ranker_report: dict[str, Any] | None = None
     if ranker_queries:
         try:

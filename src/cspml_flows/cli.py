@@ -49,7 +49,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     from cspml_flows.api import train_model
 
     result = train_model(
-        args.store, args.model, args.workers, args.seed, args.max_iter, args.check_labels, None, args.ranker_queries
+        args.store,
+        args.model,
+        args.workers,
+        args.seed,
+        args.max_iter,
+        args.check_labels,
+        None,
+        args.ranker_queries,
+        max_anchors=args.max_anchors,
+        max_group=args.max_group,
     )
     _print_training(result)
     return 0
@@ -155,6 +164,8 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         ranker_queries=args.ranker_queries,
         subset=args.slice,
         max_assignments=args.max_assignments or MAX_ASSIGNMENTS,
+        max_anchors=args.max_anchors,
+        max_group=args.max_group,
     )
     if getattr(args, "model", "cspml") == "hetero":
         from cspml_flows.hetero.cli import benchmark_hetero
@@ -292,6 +303,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=2000,
         help="held-out store formulas the ranker learns from (0: none)",
     )
+    s.add_argument(
+        "--max-anchors",
+        type=positive,
+        default=20000,
+        help="training templates whose pairs are sampled, at most (a seeded draw on larger pools; default 20000)",
+    )
+    s.add_argument(
+        "--max-group",
+        type=positive,
+        default=5000,
+        help="templates of an anonymous formula searched for an anchor's partners, at most (default 5000)",
+    )
     s.add_argument("--hetero", action="store_true", help="train the heterogeneous composition<->structure model")
     s.add_argument("--core-model", help="with --hetero: core model to fuse (default $CSPML_HOME/models/cspml.json.gz)")
     s.set_defaults(func=cmd_train)
@@ -327,6 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--baselines", nargs="*", default=["random", "nearest", "pymatgen_substitution"])
     s.add_argument("--retrain", action="store_true", help="ignore a cached benchmark model")
+    s.add_argument("--max-anchors", type=positive, default=20000, help="pair sampling bound, as in 'cspml train'")
+    s.add_argument("--max-group", type=positive, default=5000, help="pair sampling bound, as in 'cspml train'")
     s.add_argument("--model", default="cspml", choices=["cspml", "hetero"], help="hetero: compare with CSPML")
     s.add_argument("--no-extra", action="store_true", help="hetero: skip polymorph/leave-prototype-out evaluations")
     s.add_argument("--no-speed", action="store_true", help="skip the top-5 throughput measurement")

@@ -53,6 +53,8 @@ class BenchmarkConfig:
     ranker_queries: int = 2000  # held-out pool formulas the second-stage ranker learns from (0: no ranker)
     subset: str = "all"  # "tie-heavy": only queries with three or more elements in equal amounts
     max_assignments: int = MAX_ASSIGNMENTS  # element-to-site assignments scored per composition
+    max_anchors: int = 20000  # pair sampling bounds of the training (SimilarityModel.train)
+    max_group: int = 5000
 
 
 def _parse(args: tuple[str, str]) -> Structure:
@@ -96,6 +98,8 @@ def benchmark_model(
     sub = index.subset(mask)
     folder = home_dir() / "benchmark"
     key = f"{cfg.protocol}-{cfg.setting}-{training_hash(sub)}"
+    if (cfg.max_anchors, cfg.max_group) != (20000, 5000):
+        key += f"-caps{cfg.max_anchors}x{cfg.max_group}"
     pair_path = folder / f"model-v3-{key}.json.gz"
     path = folder / f"model-v3-{key}-ranker{cfg.ranker_queries}.json.gz" if cfg.ranker_queries else pair_path
     for p in (path, pair_path):
@@ -106,7 +110,9 @@ def benchmark_model(
             except ModelError:
                 continue
     else:
-        model, _ = SimilarityModel.train(sub, seed=cfg.seed, log=log_fn)
+        model, _ = SimilarityModel.train(
+            sub, seed=cfg.seed, log=log_fn, max_anchors=cfg.max_anchors, max_group=cfg.max_group
+        )
         model.save(pair_path)
     if cfg.ranker_queries and model.ranker is None:
         model.ranker, _ = fit_ranker(
