@@ -660,7 +660,8 @@ def label_groups(store: Path) -> dict[str, int]:
     anon: set[str] = set()
     unlabelled = 0
     with TemplateStore.open(store, create=False) as ts:
-        for d in ts.docs(properties=["anonymous_formula", "nsites_primitive", "prototype"]):
+        for row in ts.rows():  # streamed: a query through montydb would hold every document at once
+            d = row.doc()
             anon.add(d["anonymous_formula"])
             if d.get("prototype"):
                 groups.add((d["anonymous_formula"], d.get("nsites_primitive"), d["prototype"]))
