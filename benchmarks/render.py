@@ -39,6 +39,10 @@ def _gb(mb: Any) -> str:
     return "-" if mb is None else f"{mb / 1024:.2f}"
 
 
+def _in_gb(mb: Any) -> float | None:
+    return None if mb is None else mb / 1024
+
+
 def _load_rate(size: dict[str, Any]) -> str:
     load = _get("stages", "load")(size)
     if load:
@@ -95,6 +99,35 @@ ROWS: list[tuple[str, Callable[[dict[str, Any]], str]]] = [
 ]
 
 
+# The scale issue's targets on a 2-core machine: (measure, pool size, getter, bound, "<=" or ">=")
+TARGETS: list[tuple[str, str, Getter, float, str]] = [
+    ("campaign round, zero relaxations, s", "12k", _get("stages", "campaign.round", "round_s"), 5, "<="),
+    ("campaign round, zero relaxations, s", "150k", _get("stages", "campaign.round", "round_s"), 15, "<="),
+    ("add 1,000 templates (store + index), s", "150k", _get("stages", "add1000", "total_s"), 30, "<="),
+    ("add 1,000 templates (store + index), s", "1M", _get("stages", "add1000", "total_s"), 60, "<="),
+    ("full index build, s", "150k", _get("stages", "build", "seconds"), 600, "<="),
+    ("full index build, s", "1M", _get("stages", "build", "seconds"), 3600, "<="),
+    ("cold start: index + model + 1st prediction, s", "150k", _get("stages", "cold", "seconds"), 5, "<="),
+    ("cold start: index + model + 1st prediction, s", "1M", _get("stages", "cold", "seconds"), 20, "<="),
+    ("predict peak RSS, GB", "150k", lambda s: _in_gb(_get("stages", "predict", "peak_rss_mb")(s)), 2, "<="),
+    ("predict peak RSS, GB", "1M", lambda s: _in_gb(_get("stages", "predict", "peak_rss_mb")(s)), 8, "<="),
+    ("prediction, compositions/s", "150k", _get("stages", "predict", "per_s"), 250, ">="),
+    ("prediction, compositions/s", "1M", _get("stages", "predict", "per_s"), 150, ">="),
+    ("cspml train, s", "150k", _get("stages", "train", "seconds"), 1800, "<="),
+]
+
+
+def targets(result: dict[str, Any]) -> str:
+    """The targets as a Markdown table: bound, measured value, met or not (``-``: not measured)."""
+    sizes = result.get("sizes") or {}
+    lines = ["| target | pool | bound | measured | met |", "|---|---|---:|---:|---|"]
+    for name, label, get, bound, op in TARGETS:
+        value = get(sizes[label]) if label in sizes else None
+        met = "-" if value is None else ("yes" if (value <= bound if op == "<=" else value >= bound) else "**no**")
+        lines.append(f"| {name} | {label} | {op} {_num(bound)} | {_num(value)} | {met} |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown(result: dict[str, Any]) -> str:
     """The result as a Markdown table: one row per measure, one column per pool size, then notes."""
     sizes = result.get("sizes") or {}
@@ -132,7 +165,8 @@ def markdown(result: dict[str, Any]) -> str:
     notes += [f"Code measured for {', '.join(ks)}: {note}." for note, ks in by_note.items()]
     digests = [f"{k} {_get('stages', 'predict', 'top5_digest')(sizes[k])}" for k in labels]
     notes.append("Top-5 answers digest (compare runs): " + ", ".join(digests) + ".")
-    return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
+    body = "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
+    return body + "\nTargets on this machine:\n\n" + targets(result)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -536,14 +536,27 @@ def machine() -> dict[str, Any]:
     return info
 
 
-def merge_results(path: Path, new_sizes: dict[str, dict[str, Any]], workers: int) -> dict[str, Any]:
-    """The result file's content with ``new_sizes`` replacing sizes of the same label (others kept)."""
+def merge_results(
+    path: Path, new_sizes: dict[str, dict[str, Any]], workers: int, partial: bool = False
+) -> dict[str, Any]:
+    """The result file's content with ``new_sizes`` replacing sizes of the same label (others kept); with
+    ``partial`` (a subset of the stages was run), only the stages run are replaced, each keeping the commit
+    it was measured on."""
     old: dict[str, Any] = {}
     if path.is_file():
         with contextlib.suppress(ValueError):
             old = json.loads(path.read_text())
     sizes = dict(old.get("sizes") or {})
-    sizes.update(new_sizes)
+    commit = machine().get("commit")
+    for label, size in new_sizes.items():
+        for st in size.get("stages", {}).values():
+            st.setdefault("commit", commit)
+        if partial and label in sizes:
+            merged = {**sizes[label], **{k: v for k, v in size.items() if k != "stages"}}
+            merged["stages"] = {**sizes[label].get("stages", {}), **size.get("stages", {})}
+            sizes[label] = merged
+        else:
+            sizes[label] = size
     return {
         "benchmark": "cspml-flows scale",
         "version": RESULT_VERSION,
@@ -594,7 +607,9 @@ def main(argv: list[str] | None = None) -> int:
     sizes = {}
     for label in [s.strip() for s in args.sizes.split(",") if s.strip()]:
         sizes[label] = run_size(label, root, args.workers, stages, args.queries, args.seed, note=args.note)
-        result = merge_results(args.out.with_name(args.out.name + ".json"), sizes, args.workers)
+        result = merge_results(
+            args.out.with_name(args.out.name + ".json"), sizes, args.workers, partial=bool(args.stages)
+        )
         paths = write_results(args.out, result)  # after each size: a later failure keeps the finished ones
         print(f"{label}: written to {paths[0]} and {paths[1]}")
     return 0
