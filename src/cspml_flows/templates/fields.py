@@ -1,9 +1,9 @@
 """Emulated field indexes of an embedded template store (montydb on sqlite has none: every query decodes every
 document).
 
-A table ``cspml_fields(k, material_id, formula, source, round, last_updated, plain)`` in the collection's
-sqlite file holds the fields campaign rounds and builders query, one row per document, with sqlite indexes;
-``cspml_fields_pos`` records the journal position (:mod:`cspml_flows.templates.store`) it reflects. Before a
+A table ``cspml_fields2(k, material_id, formula, source, round, last_updated, chemsys, plain)`` in the
+collection's sqlite file holds the fields campaign rounds, builders and hull references query, one row per
+document, with sqlite indexes; ``cspml_fields2_pos`` records the journal position (:mod:`cspml_flows.templates.store`) it reflects. Before a
 query the table is brought up to date from the journal: only the documents written since are decoded (all
 of them once, when the table is new or the journal was replaced). A query whose criteria, projection and
 sort this module can express (:func:`plan`) is answered by sqlite through the table; others go to montydb.
@@ -20,10 +20,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-FIELDS_TABLE = "cspml_fields"
-POS_TABLE = "cspml_fields_pos"
-COLUMNS = ("material_id", "formula", "source", "round", "last_updated")
-_TEXT = {"material_id", "formula", "source", "last_updated"}
+FIELDS_TABLE = "cspml_fields2"
+POS_TABLE = "cspml_fields2_pos"
+OLD_TABLES = ("cspml_fields", "cspml_fields_pos")  # an earlier layout, dropped when the table is made
+COLUMNS = ("material_id", "formula", "source", "round", "last_updated", "chemsys")
+_TEXT = {"material_id", "formula", "source", "last_updated", "chemsys"}
 _OPS = {"$gt": ">", "$gte": ">=", "$lt": "<", "$lte": "<="}
 
 
@@ -130,16 +131,18 @@ def refresh(
         return False
     con.execute("BEGIN IMMEDIATE")
     try:
+        for old in OLD_TABLES:
+            con.execute(f"DROP TABLE IF EXISTS {old}")
         con.execute(
             f"CREATE TABLE IF NOT EXISTS {FIELDS_TABLE}(k BLOB PRIMARY KEY, material_id TEXT, formula TEXT, "
-            "source TEXT, round, last_updated TEXT, plain INTEGER NOT NULL)"
+            "source TEXT, round, last_updated TEXT, chemsys TEXT, plain INTEGER NOT NULL)"
         )
         for name in COLUMNS[1:]:
             con.execute(f"CREATE INDEX IF NOT EXISTS {FIELDS_TABLE}_{name} ON {FIELDS_TABLE}({name})")
         con.execute(f"CREATE TABLE IF NOT EXISTS {POS_TABLE}(jid TEXT NOT NULL, seq INTEGER NOT NULL)")
         row = con.execute(f"SELECT jid, seq FROM {POS_TABLE}").fetchone()
         jid, seq = journal
-        insert = f"INSERT OR REPLACE INTO {FIELDS_TABLE} VALUES (?, ?, ?, ?, ?, ?, ?)"
+        insert = f"INSERT OR REPLACE INTO {FIELDS_TABLE} VALUES ({', '.join('?' * (len(COLUMNS) + 2))})"
         if row is None or row[0] != jid or row[1] > seq:
             con.execute(f"DELETE FROM {FIELDS_TABLE}")
             for k, v in con.cursor().execute("SELECT k, v FROM documents"):

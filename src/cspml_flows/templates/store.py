@@ -465,10 +465,10 @@ class EmbeddedStore(MontyStore):
     (:func:`embedded_store` creates it): opening an existing store to read it (``cspml predict``) leaves its
     folder as it was.
 
-    A template store opened for writing answers queries on ``material_id``, ``formula``, ``source``,
-    ``round`` and ``last_updated`` through emulated indexes (:mod:`cspml_flows.templates.fields`, kept up to
-    date from the change journal) instead of montydb's scan of every document; other queries, and stores
-    opened to read, go to montydb."""
+    A template store answers queries on ``material_id``, ``formula``, ``source``, ``round``,
+    ``last_updated`` and ``chemsys`` through emulated indexes (:mod:`cspml_flows.templates.fields`, kept up to
+    date from the change journal) instead of montydb's scan of every document; other queries go to montydb,
+    and so do all queries of a store file this process cannot write."""
 
     writable = False  # opened for writing (set by embedded_store)
     indexed_queries = 0  # queries of this process answered through the emulated indexes
@@ -493,7 +493,7 @@ class EmbeddedStore(MontyStore):
         """The documents of a query answered through the field table, or None when it cannot be."""
         from cspml_flows.templates import fields
 
-        if not (self.writable and self.key == KEY and self._coll is not None):
+        if not (self.key == KEY and self._coll is not None):
             return None
         p = fields.plan(criteria, properties, sort, skip, limit)
         f = collection_file(Path(self.database_path), self.database_name, self.collection_name)
@@ -515,8 +515,11 @@ class EmbeddedStore(MontyStore):
                 sql = f"SELECT DISTINCT k FROM {JOURNAL_TABLE} WHERE seq > ? AND seq <= ?"
                 return [k for (k,) in con.execute(sql, (since, upto)).fetchall()]
 
-            if not fields.refresh(con, journal, changed, RawBSONDocument):
-                return None
+            try:
+                if not fields.refresh(con, journal, changed, RawBSONDocument):
+                    return None
+            except sqlite3.OperationalError:
+                return None  # a store this process may not write (read-only file): montydb answers
             return fields.run(con, p, lambda v: bson.decode(bytes(v), codec_options=options))
 
     def connect(self, force_reset: bool = False) -> None:
