@@ -3,9 +3,10 @@ document).
 
 A table ``cspml_fields2(k, material_id, formula, source, round, last_updated, chemsys, plain)`` in the
 collection's sqlite file holds the fields campaign rounds, builders and hull references query, one row per
-document, with sqlite indexes; ``cspml_fields2_pos`` records the journal position (:mod:`cspml_flows.templates.store`) it reflects. Before a
-query the table is brought up to date from the journal: only the documents written since are decoded (all
-of them once, when the table is new or the journal was replaced). A query whose criteria, projection and
+document, with sqlite indexes; ``cspml_fields2_pos`` records the journal position
+(:mod:`cspml_flows.templates.store`) it reflects. Before a query the table is brought up to date from the
+journal: only the documents written since are decoded (all of them once, when the table is new or the
+journal was replaced). A query whose criteria, projection and
 sort this module can express (:func:`plan`) is answered by sqlite through the table; others go to montydb.
 
 ``plain`` is 0 for a document whose fields have types other than text (``round``: a whole number) or null:
