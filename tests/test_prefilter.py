@@ -11,6 +11,7 @@ from cspml_flows.descriptors import role_properties
 from cspml_flows.learning.features import Standardizer, role_distance
 from cspml_flows.learning.model import SimilarityModel
 from cspml_flows.predict.prefilter import (
+    GroupMatrix,
     GroupPrefilter,
     Prefilter,
     PrefilterFileError,
@@ -281,3 +282,40 @@ def test_graph_built_only_after_enough_exact_answers(template_index, shipped_mod
         got = nearest_rows(index, anon, members, q, 5, std, threshold=1, build_after=3)
         assert all(np.array_equal(a, b) for a, b in zip(got, exact, strict=True))
         assert (anon in pf.groups) == (call == 2)
+
+
+def test_matrix_path_equals_exhaustive_for_every_query():
+    """A 3,000-template group with repeated formulas (ties) and rows with NaN: the matrix candidates,
+    re-ranked exactly, are the exhaustive 48 and 8 for every query, with and without an exclusion; a NaN
+    query is left to the exhaustive path."""
+    formulas, props = _abx3_pool(3000, seed=5, nan_share=0.05)
+    std = _std(props)
+    rows = np.arange(len(props))
+    gm = GroupMatrix(rows, props, std, n_roles=3)
+    fa = np.array(formulas)
+    _, q_props = _abx3_pool(200, seed=6)
+    for qf, q in zip(formulas[:100] + [None] * 100, np.concatenate([props[:100], q_props[:100]]), strict=True):
+        mask = None if qf is None else fa != qf
+        allowed = rows if mask is None else rows[mask]
+        for need in (48, 8):
+            cand = gm.candidates(q, need, mask)
+            if cand is None:
+                assert np.isnan(q[:3]).any()
+                continue
+            d = role_distance(q[None], props[cand], std)
+            assert np.array_equal(cand[np.lexsort((cand, d))[:need]], _reference(q, allowed, props, std, need))
+    nan_query = role_properties([roles("ArTiO3")])[0]
+    assert gm.candidates(nan_query, 48, None) is None
+
+
+def test_nearest_rows_through_matrices_equals_exact_path(template_index, shipped_model):
+    """Every group of the session index through its matrix (no graph) gives the exact path's rows."""
+    index, std = template_index.subset(np.ones(len(template_index), dtype=bool)), shipped_model.std
+    for anon, members in index.by_anon.items():
+        q = index.role_props[members[:20]]
+        for need in (3, 48):
+            exclude = lambda r, m=members: r != m[0]  # noqa: E731
+            want = nearest_rows(index, anon, members, q, need, std, exclude, None)
+            got = nearest_rows(index, anon, members, q, need, std, exclude, 1, build_after=10**9)
+            assert all(np.array_equal(a, b) for a, b in zip(got, want, strict=True)), anon
+    assert prefilter_for(index, std).matrices and not prefilter_for(index, std).groups

@@ -7,10 +7,13 @@ stable sort over the group's rows). Two ways, one result:
 
 - exactly, with numpy over every template of the group, for groups below ``threshold`` templates
   (:data:`ANN_THRESHOLD` by default);
+- exactly through a :class:`GroupMatrix` for larger groups without a graph: one float32 matrix-vector
+  product ranks every row, and the rows within a rounding margin of the ``need + MARGIN``-th distance (ties
+  included) are re-ranked with the float64 arithmetic of the first way, which gives its answer;
 - through a :class:`GroupPrefilter`, an HNSW graph (usearch) per group, whose cost per query grows with the
   logarithm of the group size. A graph that was not loaded is built once the group has answered
-  :data:`BUILD_AFTER` query vectors exactly (a build costs about that many exact answers), so a group
-  queried once or twice never waits for a build. A search fetches ``need`` plus a margin of graph points
+  :data:`BUILD_AFTER` query vectors exactly (a build costs about that many matrix answers), so a group
+  queried a few hundred times never waits for a build. A search fetches ``need`` plus a margin of graph points
   (more while exclusions leave too few rows) and re-ranks the fetched rows with ``role_distance`` itself,
   so distances and tie order are the exhaustive ones; results differ only where the graph misses a true
   neighbour.
@@ -71,7 +74,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ANN_THRESHOLD = 1000  # groups with at least this many templates are searched through a graph
-BUILD_AFTER = 32  # query vectors a group answers exactly before its graph is built (when none was loaded)
+BUILD_AFTER = 4096  # query vectors a group answers exactly before its graph is built (when none was loaded)
 CONNECTIVITY = 16  # graph edges per point (HNSW M)
 EXPANSION_ADD = 128  # candidate list while inserting (HNSW efConstruction)
 EXPANSION_SEARCH = 128  # candidate list while searching (HNSW ef; at least the points fetched)
@@ -333,12 +336,48 @@ class GroupPrefilter:
             self._view = False
 
 
+class GroupMatrix:
+    """A group's vectors (:func:`group_vectors`, centred) as one float32 matrix with squared norms: a query's
+    squared distance to every row is one matrix-vector product. :meth:`candidates` keeps the rows within a
+    float32 error margin of the ``need + MARGIN``-th smallest distance (ties at the boundary included) plus
+    the rows with NaN, so an exact re-rank of them gives the exhaustive answer."""
+
+    def __init__(self, members: np.ndarray, role_props: np.ndarray, std: Standardizer, n_roles: int):
+        self.members, self.std, self.n_roles = members, std, n_roles
+        z, self.finite = group_vectors(role_props, std, n_roles)
+        self.mu = z[self.finite].mean(axis=0) if self.finite.any() else np.zeros(z.shape[1], dtype=np.float32)
+        self.z = np.ascontiguousarray(z - self.mu, dtype=np.float32)
+        self.z[~self.finite] = 0.0
+        self.norms = np.einsum("ij,ij->i", self.z, self.z)
+        self.max_norm = float(self.norms.max()) if len(self.norms) else 0.0
+
+    def candidates(self, q_props: np.ndarray, need: int, mask: np.ndarray | None) -> np.ndarray | None:
+        """Rows (ascending) to re-rank for one query (``q_props`` (MAX_ROLES, P)), among the members ``mask``
+        keeps; None for a query with NaN among the group's roles (compared exactly with every row)."""
+        zq, ok = group_vectors(q_props[None], self.std, self.n_roles)
+        if not ok[0]:
+            return None
+        zq = zq[0] - self.mu
+        qq = float(zq @ zq)
+        use = self.finite if mask is None else self.finite & mask
+        idx = np.flatnonzero(use)
+        k = need + MARGIN
+        if len(idx) > k:
+            d = (self.norms - 2.0 * (self.z @ zq))[idx]
+            bound = np.partition(d, k - 1)[k - 1]
+            tol = 1e-4 * (self.max_norm + qq) + 1e-6  # far above float32 rounding of these sums
+            idx = idx[d <= bound + tol]
+        side = ~self.finite if mask is None else ~self.finite & mask
+        return self.members[np.sort(np.concatenate([idx, np.flatnonzero(side)]))]
+
+
 class Prefilter:
     """The groups' graphs of one index under one standardiser (built on first use, kept in step with
-    ``index.by_anon``)."""
+    ``index.by_anon``), and the groups' matrices for exact answers."""
 
     def __init__(self, std: Standardizer):
         self.std = std
+        self.matrices: dict[str, GroupMatrix] = {}
         self.groups: dict[str, GroupPrefilter] = {}
         self._members: dict[str, np.ndarray] = {}  # the by_anon array each graph was last synced with
         self.exact_queries: dict[str, int] = {}  # query vectors answered exactly per group without a graph
@@ -360,6 +399,15 @@ class Prefilter:
                 g.add(new, index.role_props[new])
         self._members[anon] = members
         return g
+
+    def matrix(self, index: TemplateIndex, anon: str, members: np.ndarray) -> GroupMatrix:
+        """The matrix of group ``anon`` whose current rows are ``members`` (built again when they changed)."""
+        m = self.matrices.get(anon)
+        if m is None or m.members is not members:
+            m = self.matrices[anon] = GroupMatrix(
+                members, index.role_props[members], self.std, _n_roles(index, members)
+            )
+        return m
 
     def save(self, folder: str | Path) -> None:
         """Write every built group under ``folder`` and a manifest ``prefilter.json`` (written last)."""
@@ -454,6 +502,17 @@ def nearest_rows(
             for i, rows in zip(finite.tolist(), found, strict=True):
                 out[i] = rows
     todo = [i for i, o in enumerate(out) if o is None]
+    if todo and threshold is not None and len(members) >= threshold:
+        mask = allowed(members) if allowed is not None else None
+        if not (few_in_row_order and (len(members) if mask is None else int(mask.sum())) <= need):
+            gm = prefilter_for(index, std).matrix(index, anon, members)
+            for i in todo:
+                rows = gm.candidates(q_props[i], need, mask)
+                if rows is not None:  # the exact arithmetic below, on the rows that can be nearest
+                    diff = std.roles(q_props[i][None]) - std.roles(index.role_props[rows])
+                    d = np.sqrt(np.nansum(diff * diff, axis=(-1, -2)))
+                    out[i] = rows[np.lexsort((rows, d))[:need]]
+            todo = [i for i in todo if out[i] is None]
     if todo:
         cand = members[allowed(members)] if allowed is not None else members
         if few_in_row_order and len(cand) <= need:
