@@ -798,3 +798,17 @@ def test_empty_index_and_empty_subset(nacl):
     idx = TemplateIndex.from_docs([template_doc_from_structure(nacl, "nacl").model_dump(mode="json")])
     none = idx.subset(np.zeros(1, dtype=bool))
     assert len(none) == 0 and none.by_anon == {}
+
+
+def test_concatenated_sequences_read_through():
+    """Two sequences end to end: items, slices, equality and take (ascending: still concatenated)."""
+    import numpy as np
+
+    from cspml_flows.templates.segments import Concatenated
+
+    both = Concatenated(["a", "b", "c"], ("d", "e"))
+    assert len(both) == 5 and both[3] == "d" and both[-1] == "e" and both[1:4] == ["b", "c", "d"]
+    assert both == ["a", "b", "c", "d", "e"] and list(both) == ["a", "b", "c", "d", "e"]
+    picked = both.take(np.array([0, 2, 4]))
+    assert isinstance(picked, Concatenated) and list(picked) == ["a", "c", "e"]
+    assert list(both.take(np.array([4, 0]))) == ["e", "a"]

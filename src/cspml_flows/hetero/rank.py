@@ -19,9 +19,9 @@ from pymatgen.core import Composition
 from cspml_flows.composition import Roles, as_composition, roles
 from cspml_flows.descriptors import role_properties
 from cspml_flows.hetero.model import Bank, HeteroModel, default_hetero_path
-from cspml_flows.learning.features import role_distance
 from cspml_flows.learning.model import QueryBatch
 from cspml_flows.predict.predictor import CSPPredictor, Prediction
+from cspml_flows.predict.prefilter import nearest_rows
 from cspml_flows.predict.retrieve import Ranked, _aggregate, _exclusion_mask
 from cspml_flows.templates.index import TemplateIndex
 
@@ -63,8 +63,9 @@ def candidate_rows(
         if len(cand) == 0:
             continue
         if len(cand) > prefilter and std is not None:
-            d = role_distance(qb.role_props[i][None], index.role_props[cand], std)
-            cand = cand[np.argsort(d, kind="stable")[:prefilter]]
+            allowed = lambda rows, ok_rows=cand: np.isin(rows, ok_rows, assume_unique=True)  # noqa: E731
+            anon = q.anonymous_formula
+            cand = nearest_rows(index, anon, members, qb.role_props[i][None], prefilter, std, allowed)[0]
         for k, p in enumerate(perms_of[i]):
             rows_q.append(np.full(len(cand), i))
             rows_t.append(cand)

@@ -16,6 +16,7 @@ from cspml_flows.hetero.encoders import geometry_features
 from cspml_flows.templates.importers import read_template_file, structure_files
 from cspml_flows.templates.index import TemplateIndex
 from cspml_flows.templates.schema import template_doc_from_structure
+from cspml_flows.templates.segments import Concatenated
 
 
 def read_user_structures(folder: str | Path) -> dict[str, Structure]:
@@ -37,7 +38,8 @@ def user_index(structures: dict[str, Structure]) -> TemplateIndex:
 
 
 def merge_indices(a: TemplateIndex, b: TemplateIndex) -> TemplateIndex:
-    """Templates of ``a`` then ``b``; ``b``'s cluster ids are shifted past ``a``'s."""
+    """Templates of ``a`` then ``b``; ``b``'s cluster ids are shifted past ``a``'s. Structures, roles and role
+    symmetries are read through from both (a pool's are not decoded)."""
     if len(b) == 0:
         return a
     if len(a) == 0:
@@ -47,19 +49,19 @@ def merge_indices(a: TemplateIndex, b: TemplateIndex) -> TemplateIndex:
         ids=np.concatenate([a.ids.astype(object), b.ids.astype(object)]).astype(str),
         formulas=np.concatenate([a.formulas.astype(object), b.formulas.astype(object)]).astype(str),
         anon=np.concatenate([a.anon.astype(object), b.anon.astype(object)]).astype(str),
-        roles=[*a.roles, *b.roles],
+        roles=Concatenated(a.roles, b.roles),
         nprim=np.concatenate([a.nprim, b.nprim]),
         prototype=np.concatenate([a.prototype, b.prototype]),
         e_above_hull=np.concatenate([a.e_above_hull, b.e_above_hull]),
         spacegroup=np.concatenate([a.spacegroup, b.spacegroup]),
-        structures=[*a.structures, *b.structures],
+        structures=Concatenated(a.structures, b.structures),
         cluster=np.concatenate([a.cluster, b.cluster + offset]),
         stats=np.vstack([a.stats, b.stats]),
         role_props=np.concatenate([a.role_props, b.role_props]),
         role_fracs=np.concatenate([a.role_fracs, b.role_fracs]),
         signature=f"{a.signature}+{b.signature or 'user'}",
         min_dist=None if a.min_dist is None or b.min_dist is None else np.concatenate([a.min_dist, b.min_dist]),
-        role_syms=None if a.role_syms is None or b.role_syms is None else [*a.role_syms, *b.role_syms],
+        role_syms=None if a.role_syms is None or b.role_syms is None else Concatenated(a.role_syms, b.role_syms),
     )
 
 

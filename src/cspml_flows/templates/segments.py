@@ -525,6 +525,29 @@ class _LazySequence(Sequence):
         return f"<{type(self).__name__} of {len(self)}>"
 
 
+class Concatenated(_LazySequence):
+    """Two sequences end to end, read through (nothing copied or decoded until asked for)."""
+
+    def __init__(self, first: Sequence, second: Sequence):
+        self._a, self._b = first, second
+        self._rows = range(len(first) + len(second))
+
+    def _item(self, i: int) -> Any:
+        n = len(self._a)
+        return self._a[i] if i < n else self._b[i - n]
+
+    def take(self, sel: np.ndarray) -> Sequence:
+        sel = np.asarray(sel, dtype=np.int64)
+        if len(sel) > 1 and not (sel[1:] > sel[:-1]).all():
+            return [self._item(int(i)) for i in sel]
+        n = len(self._a)
+        pick = [getattr(part, "take", None) for part in (self._a, self._b)]
+        lo, hi = sel[sel < n], sel[sel >= n] - n
+        a = pick[0](lo) if pick[0] else [self._a[int(i)] for i in lo]
+        b = pick[1](hi) if pick[1] else [self._b[int(i)] for i in hi]
+        return Concatenated(a, b)
+
+
 class LazyStructures(_LazySequence):
     """Structure dicts of index rows, decoded from the segments' blobs when asked for (never cached)."""
 
