@@ -418,17 +418,23 @@ def run_size(
     compositions: tuple[str, ...] = CAMPAIGN_COMPOSITIONS,
     note: str | None = None,
     log_fn: Callable[[str], None] = print,
+    keep_run: bool = False,
 ) -> dict[str, Any]:
     """Every requested stage for one pool size; the size's result. ``adds``: the sizes of the add stages;
-    ``campaign_add``: templates added before the measured campaign round; ``compositions``: the campaign's."""
+    ``campaign_add``: templates added before the measured campaign round; ``compositions``: the campaign's.
+    ``keep_run``: run the stages in the size's run folder as an earlier run left it (its store, index and
+    reserve; stages that need no build), instead of a fresh copy of the pool."""
     from benchmarks import pools
 
     spec = pools.pool_spec(label)
     folder = pools.pool_dir(label, root)
     run = folder / "run"
-    if run.exists():
+    kept = keep_run and (run / "store").is_dir() and (run / "reserve.json").is_file() and "build" not in stages
+    if keep_run and not kept:
+        raise BenchmarkError(f"--keep-run: {run} holds no earlier run to continue (or a build was asked for)")
+    if run.exists() and not kept:
         shutil.rmtree(run)
-    (run / "home").mkdir(parents=True)
+    (run / "home").mkdir(parents=True, exist_ok=True)
     store = run / "store"
     from cspml_flows.config import data_dir
 
@@ -450,7 +456,9 @@ def run_size(
     if not (pools.read_manifest(pools.UNION, root) or {}).get("complete"):
         log_fn(f"{label}: building the union pool first (its structures are the generator's parents)")
         pools.build_pool(pools.UNION, root, seed, workers, log_fn)
-    if spec.generated:
+    if kept:
+        result["pool"] = _pool_record(label, root) if spec.generated else {"files": list(spec.files)}
+    elif spec.generated:
         if not (pools.read_manifest(label, root) or {}).get("complete"):
             raise BenchmarkError(f"pool {label} is not generated yet: python -m benchmarks.pools --size {label}")
         pools.check_pool_schema(label, root)
@@ -462,13 +470,16 @@ def run_size(
         result["pool"] = {"files": list(spec.files)}
     t = time.perf_counter()
     reserve = run / "reserve.json"
-    n_reserve = sum(adds) + CAMPAIGN_TRIES * campaign_add
-    reserve.write_text(json.dumps(pools.reserve_docs(label, n_reserve, root, seed, workers)))
     qfile = run / "queries.json"
-    qfile.write_text(json.dumps(query_formulas(queries, seed)))
-    log_fn(f"{label}: reserve templates and queries prepared in {time.perf_counter() - t:.0f} s")
+    if not kept:
+        n_reserve = sum(adds) + CAMPAIGN_TRIES * campaign_add
+        reserve.write_text(json.dumps(pools.reserve_docs(label, n_reserve, root, seed, workers)))
+        qfile.write_text(json.dumps(query_formulas(queries, seed)))
+        log_fn(f"{label}: reserve templates and queries prepared in {time.perf_counter() - t:.0f} s")
 
-    if "load" in stages and not spec.generated:
+    if kept:
+        log_fn(f"{label}: continuing the run in {run}")
+    elif "load" in stages and not spec.generated:
         stage("load", "load", files=list(spec.files))
     elif not spec.generated:
         pools.import_real_pool(label, store, workers, log_fn)
@@ -591,6 +602,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train", action="store_true", help="also time 'cspml train' (long)")
     p.add_argument("--stages", help=f"comma-separated subset of {', '.join(ALL_STAGES)}")
     p.add_argument("--note", help="a note on the code measured, kept with each size's result")
+    p.add_argument(
+        "--keep-run", action="store_true", help="continue in the sizes' run folders (stages that need no build)"
+    )
     p.add_argument("--stage", help=argparse.SUPPRESS)
     p.add_argument("--context", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--result", type=Path, help=argparse.SUPPRESS)
@@ -606,7 +620,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--root {root} is inside the repository")
     sizes = {}
     for label in [s.strip() for s in args.sizes.split(",") if s.strip()]:
-        sizes[label] = run_size(label, root, args.workers, stages, args.queries, args.seed, note=args.note)
+        sizes[label] = run_size(
+            label, root, args.workers, stages, args.queries, args.seed, note=args.note, keep_run=args.keep_run
+        )
         result = merge_results(
             args.out.with_name(args.out.name + ".json"), sizes, args.workers, partial=bool(args.stages)
         )
