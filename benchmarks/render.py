@@ -1,6 +1,7 @@
 """The Markdown table of a scale benchmark result file.
 
-``python -m benchmarks.render benchmarks/results/scale.json`` prints it; ``--out FILE`` writes it.
+``python -m benchmarks.render benchmarks/results/scale.json`` prints it; ``--out FILE`` writes it;
+``--targets-into README.md`` rewrites the targets table between the README's markers.
 """
 
 from __future__ import annotations
@@ -60,7 +61,14 @@ def _campaign(size: dict[str, Any]) -> str:
     r = _get("stages", "campaign.round")(size)
     if not r:
         return "-"
-    return f"{_num(r['round_s'])} (round), {_num(r['seconds'])} (command); {r['relaxed']} relaxed"
+    index = "" if r.get("index_update_s") is None else f" + {_num(r['index_update_s'])} (index update)"
+    return f"{_num(r['round_s'])} (round){index}, {_num(r['seconds'])} (command); {r['relaxed']} relaxed"
+
+
+def _overhead(size: dict[str, Any]) -> float | None:
+    """Round plus the index update before it (only the round where the update was not recorded)."""
+    r = _get("stages", "campaign.round")(size)
+    return None if not r else r["round_s"] + (r.get("index_update_s") or 0.0)
 
 
 def _add(key: str) -> Getter:
@@ -101,8 +109,8 @@ ROWS: list[tuple[str, Callable[[dict[str, Any]], str]]] = [
 
 # The scale issue's targets on a 2-core machine: (measure, pool size, getter, bound, "<=" or ">=")
 TARGETS: list[tuple[str, str, Getter, float, str]] = [
-    ("campaign round, zero relaxations, s", "12k", _get("stages", "campaign.round", "round_s"), 5, "<="),
-    ("campaign round, zero relaxations, s", "150k", _get("stages", "campaign.round", "round_s"), 15, "<="),
+    ("campaign round + index update, zero relaxations, s", "12k", _overhead, 5, "<="),
+    ("campaign round + index update, zero relaxations, s", "150k", _overhead, 15, "<="),
     ("add 1,000 templates (store + index), s", "150k", _get("stages", "add1000", "total_s"), 30, "<="),
     ("add 1,000 templates (store + index), s", "1M", _get("stages", "add1000", "total_s"), 60, "<="),
     ("full index build, s", "150k", _get("stages", "build", "seconds"), 600, "<="),
@@ -169,12 +177,29 @@ def markdown(result: dict[str, Any]) -> str:
     return body + "\nTargets on this machine:\n\n" + targets(result)
 
 
+BEGIN, END = "<!-- BEGIN scale targets (python -m benchmarks.render) -->", "<!-- END scale targets -->"
+
+
+def update_block(path: Path, result: dict[str, Any]) -> None:
+    """Replace the text between the BEGIN and END markers of ``path`` with the targets table."""
+    text = path.read_text()
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"{path} has no '{BEGIN}' ... '{END}' block")
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    path.write_text(f"{head}{BEGIN}\n{targets(result)}{END}{tail}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.render", description=__doc__.split("\n\n")[0])
     p.add_argument("result", type=Path, help="scale.json")
     p.add_argument("--out", type=Path, help="write the Markdown here instead of printing it")
+    p.add_argument("--targets-into", type=Path, help="also write the targets table into this file's marked block")
     args = p.parse_args(argv)
-    text = markdown(json.loads(args.result.read_text()))
+    result = json.loads(args.result.read_text())
+    if args.targets_into:
+        update_block(args.targets_into, result)
+    text = markdown(result)
     if args.out:
         args.out.write_text(text)
     else:

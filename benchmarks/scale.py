@@ -212,6 +212,8 @@ def _stage_campaign(ctx: dict[str, Any]) -> dict[str, Any]:
     return {
         "seconds": seconds,
         "round_s": rnd["seconds"],
+        "index_update_s": rnd.get("index_update_s"),
+        "overhead_s": rnd["seconds"] + (rnd.get("index_update_s") or 0.0),
         "candidates": rnd["n_candidates"],
         "relaxed": rnd["n_computed"],
         "cached": rnd["n_cached"],

@@ -171,7 +171,9 @@ def _run_rounds(cfg: CampaignConfig, log: Callable[[str], None]) -> list[dict[st
     state = open_store(cfg.results_store(), STATE_COLLECTION, key="round_id")
     rounds: list[dict[str, Any]] = []
     formulas = cfg.formulas()
+    t_ext = time.perf_counter()
     ext = external_templates(cfg)  # this campaign's own promotions do not change it: once per run
+    index_s = time.perf_counter() - t_ext  # the template index brought up to date with the store
     try:
         for k in range(1, cfg.rounds + 1):
             rid = f"{cfg.name}:{k}"
@@ -196,6 +198,7 @@ def _run_rounds(cfg: CampaignConfig, log: Callable[[str], None]) -> list[dict[st
 
             run_locally(flow, store=store, ensure_success=False, log=False, **job_folders(cfg))
             summary = summarize_round(flow, store, k, time.perf_counter() - t0)
+            summary["index_update_s"], index_s = index_s, 0.0
             if prev is not None and prev.get("status") == "done" and set(todo) != set(formulas):
                 summary = merge_summaries(prev["summary"], summary)
             doc = {"round_id": rid, "status": "done", "summary": summary, "formulas": formulas, "templates": ext}
