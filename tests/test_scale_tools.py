@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # benchmarks/ is a top-level folder of the checkout, not an installed package
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import pools, scale  # noqa: E402
+from benchmarks import pools, render, scale  # noqa: E402
 from benchmarks.render import markdown  # noqa: E402
 
 from cspml_flows.composition import roles  # noqa: E402
@@ -141,6 +141,17 @@ def test_scale_benchmark_runs_end_to_end_on_a_tiny_pool(tmp_path, parents, hand_
     json_path, md_path = scale.write_results(tmp_path / "scale", result)
     assert json.loads(json_path.read_text())["sizes"][label]["clusters"] == size["clusters"]
     assert f"| {label} |" in md_path.read_text() and md_path.read_text() == markdown(result)
+    assert st["campaign.round"]["overhead_s"] >= st["campaign.round"]["round_s"]
+    # a later run of some stages replaces only those stages of the size
+    partial = {label: {"stages": {"predict": {**st["predict"], "per_s": 1.0}}, "workers": 1}}
+    merged = scale.merge_results(json_path, partial, workers=1, partial=True)["sizes"][label]
+    assert merged["stages"]["predict"]["per_s"] == 1.0 and merged["stages"]["build"] == st["build"]
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{render.BEGIN}\nSTALE TABLE\n{render.END}\nrest\n")
+    render.update_block(readme, result)
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith("rest\n") and "STALE TABLE" not in text
+    assert "| full index build, s | 150k | <= 600 | - | - |" in text
 
 
 def test_a_stage_in_its_own_process_reports_its_peak_rss(tmp_path, hand_docs):
