@@ -157,3 +157,15 @@ def test_ranker_beats_nearest_on_held_out_structures(pool_and_queries):
     nearest = rates(CSPPredictor(index, model, workers=2), metric="nearest")
     assert ranked["top1"] >= nearest["top1"] + 0.03, (ranked, nearest, report)
     assert ranked["top5"] >= nearest["top5"], (ranked, nearest)
+
+
+def test_candidate_features_of_formulas_beyond_max_roles(template_index, trained_model):
+    """A seven-element query (generated and real pools hold such templates): assignments that move a role
+    past the compared ones are read as missing roles, not out-of-range indices."""
+    from cspml_flows.predict.retrieve import Ranked
+
+    idx = template_index
+    q = [roles("LiNaKRbCsBaCl7")]
+    r = Ranked(template=0, perm=tuple(range(6, -1, -1)), score=0.5, cluster=int(idx.cluster[0]))
+    x = candidate_features(idx, q, [[r]], trained_model.std, idx.stats[[0]])
+    assert x.shape == (1, len(FEATURES)) and np.isfinite(x[0, FEATURES.index("electronegativity_order")])

@@ -180,7 +180,9 @@ def candidate_features(
         m = min(len(c.perm), MAX_ROLES)
         perm[k, :m] = c.perm[:m]
         n_roles[k] = m
-    real = np.arange(MAX_ROLES)[None, :] < n_roles[:, None]
+    beyond = perm >= MAX_ROLES  # a query role past the compared ones (formulas of more than MAX_ROLES elements)
+    perm[beyond] = 0
+    real = (np.arange(MAX_ROLES)[None, :] < n_roles[:, None]) & ~beyond
     # per-role arrays of queries (then permuted by each assignment) and of templates
     q_arr = [_role_arrays(q) for q in queries]
     take = np.take_along_axis
