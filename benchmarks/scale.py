@@ -222,9 +222,11 @@ def _stage_campaign(ctx: dict[str, Any]) -> dict[str, Any]:
 
 
 def _stage_train(ctx: dict[str, Any]) -> dict[str, Any]:
-    """``cspml train`` on the run's store (the model goes into the run folder, not the home)."""
+    """``cspml train`` on the run's store (the model goes into the run folder, not the home), without the
+    outcome labels an earlier training cached in the home."""
     from cspml_flows.cli import main as cspml
 
+    shutil.rmtree(Path(ctx["home"]) / "outcomes", ignore_errors=True)
     model = Path(ctx["run"]) / "trained-model.json.gz"
     t = time.perf_counter()
     code = cspml(["-q", "train", "--store", ctx["store"], "--model", str(model), "--workers", str(ctx["workers"])])
