@@ -107,7 +107,7 @@ ROWS: list[tuple[str, Callable[[dict[str, Any]], str]]] = [
 ]
 
 
-# The scale issue's targets on a 2-core machine: (measure, pool size, getter, bound, "<=" or ">=")
+# The targets the scale work is held to on a 2-core machine: (measure, pool size, getter, bound, "<=" or ">=")
 TARGETS: list[tuple[str, str, Getter, float, str]] = [
     ("campaign round + index update, zero relaxations, s", "12k", _overhead, 5, "<="),
     ("campaign round + index update, zero relaxations, s", "150k", _overhead, 15, "<="),
