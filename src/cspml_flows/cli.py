@@ -270,6 +270,14 @@ positive = _int_at_least(1)
 non_negative = _int_at_least(0)
 
 
+def _pair_sampling_options(s: argparse.ArgumentParser) -> None:
+    """The pair sampling bounds of the similarity model's training (``cspml train``, ``cspml benchmark``)."""
+    help_anchors = "training templates whose pairs are sampled, at most (a seeded draw; default 20000)"
+    s.add_argument("--max-anchors", type=positive, default=20000, help=help_anchors)
+    help_group = "templates of an anonymous formula searched for an anchor's partners, at most (default 5000)"
+    s.add_argument("--max-group", type=positive, default=5000, help=help_group)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="cspml", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true")
@@ -303,18 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=2000,
         help="held-out store formulas the ranker learns from (0: none)",
     )
-    s.add_argument(
-        "--max-anchors",
-        type=positive,
-        default=20000,
-        help="training templates whose pairs are sampled, at most (a seeded draw on larger pools; default 20000)",
-    )
-    s.add_argument(
-        "--max-group",
-        type=positive,
-        default=5000,
-        help="templates of an anonymous formula searched for an anchor's partners, at most (default 5000)",
-    )
+    _pair_sampling_options(s)
     s.add_argument("--hetero", action="store_true", help="train the heterogeneous composition<->structure model")
     s.add_argument("--core-model", help="with --hetero: core model to fuse (default $CSPML_HOME/models/cspml.json.gz)")
     s.set_defaults(func=cmd_train)
@@ -350,8 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--baselines", nargs="*", default=["random", "nearest", "pymatgen_substitution"])
     s.add_argument("--retrain", action="store_true", help="ignore a cached benchmark model")
-    s.add_argument("--max-anchors", type=positive, default=20000, help="pair sampling bound, as in 'cspml train'")
-    s.add_argument("--max-group", type=positive, default=5000, help="pair sampling bound, as in 'cspml train'")
+    _pair_sampling_options(s)
     s.add_argument("--model", default="cspml", choices=["cspml", "hetero"], help="hetero: compare with CSPML")
     s.add_argument("--no-extra", action="store_true", help="hetero: skip polymorph/leave-prototype-out evaluations")
     s.add_argument("--no-speed", action="store_true", help="skip the top-5 throughput measurement")
