@@ -6,7 +6,7 @@ Pools (:func:`pool_spec`):
 - ``27k``: the union of the four shared files, deduplicated by ``material_id``;
 - any larger size (``150k``, ``1M``, ``46k``, ``150000``): the union plus generated templates up to that size.
 
-The shared files are read in place through :func:`cspml_flows.config.data_dir`. Generated templates come from
+The shared files are read in place through :func:`cspml_flows.core.config.data_dir`. Generated templates come from
 the union's structures (the *parents*) by four recipes:
 
 - ``order``: a 2x supercell along one axis in which the sites of one element in the upper half of the cell
@@ -61,8 +61,8 @@ from typing import Any
 import numpy as np
 from pymatgen.core import Element, Lattice, Structure
 
-from cspml_flows.composition import roles
-from cspml_flows.errors import CSPMLError
+from cspml_flows.core.composition import roles
+from cspml_flows.core.errors import CSPMLError
 from cspml_flows.templates.schema import TemplateDoc, check_template_structure, template_doc_from_structure
 from cspml_flows.templates.store import TemplateStore
 
@@ -407,7 +407,7 @@ def iter_generated(
     _WORK = (parents, seed)
     try:
         if workers > 1 and len(batches) > 1 and "fork" in mp.get_all_start_methods():
-            from cspml_flows.prototype import preload_label_data
+            from cspml_flows.core.prototype import preload_label_data
 
             preload_label_data()  # forked workers inherit the prototype library instead of each loading it
             with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
@@ -454,7 +454,7 @@ def read_manifest(label: str, root: Path = DEFAULT_ROOT) -> dict[str, Any] | Non
 
 
 def _write_manifest(label: str, root: Path, manifest: dict[str, Any]) -> None:
-    from cspml_flows.safeio import atomic_open
+    from cspml_flows.core.safeio import atomic_open
 
     path = pool_dir(label, root) / "pool.json"
     path.parent.mkdir(parents=True, exist_ok=True)

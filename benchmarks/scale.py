@@ -69,7 +69,7 @@ class BenchmarkError(Exception):
 
 def _stage_load(ctx: dict[str, Any]) -> dict[str, Any]:
     """Import a real pool's shared files with ``cspml import shared`` into the run's store."""
-    from cspml_flows.cli import main as cspml
+    from cspml_flows.cli.main import main as cspml
     from cspml_flows.templates.store import TemplateStore
 
     argv = ["-q", "import", "shared", *ctx["files"], "--store", ctx["store"], "--workers", str(ctx["workers"])]
@@ -131,7 +131,7 @@ def _stage_open(ctx: dict[str, Any]) -> dict[str, Any]:
 def _stage_cold(ctx: dict[str, Any]) -> dict[str, Any]:
     """Imports, index, model and the first prediction in a new process, each timed."""
     t0 = time.perf_counter()
-    from cspml_flows.config import model_path
+    from cspml_flows.core.config import model_path
     from cspml_flows.learning.model import SimilarityModel
     from cspml_flows.predict.predictor import CSPPredictor
     from cspml_flows.templates.index import TemplateIndex
@@ -200,7 +200,7 @@ def _stage_add(ctx: dict[str, Any]) -> dict[str, Any]:
 
 def _stage_campaign(ctx: dict[str, Any]) -> dict[str, Any]:
     """``cspml campaign run`` of the run's campaign file; the round's summary."""
-    from cspml_flows.cli import main as cspml
+    from cspml_flows.cli.main import main as cspml
 
     out = Path(ctx["run"]) / f"campaign-{ctx['tag']}.json"
     t = time.perf_counter()
@@ -224,7 +224,7 @@ def _stage_campaign(ctx: dict[str, Any]) -> dict[str, Any]:
 def _stage_train(ctx: dict[str, Any]) -> dict[str, Any]:
     """``cspml train`` on the run's store (the model goes into the run folder, not the home), without the
     outcome labels an earlier training cached in the home."""
-    from cspml_flows.cli import main as cspml
+    from cspml_flows.cli.main import main as cspml
 
     shutil.rmtree(Path(ctx["home"]) / "outcomes", ignore_errors=True)
     model = Path(ctx["run"]) / "trained-model.json.gz"
@@ -363,8 +363,8 @@ def query_formulas(n: int, seed: int = 0) -> list[str]:
     import numpy as np
     import pandas as pd
 
-    from cspml_flows.composition import parse_composition
-    from cspml_flows.config import data_dir
+    from cspml_flows.core.composition import parse_composition
+    from cspml_flows.core.config import data_dir
 
     df = pd.read_csv(data_dir() / "mp_20_biternary" / "test.csv.gz", usecols=["material_id", "cif", "pretty_formula"])
     formulas = sorted({parse_composition(f).reduced_formula for f in df["pretty_formula"]})
@@ -440,7 +440,7 @@ def run_size(
         shutil.rmtree(run)
     (run / "home").mkdir(parents=True, exist_ok=True)
     store = run / "store"
-    from cspml_flows.config import data_dir
+    from cspml_flows.core.config import data_dir
 
     ctx: dict[str, Any] = {"run": str(run), "home": str(run / "home"), "store": str(store), "workers": workers}
     ctx["data_dir"] = str(data_dir())

@@ -21,7 +21,7 @@ def cspml_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.Mon
 def data_dir() -> Path:
     """The read-only benchmark data folder: ``CSPML_DATA_DIR`` if set, else ``../shared/data`` beside the
     checkout. Missing data is an error, not a skip: CI always has it."""
-    from cspml_flows.config import data_dir as find_data_dir
+    from cspml_flows.core.config import data_dir as find_data_dir
 
     return find_data_dir(config={})
 
@@ -208,7 +208,7 @@ def held_out_queries(data_dir: Path, index, n: int, scan: int) -> tuple[list[str
     anonymous formula ``index`` holds (queries the index has templates for)."""
     import pandas as pd
 
-    from cspml_flows.composition import roles
+    from cspml_flows.core.composition import roles
 
     df = pd.read_csv(data_dir / "mp_20_biternary" / "test.csv.gz", nrows=scan)
     ids, gts = [], []

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import numpy as np
+from benchmarks.ablation import CHEMISTRY, PAIR, PROTOTYPE, label_queries, top_k
 
-from cspml_flows.benchmark.ablation import CHEMISTRY, PAIR, PROTOTYPE, label_queries, top_k
-from cspml_flows.composition import roles
+from cspml_flows.core.composition import roles
+from cspml_flows.core.prototype import structure_matcher
 from cspml_flows.learning.ranker import FEATURES
 from cspml_flows.predict.retrieve import rank
 from cspml_flows.predict.substitute import substitute
-from cspml_flows.prototype import structure_matcher
 
 
 def test_feature_groups_cover_every_feature_once():

@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 from pymatgen.core import Lattice, Structure
 
-from cspml_flows.cli import main
-from cspml_flows.errors import ModelError, StoreError, StructureReadError
+from cspml_flows.cli.main import main
+from cspml_flows.core.errors import ModelError, StoreError, StructureReadError
 from cspml_flows.templates.importers import import_csv, import_folder, read_structure, read_template_file
 from cspml_flows.templates.schema import template_doc_from_structure
 from cspml_flows.templates.store import TemplateStore, upsert
@@ -233,7 +233,7 @@ def test_index_payload_never_runs(template_folder, cspml_home, tmp_path):
 
 
 def test_hetero_model_payload_never_runs(tmp_path, capsys):
-    from cspml_flows.hetero.model import HeteroModel
+    from cspml_flows.learning.hetero.model import HeteroModel
 
     marker = tmp_path / "model_marker"
     path = tmp_path / "hetero.json.gz"
@@ -254,7 +254,7 @@ def test_hetero_model_payload_never_runs(tmp_path, capsys):
 
 
 def test_geometry_cache_payload_never_runs(tmp_path, hand_docs):
-    from cspml_flows.hetero.encoders import geometry_features
+    from cspml_flows.learning.hetero.encoders import geometry_features
     from cspml_flows.templates.index import TemplateIndex
 
     index = TemplateIndex.from_docs(hand_docs[:3], workers=1)
@@ -497,7 +497,7 @@ def test_template_size_limit_is_configurable(tmp_path, nacl, monkeypatch):
     monkeypatch.setenv("CSPML_MAX_TEMPLATE_ATOMS", "600")
     assert template_doc_from_structure(big, "big").nsites == 512
     monkeypatch.setenv("CSPML_MAX_TEMPLATE_ATOMS", "lots")
-    from cspml_flows.errors import ConfigError
+    from cspml_flows.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="whole number"):
         template_doc_from_structure(big, "big")

@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 from cspml_flows.campaign import CompositionSpace, load_campaign, parse_campaign, run_campaign
-from cspml_flows.cli import main
-from cspml_flows.errors import ConfigError, ModelError, StoreError
+from cspml_flows.cli.main import main
+from cspml_flows.core.errors import ConfigError, ModelError, StoreError
 from cspml_flows.flows.stores import RESULTS_COLLECTION, open_store
 from cspml_flows.templates.store import TemplateStore
 
@@ -152,7 +152,7 @@ def test_kill_mid_round_and_resume(tmp_path: Path, template_folder: str):
     log = tmp_path / "campaign.log"
     with log.open("w") as fh:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "cspml_flows.cli", "campaign", "run", str(path)], env=env, stdout=fh, stderr=fh
+            [sys.executable, "-m", "cspml_flows.cli.main", "campaign", "run", str(path)], env=env, stdout=fh, stderr=fh
         )
     deadline = time.time() + 120
     while time.time() < deadline and _count(cfg.results_store()) < 1 and proc.poll() is None:

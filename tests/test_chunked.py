@@ -5,9 +5,9 @@ from __future__ import annotations
 from jobflow import JobStore, run_locally
 from maggma.stores import MemoryStore
 
+from cspml_flows.core.schemas import RetrievalOutput
 from cspml_flows.flows import CSPMaker, DedupMaker, TemplateRetrievalMaker
 from cspml_flows.flows.chunked import ChunkedRetrievalMaker
-from cspml_flows.flows.schemas import RetrievalOutput
 
 COMPOSITIONS = ["NaCl", "KBr", "CuAu", "SrTiO3", "AgPd", "LiF", "MgO"]
 

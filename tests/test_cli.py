@@ -12,7 +12,7 @@ import pytest
 from pymatgen.analysis.structure_matcher import StructureMatcher
 from pymatgen.core import Structure
 
-from cspml_flows.cli import main
+from cspml_flows.cli.main import main
 from cspml_flows.templates.store import TemplateStore
 
 N_ROWS = 300  # real MP-20 rows in the CLI store

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pymatgen.core import Composition, Species
 
-from cspml_flows.composition import (
+from cspml_flows.core.composition import (
     MAX_ASSIGNMENTS,
     Roles,
     anonymous_formula,
@@ -15,7 +15,7 @@ from cspml_flows.composition import (
     reduced_formula,
     roles,
 )
-from cspml_flows.errors import CompositionError, CSPMLError
+from cspml_flows.core.errors import CompositionError, CSPMLError
 
 # ---------------------------------------------------------------- parse_composition
 

@@ -17,8 +17,8 @@ import pandas as pd
 import pytest
 from pymatgen.core import Structure
 
-from cspml_flows.cli import DEMO_COMPOSITIONS, DEMO_FILES
-from cspml_flows.composition import roles
+from cspml_flows.cli.main import DEMO_COMPOSITIONS, DEMO_FILES
+from cspml_flows.core.composition import roles
 
 ROWS = 150  # first rows of each demo file, plus every row sharing an anonymous formula with a demo composition
 DEMO_ANON = {roles(c).anonymous_formula for c in DEMO_COMPOSITIONS}
@@ -50,7 +50,7 @@ def _run_demo(workdir: Path, data: Path, *extra: str, home: Path | None = None) 
     if home is not None:
         env["CSPML_HOME"] = str(home)
     script = Path(sys.executable).with_name("cspml")  # the installed console script, as a user runs it
-    entry = [str(script)] if script.is_file() else [sys.executable, "-m", "cspml_flows.cli"]
+    entry = [str(script)] if script.is_file() else [sys.executable, "-m", "cspml_flows.cli.main"]
     cmd = [*entry, "demo", "--workers", "1", "--out", "out/demo", *extra]
     proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr

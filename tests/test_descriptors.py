@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from pymatgen.core import Composition, Element
 
-from cspml_flows.composition import roles
-from cspml_flows.descriptors import (
+from cspml_flows.core.composition import roles
+from cspml_flows.core.descriptors import (
     DESCRIPTOR_VERSION,
     MAGPIE_PROPERTIES,
     MAGPIE_STATS,
@@ -105,7 +105,7 @@ def test_magpie_stats_empty_input():
 
 
 def test_magpie_stats_bad_formula_raises():
-    from cspml_flows.errors import CompositionError
+    from cspml_flows.core.errors import CompositionError
 
     with pytest.raises(CompositionError):
         magpie_stats(["NaCl", "Xx2O"])
@@ -171,7 +171,7 @@ def test_role_properties_with_permutations():
 
 
 def test_role_properties_truncates_beyond_max_roles():
-    from cspml_flows.composition import Roles
+    from cspml_flows.core.composition import Roles
 
     els = ("Li", "Na", "K", "Rb", "Cs", "Fr", "O")
     r = Roles(els, tuple(float(i + 1) for i in range(len(els))))

@@ -9,9 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from pymatgen.core import Lattice, Structure
-
-from cspml_flows.benchmark.energy import (
+from benchmarks.energy import (
     EnergyCache,
     QuerySet,
     blend,
@@ -27,6 +25,8 @@ from cspml_flows.benchmark.energy import (
     single_points,
     spread,
 )
+from pymatgen.core import Lattice, Structure
+
 from cspml_flows.flows.calculators import CalculatorSettings
 
 SI = Structure(Lattice([[0, 2.735, 2.735], [2.735, 0, 2.735], [2.735, 2.735, 0]]), ["Si"] * 2, [[0, 0, 0], [0.25] * 3])
@@ -186,9 +186,9 @@ def test_load_outcomes_refuses_mixed_trainings(tmp_path: Path):
     import gzip
     import json
 
-    from cspml_flows.errors import ConfigError
-    from cspml_flows.learning.outcomes import Outcomes
+    from cspml_flows.core.errors import ConfigError
     from cspml_flows.predict.retrieve import Ranked
+    from cspml_flows.training.outcomes import Outcomes
 
     def write(name: str, rows: list[int]) -> Path:
         out = Outcomes(rows, [[Ranked(7, (0, 1), 0.5, 3, (), (0.5, 0.5, 1.0))] for _ in rows], [np.ones(1)] * len(rows))

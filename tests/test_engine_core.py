@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from benchmarks.scoring import _rms, summarize
 from pymatgen.core import Lattice, Structure
 
-from cspml_flows.benchmark.scoring import _rms, summarize
-from cspml_flows.prototype import prototype_info, structure_matcher
+from cspml_flows.core.prototype import prototype_info, structure_matcher
 from cspml_flows.templates.index import TemplateIndex, min_periodic_distance
 from cspml_flows.templates.schema import template_doc_from_structure
 
@@ -76,7 +76,7 @@ def test_min_periodic_distance_matches_pymatgen(zincblende, cscl):
 def test_prototype_info_fast_path_matches_spacegroup_analyzer(srtio3, bazro3, zincblende):
     from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
 
-    from cspml_flows.prototype import prototype_label
+    from cspml_flows.core.prototype import prototype_label
 
     for s in (srtio3, bazro3, zincblende):
         info = prototype_info(s)
@@ -118,7 +118,7 @@ def test_precomputed_template_geometry_equals_lazy(hand_structures):
     ],
 )
 def test_miss_kind(row, smact_ok, covered, anonymous, kind):
-    from cspml_flows.benchmark.diagnostics import miss_kind
+    from benchmarks.diagnostics import miss_kind
 
     assert miss_kind(row, smact_ok, covered, anonymous) == kind
 
@@ -126,7 +126,7 @@ def test_miss_kind(row, smact_ok, covered, anonymous, kind):
 def test_miss_breakdown_finds_wrong_assignment(srtio3, kbr):
     """A perovskite with Sr and Ti swapped is the right prototype with the wrong assignment; rocksalt
     for rocksalt matched; the shares are of all queries."""
-    from cspml_flows.benchmark.diagnostics import MISS_KINDS, miss_breakdown
+    from benchmarks.diagnostics import MISS_KINDS, miss_breakdown
 
     swapped = srtio3.copy()
     swapped.replace_species({"Sr": "Ti", "Ti": "Sr"})

@@ -12,6 +12,8 @@ from jobflow import Flow, JobStore, run_locally
 from maggma.stores import MemoryStore
 from pymatgen.core import Lattice, Structure
 
+from cspml_flows.core.engines import relax_key
+from cspml_flows.core.schemas import PromotionOutput, RelaxOutput, StabilityOutput
 from cspml_flows.flows import (
     CalculatorSettings,
     CSPMaker,
@@ -20,9 +22,8 @@ from cspml_flows.flows import (
     TemplateUpdateMaker,
     structure_fingerprint,
 )
-from cspml_flows.flows.calculators import relax_key, relax_maker
+from cspml_flows.flows.calculators import relax_maker
 from cspml_flows.flows.relax import relax_flow
-from cspml_flows.flows.schemas import PromotionOutput, RelaxOutput, StabilityOutput
 from cspml_flows.flows.stores import RESULTS_COLLECTION, job_store, open_store
 from cspml_flows.templates.store import TemplateStore
 

@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
+from benchmarks.relax_flow import RelaxBenchmarkConfig, compare_relaxations, plain_ase_relax
 from pymatgen.core import Lattice, Structure
 
 from cspml_flows.flows import CalculatorSettings
-from cspml_flows.flows.benchmark import RelaxBenchmarkConfig, compare_relaxations, plain_ase_relax
 from cspml_flows.flows.calculators import relax_maker
 
 

@@ -9,9 +9,9 @@ from jobflow import JobStore, run_locally
 from maggma.stores import MemoryStore
 from pymatgen.core import Lattice, Structure
 
+from cspml_flows.core.schemas import RelaxOutput
 from cspml_flows.flows.calculators import CalculatorSettings
 from cspml_flows.flows.relax import relax_flow
-from cspml_flows.flows.schemas import RelaxOutput
 
 pytestmark = pytest.mark.slow
 

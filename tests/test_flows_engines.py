@@ -14,7 +14,7 @@ from maggma.stores import MemoryStore
 from monty.json import MontyDecoder, MontyEncoder
 
 from cspml_flows.campaign import load_campaign, round_flow
-from cspml_flows.flows.schemas import StabilityOutput
+from cspml_flows.core.schemas import StabilityOutput
 from cspml_flows.flows.stores import job_store
 from cspml_flows.templates.store import TemplateStore
 

@@ -15,8 +15,8 @@ from pymatgen.entries.computed_entries import ComputedEntry
 
 from cspml_flows.flows.calculators import CalculatorSettings, relax_maker
 from cspml_flows.flows.relax import relax_flow
+from cspml_flows.flows.stability import hull_analysis
 from cspml_flows.flows.vasp import record_from_task_doc
-from cspml_flows.stability import hull_analysis
 
 FCC = [[0, 0, 0], [0, 0.5, 0.5], [0.5, 0, 0.5], [0.5, 0.5, 0]]
 VASP = CalculatorSettings(name="vasp", vasp_incar={"EDIFFG": -0.05, "ENCUT": 600})

@@ -12,15 +12,18 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
+from benchmarks.cli import main as benchmarks_main
 
-from cspml_flows.cli import main
-from cspml_flows.errors import ConfigError
+from cspml_flows.cli.main import main
+from cspml_flows.core.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def one_line_error(capsys, argv: list[str]) -> str:
-    assert main(argv) == 2, argv
+    """Run ``cspml argv`` (or ``python -m benchmarks argv[1:]`` when argv[0] is "benchmarks"): one error line."""
+    run = (benchmarks_main, argv[1:]) if argv[0] == "benchmarks" else (main, argv)
+    assert run[0](run[1]) == 2, argv
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "Traceback" not in err, err
     assert len(err.splitlines()) == 1, err
@@ -69,7 +72,7 @@ def test_yaml_merge_key_is_an_alias_too(tmp_path: Path, template_folder: str, ca
 
 
 def test_yaml_anchor_without_alias_still_reads(tmp_path: Path):
-    from cspml_flows.config import read_yaml
+    from cspml_flows.core.config import read_yaml
 
     path = tmp_path / "anchor.yaml"
     path.write_text("calculator: &c {name: emt}\n")
@@ -119,7 +122,7 @@ def test_command_line_values_echoed_as_short_excerpts(capsys):
 
 
 def test_excerpt_is_bounded_without_a_full_repr():
-    from cspml_flows.config import EXCERPT_CHARS, excerpt
+    from cspml_flows.core.config import EXCERPT_CHARS, excerpt
 
     nested: list = ["lol"] * 9
     for _ in range(8):
@@ -155,11 +158,11 @@ WRITERS = [
     ["demo", "--out", "{link}"],
     ["train", "--store", "{store}", "--model", "{link}"],
     ["train", "--hetero", "--store", "{store}", "--model", "{link}"],
-    ["benchmark", "--protocol", "mp20bt", "--limit", "5", "--json", "{link}"],
-    ["benchmark", "--protocol", "mp20bt", "--limit", "5", "--markdown", "{link}"],
+    ["benchmarks", "csp", "--protocol", "mp20bt", "--limit", "5", "--json", "{link}"],
+    ["benchmarks", "csp", "--protocol", "mp20bt", "--limit", "5", "--markdown", "{link}"],
     ["campaign", "run", "{good}", "--json", "{link}"],
     ["campaign", "promote", "{good}", "--builder-json", "{link}"],
-    ["campaign", "benchmark", "--queries", "2", "--out", "{link}"],
+    ["benchmarks", "relax-flow", "--queries", "2", "--out", "{link}"],
 ]
 
 
@@ -176,9 +179,9 @@ def test_broken_link_as_output_fails_before_any_work(argv, outputs, cspml_home: 
 BAD_OUTPUTS = [
     (["predict", "NaCl", "--store", "{store}", "--out", "{a_file}/sub"], "{a_file} is a file"),
     (["train", "--store", "{store}", "--model", "{a_folder}"], "model file {a_folder} is a folder"),
-    (["benchmark", "--protocol", "mp20bt", "--json", "{a_file}/r.json"], "{a_file} is a file"),
+    (["benchmarks", "csp", "--protocol", "mp20bt", "--json", "{a_file}/r.json"], "{a_file} is a file"),
     (["campaign", "run", "{good}", "--json", "/proc/cspml/r.json"], "(/proc is not writable)"),
-    (["campaign", "benchmark", "--out", "{a_file}"], "output folder {a_file} is a file"),
+    (["benchmarks", "relax-flow", "--out", "{a_file}"], "output folder {a_file} is a file"),
     (["inverse", "{nacl}", "--elements", "K", "Br", "--out", "/proc/cspml"], "(/proc is not writable)"),
 ]
 

@@ -15,18 +15,18 @@ import numpy as np
 import pytest
 
 import cspml_flows
-from cspml_flows.cli import main
-from cspml_flows.descriptors import DESCRIPTOR_VERSION
-from cspml_flows.errors import ModelError
-from cspml_flows.hetero.embeddings import EMBED_VERSION, N_EMBED, embedding_features, read_cache
-from cspml_flows.hetero.encoders import GEOMETRY_VERSION, N_GEOMETRY, geometry_features
-from cspml_flows.hetero.model import HETERO_FORMAT, N_STACK_FEATURES, HeteroModel, Stacker, index_geometry
-from cspml_flows.hetero.train import init_model
+from cspml_flows.cli.main import main
+from cspml_flows.core.descriptors import DESCRIPTOR_VERSION
+from cspml_flows.core.errors import ModelError
+from cspml_flows.core.safeio import load_npz, read_json_gz, save_npz, write_json_gz
 from cspml_flows.learning.features import n_pair_features
+from cspml_flows.learning.hetero.embeddings import EMBED_VERSION, N_EMBED, embedding_features, read_cache
+from cspml_flows.learning.hetero.encoders import GEOMETRY_VERSION, N_GEOMETRY, geometry_features
+from cspml_flows.learning.hetero.model import HETERO_FORMAT, N_STACK_FEATURES, HeteroModel, Stacker, index_geometry
 from cspml_flows.learning.model import SimilarityModel
 from cspml_flows.learning.ranker import FEATURES
-from cspml_flows.safeio import load_npz, read_json_gz, save_npz, write_json_gz
 from cspml_flows.templates.index import TemplateIndex
+from cspml_flows.training.hetero import init_model
 
 SHIPPED = Path(cspml_flows.__file__).parent / "data" / "cspml-model.json.gz"
 
@@ -237,7 +237,7 @@ def test_damaged_geometry_cache_is_rebuilt(damage, hand_docs, cspml_home, caplog
     path = cspml_home / "hetero" / f"{GEOMETRY_VERSION}.npz"
     arrays, meta = load_npz(path)
     save_npz(path, _geometry_damages(arrays["ids"], arrays["vectors"])[damage], meta)
-    with caplog.at_level(logging.WARNING, logger="cspml_flows.hetero.encoders"):
+    with caplog.at_level(logging.WARNING, logger="cspml_flows.learning.hetero.encoders"):
         rebuilt = geometry_features(*args)
     assert np.array_equal(rebuilt, fresh)
     warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
@@ -245,7 +245,7 @@ def test_damaged_geometry_cache_is_rebuilt(damage, hand_docs, cspml_home, caplog
     arrays, _ = load_npz(path)
     assert arrays["vectors"].shape == (3, N_GEOMETRY) and np.array_equal(arrays["vectors"], fresh)
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="cspml_flows.hetero.encoders"):
+    with caplog.at_level(logging.WARNING, logger="cspml_flows.learning.hetero.encoders"):
         assert np.array_equal(geometry_features(*args), fresh)  # the rebuilt cache is read without a word
     assert not caplog.records
 
@@ -276,7 +276,7 @@ def test_damaged_embedding_cache_is_rebuilt(damage, hand_docs, cspml_home, caplo
     path = cspml_home / "hetero" / f"{EMBED_VERSION}-species.npz"
     arrays, meta = load_npz(path)
     save_npz(path, _embedding_damages(arrays["ids"], arrays["digests"], arrays["vectors"])[damage], meta)
-    with caplog.at_level(logging.WARNING, logger="cspml_flows.hetero.embeddings"):
+    with caplog.at_level(logging.WARNING, logger="cspml_flows.learning.hetero.embeddings"):
         rebuilt = embedding_features(*args)
     assert np.array_equal(rebuilt, fresh)
     warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
@@ -284,6 +284,6 @@ def test_damaged_embedding_cache_is_rebuilt(damage, hand_docs, cspml_home, caplo
     back = read_cache(path, "species")
     assert set(back) == set(index.ids) and np.array_equal(np.array([back[i][1] for i in index.ids]), fresh)
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="cspml_flows.hetero.embeddings"):
+    with caplog.at_level(logging.WARNING, logger="cspml_flows.learning.hetero.embeddings"):
         assert np.array_equal(embedding_features(*args), fresh)
     assert not caplog.records

@@ -10,10 +10,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cspml_flows.cli import main
-from cspml_flows.composition import anonymous_formula, parse_composition, roles
-from cspml_flows.errors import CompositionError
-from cspml_flows.structure_checks import check_structure
+from cspml_flows.cli.main import main
+from cspml_flows.core.composition import anonymous_formula, parse_composition, roles
+from cspml_flows.core.errors import CompositionError
+from cspml_flows.core.structure_checks import check_structure
 from cspml_flows.templates.importers import _doc_from_row
 from cspml_flows.templates.schema import TemplateDoc
 

@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 from pymatgen.core import Lattice, Structure
 
-from cspml_flows.cli import main
-from cspml_flows.errors import ConfigError, StoreError
-from cspml_flows.safeio import atomic_open
+from cspml_flows.cli.main import main
+from cspml_flows.core.errors import ConfigError, StoreError
+from cspml_flows.core.safeio import atomic_open
 from cspml_flows.templates.index import TemplateIndex, index_dir
 from cspml_flows.templates.schema import template_doc_from_structure
 from cspml_flows.templates.store import (

@@ -16,10 +16,10 @@ import pandas as pd
 import pytest
 from pymatgen.core import Lattice, Structure
 
-from cspml_flows.cli import main
-from cspml_flows.composition import parse_composition
-from cspml_flows.errors import CompositionError, StructureReadError
-from cspml_flows.structure_checks import check_structure, min_periodic_distance
+from cspml_flows.cli.main import main
+from cspml_flows.core.composition import parse_composition
+from cspml_flows.core.errors import CompositionError, StructureReadError
+from cspml_flows.core.structure_checks import check_structure, min_periodic_distance
 from cspml_flows.templates.importers import structure_from_cif_string
 from cspml_flows.templates.store import TemplateStore
 
@@ -106,7 +106,7 @@ def test_bad_rows_skipped_with_reasons_never_a_crash(tmp_path, data_dir, workers
     csv = tmp_path / "rows.csv"
     bad = bad_rows_csv(csv, data_dir)
     store = tmp_path / "store"
-    argv = [sys.executable, "-m", "cspml_flows.cli", "import", "csv", str(csv), "--store", str(store)]
+    argv = [sys.executable, "-m", "cspml_flows.cli.main", "import", "csv", str(csv), "--store", str(store)]
     for run in range(2):  # the re-run skips what is there and refuses the same rows again
         out = subprocess.run([*argv, "--workers", str(workers)], capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stderr[-2000:]

@@ -12,12 +12,14 @@ import numpy as np
 import pytest
 from pymatgen.core import Lattice, Structure
 
-from cspml_flows.cli import main
-from cspml_flows.composition import roles
-from cspml_flows.errors import CompositionError, ModelError, StructureReadError
-from cspml_flows.hetero.encoders import MAX_ROLES, structure_geometry
-from cspml_flows.hetero.evaluate import objective
-from cspml_flows.hetero.inverse import (
+from cspml_flows.cli.main import main
+from cspml_flows.core.composition import roles
+from cspml_flows.core.errors import CompositionError, ModelError, StructureReadError
+from cspml_flows.core.prototype import structure_matcher
+from cspml_flows.learning.hetero.encoders import MAX_ROLES, structure_geometry
+from cspml_flows.learning.hetero.model import HeteroModel, Stacker, index_geometry
+from cspml_flows.predict.hetero_rank import HeteroPredictor, hetero_rank
+from cspml_flows.predict.inverse import (
     NoCompositionError,
     PoolNormaliser,
     assignment_parts,
@@ -27,15 +29,13 @@ from cspml_flows.hetero.inverse import (
     inverse_from_structure,
     representatives,
 )
-from cspml_flows.hetero.model import HeteroModel, Stacker, index_geometry
-from cspml_flows.hetero.rank import HeteroPredictor, hetero_rank
-from cspml_flows.hetero.train import TrainingGroups, fit_towers, init_model, loss_and_grads, train_hetero
-from cspml_flows.hetero.user_templates import add_user_templates
 from cspml_flows.predict.predictor import CSPPredictor
-from cspml_flows.prototype import structure_matcher
+from cspml_flows.predict.user_templates import add_user_templates
 from cspml_flows.templates.index import TemplateIndex
 from cspml_flows.templates.schema import template_doc_from_structure
 from cspml_flows.templates.store import TemplateStore
+from cspml_flows.training.hetero import TrainingGroups, fit_towers, init_model, loss_and_grads, train_hetero
+from cspml_flows.training.hetero_metrics import objective
 
 
 @pytest.fixture(scope="session")
@@ -259,7 +259,7 @@ def test_save_load_and_bad_model_files(hetero_model, hetero_bank, tmp_path):
     (tmp_path / "junk.json.gz").write_text("not a model")
     with pytest.raises(ModelError, match="cannot read"):
         HeteroModel.load(tmp_path / "junk.json.gz")
-    from cspml_flows.safeio import read_json_gz, write_json_gz
+    from cspml_flows.core.safeio import read_json_gz, write_json_gz
 
     blob = read_json_gz(path)
     blob["meta"]["geometry_version"] = "geom-v0"
@@ -385,7 +385,7 @@ def test_normalised_logit_is_log_p_structure_given_composition(hetero_model, het
 
 
 def test_old_inverse_weight_files_load_with_zero_normalised_weight(hetero_model, tmp_path):
-    from cspml_flows.safeio import read_json_gz, write_json_gz
+    from cspml_flows.core.safeio import read_json_gz, write_json_gz
 
     path = hetero_model.save(tmp_path / "h.json.gz")
     blob = read_json_gz(path)
@@ -525,7 +525,7 @@ def test_second_stage_stacker_scores_and_persists(hetero_model, hetero_bank, tmp
     """A fitted second stage replaces the linear fusion for composition -> structure ranking and is saved."""
     import copy
 
-    from cspml_flows.hetero.rank import candidate_rows
+    from cspml_flows.predict.hetero_rank import candidate_rows
 
     rows = candidate_rows(hetero_bank, [roles("KCl"), roles("SrTiO3"), roles("GaAs")], std=hetero_model.std)
     logit, tower, _ = hetero_model.components(hetero_bank, rows.q, rows.qi, rows.q_role, rows.ti, hetero_model.core)

@@ -12,11 +12,11 @@ from maggma.stores import MemoryStore
 from pymatgen.core import Composition, Lattice, Structure
 
 from cspml_flows.campaign import load_campaign, run_campaign
-from cspml_flows.cli import main
-from cspml_flows.errors import ConfigError
+from cspml_flows.cli.main import main
+from cspml_flows.core.errors import ConfigError
+from cspml_flows.core.schemas import StabilityOutput
 from cspml_flows.flows import CalculatorSettings, CSPMaker, DedupMaker, StabilityMaker
-from cspml_flows.flows.schemas import StabilityOutput
-from cspml_flows.hetero.flows import HeteroRetrievalMaker, InverseRetrievalMaker
+from cspml_flows.flows.hetero import HeteroRetrievalMaker, InverseRetrievalMaker
 
 EMT = CalculatorSettings(name="emt", steps=150, fmax=0.1, batch_size=4)
 
@@ -25,8 +25,8 @@ EMT = CalculatorSettings(name="emt", steps=150, fmax=0.1, batch_size=4)
 def model_file(tmp_path_factory, template_index, trained_model) -> str:
     from threadpoolctl import threadpool_limits
 
-    from cspml_flows.hetero.model import index_geometry
-    from cspml_flows.hetero.train import train_hetero
+    from cspml_flows.learning.hetero.model import index_geometry
+    from cspml_flows.training.hetero import train_hetero
 
     geom = index_geometry(template_index, workers=1, cache=False)
     with threadpool_limits(limits=1, user_api="openmp"):
@@ -91,7 +91,7 @@ def test_metastable_flow_polymorphs(model_file, template_folder):
 
 
 def test_hetero_campaign_yaml_and_cli(model_file, template_folder, tmp_path, capsys):
-    """An inverse campaign file runs through the one campaign runner (and the older hetero-campaign command)."""
+    """An inverse campaign file runs through the one campaign runner."""
     cif = tmp_path / "L12.cif"
     l12().to(filename=str(cif))
     cfg = {
@@ -115,7 +115,7 @@ def test_hetero_campaign_yaml_and_cli(model_file, template_folder, tmp_path, cap
     assert 1 <= len(rows) <= 2 and all(r["score"] is not None for r in rows)
     assert (tmp_path / "work" / "summary.json").is_file()
     assert "(inverse)" in (tmp_path / "work" / "report.md").read_text()
-    assert main(["hetero-campaign", str(path)]) == 0  # a re-run finds the round done
+    assert main(["campaign", "run", str(path)]) == 0  # a re-run finds the round done
     assert "already finished" in capsys.readouterr().out
 
 

@@ -3,17 +3,13 @@ the structure of the hetero package (no import cycle, module sizes)."""
 
 from __future__ import annotations
 
-import ast
-from pathlib import Path
-
 import numpy as np
 import pytest
 from pymatgen.core import Lattice, Structure
 
-import cspml_flows.hetero as hetero_pkg
-from cspml_flows.composition import roles
-from cspml_flows.hetero import embeddings as emb_mod
-from cspml_flows.hetero.embeddings import N_EMBED, embedding_features
+from cspml_flows.core.composition import roles
+from cspml_flows.learning.hetero import embeddings as emb_mod
+from cspml_flows.learning.hetero.embeddings import N_EMBED, embedding_features
 from cspml_flows.templates.index import TemplateIndex
 from cspml_flows.templates.schema import template_doc_from_structure
 
@@ -88,8 +84,9 @@ def test_embedding_cache_hit_invalidation_and_damage(small_index, cspml_home, mo
 def test_energy_ordered_polymorph_ranking_chgnet(tmp_path):
     """NaCl: the rocksalt ground state and the CsCl-type (B2) polymorph, which CHGNet puts higher in energy.
     The retrieval score prefers B2; with the energy weight the rocksalt comes first, without it B2 does."""
-    from cspml_flows.benchmark.energy import EnergyCache
-    from cspml_flows.hetero.polymorph_energy import EnergyRanker, choose_weight, energy_settings, relaxed_energies
+    from benchmarks.energy import EnergyCache
+    from benchmarks.polymorph_energy import EnergyRanker, choose_weight, energy_settings, relaxed_energies
+
     from cspml_flows.predict.predictor import Candidate, Prediction
 
     rs, b2 = _rocksalt(("Na", "Cl"), 5.64), _b2(("Na", "Cl"), 3.4)
@@ -121,50 +118,9 @@ def test_energy_ordered_polymorph_ranking_chgnet(tmp_path):
     assert w0 == 0.0
 
 
-# ------------------------------------------------------------------------------------- package structure
-def _imports(path: Path) -> set[str]:
-    """Hetero modules imported anywhere in a file (function bodies included; TYPE_CHECKING blocks not)."""
-    tree = ast.parse(path.read_text())
-    skip = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-            skip |= {id(n) for b in node.body for n in ast.walk(b)}
-    out = set()
-    for node in ast.walk(tree):
-        if id(node) in skip:
-            continue
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("cspml_flows.hetero."):
-            out.add(node.module.rsplit(".", 1)[1])
-        elif isinstance(node, ast.Import):
-            out |= {a.name.rsplit(".", 1)[1] for a in node.names if a.name.startswith("cspml_flows.hetero.")}
-    return out
-
-
-def test_hetero_has_no_import_cycle_and_small_modules():
-    folder = Path(hetero_pkg.__file__).parent
-    graph = {p.stem: _imports(p) - {p.stem} for p in folder.glob("*.py") if p.stem != "__init__"}
-    assert {"train", "evaluate", "model", "embeddings", "polymorph_energy"} <= set(graph)
-    assert "evaluate" not in graph["model"] and "train" not in graph["model"] and "train" not in graph["evaluate"]
-    state: dict[str, int] = {}
-
-    def visit(node: str, path: list[str]) -> None:
-        state[node] = 1
-        for nxt in sorted(graph.get(node, ())):
-            assert state.get(nxt) != 1, f"import cycle: {' -> '.join([*path, node, nxt])}"
-            if nxt not in state:
-                visit(nxt, [*path, node])
-        state[node] = 2
-
-    for node in sorted(graph):
-        if node not in state:
-            visit(node, [])
-    for name in ("model", "evaluate"):
-        assert len((folder / f"{name}.py").read_text().splitlines()) < 400
-
-
 def test_inverse_prior_is_pymatgen_substitution_probability(small_index):
     """The chemistry prior of the inverse score: K for Na on the NaCl template is likelier than Cs for Cl."""
-    from cspml_flows.hetero.inverse import substitution_prior
+    from cspml_flows.predict.inverse import substitution_prior
 
     t = roles("NaCl")
     qs = [roles("KCl"), roles("NaCs")]

@@ -17,7 +17,8 @@ from maggma.stores import MemoryStore
 from pymatgen.core import Lattice, Structure
 
 from cspml_flows.campaign import CampaignError, campaign_lock, load_campaign, parse_campaign, run_campaign
-from cspml_flows.cli import main
+from cspml_flows.cli.main import main
+from cspml_flows.core.schemas import RelaxOutput
 from cspml_flows.flows import (
     CalculatorSettings,
     CSPMaker,
@@ -29,7 +30,6 @@ from cspml_flows.flows import (
     TemplateUpdateMaker,
 )
 from cspml_flows.flows.relax import relax_flow, runs_in_process
-from cspml_flows.flows.schemas import RelaxOutput
 from cspml_flows.flows.stores import RESULTS_COLLECTION, open_store
 from cspml_flows.templates.schema import template_doc_from_structure
 from cspml_flows.templates.store import TemplateStore

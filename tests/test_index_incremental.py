@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from pymatgen.core import Structure
 
-from cspml_flows.cli import main
+from cspml_flows.cli.main import main
 from cspml_flows.templates import index as index_module
 from cspml_flows.templates.index import PAUSE_ENV, TemplateIndex, index_dir, open_index, sync_index
 from cspml_flows.templates.schema import template_doc_from_structure
@@ -38,7 +38,7 @@ def pool(val_docs, hand_docs) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def model():
-    from cspml_flows.config import PACKAGED_MODEL
+    from cspml_flows.core.config import PACKAGED_MODEL
     from cspml_flows.learning.model import SimilarityModel
 
     return SimilarityModel.load(PACKAGED_MODEL)
@@ -86,7 +86,7 @@ def assert_same(a: TemplateIndex, b: TemplateIndex) -> None:
 
 def top5(idx: TemplateIndex, model) -> list:
     """Top-5 (template id, assignment, score) per query, and the predicted structures' templates."""
-    from cspml_flows.composition import roles
+    from cspml_flows.core.composition import roles
     from cspml_flows.predict.predictor import CSPPredictor
     from cspml_flows.predict.retrieve import rank
 

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from threadpoolctl import threadpool_limits
 
-from cspml_flows.composition import roles
-from cspml_flows.descriptors import DESCRIPTOR_VERSION, magpie_stats
-from cspml_flows.errors import ModelError
+from cspml_flows.core.composition import roles
+from cspml_flows.core.descriptors import DESCRIPTOR_VERSION, magpie_stats
+from cspml_flows.core.errors import ModelError
 from cspml_flows.learning.features import Standardizer, role_distance, unlearned_distance
 from cspml_flows.learning.model import MODEL_FORMAT, QueryBatch, SimilarityModel, _dist_column, training_hash
 from cspml_flows.learning.pairs import pair_labels, sample_pairs

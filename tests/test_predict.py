@@ -6,14 +6,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from benchmarks.baselines import random_rank
+from benchmarks.scoring import rms_table, summarize
 from pymatgen.analysis.structure_matcher import StructureMatcher
 from pymatgen.core import Composition, Lattice, Structure
 from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
 
-from cspml_flows.benchmark.baselines import random_rank
-from cspml_flows.benchmark.scoring import rms_table, summarize
-from cspml_flows.composition import roles
-from cspml_flows.errors import CompositionError
+from cspml_flows.core.composition import roles
+from cspml_flows.core.errors import CompositionError
 from cspml_flows.predict.dedup import deduplicate, symmetrize, to_cif
 from cspml_flows.predict.predictor import CSPPredictor
 from cspml_flows.predict.retrieve import rank

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cspml_flows.composition import roles
-from cspml_flows.config import PACKAGED_MODEL
-from cspml_flows.descriptors import role_properties
+from cspml_flows.core.composition import roles
+from cspml_flows.core.config import PACKAGED_MODEL
+from cspml_flows.core.descriptors import role_properties
 from cspml_flows.learning.features import Standardizer, role_distance
 from cspml_flows.learning.model import SimilarityModel
 from cspml_flows.predict.prefilter import (

@@ -8,7 +8,7 @@ from collections import defaultdict
 
 from pymatgen.core import Structure
 
-from cspml_flows.prototype import fit_pairs, lattices_can_match, structure_matcher
+from cspml_flows.core.prototype import fit_pairs, lattices_can_match, structure_matcher
 
 
 def test_lattice_precheck_keeps_every_match_and_fits_equal_pymatgen(val_docs, hand_docs):

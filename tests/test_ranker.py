@@ -9,17 +9,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from benchmarks.scoring import rms_table, summarize
 from pymatgen.core import Structure
 
-from cspml_flows.benchmark.scoring import rms_table, summarize
-from cspml_flows.composition import roles
-from cspml_flows.errors import ModelError
+from cspml_flows.core.composition import roles
+from cspml_flows.core.errors import ModelError
 from cspml_flows.learning.model import SimilarityModel
-from cspml_flows.learning.outcomes import cached_outcomes, label_outcomes
-from cspml_flows.learning.ranker import FEATURES, CandidateRanker, candidate_features, fit_ranker, oxidation_guess
+from cspml_flows.learning.ranker import FEATURES, CandidateRanker, candidate_features, oxidation_guess
 from cspml_flows.predict.predictor import CSPPredictor
 from cspml_flows.templates.index import TemplateIndex
 from cspml_flows.templates.schema import template_doc_from_structure
+from cspml_flows.training.outcomes import cached_outcomes, label_outcomes
+from cspml_flows.training.ranker import fit_ranker
 
 
 def _row(index: TemplateIndex, material_id: str) -> int:
@@ -46,8 +47,8 @@ def test_labels_mark_the_matching_prototype(template_index, trained_model):
         assert labels.max() == 1 and labels.min() == 0
         gt = idx.structure(r)
         for c, lab in zip(cands, labels, strict=True):
+            from cspml_flows.core.prototype import structure_matcher
             from cspml_flows.predict.substitute import substitute
-            from cspml_flows.prototype import structure_matcher
 
             s, _ = substitute(idx, c.template, idx.roles[r], c.perm)
             assert bool(lab) == (structure_matcher().get_rms_dist(s, gt) is not None)

@@ -19,8 +19,8 @@ if str(ROOT) not in sys.path:  # benchmarks/ is a top-level folder of the checko
 from benchmarks import pools, render, scale  # noqa: E402
 from benchmarks.render import markdown  # noqa: E402
 
-from cspml_flows.composition import roles  # noqa: E402
-from cspml_flows.prototype import prototype_info  # noqa: E402
+from cspml_flows.core.composition import roles  # noqa: E402
+from cspml_flows.core.prototype import prototype_info  # noqa: E402
 from cspml_flows.templates.index import TemplateIndex  # noqa: E402
 from cspml_flows.templates.schema import TemplateDoc, check_template_structure, template_doc_from_structure  # noqa: E402
 from cspml_flows.templates.store import TemplateStore  # noqa: E402

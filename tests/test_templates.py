@@ -19,9 +19,9 @@ from pydantic import BaseModel
 from pymatgen.analysis.structure_matcher import StructureMatcher
 from pymatgen.core import Composition, Structure
 
-from cspml_flows import prototype as prototype_module
-from cspml_flows.errors import CSPMLError, StoreError, StructureReadError
-from cspml_flows.prototype import MATCHER_KWARGS, PrototypeInfo, prototype_info, structure_matcher
+from cspml_flows.core import prototype as prototype_module
+from cspml_flows.core.errors import CSPMLError, StoreError, StructureReadError
+from cspml_flows.core.prototype import MATCHER_KWARGS, PrototypeInfo, prototype_info, structure_matcher
 from cspml_flows.templates import TemplateDoc, TemplateStore, template_doc_from_structure
 from cspml_flows.templates.importers import (
     MP_FIELDS,
@@ -103,7 +103,7 @@ def test_prototype_info_perovskite(srtio3, bazro3):
 def test_prototype_label_is_element_independent(srtio3):
     from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
 
-    from cspml_flows.prototype import prototype_label
+    from cspml_flows.core.prototype import prototype_label
 
     labels = set()
     for a, b, x in [("Sr", "Ti", "O"), ("Cs", "Pb", "I"), ("K", "Mg", "F"), ("Ba", "Ce", "O")]:

@@ -10,11 +10,11 @@ nearest-descriptor baseline on the same queries.
 from __future__ import annotations
 
 import pytest
+from benchmarks.scoring import rms_table, summarize
 from pymatgen.core import Lattice, Structure
 
-from cspml_flows.benchmark.scoring import rms_table, summarize
-from cspml_flows.composition import roles
-from cspml_flows.config import PACKAGED_MODEL
+from cspml_flows.core.composition import roles
+from cspml_flows.core.config import PACKAGED_MODEL
 from cspml_flows.learning.model import SimilarityModel
 from cspml_flows.predict.predictor import CSPPredictor
 from cspml_flows.templates.index import TemplateIndex

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cspml_flows.errors import CSPMLError
+from cspml_flows.core.errors import CSPMLError
 
 SOURCES = ("csv", "folder", "shared", "store", "mp")
 
@@ -32,12 +32,12 @@ def import_structures(
     ``shared`` (files of the benchmark data folder, relative to it), ``store`` (maggma store URIs) or ``mp``
     (Materials Project chemical systems). Returns the import reports, the store's document count and name.
     """
-    from cspml_flows.config import data_dir
+    from cspml_flows.core.config import data_dir
     from cspml_flows.templates import importers
     from cspml_flows.templates.store import TemplateStore, store_from_uri
 
     if source not in SOURCES:
-        from cspml_flows.config import excerpt
+        from cspml_flows.core.config import excerpt
 
         raise CSPMLError(f"unknown import source {excerpt(source)}; choose one of {', '.join(SOURCES)}")
     ts = TemplateStore.open(store)
@@ -88,11 +88,11 @@ def train_model(
     on ``ranker_queries`` held-out formulas of the same store (0: none; labels cached under the home), and
     save both to ``model`` (default ``$CSPML_HOME/models/cspml.json.gz``). ``max_anchors`` and ``max_group``
     bound the pair sampling on large pools (:meth:`SimilarityModel.train`)."""
-    from cspml_flows.config import default_model_path, home_dir
-    from cspml_flows.errors import ModelError
+    from cspml_flows.core.config import default_model_path, home_dir
+    from cspml_flows.core.errors import ModelError
     from cspml_flows.learning.model import SimilarityModel
-    from cspml_flows.learning.ranker import fit_ranker
     from cspml_flows.templates.index import TemplateIndex
+    from cspml_flows.training.ranker import fit_ranker
 
     t = time.perf_counter()
     if index is None:
@@ -122,8 +122,8 @@ def predict(
     strict: bool = False,
 ) -> list:
     """Ranked structures for each composition with the store's templates and the model (see
-    :func:`cspml_flows.config.model_path` for the default model)."""
-    from cspml_flows.composition import parse_composition
+    :func:`cspml_flows.core.config.model_path` for the default model)."""
+    from cspml_flows.core.composition import parse_composition
     from cspml_flows.predict.predictor import CSPPredictor
 
     comps = [parse_composition(c) for c in compositions]  # bad formulas fail before any loading
@@ -134,8 +134,8 @@ def prediction_summary(predictions: Sequence, out: str | Path | None = None) -> 
     """One JSON-ready entry per prediction (candidates with space group); with ``out``, also a symmetrised
     CIF per candidate and ``predictions.json`` in that folder. The folder is checked before anything is
     written, so an unusable ``out`` fails before the work is lost to a half-written folder (callers that compute
-    the predictions check it first too, with :func:`cspml_flows.config.check_output_path`)."""
-    from cspml_flows.config import check_output_path
+    the predictions check it first too, with :func:`cspml_flows.core.config.check_output_path`)."""
+    from cspml_flows.core.config import check_output_path
     from cspml_flows.predict.dedup import symmetrize, to_cif
 
     folder = Path(out) if out else None

@@ -18,8 +18,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from cspml_flows.config import excerpt, excerpt_text, read_yaml, resolve_path
-from cspml_flows.errors import ConfigError, CSPMLError
+from cspml_flows.core.config import excerpt, excerpt_text, read_yaml, resolve_path
+from cspml_flows.core.errors import ConfigError, CSPMLError
 from cspml_flows.flows.calculators import CalculatorSettings
 
 MAX_COMPOSITIONS = 10_000  # compositions of one campaign
@@ -199,7 +199,7 @@ class CampaignConfig(BaseModel):
     @field_validator("compositions")
     @classmethod
     def _check_formulas(cls, value: list[str] | CompositionSpace) -> list[str] | CompositionSpace:
-        from cspml_flows.composition import check_formulas
+        from cspml_flows.core.composition import check_formulas
 
         if isinstance(value, list):
             if len(value) > MAX_COMPOSITIONS:
@@ -210,7 +210,7 @@ class CampaignConfig(BaseModel):
     # ---- derived paths ------------------------------------------------------------------------------
     def formulas(self) -> list[str]:
         """The campaign's reduced formulas (none for an inverse campaign: its retrieval generates them)."""
-        from cspml_flows.composition import parse_composition
+        from cspml_flows.core.composition import parse_composition
 
         if isinstance(self.compositions, CompositionSpace):
             return self.compositions.enumerate()
@@ -220,7 +220,7 @@ class CampaignConfig(BaseModel):
         return Path(self.workdir or f"out/campaigns/{self.name}").expanduser()
 
     def template_store(self) -> str:
-        from cspml_flows.config import default_store_path
+        from cspml_flows.core.config import default_store_path
 
         return str(self.stores.templates or default_store_path())
 
@@ -232,12 +232,12 @@ class CampaignConfig(BaseModel):
 
     def model_path(self) -> str | None:
         """The model file: similarity model (csp) or hetero model (metastable, inverse)."""
-        from cspml_flows.config import model_path as resolve_model
+        from cspml_flows.core.config import model_path as resolve_model
 
         if self.model is None:
             return None
         if self.kind != "csp":
-            from cspml_flows.hetero.model import default_hetero_path
+            from cspml_flows.learning.hetero.model import default_hetero_path
 
             return str(default_hetero_path() if self.model == "default" else Path(self.model).expanduser())
         return str(resolve_model(None if self.model == "default" else self.model))
@@ -325,15 +325,15 @@ def make_maker(cfg: CampaignConfig):
     if cfg.kind == "csp":
         retrieval = TemplateRetrievalMaker(top=top, strict=cfg.strict, workers=cfg.workers)
     elif cfg.kind == "metastable":
-        from cspml_flows.hetero.flows import HeteroRetrievalMaker
+        from cspml_flows.flows.hetero import HeteroRetrievalMaker
 
         retrieval, top = (
             HeteroRetrievalMaker(polymorphs=cfg.polymorphs, strict=cfg.strict, workers=cfg.workers),
             cfg.polymorphs,
         )
     else:
-        from cspml_flows.hetero.flows import InverseRetrievalMaker
-        from cspml_flows.hetero.inverse import check_elements
+        from cspml_flows.flows.hetero import InverseRetrievalMaker
+        from cspml_flows.predict.inverse import check_elements
         from cspml_flows.templates.importers import read_structure
 
         structure = read_structure(cfg.structure)

@@ -37,7 +37,7 @@ def _describe(name: str, source: str | None) -> str:
 def workdir_owner(workdir: Path) -> tuple[str, str | None] | None:
     """The (name, campaign file) of the campaign a workdir belongs to: its ``.campaign.json``, else the
     ``summary.json`` an earlier version wrote; None for a workdir no campaign has used."""
-    from cspml_flows.config import excerpt_text
+    from cspml_flows.core.config import excerpt_text
 
     for name, key in ((OWNER_FILE, "name"), ("summary.json", "campaign")):
         path = workdir / name
@@ -59,8 +59,8 @@ def workdir_owner(workdir: Path) -> tuple[str, str | None] | None:
 def check_workdir(cfg: CampaignConfig, claim: bool = False) -> Path:
     """CampaignError when the campaign's workdir belongs to another campaign, or cannot be written (a file, a
     broken link, no permission). ``claim``: record this campaign as its owner (``.campaign.json``)."""
-    from cspml_flows.config import check_output_path
-    from cspml_flows.safeio import atomic_open
+    from cspml_flows.core.config import check_output_path
+    from cspml_flows.core.safeio import atomic_open
 
     workdir = cfg.workdir_path()
     check_output_path(workdir, label=f"campaign {cfg.name}'s workdir")
@@ -109,14 +109,14 @@ def campaign_lock(cfg: CampaignConfig) -> Iterator[Path]:
 
 def check_inputs(cfg: CampaignConfig) -> None:
     """Fail early, naming the problem: a missing or empty template store, a missing model."""
-    from cspml_flows.errors import ModelError
+    from cspml_flows.core.errors import ModelError
     from cspml_flows.templates.store import TemplateStore
 
     with TemplateStore.open(cfg.template_store(), create=False) as ts:
         ts.require_nonempty()
     model = cfg.model_path()
     if cfg.kind != "csp":
-        from cspml_flows.hetero.flows import load_hetero
+        from cspml_flows.flows.hetero import load_hetero
 
         load_hetero(model)  # a missing or incompatible hetero model fails before anything runs
     elif model is not None and not Path(model).is_file():
@@ -160,7 +160,7 @@ def run_campaign(cfg: CampaignConfig, log: Callable[[str], None] = print, report
     result["calculator"] = result["calculators"][0]
     (cfg.workdir_path() / "summary.json").write_text(json.dumps(result, indent=1, default=str))
     if report:
-        from cspml_flows.report import write_report
+        from cspml_flows.campaign.report import write_report
 
         result["report"] = str(write_report(cfg, result))
         log(f"report: {result['report']}")
@@ -251,7 +251,7 @@ def _resolve(ref, store) -> Any:
 def summarize_round(flow, store, k: int, seconds: float) -> dict[str, Any]:
     """Read a round's outputs back from the JobStore: one row per candidate (first tier), with the later tiers'
     results per row; a stage that did not finish before the first hull raises CampaignError."""
-    from cspml_flows.flows.schemas import CandidateSet, PromotionOutput, RelaxOutput, StabilityOutput
+    from cspml_flows.core.schemas import CandidateSet, PromotionOutput, RelaxOutput, StabilityOutput
 
     store.connect()
     try:

@@ -1,7 +1,8 @@
 """jobflow/atomate2 validation flows, one module per stage: retrieval -> candidates (substitution, dedup) ->
 relax -> hull -> promotion; :class:`CSPMaker` composes them."""
 
-from cspml_flows.flows.calculators import CalculatorSettings, relax_maker, structure_fingerprint
+from cspml_flows.core.engines import structure_fingerprint
+from cspml_flows.flows.calculators import CalculatorSettings, relax_maker
 from cspml_flows.flows.candidates import DedupMaker, SubstitutionMaker
 from cspml_flows.flows.chunked import ChunkedRetrievalMaker
 from cspml_flows.flows.hull import StabilityMaker

@@ -8,9 +8,9 @@ from typing import Any
 from jobflow import Maker, job
 from pymatgen.core import Structure
 
-from cspml_flows.composition import as_composition
-from cspml_flows.flows.calculators import structure_fingerprint
-from cspml_flows.flows.schemas import CandidateDoc, CandidateSet, RetrievalOutput
+from cspml_flows.core.composition import as_composition
+from cspml_flows.core.engines import structure_fingerprint
+from cspml_flows.core.schemas import CandidateDoc, CandidateSet, RetrievalOutput
 
 
 def as_structure(value: Structure | dict) -> Structure:
@@ -109,7 +109,7 @@ class DedupMaker(Maker):
     @job(output_schema=CandidateSet)
     def make(self, candidates: CandidateSet) -> CandidateSet:
         """At most ``top`` distinct candidates per formula, re-ranked 1..n."""
-        from cspml_flows.prototype import safe_fit, structure_matcher
+        from cspml_flows.core.prototype import safe_fit, structure_matcher
 
         cs = CandidateSet.coerce(candidates)
         sm = structure_matcher()

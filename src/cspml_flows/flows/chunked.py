@@ -17,8 +17,8 @@ from typing import Any
 
 from jobflow import Flow, Maker, Response, job
 
+from cspml_flows.core.schemas import RetrievalOutput
 from cspml_flows.flows.retrieval import TemplateRetrievalMaker
-from cspml_flows.flows.schemas import RetrievalOutput
 from cspml_flows.templates.chunked_build import ChunkResult, IndexPlan, assemble, build_chunk, plan_build
 from cspml_flows.templates.store import TemplateStore
 

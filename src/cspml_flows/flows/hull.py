@@ -8,8 +8,8 @@ from datetime import UTC, datetime
 
 from jobflow import Flow, Maker, Response, job
 
+from cspml_flows.core.schemas import CandidateDoc, CandidateSet, RelaxOutput, StabilityOutput
 from cspml_flows.flows.relax import RelaxationMaker
-from cspml_flows.flows.schemas import CandidateDoc, CandidateSet, RelaxOutput, StabilityOutput
 from cspml_flows.flows.stores import RESULTS_COLLECTION, close_store, open_store, write_docs
 
 
@@ -38,7 +38,7 @@ class StabilityMaker(Maker):
     @job
     def make(self, relaxed: RelaxOutput, template_store: str, results_store: str, round: int = 1) -> Response:
         """Competing phases relaxed (once; cached), then the hull job."""
-        from cspml_flows.stability import competing_phases
+        from cspml_flows.flows.stability import competing_phases
 
         ro = RelaxOutput.coerce(relaxed)
         systems = sorted({r.chemsys for r in ro.records if r.status == "successful" and r.kind == "candidate"})
@@ -59,7 +59,7 @@ def hull_job(
 ) -> StabilityOutput:
     """e_above_hull of each candidate against candidates and references of the same calculator; the value is
     also written onto the candidate's record in the results store (``last_updated`` refreshed)."""
-    from cspml_flows.stability import hull_analysis
+    from cspml_flows.flows.stability import hull_analysis
 
     ro, refs = RelaxOutput.coerce(relaxed), RelaxOutput.coerce(references)
     cands = [r for r in ro.records if r.kind == "candidate"]

@@ -4,7 +4,7 @@ retrieve -> substitute -> deduplicate -> [relax -> hull] per calculator tier -> 
 
 Each stage is a Maker whose ``make`` is the job (as atomate2's), held as a field, so
 ``Flow.update_maker_kwargs`` reaches every stage and the atomate2 relax Makers inside them. The metastable
-(hetero) and inverse flows are this Maker with another retrieval Maker (:mod:`cspml_flows.hetero.flows`).
+(hetero) and inverse flows are this Maker with another retrieval Maker (:mod:`cspml_flows.flows.hetero`).
 """
 
 from __future__ import annotations

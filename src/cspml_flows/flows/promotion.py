@@ -16,7 +16,7 @@ from jobflow import Maker, job
 from maggma.core import Builder, Store
 from pymatgen.core import Structure
 
-from cspml_flows.flows.schemas import PromotionOutput, RelaxRecord, StabilityOutput
+from cspml_flows.core.schemas import PromotionOutput, RelaxRecord, StabilityOutput
 
 
 def promoted_id(campaign: str, round: int, fingerprint: str) -> str:
@@ -84,7 +84,7 @@ class PromotionBuilder(Builder):
 
     def process_item(self, item: dict) -> dict:
         """New template documents of one formula (no database access)."""
-        from cspml_flows.prototype import safe_fit, structure_matcher
+        from cspml_flows.core.prototype import safe_fit, structure_matcher
         from cspml_flows.templates.schema import template_doc_from_structure
 
         sm = structure_matcher()

@@ -25,8 +25,8 @@ from jobflow import Flow, Maker, Response, job
 from jobflow.core.reference import OnMissing
 from monty.json import jsanitize
 
-from cspml_flows.flows.calculators import relax_key, structure_fingerprint
-from cspml_flows.flows.schemas import CandidateDoc, CandidateSet, RelaxOutput, RelaxRecord
+from cspml_flows.core.engines import relax_key, structure_fingerprint
+from cspml_flows.core.schemas import CandidateDoc, CandidateSet, RelaxOutput, RelaxRecord
 from cspml_flows.flows.stores import RESULTS_COLLECTION, close_store, open_store, write_docs
 
 
@@ -251,7 +251,7 @@ def relax_batch(items: list[dict], relaxation: RelaxationMaker, results_store: s
     """Relax a batch with one calculator instance; each result is written to the results store at once."""
     from tqdm import tqdm
 
-    from cspml_flows.flows.calculators import pin_torch_threads
+    from cspml_flows.core.engines import pin_torch_threads
 
     if relaxation.label == "sevennet":
         pin_torch_threads()

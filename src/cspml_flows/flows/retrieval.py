@@ -1,7 +1,7 @@
 """Retrieval stage: rank (template, element assignment) pairs for compositions.
 
 :class:`TemplateRetrievalMaker` is the core CSPML retrieval; the hetero retrieval Makers
-(:mod:`cspml_flows.hetero.flows`) have the same ``make`` signature and output, so :class:`~cspml_flows.flows.
+(:mod:`cspml_flows.flows.hetero`) have the same ``make`` signature and output, so :class:`~cspml_flows.flows.
 makers.CSPMaker` runs either. Jobs take store URIs, never open connections, so they serialise to any worker.
 """
 
@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING
 
 from jobflow import Maker, job
 
-from cspml_flows.composition import as_composition, roles
-from cspml_flows.errors import ModelError
-from cspml_flows.flows.schemas import QueryHits, RetrievalOutput, TemplateHit
+from cspml_flows.core.composition import as_composition, roles
+from cspml_flows.core.errors import ModelError
+from cspml_flows.core.schemas import QueryHits, RetrievalOutput, TemplateHit
 
 if TYPE_CHECKING:
     from cspml_flows.templates.index import TemplateIndex

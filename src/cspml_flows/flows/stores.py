@@ -18,7 +18,7 @@ from jobflow import JobStore
 from maggma.core import Store
 from maggma.stores import MemoryStore, MontyStore
 
-from cspml_flows.errors import CSPMLError, StoreError
+from cspml_flows.core.errors import CSPMLError, StoreError
 from cspml_flows.templates.store import BUSY_TIMEOUT_MS, check_reachable, error_reason, make_store, redact_uri, upsert
 
 RESULTS_COLLECTION = "relaxations"

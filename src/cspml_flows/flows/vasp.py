@@ -19,7 +19,7 @@ from jobflow import Maker, job
 from pydantic import BaseModel
 from pymatgen.core import Structure
 
-from cspml_flows.flows.schemas import RelaxRecord
+from cspml_flows.core.schemas import RelaxRecord
 from cspml_flows.flows.stores import RESULTS_COLLECTION, close_store, open_store, write_docs
 
 if TYPE_CHECKING:

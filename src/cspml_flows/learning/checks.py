@@ -4,7 +4,7 @@ Each check returns the value in the form the caller uses (a float array, a Light
 :class:`SchemaError` with one line that names the field and what is wrong with it: missing, of the wrong
 JSON type, of the wrong shape, holding null/text/NaN/infinite values, a scale that is not positive, a
 LightGBM model that reads another number of features. Model loaders turn it into a one-line
-:class:`~cspml_flows.errors.ModelError` naming the file; cache readers rebuild the cache.
+:class:`~cspml_flows.core.errors.ModelError` naming the file; cache readers rebuild the cache.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from cspml_flows.descriptors import MAGPIE_PROPERTIES, MAGPIE_STATS, MAX_ROLES, ROLE_PROPERTIES
+from cspml_flows.core.descriptors import MAGPIE_PROPERTIES, MAGPIE_STATS, MAX_ROLES, ROLE_PROPERTIES
 from cspml_flows.learning.checks import field, numbers
 
 # Magpie statistics whose query-template differences enter the pair features (mean and avg_dev).

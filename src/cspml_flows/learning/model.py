@@ -24,10 +24,10 @@ import lightgbm as lgb
 import numpy as np
 from sklearn.metrics import accuracy_score, roc_auc_score
 
-from cspml_flows import progress
-from cspml_flows.composition import Roles
-from cspml_flows.descriptors import DESCRIPTOR_VERSION, magpie_stats, role_fractions, role_properties
-from cspml_flows.errors import ModelError
+from cspml_flows.core import progress
+from cspml_flows.core.composition import Roles
+from cspml_flows.core.descriptors import DESCRIPTOR_VERSION, magpie_stats, role_fractions, role_properties
+from cspml_flows.core.errors import ModelError
 from cspml_flows.learning import checks
 from cspml_flows.learning.features import Standardizer, n_pair_features, pair_features, standardized_pair_features
 from cspml_flows.learning.pairs import pair_labels, sample_pairs
@@ -364,7 +364,7 @@ def read_json_model(path: str | Path, what: str, key: str, hint: str, versions: 
 
 def _dist_column() -> int:
     """Column of the unlearned Magpie distance in :func:`pair_features`."""
-    from cspml_flows.descriptors import MAX_ROLES, ROLE_PROPERTIES
+    from cspml_flows.core.descriptors import MAX_ROLES, ROLE_PROPERTIES
     from cspml_flows.learning.features import _STAT_COLS
 
     return 2 * MAX_ROLES * len(ROLE_PROPERTIES) + MAX_ROLES + len(_STAT_COLS)
@@ -380,7 +380,7 @@ def _label_agreement(index: TemplateIndex, a: np.ndarray, t: np.ndarray, n: int,
     """Share of sampled pairs where the cluster label equals a direct ``fit_anonymous`` call."""
     if len(a) == 0:
         return None
-    from cspml_flows.prototype import structure_matcher
+    from cspml_flows.core.prototype import structure_matcher
 
     sm = structure_matcher()
     pick = rng.choice(len(a), size=min(n, len(a)), replace=False)

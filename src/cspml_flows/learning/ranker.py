@@ -4,7 +4,7 @@ The pair model says whether a query and a template share a prototype; the ranker
 candidates as ``predict`` produces them, learned from CSP outcomes on the template pool itself: pool
 compositions are held out one formula at a time (leave-one-formula-out), their candidates built from the
 rest of the pool and labelled by ``StructureMatcher`` against the held-out structure
-(:mod:`cspml_flows.learning.outcomes`). The objective is LightGBM's lambdarank grouped by query: it
+(:mod:`cspml_flows.training.outcomes`). The objective is LightGBM's lambdarank grouped by query: it
 optimises the order within a query (NDCG), which is what top-1 and top-k measure, where a pointwise
 classifier would spend its capacity on calibrating easy negatives across queries.
 
@@ -27,10 +27,10 @@ from typing import Any
 import lightgbm as lgb
 import numpy as np
 
-from cspml_flows import progress
-from cspml_flows.composition import Roles
-from cspml_flows.descriptors import MAGPIE_PROPERTIES, MAX_ROLES, element_table
-from cspml_flows.errors import ModelError
+from cspml_flows.core import progress
+from cspml_flows.core.composition import Roles
+from cspml_flows.core.descriptors import MAGPIE_PROPERTIES, MAX_ROLES, element_table
+from cspml_flows.core.errors import ModelError
 from cspml_flows.learning import checks
 from cspml_flows.learning.features import Standardizer, role_distance, unlearned_distance
 from cspml_flows.templates.index import TemplateIndex
@@ -238,7 +238,7 @@ def candidate_features(
 
 
 def _role_property_names() -> tuple[str, ...]:
-    from cspml_flows.descriptors import ROLE_PROPERTIES
+    from cspml_flows.core.descriptors import ROLE_PROPERTIES
 
     return ROLE_PROPERTIES
 
@@ -317,69 +317,3 @@ class CandidateRanker:
         checks.field(meta, "report", dict, f"{where}meta.", optional=True)
         booster = checks.booster(f"{where}booster", checks.field(blob, "booster", str, where), len(FEATURES))
         return cls(booster, meta)
-
-
-def _top_hits(y: np.ndarray, scores: np.ndarray, groups: np.ndarray, k: int) -> float:
-    """Share of queries whose ``k`` best-scored candidates hold a match (queries without candidates: miss)."""
-    hits, start = [], 0
-    for n in groups:
-        lab, sc = y[start : start + n], scores[start : start + n]
-        start += n
-        hits.append(bool(n) and bool(lab[np.argsort(-sc, kind="stable")[:k]].max()))
-    return float(np.mean(hits)) if hits else float("nan")
-
-
-def fit_ranker(
-    index: TemplateIndex,
-    std: Standardizer,
-    n_queries: int = 2000,
-    k: int = CANDIDATES,
-    folds: int = 2,
-    seed: int = 0,
-    workers: int = 2,
-    cache_dir=None,
-    pair_kwargs: dict | None = None,
-    log=print,
-) -> tuple[CandidateRanker, dict[str, Any]]:
-    """Train the ranker on CSP outcomes of the pool (see :mod:`cspml_flows.learning.outcomes`).
-
-    20 % of the held-out formulas are kept back to choose the number of rounds and to report top-k of
-    the pair-model order against the ranker's; the ranker is then refitted on every formula.
-    """
-    import time
-
-    from cspml_flows.learning.outcomes import fold_outcomes
-
-    t0 = time.perf_counter()
-    out, timings = fold_outcomes(index, n_queries, k, folds, seed, workers, cache_dir, pair_kwargs, log)
-    queries = [index.roles[i] for i in out.rows]
-    x = candidate_features(index, queries, out.candidates, std, index.stats[np.array(out.rows, dtype=int)])
-    y = np.concatenate(out.labels) if out.labels else np.zeros(0)
-    groups = np.array([len(c) for c in out.candidates])
-    if len(y) == 0 or y.max() == 0:
-        raise ModelError("no candidate of the held-out pool formulas matched: the pool is too small for a ranker")
-    val_q = np.random.default_rng(seed + 7).random(len(groups)) < 0.2
-    val_rows = np.repeat(val_q, groups)
-    probe = CandidateRanker.train(x[~val_rows], y[~val_rows], groups[~val_q], (x[val_rows], y[val_rows], groups[val_q]))
-    best = max(int(probe.booster.best_iteration or 0), 30)
-    pair_order = -np.concatenate([np.arange(n) for n in groups]).astype(float)
-    yv, gv = y[val_rows], groups[val_q]
-    report: dict[str, Any] = {
-        "n_queries": len(groups),
-        "n_candidates": len(y),
-        "candidates_per_query": k,
-        "rounds": best,
-        f"recall_at_{k}": _top_hits(y, pair_order, groups, k),
-        **timings,
-    }
-    for kk in (1, 5, 20):
-        report[f"held_out_top{kk}_pair"] = _top_hits(yv, pair_order[val_rows], gv, kk)
-        report[f"held_out_top{kk}_ranker"] = _top_hits(yv, probe.scores(x[val_rows]), gv, kk)
-    ranker = CandidateRanker.train(x, y, groups, max_iter=best, seed=seed)
-    ranker.meta["report"] = report
-    report["train_seconds"] = time.perf_counter() - t0
-    log(
-        f"ranker on {len(groups)} held-out pool formulas: top-1 {report['held_out_top1_pair']:.3f} (pair order) -> "
-        f"{report['held_out_top1_ranker']:.3f} (ranker) on the 20 % kept back"
-    )
-    return ranker, report

@@ -6,7 +6,7 @@ from pymatgen.core import Structure
 from pymatgen.io.cif import CifWriter
 from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
 
-from cspml_flows.prototype import safe_fit, structure_matcher
+from cspml_flows.core.prototype import safe_fit, structure_matcher
 
 
 def deduplicate(structures: list[Structure]) -> list[int]:

@@ -12,16 +12,16 @@ from pathlib import Path
 
 from pymatgen.core import Composition, Structure
 
-from cspml_flows import progress
-from cspml_flows.composition import MAX_ASSIGNMENTS, Roles, as_composition, roles
-from cspml_flows.config import model_path
-from cspml_flows.descriptors import magpie_stats
+from cspml_flows.core import progress
+from cspml_flows.core.composition import MAX_ASSIGNMENTS, Roles, as_composition, roles
+from cspml_flows.core.config import model_path
+from cspml_flows.core.descriptors import magpie_stats
+from cspml_flows.core.prototype import structure_matcher
 from cspml_flows.learning.model import SimilarityModel
 from cspml_flows.learning.ranker import CANDIDATES
 from cspml_flows.predict.retrieve import Ranked, rank
 from cspml_flows.predict.substitute import substitute
 from cspml_flows.predict.validity import MIN_DISTANCE, smact_valid
-from cspml_flows.prototype import structure_matcher
 from cspml_flows.templates.index import TemplateIndex
 
 

@@ -65,7 +65,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from cspml_flows.errors import CSPMLError
+from cspml_flows.core.errors import CSPMLError
 from cspml_flows.learning.features import Standardizer, role_distance
 
 if TYPE_CHECKING:
@@ -443,7 +443,7 @@ class Prefilter:
 
 
 def _n_roles(index: TemplateIndex, members: np.ndarray) -> int:
-    from cspml_flows.descriptors import MAX_ROLES
+    from cspml_flows.core.descriptors import MAX_ROLES
 
     return min(len(index.roles[int(members[0])].elements), MAX_ROLES) if len(members) else MAX_ROLES
 

@@ -7,7 +7,7 @@
    (:mod:`cspml_flows.predict.prefilter`).
 3. Score: the learned similarity for every kept template and every within-tie-group permutation of the
    query's elements (at most ``max_perms``, fewest swaps against the electronegativity order first; see
-   :meth:`cspml_flows.composition.Roles.permutations`). The first ``FULL_PERMS`` assignments are scored
+   :meth:`cspml_flows.core.composition.Roles.permutations`). The first ``FULL_PERMS`` assignments are scored
    against every prefiltered template, further ones (ties of four or five elements) only against the
    ``EXTRA_PREFILTER`` templates nearest to that assignment, so that 120 assignments cost about what 24 did.
 4. Aggregate: candidates of one prototype cluster and assignment collapse to one, scored by the best
@@ -24,9 +24,9 @@ from functools import partial
 
 import numpy as np
 
-from cspml_flows import progress
-from cspml_flows.composition import MAX_ASSIGNMENTS, Roles
-from cspml_flows.descriptors import role_properties
+from cspml_flows.core import progress
+from cspml_flows.core.composition import MAX_ASSIGNMENTS, Roles
+from cspml_flows.core.descriptors import role_properties
 from cspml_flows.learning.model import QueryBatch, SimilarityModel
 from cspml_flows.predict.prefilter import ANN_THRESHOLD, BUILD_AFTER, nearest_rows
 from cspml_flows.templates.index import TemplateIndex

@@ -5,19 +5,9 @@ from __future__ import annotations
 import numpy as np
 from pymatgen.core import Lattice, Structure
 
-from cspml_flows.composition import Roles
-from cspml_flows.descriptors import MAGPIE_PROPERTIES, element_table
+from cspml_flows.core.composition import Roles
+from cspml_flows.core.descriptors import element_volume
 from cspml_flows.templates.index import TemplateIndex
-
-_VOL_COL = MAGPIE_PROPERTIES.index("GSvolume_pa")
-
-
-def element_volume(symbols: list[str] | tuple[str, ...]) -> np.ndarray:
-    """DFT ground-state volume per atom of each element (Magpie GSvolume_pa)."""
-    from pymatgen.core import Element
-
-    table = element_table()
-    return np.array([table[Element(s).Z, _VOL_COL] for s in symbols])
 
 
 def volume_scale(query: Roles, template: Roles, perm: tuple[int, ...]) -> float:

@@ -15,7 +15,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cspml_flows.config import max_template_atoms
+from cspml_flows.core.config import max_template_atoms
 from cspml_flows.templates.index import (
     IndexReport,
     _base_signature,

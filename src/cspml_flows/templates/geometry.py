@@ -11,9 +11,9 @@ import hashlib
 
 import numpy as np
 
-from cspml_flows import progress
-from cspml_flows.composition import Roles
-from cspml_flows.structure_checks import min_periodic_distance
+from cspml_flows.core import progress
+from cspml_flows.core.composition import Roles
+from cspml_flows.core.structure_checks import min_periodic_distance
 
 
 def cell_arrays(d: dict, r: Roles) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

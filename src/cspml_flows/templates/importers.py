@@ -26,12 +26,12 @@ from typing import Any
 import pandas as pd
 from pymatgen.core import Structure
 
-from cspml_flows.config import max_template_atoms
-from cspml_flows.errors import CSPMLError, StructureReadError
-from cspml_flows.progress import bar
-from cspml_flows.prototype import preload_label_data
-from cspml_flows.quiet import library_warnings
-from cspml_flows.structure_checks import check_cif_text, check_poscar_species, lattice_problem
+from cspml_flows.core.config import max_template_atoms
+from cspml_flows.core.errors import CSPMLError, StructureReadError
+from cspml_flows.core.progress import bar
+from cspml_flows.core.prototype import preload_label_data
+from cspml_flows.core.quiet import library_warnings
+from cspml_flows.core.structure_checks import check_cif_text, check_poscar_species, lattice_problem
 from cspml_flows.templates.schema import TemplateDoc, check_template_structure, template_doc_from_structure
 from cspml_flows.templates.store import TemplateStore, redact_uri
 

@@ -36,9 +36,9 @@ from pathlib import Path
 import numpy as np
 from pymatgen.core import Structure
 
-from cspml_flows.composition import MAX_ELEMENTS, Roles, roles
-from cspml_flows.config import home_dir, max_template_atoms
-from cspml_flows.descriptors import (
+from cspml_flows.core.composition import MAX_ELEMENTS, Roles, roles
+from cspml_flows.core.config import home_dir, max_template_atoms
+from cspml_flows.core.descriptors import (
     DESCRIPTOR_VERSION,
     MAX_ROLES,
     ROLE_PROPERTIES,
@@ -46,10 +46,10 @@ from cspml_flows.descriptors import (
     role_fractions,
     role_properties,
 )
-from cspml_flows.errors import StoreError
-from cspml_flows.prototype import cluster_prototypes, merge_groups, partition_pairs, run_fits
-from cspml_flows.safeio import fsync_path
-from cspml_flows.structure_checks import geometry_problem, min_periodic_distance
+from cspml_flows.core.errors import StoreError
+from cspml_flows.core.prototype import cluster_prototypes, merge_groups, partition_pairs, run_fits
+from cspml_flows.core.safeio import fsync_path
+from cspml_flows.core.structure_checks import geometry_problem, min_periodic_distance
 from cspml_flows.templates.geometry import (
     cell_arrays,
     role_symmetry_perms,

@@ -2,8 +2,8 @@
 
 Only structures a prediction can substitute onto become templates (:func:`check_template_structure`): ordered
 (no partial occupancies or vacancies), real elements only, at most ``max_template_atoms`` sites (see
-:func:`cspml_flows.config.max_template_atoms`) and ``MAX_ELEMENTS`` elements, and a sane cell and geometry
-(:func:`cspml_flows.structure_checks.check_structure`), checked before spglib sees the structure.
+:func:`cspml_flows.core.config.max_template_atoms`) and ``MAX_ELEMENTS`` elements, and a sane cell and geometry
+(:func:`cspml_flows.core.structure_checks.check_structure`), checked before spglib sees the structure.
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from typing import Any
 from pydantic import BaseModel, Field
 from pymatgen.core import DummySpecies, Structure
 
-from cspml_flows.composition import MAX_ELEMENTS, roles
-from cspml_flows.errors import StructureReadError
-from cspml_flows.prototype import prototype_info
-from cspml_flows.structure_checks import check_structure
+from cspml_flows.core.composition import MAX_ELEMENTS, roles
+from cspml_flows.core.errors import StructureReadError
+from cspml_flows.core.prototype import prototype_info
+from cspml_flows.core.structure_checks import check_structure
 from cspml_flows.templates.geometry import doc_geometry, structure_digest
 
 SCHEMA_VERSION = 2  # 2: min_dist and role_syms stored with the document
@@ -63,7 +63,7 @@ def check_template_structure(structure: Structure, name: str, max_atoms: int | N
     """Refuse, naming ``name`` and the reason, a structure that cannot be a template: partial occupancies,
     non-element species, no sites, more than ``max_atoms`` sites (default: the configured limit), more than
     ``MAX_ELEMENTS`` elements, or a cell or geometry no crystal has (:func:`check_structure`)."""
-    from cspml_flows.config import max_template_atoms
+    from cspml_flows.core.config import max_template_atoms
 
     if len(structure) == 0:
         raise StructureReadError(f"{name} has no sites")

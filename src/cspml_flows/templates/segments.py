@@ -34,10 +34,10 @@ from typing import Any
 
 import numpy as np
 
-from cspml_flows.composition import MAX_ELEMENTS, Roles
-from cspml_flows.descriptors import MAGPIE_PROPERTIES, MAGPIE_STATS, MAX_ROLES, ROLE_PROPERTIES
-from cspml_flows.errors import StoreError
-from cspml_flows.safeio import exclusive_lock, fsync_path
+from cspml_flows.core.composition import MAX_ELEMENTS, Roles
+from cspml_flows.core.descriptors import MAGPIE_PROPERTIES, MAGPIE_STATS, MAX_ROLES, ROLE_PROPERTIES
+from cspml_flows.core.errors import StoreError
+from cspml_flows.core.safeio import exclusive_lock, fsync_path
 
 SEGMENT_FORMAT = "cspml-index-segment/1"
 MANIFEST_FORMAT = "cspml-index/1"

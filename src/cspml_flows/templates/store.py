@@ -49,9 +49,9 @@ from urllib.parse import parse_qsl
 from maggma.core import Store
 from maggma.stores import JSONStore, MemoryStore, MongoStore, MongoURIStore, MontyStore
 
-from cspml_flows.config import default_store_path, load_config
-from cspml_flows.errors import ConfigError, CSPMLError, StoreError
-from cspml_flows.safeio import atomic_open, current_umask, exclusive_lock
+from cspml_flows.core.config import default_store_path, load_config
+from cspml_flows.core.errors import ConfigError, CSPMLError, StoreError
+from cspml_flows.core.safeio import atomic_open, current_umask, exclusive_lock
 from cspml_flows.templates.schema import TemplateDoc
 
 log = logging.getLogger(__name__)

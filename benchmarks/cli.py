@@ -1,0 +1,135 @@
+"""Command line of the benchmarks: ``python -m benchmarks csp | relax-flow`` from the repository root."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from benchmarks.hetero import markdown, run_hetero_benchmark
+from benchmarks.relax_flow import RelaxBenchmarkConfig, run_relax_benchmark
+from benchmarks.runner import BenchmarkConfig, markdown_table, run_benchmark, write_reports
+from cspml_flows.cli.main import Parser, check_out, main_guard, non_negative, pair_sampling_options, positive
+from cspml_flows.core.composition import MAX_ASSIGNMENTS
+from cspml_flows.core.errors import CSPMLError
+
+
+def cmd_benchmark(args: argparse.Namespace) -> int:
+    
+    if args.max_assignments is not None and args.max_assignments < 1:
+        raise CSPMLError("--max-assignments must be at least 1")
+    check_out(args.json, "file", "--json file")
+    check_out(args.markdown, "file", "--markdown file")
+
+    cfg = BenchmarkConfig(
+        protocol=args.protocol,
+        setting=args.setting,
+        limit=args.limit,
+        workers=args.workers,
+        seed=args.seed,
+        baselines=tuple(args.baselines),
+        retrain=args.retrain,
+        hetero_extra=not getattr(args, "no_extra", False),
+        speed=not getattr(args, "no_speed", False),
+        ranker_queries=args.ranker_queries,
+        subset=args.slice,
+        max_assignments=args.max_assignments or MAX_ASSIGNMENTS,
+        max_anchors=args.max_anchors,
+        max_group=args.max_group,
+    )
+    if getattr(args, "model", "cspml") == "hetero":
+        return benchmark_hetero(cfg, args.json, args.markdown)
+    result = run_benchmark(cfg, log_fn=lambda m: print(m, file=sys.stderr, flush=True))
+    write_reports(result, args.json, args.markdown)
+    print(markdown_table([result]))
+    return 0
+
+
+def benchmark_hetero(cfg, json_path: str | None, md_path: str | None) -> int:
+    """``python -m benchmarks csp --model hetero``."""
+    result = run_hetero_benchmark(cfg, log_fn=lambda m: print(m, file=sys.stderr, flush=True))
+    md = markdown(result)
+    write_reports(result, json_path, md_path, md)
+    print(md)
+    return 0
+
+
+def cmd_campaign_benchmark(args: argparse.Namespace) -> int:
+    check_out(args.out)
+    cfg = RelaxBenchmarkConfig(
+        protocol=args.protocol,
+        queries=args.queries,
+        top=args.top,
+        calculator=args.calculator,
+        steps=args.steps,
+        fmax=args.fmax,
+        seed=args.seed,
+        workers=args.workers,
+        out=args.out,
+        chunk=args.chunk,
+        pool=args.pool,
+    )
+    result = run_relax_benchmark(cfg, log=lambda m: print(m, file=sys.stderr, flush=True))
+    print(result["markdown"])
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m benchmarks`` parser."""
+    p = Parser(prog="python -m benchmarks", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("csp", help="CSP match rates of a protocol (CSPML or the hetero model, with baselines)")
+    s.add_argument("--protocol", required=True, choices=["mp20bt", "mpts52"])
+    s.add_argument("--setting", default="standard", choices=["standard", "strict"])
+    s.add_argument("--limit", type=positive, help="fixed-seed sample of N queries")
+    s.add_argument("--workers", type=positive, default=2)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--baselines", nargs="*", default=["random", "nearest", "pymatgen_substitution"])
+    s.add_argument("--retrain", action="store_true", help="ignore a cached benchmark model")
+    pair_sampling_options(s)
+    s.add_argument("--model", default="cspml", choices=["cspml", "hetero"], help="hetero: compare with CSPML")
+    s.add_argument("--no-extra", action="store_true", help="hetero: skip polymorph/leave-prototype-out evaluations")
+    s.add_argument("--no-speed", action="store_true", help="skip the top-5 throughput measurement")
+    s.add_argument(
+        "--ranker-queries",
+        type=non_negative,
+        default=2000,
+        help="pool formulas the ranker learns from (0: pair model only)",
+    )
+    s.add_argument(
+        "--slice",
+        default="all",
+        choices=["all", "tie-heavy"],
+        help="tie-heavy: queries with >= 3 elements tied in amount",
+    )
+    s.add_argument(
+        "--max-assignments",
+        type=int,
+        help="element-to-site assignments per composition (default 120, fewest swaps first)",
+    )
+    s.add_argument("--json")
+    s.add_argument("--markdown")
+    s.set_defaults(func=cmd_benchmark)
+
+    c = sub.add_parser("relax-flow", help="relax top-k candidates of benchmark queries: flow vs plain ASE loop")
+    c.add_argument("--protocol", default="mp20bt", choices=["mp20bt", "mpts52"])
+    c.add_argument("--queries", type=positive, default=100)
+    c.add_argument("--top", type=positive, default=5)
+    c.add_argument("--calculator", default="chgnet", choices=["chgnet", "sevennet", "emt"])
+    c.add_argument("--steps", type=positive, default=300)
+    c.add_argument("--fmax", type=float, default=0.05)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--workers", type=positive, default=2)
+    c.add_argument("--out", default="out/bench/relax")
+    c.add_argument("--chunk", type=positive, default=5, help="queries per alternation of the two methods")
+    c.add_argument("--pool", help="an existing pool store folder (default: import under $CSPML_HOME)")
+    c.set_defaults(func=cmd_campaign_benchmark)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one benchmark command; errors of the library print as one line."""
+    return main_guard(build_parser(), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,1 +1,0 @@
-"""Benchmark protocols (``mp20bt``, ``mpts52``), scoring, baselines and reports."""

@@ -1,0 +1,1 @@
+"""The ``cspml`` command line: every command parses, calls the library and prints."""

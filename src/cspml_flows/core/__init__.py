@@ -1,0 +1,1 @@
+"""Base layer: composition, descriptors, prototypes, structure equivalence, documents, configuration."""

@@ -1,0 +1,1 @@
+"""The heterogeneous composition <-> structure model: encoders, structure tower, scoring."""
