@@ -101,20 +101,29 @@ def resolve_path(value: str | None, base: Path) -> str | None:
     return str(p if p.is_absolute() else (base / p).resolve())
 
 
-def max_template_atoms(config: dict[str, Any] | None = None) -> int:
-    """The most sites a template may have: ``CSPML_MAX_TEMPLATE_ATOMS``, config ``max_template_atoms``, else
-    ``DEFAULT_MAX_TEMPLATE_ATOMS``."""
-    value = os.environ.get(MAX_ATOMS_ENV)
+def int_setting(
+    env: str, key: str, default: int, config: dict[str, Any] | None = None, unit: str = "whole number"
+) -> int:
+    """A whole-number setting of at least 1: the environment variable ``env``, else config ``key``, else
+    ``default``; ConfigError names ``key`` when the value is not a whole number (``unit``: how the message
+    calls one) or is below 1."""
+    value = os.environ.get(env)
     if not value:
         config = load_config() if config is None else config
-        value = config.get("max_template_atoms", DEFAULT_MAX_TEMPLATE_ATOMS)
+        value = config.get(key, default)
     try:
         n = int(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"max_template_atoms must be a whole number, got {excerpt(value)}") from None
+        raise ConfigError(f"{key} must be a {unit}, got {excerpt(value)}") from None
     if n < 1:
-        raise ConfigError(f"max_template_atoms must be at least 1, got {n}")
+        raise ConfigError(f"{key} must be at least 1, got {n}")
     return n
+
+
+def max_template_atoms(config: dict[str, Any] | None = None) -> int:
+    """The most sites a template may have: ``CSPML_MAX_TEMPLATE_ATOMS``, config ``max_template_atoms``, else
+    ``DEFAULT_MAX_TEMPLATE_ATOMS``."""
+    return int_setting(MAX_ATOMS_ENV, "max_template_atoms", DEFAULT_MAX_TEMPLATE_ATOMS, config)
 
 
 def load_config(path: str | Path | None = None) -> dict[str, Any]:
