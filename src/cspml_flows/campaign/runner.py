@@ -17,6 +17,7 @@ import json
 import os
 import socket
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -196,7 +197,9 @@ def _run_rounds(cfg: CampaignConfig, log: Callable[[str], None]) -> list[dict[st
             store = job_store(cfg.jobs_store())
             from jobflow import run_locally
 
-            run_locally(flow, store=store, ensure_success=False, log=False, **job_folders(cfg))
+            with warnings.catch_warnings():  # jobflow enters each job's folder with monty's deprecated cd()
+                warnings.filterwarnings("ignore", "cd is deprecated", FutureWarning, "jobflow.managers.local")
+                run_locally(flow, store=store, ensure_success=False, log=False, **job_folders(cfg))
             summary = summarize_round(flow, store, k, time.perf_counter() - t0)
             summary["index_update_s"], index_s = index_s, 0.0
             if prev is not None and prev.get("status") == "done" and set(todo) != set(formulas):
