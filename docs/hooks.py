@@ -383,7 +383,7 @@ def _num(value: Any, digits: int = 0) -> str:
 
 
 def training_bounds() -> str:
-    """One row per ``cspml benchmark`` result file in ``benchmarks/results/training-bounds/``."""
+    """One row per ``python -m benchmarks csp`` result file in ``benchmarks/results/training-bounds/``."""
     files = sorted((RESULTS / "training-bounds").glob("*.json"))
     if not files:
         raise PluginError("benchmark results missing: benchmarks/results/training-bounds/*.json")
