@@ -121,10 +121,12 @@ class Roles:
 
     @property
     def anonymous_formula(self) -> str:
+        """pymatgen's anonymized formula of these amounts (``AB2C4``)."""
         return anonymous_formula_from_amounts(self.amounts)
 
     @property
     def reduced_formula(self) -> str:
+        """The reduced formula of the elements and amounts."""
         return Composition(dict(zip(self.elements, self.amounts, strict=True))).reduced_formula
 
     def tie_groups(self) -> list[list[int]]:
@@ -181,8 +183,8 @@ def assignments(groups: list[list[int]]) -> Iterator[tuple[int, ...]]:
 
 
 def _electronegativity(symbol: str) -> float:
-    x = Element(symbol).X
-    return float(x) if x == x else 4.0  # noble gases without a Pauling value go last
+    x = float(Element(symbol).X)
+    return 4.0 if math.isnan(x) else x  # noble gases without a Pauling value go last
 
 
 def _amount_str(amt: float) -> str:
@@ -195,6 +197,7 @@ def _amount_str(amt: float) -> str:
 
 
 def anonymous_formula_from_amounts(amounts: tuple[float, ...]) -> str:
+    """pymatgen's anonymized formula of a set of amounts: letters in increasing amount."""
     letters = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
     out = []
     for i, amt in enumerate(sorted(amounts)):
@@ -239,10 +242,12 @@ def roles(comp: str | Composition) -> Roles:
 
 
 def reduced_formula(comp: str | Composition) -> str:
+    """The reduced formula of a formula or Composition."""
     return as_composition(comp).reduced_formula
 
 
 def anonymous_formula(comp: str | Composition) -> str:
+    """The anonymized formula of a formula or Composition (``SrTiO3`` -> ``ABC3``)."""
     return roles(comp).anonymous_formula
 
 

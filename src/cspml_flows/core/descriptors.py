@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from functools import lru_cache
 
 import numpy as np
+from matminer.utils.data import MagpieData
 from pymatgen.core import Composition, Element
 
 from cspml_flows.core.composition import Roles, roles
@@ -73,8 +74,6 @@ def element_table(impute_nan: bool = False) -> np.ndarray:
     A property an element lacks is NaN, or with ``impute_nan`` (matminer's ``ElementProperty`` default,
     used by :func:`magpie_stats`) the mean of that property over the elements that have it.
     """
-    from matminer.utils.data import MagpieData
-
     data = MagpieData(impute_nan=impute_nan).all_elemental_props
     table = np.full((N_ELEMENTS, len(MAGPIE_PROPERTIES)), np.nan)
     for j, prop in enumerate(MAGPIE_PROPERTIES):
@@ -137,6 +136,7 @@ def magpie_stats(comps: Sequence[Composition | str]) -> np.ndarray:
 
 
 def magpie_feature_labels() -> list[str]:
+    """matminer's names of the Magpie statistics, in the order of :func:`magpie_stats`' columns."""
     return [f"MagpieData {s} {p}" for p in MAGPIE_PROPERTIES for s in MAGPIE_STATS]
 
 

@@ -18,9 +18,9 @@ TORCH_THREADS_ENV = "CSPML_TORCH_THREADS"
 def pin_torch_threads() -> int:
     """Limit torch to ``$CSPML_TORCH_THREADS`` threads (default 1) in this process; returns the count.
 
-    Relaxations run one per process and share the cores: with torch's default threading, small
-    structures relaxed about ten times slower here (issue 10). Called for SevenNet only, so the CHGNet
-    path keeps its behaviour."""
+    Relaxations run one per process and share the cores; torch's default threading oversubscribes them
+    and slows small structures down many times over. Called for SevenNet only, so the CHGNet path keeps its
+    behaviour."""
     import torch
 
     n = max(1, int(os.environ.get(TORCH_THREADS_ENV, "1") or 1))

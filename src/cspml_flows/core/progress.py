@@ -23,6 +23,7 @@ def enable(on: bool = True) -> None:
 
 
 def enabled() -> bool:
+    """Whether progress bars are shown."""
     return _enabled
 
 

@@ -11,6 +11,8 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from pymatgen.core import Element
+
 
 @contextmanager
 def library_warnings(*categories: type[Warning]) -> Iterator[None]:
@@ -25,8 +27,6 @@ def cache_electronegativities() -> None:
     """Read every element's Pauling electronegativity once with pymatgen's 'No Pauling electronegativity for
     Ar' warning silenced. ``Element.X`` is a cached property, so pymatgen's own formula sorting (which reads
     it for every reduced formula with a noble gas) stays quiet afterwards; no filter is installed."""
-    from pymatgen.core import Element
-
     with library_warnings(UserWarning):
         for el in Element:
             _ = el.X
