@@ -25,7 +25,8 @@ from cspml_flows.cli.main import main
 from cspml_flows.core.errors import ModelError, StoreError, StructureReadError
 from cspml_flows.templates.importers import import_csv, import_folder, read_structure, read_template_file
 from cspml_flows.templates.schema import template_doc_from_structure
-from cspml_flows.templates.store import TemplateStore, upsert
+from cspml_flows.templates.store import TemplateStore
+from cspml_flows.templates.store_write import upsert
 
 ROOT = Path(__file__).resolve().parents[1]
 

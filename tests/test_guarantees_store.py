@@ -24,14 +24,11 @@ from cspml_flows.core.errors import ConfigError, StoreError
 from cspml_flows.core.safeio import atomic_open
 from cspml_flows.templates.index import TemplateIndex, index_dir
 from cspml_flows.templates.schema import template_doc_from_structure
-from cspml_flows.templates.store import (
-    STORE_LOCK,
-    TemplateStore,
-    collection_file,
-    mongo_timeout_ms,
-    store_from_uri,
-    store_identity,
-)
+from cspml_flows.templates.store import TemplateStore
+from cspml_flows.templates.store_embedded import STORE_LOCK
+from cspml_flows.templates.store_mongo import mongo_timeout_ms
+from cspml_flows.templates.store_sqlite import collection_file
+from cspml_flows.templates.store_uri import store_from_uri, store_identity
 
 ROOT = Path(__file__).resolve().parents[1]
 FCC = [[0, 0, 0], [0, 0.5, 0.5], [0.5, 0, 0.5], [0.5, 0.5, 0]]
@@ -302,7 +299,7 @@ def test_half_created_store_is_named_then_repaired(tmp_path, variant, capsys, ca
         TemplateStore.open(path, create=False).count()
     assert command in str(info.value) and len(str(info.value).splitlines()) == 1
     assert command in one_line_error(capsys, ["predict", "NaCl", "--store", str(path)])
-    with caplog.at_level(logging.WARNING, logger="cspml_flows.templates.store"):
+    with caplog.at_level(logging.WARNING, logger="cspml_flows.templates.store_embedded"):
         assert main(command.split()[1:]) == 0  # the command the error names
     assert "repaired" in caplog.text
     assert "documents" in _sqlite_tables(coll)

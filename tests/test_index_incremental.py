@@ -24,7 +24,8 @@ from cspml_flows.cli.main import main
 from cspml_flows.templates import index as index_module
 from cspml_flows.templates.index import PAUSE_ENV, TemplateIndex, index_dir, open_index, sync_index
 from cspml_flows.templates.schema import template_doc_from_structure
-from cspml_flows.templates.store import JOURNAL_TABLE, TemplateStore, collection_file
+from cspml_flows.templates.store import TemplateStore
+from cspml_flows.templates.store_sqlite import JOURNAL_TABLE, collection_file
 
 POOL = 100  # real structures (first rows of mp_20_biternary/val) besides the hand-built prototypes
 QUERIES = ["NaCl", "SrTiO3", "KBr", "GaN", "MgAl2O4", "LiF", "CsI", "BaTiO3"]
@@ -449,7 +450,8 @@ def test_embedded_store_queries_through_field_indexes_equal_montydb(tmp_path, ha
     it cannot express goes to montydb."""
     from maggma.stores import MontyStore
 
-    from cspml_flows.templates.store import EmbeddedStore, store_from_uri
+    from cspml_flows.templates.store_embedded import EmbeddedStore
+    from cspml_flows.templates.store_uri import store_from_uri
 
     path = tmp_path / "store"
     fill(path, hand_docs[:10])

@@ -36,7 +36,8 @@ from cspml_flows.templates.importers import (
     structure_from_cif_string,
     template_doc_from_mapping,
 )
-from cspml_flows.templates.store import mongo_database_name, redact_uri, store_from_uri
+from cspml_flows.templates.store_mongo import mongo_database_name, redact_uri
+from cspml_flows.templates.store_uri import store_from_uri
 
 N_ROWS = 30  # rows of real data in the CSV fixture
 

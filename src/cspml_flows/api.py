@@ -34,7 +34,8 @@ def import_structures(
     """
     from cspml_flows.core.config import data_dir
     from cspml_flows.templates import importers
-    from cspml_flows.templates.store import TemplateStore, store_from_uri
+    from cspml_flows.templates.store import TemplateStore
+    from cspml_flows.templates.store_uri import store_from_uri
 
     if source not in SOURCES:
         from cspml_flows.core.config import excerpt

@@ -117,7 +117,8 @@ class PromotionBuilder(Builder):
 
     def update_targets(self, items: list[dict]) -> None:
         """Write the new templates (one document per id, whatever runs twice)."""
-        from cspml_flows.templates.store import KEY, upsert
+        from cspml_flows.templates.schema import KEY
+        from cspml_flows.templates.store_write import upsert
 
         docs = [d for it in items for d in it["docs"]]
         if docs:
@@ -137,7 +138,8 @@ def promotion_builder(
 ) -> PromotionBuilder:
     """A :class:`PromotionBuilder` on store URIs (see :func:`cspml_flows.flows.stores.make_store`)."""
     from cspml_flows.flows.stores import RESULTS_COLLECTION, make_store
-    from cspml_flows.templates.store import COLLECTION, KEY
+    from cspml_flows.templates.schema import KEY
+    from cspml_flows.templates.store_uri import COLLECTION
 
     return PromotionBuilder(
         make_store(results_store, RESULTS_COLLECTION),

@@ -1,12 +1,12 @@
 """Stores of the validation flows: the results (relaxation cache) store and the jobflow JobStore.
 
-URIs (one factory for every store: :func:`cspml_flows.templates.store.make_store`): a folder path (embedded
+URIs (one factory for every store: :func:`cspml_flows.templates.store_uri.make_store`): a folder path (embedded
 on-disk MontyStore, sqlite, readable by other processes; its collection is created when the store is opened,
 under the store's lock), ``mongodb://`` / ``mongodb+srv://`` (a MongoDB server, which must answer within the
 MongoDB timeout), or ``memory://NAME`` (mongomock-backed maggma MemoryStore shared by every opener in this
 process; tests only).
 
-Writes to these stores go through :func:`cspml_flows.templates.store.upsert`: one document per key, whatever
+Writes to these stores go through :func:`cspml_flows.templates.store_write.upsert`: one document per key, whatever
 runs twice or at the same time.
 """
 
@@ -19,7 +19,11 @@ from maggma.core import Store
 from maggma.stores import MemoryStore, MontyStore
 
 from cspml_flows.core.errors import CSPMLError, StoreError
-from cspml_flows.templates.store import BUSY_TIMEOUT_MS, check_reachable, error_reason, make_store, redact_uri, upsert
+from cspml_flows.templates.store_errors import error_reason
+from cspml_flows.templates.store_mongo import check_reachable, redact_uri
+from cspml_flows.templates.store_sqlite import BUSY_TIMEOUT_MS
+from cspml_flows.templates.store_uri import make_store
+from cspml_flows.templates.store_write import upsert
 
 RESULTS_COLLECTION = "relaxations"
 STATE_COLLECTION = "campaign_state"
@@ -44,7 +48,7 @@ def open_store(uri: str | Path, collection: str, key: str = "key", create: bool 
 
 
 def write_docs(store: Store, docs: list[dict], key: str = "key") -> int:
-    """Upsert ``docs`` by ``key`` (see :func:`cspml_flows.templates.store.upsert`)."""
+    """Upsert ``docs`` by ``key`` (see :func:`cspml_flows.templates.store_write.upsert`)."""
     return upsert(store, docs, key)
 
 

@@ -77,7 +77,8 @@ from cspml_flows.templates.segments import (
     write_segment,
     write_state,
 )
-from cspml_flows.templates.store import StoredRow, TemplateStore, digest64, doc_digest, position_count
+from cspml_flows.templates.store import TemplateStore
+from cspml_flows.templates.store_rows import StoredRow, digest64, doc_digest, position_count
 
 __all__ = [
     "INDEX_VERSION",

@@ -15,12 +15,14 @@ from pydantic import BaseModel, Field
 from pymatgen.core import DummySpecies, Structure
 
 from cspml_flows.core.composition import MAX_ELEMENTS, roles
+from cspml_flows.core.config import max_template_atoms
 from cspml_flows.core.errors import StructureReadError
 from cspml_flows.core.prototype import prototype_info
 from cspml_flows.core.structure_checks import check_structure
 from cspml_flows.templates.geometry import doc_geometry, structure_digest
 
 SCHEMA_VERSION = 2  # 2: min_dist and role_syms stored with the document
+KEY = "material_id"  # the key of a template document in its store (also its ``_id``)
 
 
 class TemplateDoc(BaseModel):
@@ -56,6 +58,7 @@ class TemplateDoc(BaseModel):
     last_updated: datetime = Field(default_factory=lambda: datetime.now(UTC))
 
     def get_structure(self) -> Structure:
+        """The template's pymatgen Structure."""
         return Structure.from_dict(self.structure)
 
 
@@ -63,8 +66,6 @@ def check_template_structure(structure: Structure, name: str, max_atoms: int | N
     """Refuse, naming ``name`` and the reason, a structure that cannot be a template: partial occupancies,
     non-element species, no sites, more than ``max_atoms`` sites (default: the configured limit), more than
     ``MAX_ELEMENTS`` elements, or a cell or geometry no crystal has (:func:`check_structure`)."""
-    from cspml_flows.core.config import max_template_atoms
-
     if len(structure) == 0:
         raise StructureReadError(f"{name} has no sites")
     for i, site in enumerate(structure):
@@ -107,7 +108,7 @@ def template_doc_from_structure(
     as_dict = structure.as_dict()
     formula = comp.reduced_formula
     dmin, syms = doc_geometry(as_dict, roles(formula))  # from the stored dict: what the index would compute
-    clean = {k: (None if v is not None and v != v else v) for k, v in properties.items()}  # NaN -> None
+    clean = {k: (None if v is not None and v != v else v) for k, v in properties.items()}  # noqa: PLR0124 (NaN -> None)
     return TemplateDoc(
         material_id=str(material_id),
         structure=as_dict,
