@@ -73,10 +73,10 @@ def test_missing_file_store_and_model(tmp_path: Path, template_folder: str):
         load_campaign(tmp_path / "bad.yaml")
     cfg = parse_campaign(base_config(tmp_path, str(tmp_path / "missing_store")))
     with pytest.raises(StoreError, match="missing_store"):
-        run_campaign(cfg, log=lambda m: None)
+        run_campaign(cfg).model_dump()
     cfg = parse_campaign(base_config(tmp_path, template_folder, model=str(tmp_path / "m.joblib")))
     with pytest.raises(ModelError, match=r"m\.joblib"):
-        run_campaign(cfg, log=lambda m: None)
+        run_campaign(cfg).model_dump()
     # the CLI prints the error in one line and exits with 2
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(base_config(tmp_path, "x", calculator={"name": "gulp"})))
     assert main(["campaign", "run", str(tmp_path / "c.yaml")]) == 2
@@ -98,7 +98,7 @@ def test_two_rounds_feed_the_template_store(tmp_path: Path, template_folder: str
     candidates on them. Learned retrieval with the session model; report and hull plots are written."""
     model = trained_model.save(tmp_path / "model.joblib")
     cfg = parse_campaign(base_config(tmp_path, template_folder, rounds=2, strict=True, model=str(model)))
-    result = run_campaign(cfg, log=lambda m: None)
+    result = run_campaign(cfg).model_dump()
     r1, r2 = result["rounds"]
     assert r1["promoted"], r1
     assert all(m.startswith("cspml-t-r1-") for m in r1["promoted"])
@@ -118,7 +118,7 @@ def test_two_rounds_feed_the_template_store(tmp_path: Path, template_folder: str
     # re-running finds both rounds done and recomputes nothing
     rs = open_store(cfg.results_store(), RESULTS_COLLECTION)
     n = rs.count()
-    again = run_campaign(cfg, log=lambda m: None, report=False)
+    again = run_campaign(cfg, report=False).model_dump()
     assert [r["round"] for r in again["rounds"]] == [1, 2]
     assert rs.count() == n
 
@@ -167,7 +167,7 @@ def test_kill_mid_round_and_resume(tmp_path: Path, template_folder: str):
     before = {d["key"]: d for d in rs.query({"kind": "candidate"})}
     rs.close()
     assert len(before) >= 1, "the campaign was not killed mid-round"
-    result = run_campaign(cfg, log=lambda m: None, report=False)
+    result = run_campaign(cfg, report=False).model_dump()
     r1 = result["rounds"][0]
     assert r1["n_cached"] == len(before) and r1["n_computed"] == r1["n_candidates"] - len(before) > 0
     rs = open_store(cfg.results_store(), RESULTS_COLLECTION)

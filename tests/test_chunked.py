@@ -43,7 +43,7 @@ def test_chunked_retrieval_inside_a_csp_flow(template_folder):
         dedup=DedupMaker(top=2),
         promotion=None,
     )
-    flow = maker.make(["CuAu", "AgPd"], round=1)
+    flow = maker.make(["CuAu", "AgPd"], round_number=1)
     assert flow.jobs[0].name == "retrieve templates in chunks"
     assert [j.name for j in flow.jobs[0].jobs] == [
         "retrieve templates 1/2",
@@ -53,7 +53,8 @@ def test_chunked_retrieval_inside_a_csp_flow(template_folder):
 
 
 def test_campaign_with_more_compositions_than_a_chunk_fans_out(template_folder, tmp_path):
-    from cspml_flows.campaign.config import make_maker, parse_campaign
+    from cspml_flows.campaign.config import parse_campaign
+    from cspml_flows.campaign.maker import make_maker
 
     base = {"name": "fan", "compositions": ["NaCl", "KBr", "CuAu"], "stores": {"templates": template_folder}}
     cfg = parse_campaign({**base, "model": None, "retrieval_chunk": 2}, "fan.yaml", base=tmp_path)

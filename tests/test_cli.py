@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -13,6 +16,7 @@ from pymatgen.analysis.structure_matcher import StructureMatcher
 from pymatgen.core import Structure
 
 from cspml_flows.cli.main import main
+from cspml_flows.cli.parsers import build_parser
 from cspml_flows.templates.store import TemplateStore
 
 N_ROWS = 300  # real MP-20 rows in the CLI store
@@ -129,3 +133,44 @@ def test_import_folder_broken_cif(tmp_path: Path, capsys, nacl):
 def test_missing_config_file(tmp_path: Path, capsys, monkeypatch):
     monkeypatch.setenv("CSPML_CONFIG", str(tmp_path / "nope.yaml"))
     assert "config file not found" in _error(capsys, ["predict", "KBr"])
+
+
+def _subparsers(parser: argparse.ArgumentParser, path: str = "cspml"):
+    """Every parser under ``parser`` (itself included), with its command path."""
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _subparsers(sub, f"{path} {name}")
+
+
+def test_every_option_has_help_stating_its_default():
+    """Every option of every command says what it does and its default; no reStructuredText markup."""
+    parser = build_parser("description")
+    missing, markup = [], []
+    for path, p in _subparsers(parser):
+        formatter = p._get_formatter()
+        for action in p._actions:
+            if isinstance(action, argparse._HelpAction | argparse._SubParsersAction):
+                continue
+            text = formatter._expand_help(action) if action.help else ""
+            if "``" in text:
+                markup.append(f"{path} {action.dest}")
+            if not text or (action.option_strings and "default" not in text):
+                missing.append(f"{path} {action.option_strings or action.dest}: {text!r}")
+    assert not missing, missing
+    assert not markup, markup
+
+
+def test_help_prints_and_a_command_imports_only_its_module():
+    """``cspml predict --help`` works, and the predict command's modules do not import jobflow."""
+    code = (
+        "import sys; from cspml_flows.cli.main import command_function; from cspml_flows.cli.parsers import COMMANDS; "
+        "command_function(COMMANDS['predict']); print('jobflow' in sys.modules, 'atomate2' in sys.modules)"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.stdout.split() == ["False", "False"], run.stderr[-2000:]
+    run = subprocess.run(
+        [sys.executable, "-m", "cspml_flows.cli.main", "predict", "--help"], capture_output=True, text=True
+    )
+    assert run.returncode == 0 and "(default: 5)" in run.stdout and "``" not in run.stdout

@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 from pymatgen.core import Structure
 
-from cspml_flows.cli.main import DEMO_COMPOSITIONS, DEMO_FILES
+from cspml_flows.cli.commands import DEMO_COMPOSITIONS, DEMO_FILES
 from cspml_flows.core.composition import roles
 
 ROWS = 150  # first rows of each demo file, plus every row sharing an anonymous formula with a demo composition

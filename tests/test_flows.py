@@ -23,7 +23,7 @@ from cspml_flows.flows import (
     structure_fingerprint,
 )
 from cspml_flows.flows.calculators import relax_maker
-from cspml_flows.flows.relax import relax_flow
+from cspml_flows.flows.relax import as_relaxation, relax_flow
 from cspml_flows.flows.stores import RESULTS_COLLECTION, job_store, open_store
 from cspml_flows.templates.store import TemplateStore
 
@@ -92,8 +92,8 @@ def test_relax_fan_out_failures_and_cache(tmp_path: Path):
     assert "NotImplementedError" in out.records[1].reason and "Na" in out.records[1].reason
     for r in (out.records[0], out.records[2], out.records[3]):
         assert r.status == "successful" and r.converged and r.energy is not None
-        assert r.structure["lattice"] != r.initial_structure["lattice"]  # the cell relaxed
-    cu = Structure.from_dict(out.records[0].structure)
+        assert r.structure.lattice != r.initial_structure.lattice  # the cell relaxed
+    cu = out.records[0].structure
     assert 3.55 < cu.lattice.a < 3.65  # EMT's Cu lattice constant (~3.59 A), from 3.5
     # unconverged: one step allowed with a tight force criterion
     tight = CalculatorSettings(name="emt", steps=2, fmax=1e-4)
@@ -122,10 +122,10 @@ def test_csp_flow_emt_end_to_end(template_folder: str, tmp_path: Path):
         campaign="t",
         retrieval=TemplateRetrievalMaker(top=3),
         dedup=DedupMaker(top=3),
-        relaxation=EMT.relaxation(),
+        relaxation=as_relaxation(EMT),
         promotion=TemplateUpdateMaker(threshold=5.0, campaign="t"),
     )
-    flow = maker.make(["CuAu", "AgPd"], round=1)
+    flow = maker.make(["CuAu", "AgPd"], round_number=1)
     assert [j.name for j in flow.jobs] == [
         "retrieve templates",
         "substitute elements",
@@ -174,7 +174,7 @@ def test_job_outputs_readable_from_new_process(template_folder: str, tmp_path: P
         results_store=results,
         retrieval=TemplateRetrievalMaker(top=2),
         dedup=DedupMaker(top=2),
-        relaxation=EMT.relaxation(),
+        relaxation=as_relaxation(EMT),
         promotion=None,
     )
     flow = maker.make(["CuAu"])

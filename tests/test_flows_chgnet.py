@@ -28,7 +28,7 @@ def test_chgnet_relaxation_in_a_flow(tmp_path: Path):
     out = RelaxOutput.coerce(flow.output.resolve(store))
     assert [r.status for r in out.records] == ["successful", "successful"], [r.reason for r in out.records]
     assert all(r.calculator.startswith("chgnet/") for r in out.records)
-    a = Structure.from_dict(out.records[0].structure).lattice.a
+    a = out.records[0].structure.lattice.a
     assert 5.5 < a < 5.85  # NaCl, from 5.4 A (experiment 5.64, PBE ~5.70)
     assert -3.9 < out.records[0].energy_per_atom < -3.3  # MP-compatible (PBE) scale of CHGNet
     assert -5.6 < out.records[1].energy_per_atom < -5.2  # Si diamond-like cell

@@ -14,13 +14,13 @@ from pymatgen.core import Lattice, Structure
 from pymatgen.entries.computed_entries import ComputedEntry
 
 from cspml_flows.flows.calculators import CalculatorSettings, relax_maker
-from cspml_flows.flows.relax import relax_flow
+from cspml_flows.flows.relax import as_relaxation, relax_flow
 from cspml_flows.flows.stability import hull_analysis
 from cspml_flows.flows.vasp import record_from_task_doc
 
 FCC = [[0, 0, 0], [0, 0.5, 0.5], [0.5, 0, 0.5], [0.5, 0.5, 0]]
 VASP = CalculatorSettings(name="vasp", vasp_incar={"EDIFFG": -0.05, "ENCUT": 600})
-VR = VASP.relaxation()
+VR = as_relaxation(VASP)
 
 
 def srtio3() -> Structure:
@@ -205,7 +205,7 @@ def test_campaign_through_custodian_with_standin_vasp(tmp_path: Path, monkeypatc
             "workdir": str(tmp_path / "work"),
         }
     )
-    result = run_campaign(cfg, log=lambda m: None)
+    result = run_campaign(cfg).model_dump()
     rows = {r["formula"]: r for r in result["rounds"][0]["candidates"]}
     assert set(rows) == {"CuAu", "Cu3Au", "CuAu3"}
     assert rows["CuAu3"]["status"] == "failed" and "VASP relaxation job failed" in rows["CuAu3"]["reason"]

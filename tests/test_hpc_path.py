@@ -4,6 +4,7 @@ maggma Builder (ASE EMT; seconds)."""
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -29,7 +30,8 @@ from cspml_flows.flows import (
     TemplateRetrievalMaker,
     TemplateUpdateMaker,
 )
-from cspml_flows.flows.relax import relax_flow, runs_in_process
+from cspml_flows.flows.calculators import runs_in_process
+from cspml_flows.flows.relax import as_relaxation, relax_flow
 from cspml_flows.flows.stores import RESULTS_COLLECTION, open_store
 from cspml_flows.templates.schema import template_doc_from_structure
 from cspml_flows.templates.store import TemplateStore
@@ -65,7 +67,7 @@ def candidate_keys(results: str) -> dict[str, dict]:
 def test_stage_jobs_belong_to_their_makers_and_update_maker_kwargs_reaches_them(template_folder: str):
     from atomate2.ase.jobs import EmtRelaxMaker
 
-    maker = CSPMaker(template_store=template_folder, results_store="memory://kw", relaxation=EMT.relaxation())
+    maker = CSPMaker(template_store=template_folder, results_store="memory://kw", relaxation=as_relaxation(EMT))
     flow = maker.make(["CuAu"])
     kinds = [type(j.maker).__name__ for j in flow.jobs]
     assert kinds == [
@@ -147,7 +149,7 @@ def test_tiers_relax_only_near_hull_candidates_and_never_mix_hulls(tmp_path: Pat
     cfg = parse_campaign(base_config(tmp_path, template_folder, tiers=[tier2], hull_threshold=0.02))
     first, second = cfg.calc_ids()
     assert first != second
-    result = run_campaign(cfg, log=lambda m: None)
+    result = run_campaign(cfg).model_dump()
     r1 = result["rounds"][0]
     t1, t2 = r1["tiers"]
     assert t1["calculator"] == first and t2["calculator"] == second
@@ -183,7 +185,7 @@ def test_crashed_batch_job_gives_failed_records_with_real_formulas(
     monkeypatch.setattr(relax_module, "relax_one", crash_on_agpd)
     calc = {"name": "emt", "steps": 200, "batch_size": 1}
     cfg = parse_campaign(base_config(tmp_path, template_folder, calculator=calc))
-    result = run_campaign(cfg, log=lambda m: None)
+    result = run_campaign(cfg).model_dump()
     rows = result["rounds"][0]["candidates"]
     failed = [r for r in rows if r["status"] == "failed"]
     assert failed and {r["formula"] for r in failed} == {"AgPd"}
@@ -194,36 +196,36 @@ def test_crashed_batch_job_gives_failed_records_with_real_formulas(
 
 
 # ------------------------------------------------------------------------------------ scheduled campaigns
-def test_scheduled_reruns_do_only_new_work(tmp_path: Path, template_folder: str):
+def test_scheduled_reruns_do_only_new_work(tmp_path: Path, template_folder: str, caplog):
     path = tmp_path / "campaign.yaml"
     path.write_text(yaml.safe_dump(base_config(tmp_path, template_folder, compositions=["CuAu"])))
-    logs: list[str] = []
-    run_campaign(load_campaign(path), log=logs.append, report=False)
+    caplog.set_level(logging.INFO, logger="cspml_flows.campaign")
+    run_campaign(load_campaign(path), report=False).model_dump()
     results = load_campaign(path).results_store()
     before = candidate_keys(results)
     assert before and {d["formula"] for d in before.values()} == {"CuAu"}
     # new input between two scheduled rounds: only AgPd is retrieved and relaxed
     path.write_text(yaml.safe_dump(base_config(tmp_path, template_folder, compositions=["CuAu", "AgPd"])))
-    logs.clear()
-    r = run_campaign(load_campaign(path), log=logs.append, report=False)["rounds"][0]
-    assert any("1 composition(s) added" in m for m in logs)
+    caplog.clear()
+    r = run_campaign(load_campaign(path), report=False).model_dump()["rounds"][0]
+    assert any("1 composition(s) added" in m for m in caplog.messages)
     after = candidate_keys(results)
     new = set(after) - set(before)
     assert new and {after[k]["formula"] for k in new} == {"AgPd"}
     assert all(after[k]["worker"] == d["worker"] and after[k]["energy"] == d["energy"] for k, d in before.items())
     assert {c["formula"] for c in r["candidates"]} == {"CuAu", "AgPd"}  # the summary covers both
     # nothing new: the round is skipped, nothing is written
-    logs.clear()
-    run_campaign(load_campaign(path), log=logs.append, report=False)
-    assert any("already finished" in m for m in logs) and candidate_keys(results) == after
+    caplog.clear()
+    run_campaign(load_campaign(path), report=False).model_dump()
+    assert any("already finished" in m for m in caplog.messages) and candidate_keys(results) == after
     # the template store gained a template from elsewhere: retrieval runs again, cached relaxations stay
     l10 = Structure(Lattice.tetragonal(2.8, 3.7), ["Cu", "Au"], [[0, 0, 0], [0.5, 0.5, 0.5]])
     ts = TemplateStore.open(template_folder)
     ts.add([template_doc_from_structure(l10, "hand-L10", source="hand-built", e_above_hull=0.0)])
     ts.close()
-    logs.clear()
-    r = run_campaign(load_campaign(path), log=logs.append, report=False)["rounds"][0]
-    assert any("template store changed" in m for m in logs)
+    caplog.clear()
+    r = run_campaign(load_campaign(path), report=False).model_dump()["rounds"][0]
+    assert any("template store changed" in m for m in caplog.messages)
     latest = candidate_keys(results)
     assert 0 < r["n_computed"] == len(set(latest) - set(after))  # the new template's candidates only
     assert r["n_cached"] == sum(c["key"] in after for c in r["candidates"])
@@ -235,7 +237,7 @@ def test_overlapping_runs_are_refused(tmp_path: Path, template_folder: str):
     cfg = parse_campaign(base_config(tmp_path, template_folder))
     with campaign_lock(cfg) as lock:
         with pytest.raises(CampaignError, match="already running"):
-            run_campaign(cfg, log=lambda m: None)
+            run_campaign(cfg).model_dump()
         assert "pid" in lock.read_text()
     assert not candidate_keys(cfg.results_store())  # the refused run did nothing
 
@@ -245,7 +247,7 @@ def test_promotion_builder_runs_alone_incrementally(tmp_path: Path, template_fol
     path = tmp_path / "campaign.yaml"
     path.write_text(yaml.safe_dump(base_config(tmp_path, template_folder, hull_threshold=0.0)))
     cfg = load_campaign(path)
-    first = run_campaign(cfg, log=lambda m: None, report=False)["rounds"][0]["promoted"]
+    first = run_campaign(cfg, report=False).model_dump()["rounds"][0]["promoted"]
     # a looser threshold: the incremental builder has nothing newer, '--all' looks at every record
     path.write_text(yaml.safe_dump(base_config(tmp_path, template_folder, hull_threshold=5.0)))
     assert main(["campaign", "promote", str(path)]) == 0
@@ -283,7 +285,7 @@ def test_direct_cspmaker_stage_fields(template_folder: str):
         dedup=DedupMaker(top=2),
         stability=StabilityMaker(max_references=3),
         promotion=TemplateUpdateMaker(threshold=0.2),
-        tiers=[CalculatorSettings(name="emt", fmax=0.01).relaxation()],
+        tiers=[as_relaxation(CalculatorSettings(name="emt", fmax=0.01))],
     )
     assert maker.tiers[0].hull_window == 0.1  # the default window of a later tier
     names = [j.name for j in maker.make(["CuAu"]).jobs]

@@ -151,15 +151,16 @@ def test_chunked_build_as_jobflow_jobs_equals_one_build(tmp_path, pool, model):
     run_locally equals a one-process rebuild; a template added while the chunks ran is in it too."""
     from jobflow import run_locally
 
+    from cspml_flows.core.schemas import IndexBuildReport, IndexChunkReport
     from cspml_flows.flows.chunked import ChunkedIndexMaker
     from cspml_flows.templates.chunked_build import assemble, build_chunk, plan_build
 
     path = fill(tmp_path / "store", pool[:-1])
     flow = ChunkedIndexMaker(chunk_size=25, workers=1).make(str(path))
     responses = run_locally(flow, ensure_success=True)
-    reports = [r[1].output for r in responses.values() if isinstance(r[1].output, dict) and "action" in r[1].output]
-    assert len(reports) == 1 and reports[0]["templates"] == len(pool) - 1
-    chunks = [u for u, r in responses.items() if isinstance(r[1].output, dict) and "skipped" in r[1].output]
+    reports = [r[1].output for r in responses.values() if isinstance(r[1].output, IndexBuildReport)]
+    assert len(reports) == 1 and reports[0].templates == len(pool) - 1
+    chunks = [u for u, r in responses.items() if isinstance(r[1].output, IndexChunkReport)]
     assert len(chunks) == -(-(len(pool) - 1) // 25)
     with TemplateStore.open(path, create=False) as ts:
         chunked, report = sync_index(ts, workers=1)

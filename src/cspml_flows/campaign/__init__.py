@@ -15,19 +15,13 @@ from cspml_flows.campaign.config import (
     StoresConfig,
     check_name,
     load_campaign,
-    make_maker,
     parse_campaign,
     with_rounds,
 )
-from cspml_flows.campaign.runner import (
-    campaign_lock,
-    check_inputs,
-    finished_rounds,
-    promote,
-    round_flow,
-    run_campaign,
-    summarize_round,
-)
+from cspml_flows.campaign.maker import make_maker
+from cspml_flows.campaign.runner import check_inputs, promote, round_flow, run_campaign
+from cspml_flows.campaign.summary import finished_rounds, summarize_round
+from cspml_flows.campaign.workdir import campaign_lock
 
 __all__ = [
     "MAX_CANDIDATES",

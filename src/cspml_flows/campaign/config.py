@@ -17,10 +17,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pymatgen.core import Composition, Element
 
-from cspml_flows.core.config import excerpt, excerpt_text, read_yaml, resolve_path
+from cspml_flows.core.composition import check_formulas, parse_composition
+from cspml_flows.core.config import default_store_path, excerpt, excerpt_text, read_yaml, resolve_path
+from cspml_flows.core.config import model_path as resolve_model
 from cspml_flows.core.errors import ConfigError, CSPMLError
 from cspml_flows.flows.calculators import CalculatorSettings
+from cspml_flows.flows.relax import RelaxationMaker, as_relaxation
+from cspml_flows.learning.hetero.model import default_hetero_path
+from cspml_flows.predict.validity import smact_valid
 
 MAX_COMPOSITIONS = 10_000  # compositions of one campaign
 MAX_SYSTEM_ELEMENTS = 6  # elements of one chemical system in a composition space
@@ -65,8 +71,6 @@ class CompositionSpace(BaseModel):
     @field_validator("chemsys")
     @classmethod
     def _check_systems(cls, value: list[str]) -> list[str]:
-        from pymatgen.core import Element
-
         for cs in value:
             els = cs.split("-")
             bad = [e for e in els if not Element.is_valid_symbol(e)]
@@ -93,10 +97,6 @@ class CompositionSpace(BaseModel):
 
     def enumerate(self) -> list[str]:
         """The formulas of the space; ConfigError when there are more than a campaign may have."""
-        from pymatgen.core import Composition
-
-        from cspml_flows.predict.validity import smact_valid
-
         out: dict[str, None] = {}  # plain formulas in the system's element order (Li3PS4, not pymatgen's Li3(PS4))
         for cs in self.chemsys:
             els = cs.split("-")
@@ -199,8 +199,6 @@ class CampaignConfig(BaseModel):
     @field_validator("compositions")
     @classmethod
     def _check_formulas(cls, value: list[str] | CompositionSpace) -> list[str] | CompositionSpace:
-        from cspml_flows.core.composition import check_formulas
-
         if isinstance(value, list):
             if len(value) > MAX_COMPOSITIONS:
                 raise ValueError(f"{len(value):,} compositions; a campaign may have at most {MAX_COMPOSITIONS:,}")
@@ -210,41 +208,37 @@ class CampaignConfig(BaseModel):
     # ---- derived paths ------------------------------------------------------------------------------
     def formulas(self) -> list[str]:
         """The campaign's reduced formulas (none for an inverse campaign: its retrieval generates them)."""
-        from cspml_flows.core.composition import parse_composition
-
         if isinstance(self.compositions, CompositionSpace):
             return self.compositions.enumerate()
         return [parse_composition(f).reduced_formula for f in self.compositions]
 
     def workdir_path(self) -> Path:
+        """The campaign's folder: reports, and the default stores."""
         return Path(self.workdir or f"out/campaigns/{self.name}").expanduser()
 
     def template_store(self) -> str:
-        from cspml_flows.core.config import default_store_path
-
+        """URI of the template store."""
         return str(self.stores.templates or default_store_path())
 
     def results_store(self) -> str:
+        """URI of the results store (relaxations and campaign state)."""
         return str(self.stores.results or self.workdir_path() / "results")
 
     def jobs_store(self) -> str:
+        """URI of the jobflow JobStore."""
         return str(self.stores.jobs or self.workdir_path() / "jobstore")
 
     def model_path(self) -> str | None:
         """The model file: similarity model (csp) or hetero model (metastable, inverse)."""
-        from cspml_flows.core.config import model_path as resolve_model
-
         if self.model is None:
             return None
         if self.kind != "csp":
-            from cspml_flows.learning.hetero.model import default_hetero_path
-
             return str(default_hetero_path() if self.model == "default" else Path(self.model).expanduser())
         return str(resolve_model(None if self.model == "default" else self.model))
 
-    def relaxations(self) -> list:
+    def relaxations(self) -> list[RelaxationMaker]:
         """The RelaxationMaker of every calculator tier, first to last."""
-        return [self.calculator.relaxation(), *(t.relaxation() for t in self.tiers)]
+        return [as_relaxation(self.calculator), *(as_relaxation(t) for t in self.tiers)]
 
     def calc_ids(self) -> list[str]:
         """The calculator id of every tier."""
@@ -310,54 +304,3 @@ def with_rounds(cfg: CampaignConfig, rounds: int) -> CampaignConfig:
         raise ConfigError(f"--rounds: {_format_errors(exc)}") from None
     out._source = cfg.source
     return out
-
-
-# ---------------------------------------------------------------------------------------------- the Maker
-def make_maker(cfg: CampaignConfig):
-    """The CSPMaker of a campaign: its retrieval Maker by kind, one RelaxationMaker per calculator tier."""
-    from cspml_flows.flows.candidates import DedupMaker
-    from cspml_flows.flows.hull import StabilityMaker
-    from cspml_flows.flows.makers import CSPMaker
-    from cspml_flows.flows.promotion import TemplateUpdateMaker
-    from cspml_flows.flows.retrieval import TemplateRetrievalMaker
-
-    top = cfg.top_k
-    if cfg.kind == "csp":
-        retrieval = TemplateRetrievalMaker(top=top, strict=cfg.strict, workers=cfg.workers)
-    elif cfg.kind == "metastable":
-        from cspml_flows.flows.hetero import HeteroRetrievalMaker
-
-        retrieval, top = (
-            HeteroRetrievalMaker(polymorphs=cfg.polymorphs, strict=cfg.strict, workers=cfg.workers),
-            cfg.polymorphs,
-        )
-    else:
-        from cspml_flows.flows.hetero import InverseRetrievalMaker
-        from cspml_flows.predict.inverse import check_elements
-        from cspml_flows.templates.importers import read_structure
-
-        structure = read_structure(cfg.structure)
-        retrieval = InverseRetrievalMaker(
-            structure=structure.as_dict(),
-            structure_name=Path(str(cfg.structure)).name,
-            elements=check_elements(cfg.elements),
-            top=top,
-        )
-    if cfg.kind != "inverse" and len(cfg.formulas()) > cfg.retrieval_chunk:
-        from cspml_flows.flows.chunked import ChunkedRetrievalMaker
-
-        retrieval = ChunkedRetrievalMaker(retrieval=retrieval, chunk_size=cfg.retrieval_chunk)
-    first, *more = cfg.relaxations()
-    return CSPMaker(
-        name=f"cspml {cfg.name}",
-        template_store=cfg.template_store(),
-        results_store=cfg.results_store(),
-        model=cfg.model_path(),
-        campaign=cfg.name,
-        retrieval=retrieval,
-        dedup=DedupMaker(top=top),
-        relaxation=first,
-        tiers=more,
-        stability=StabilityMaker(max_references=cfg.max_references),
-        promotion=TemplateUpdateMaker(threshold=cfg.hull_threshold, campaign=cfg.name),
-    )

@@ -9,7 +9,7 @@ from cspml_flows.flows.hull import StabilityMaker
 from cspml_flows.flows.makers import CSPMaker
 from cspml_flows.flows.promotion import PromotionBuilder, TemplateUpdateMaker
 from cspml_flows.flows.relax import RelaxationMaker
-from cspml_flows.flows.retrieval import TemplateRetrievalMaker
+from cspml_flows.flows.retrieval import RetrievalMaker, TemplateRetrievalMaker
 
 __all__ = [
     "CSPMaker",
@@ -18,6 +18,7 @@ __all__ = [
     "DedupMaker",
     "PromotionBuilder",
     "RelaxationMaker",
+    "RetrievalMaker",
     "StabilityMaker",
     "SubstitutionMaker",
     "TemplateRetrievalMaker",

@@ -10,22 +10,21 @@ from pymatgen.core import Structure
 
 from cspml_flows.core.composition import as_composition
 from cspml_flows.core.engines import structure_fingerprint
+from cspml_flows.core.equivalence import DistinctStructures
 from cspml_flows.core.schemas import CandidateDoc, CandidateSet, RetrievalOutput
+from cspml_flows.flows.retrieval import load_index
+from cspml_flows.predict.predictor import CSPPredictor
+from cspml_flows.predict.retrieve import Ranked
 
 
-def as_structure(value: Structure | dict) -> Structure:
-    """A Structure from a dict or a Structure (engines such as FireWorks decode job arguments)."""
-    return value if isinstance(value, Structure) else Structure.from_dict(value)
-
-
-def candidate_doc(structure: Structure, formula: str, round: int, **fields: Any) -> CandidateDoc:
-    """A candidate document: fingerprint, chemical system and structure dict from ``structure``."""
+def candidate_doc(structure: Structure, formula: str, round_number: int, **fields: Any) -> CandidateDoc:
+    """A candidate document: fingerprint and chemical system from ``structure``."""
     return CandidateDoc(
         candidate_id=structure_fingerprint(structure),
         formula=formula,
         chemsys=structure.composition.chemical_system,
-        structure=structure.as_dict(),
-        round=round,
+        structure=structure,
+        round=round_number,
         **fields,
     )
 
@@ -45,10 +44,6 @@ class SubstitutionMaker(Maker):
     @job(output_schema=CandidateSet)
     def make(self, retrieval: RetrievalOutput, template_store: str) -> CandidateSet:
         """Candidate structures of every retrieved (template, assignment) pair, in rank order."""
-        from cspml_flows.flows.retrieval import load_index
-        from cspml_flows.predict.predictor import CSPPredictor
-        from cspml_flows.predict.retrieve import Ranked
-
         retrieval = RetrievalOutput.coerce(retrieval)
         index = load_index(template_store)
         pos = {str(m): i for i, m in enumerate(index.ids)}
@@ -109,20 +104,18 @@ class DedupMaker(Maker):
     @job(output_schema=CandidateSet)
     def make(self, candidates: CandidateSet) -> CandidateSet:
         """At most ``top`` distinct candidates per formula, re-ranked 1..n."""
-        from cspml_flows.core.prototype import safe_fit, structure_matcher
-
         cs = CandidateSet.coerce(candidates)
-        sm = structure_matcher()
-        kept: dict[str, list[tuple[CandidateDoc, Structure]]] = {}
+        kept: dict[str, list[CandidateDoc]] = {}
+        seen: dict[str, DistinctStructures] = {}
         removed = 0
         for c in sorted(cs.candidates, key=lambda c: (c.formula, c.rank)):
             group = kept.setdefault(c.formula, [])
             if len(group) >= self.top:
                 continue
-            s = Structure.from_dict(c.structure)
-            if any(k.candidate_id == c.candidate_id or safe_fit(sm, ks, s) for k, ks in group):
+            distinct = seen.setdefault(c.formula, DistinctStructures())
+            if any(k.candidate_id == c.candidate_id for k in group) or not distinct.add(c.structure):
                 removed += 1
                 continue
-            group.append((c, s))
-        out = [c.model_copy(update={"rank": i + 1}) for group in kept.values() for i, (c, _) in enumerate(group)]
+            group.append(c)
+        out = [c.model_copy(update={"rank": i + 1}) for group in kept.values() for i, c in enumerate(group)]
         return CandidateSet(candidates=out, messages=cs.messages, n_removed=removed, round=cs.round)

@@ -17,8 +17,8 @@ from typing import Any
 
 from jobflow import Flow, Maker, Response, job
 
-from cspml_flows.core.schemas import RetrievalOutput
-from cspml_flows.flows.retrieval import TemplateRetrievalMaker
+from cspml_flows.core.schemas import IndexBuildReport, IndexChunkReport, RetrievalOutput
+from cspml_flows.flows.retrieval import RetrievalMaker, TemplateRetrievalMaker
 from cspml_flows.templates.chunked_build import ChunkResult, IndexPlan, assemble, build_chunk, plan_build
 from cspml_flows.templates.store import TemplateStore
 
@@ -46,7 +46,7 @@ class ChunkedRetrievalMaker(Maker):
     """
 
     name: str = "retrieve templates in chunks"
-    retrieval: Maker = field(default_factory=TemplateRetrievalMaker)
+    retrieval: RetrievalMaker = field(default_factory=TemplateRetrievalMaker)
     chunk_size: int = 1000
 
     def __post_init__(self) -> None:
@@ -56,14 +56,14 @@ class ChunkedRetrievalMaker(Maker):
     @property
     def returns_candidates(self) -> bool:
         """Whether the wrapped Maker yields candidate structures itself (see CSPMaker)."""
-        return bool(getattr(self.retrieval, "returns_candidates", False))
+        return self.retrieval.returns_candidates
 
     def make(
         self,
         compositions: list[str],
         template_store: str,
         model: str | None = None,
-        round: int = 1,
+        round_number: int = 1,
         campaign: str | None = None,
     ) -> Flow:
         """A Flow of one retrieval job per chunk and a merge job; its output is the merged retrieval output."""
@@ -71,7 +71,7 @@ class ChunkedRetrievalMaker(Maker):
         chunks = [comps[i : i + self.chunk_size] for i in range(0, len(comps), self.chunk_size)] or [[]]
         jobs = []
         for k, chunk in enumerate(chunks, 1):
-            part = self.retrieval.make(chunk, template_store, model, round, campaign)
+            part = self.retrieval.make(chunk, template_store, model, round_number, campaign)
             part.name = f"{part.name} {k}/{len(chunks)}"
             jobs.append(part)
         if len(jobs) == 1:
@@ -80,21 +80,22 @@ class ChunkedRetrievalMaker(Maker):
         return Flow([*jobs, merge], output=merge.output, name=self.name)
 
 
-@job
-def index_chunk(template_store: str, plan: dict[str, Any], k: int, workers: int = 1) -> dict[str, Any]:
+@job(output_schema=IndexChunkReport)
+def index_chunk(template_store: str, plan: dict[str, Any], k: int, workers: int = 1) -> IndexChunkReport:
     """Index segments of the plan's ``k``-th id range (:func:`~cspml_flows.templates.chunked_build.build_chunk`)."""
     with TemplateStore.open(template_store, create=False) as ts:
-        return asdict(build_chunk(ts, IndexPlan(**plan), k, workers))
+        return IndexChunkReport(**asdict(build_chunk(ts, IndexPlan(**plan), k, workers)))
 
 
-@job
+@job(output_schema=IndexBuildReport)
 def assemble_index(
-    template_store: str, plan: dict[str, Any], parts: list[dict[str, Any]], workers: int = 1
-) -> dict[str, Any]:
+    template_store: str, plan: dict[str, Any], parts: list[IndexChunkReport], workers: int = 1
+) -> IndexBuildReport:
     """Commit the chunks as the store's index and bring it up to date; the index report."""
+    chunks = [ChunkResult(**IndexChunkReport.coerce(p).model_dump()) for p in parts]
     with TemplateStore.open(template_store, create=False) as ts:
-        report = assemble(ts, IndexPlan(**plan), [ChunkResult(**p) for p in parts], workers)
-    return asdict(report)
+        report = assemble(ts, IndexPlan(**plan), chunks, workers)
+    return IndexBuildReport(**asdict(report))
 
 
 @job

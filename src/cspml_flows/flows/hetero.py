@@ -15,20 +15,26 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import ClassVar
 
-from jobflow import Maker, job
+from jobflow import job
+from pymatgen.core import Structure
 
+from cspml_flows.core.composition import as_composition, roles
 from cspml_flows.core.errors import ModelError
 from cspml_flows.core.schemas import CandidateSet, RetrievalOutput
+from cspml_flows.flows.candidates import candidate_doc
+from cspml_flows.flows.retrieval import RetrievalMaker, load_index, promoted_later, retrieval_output
+from cspml_flows.learning.hetero.model import HeteroModel
+from cspml_flows.predict.hetero_rank import hetero_rank
+from cspml_flows.predict.inverse import inverse_from_structure, inverse_pool
 
 
 @lru_cache(maxsize=4)
-def _load_hetero(path: str, mtime: float):
-    from cspml_flows.learning.hetero.model import HeteroModel
-
+def _load_hetero(path: str, mtime: float) -> HeteroModel:
+    """The hetero model at ``path`` as of its modification time ``mtime`` (the cache key)."""
     return HeteroModel.load(path)
 
 
-def load_hetero(path: str | None):
+def load_hetero(path: str | None) -> HeteroModel:
     """The hetero model at ``path`` (cached while the file is unchanged); ModelError names a missing file."""
     if not path or not os.path.isfile(path):
         raise ModelError(f"hetero model file not found: {path} (train one with 'cspml train --hetero')")
@@ -36,61 +42,57 @@ def load_hetero(path: str | None):
 
 
 @dataclass
-class HeteroRetrievalMaker(Maker):
+class HeteroRetrievalMaker(RetrievalMaker):
     """Template retrieval with the hetero model (polymorphs ranked by the fused score).
 
     Parameters
     ----------
     name
         Job name.
+    workers
+        Processes used to build the template index and the structure bank.
     polymorphs
         Distinct structures wanted per composition (``3 * polymorphs + 2`` pairs are retrieved).
     strict
         Ignore templates of the query formula itself.
-    workers
-        Processes used to build the template index and the structure bank.
     """
 
     name: str = "hetero retrieve"
     polymorphs: int = 3
     strict: bool = False
-    workers: int = 1
 
-    @job(output_schema=RetrievalOutput)
-    def make(
+    def retrieve(
         self,
         compositions: list[str],
-        template_store: str,
-        model: str | None = None,
-        round: int = 1,
-        campaign: str | None = None,
+        template_store: str | None,
+        model: str | None,
+        round_number: int,
+        campaign: str | None,
     ) -> RetrievalOutput:
         """Rank (template, assignment) pairs with the hetero model ``model``, one per prototype cluster and
         assignment; templates ``campaign`` promoted in this round or later are ignored."""
-        from cspml_flows.core.composition import as_composition, roles
-        from cspml_flows.flows.retrieval import load_index, promoted_later, retrieval_output
-        from cspml_flows.predict.hetero_rank import hetero_rank
-
         hetero = load_hetero(model)
         index = load_index(template_store, self.workers)
         bank = hetero.bank(index, workers=self.workers)
         comps = [as_composition(c) for c in compositions]
         rl = [roles(c) for c in comps]
         ranked = hetero_rank(hetero, bank, rl, top=self.polymorphs * 3 + 2, strict=self.strict)
-        later = promoted_later(template_store, campaign, round)
+        later = promoted_later(template_store, campaign, round_number)
         if later:
             ranked = [[h for h in hits if str(index.ids[h.template]) not in later] for hits in ranked]
-        return retrieval_output(index, comps, rl, ranked, round)
+        return retrieval_output(index, comps, rl, ranked, round_number)
 
 
 @dataclass
-class InverseRetrievalMaker(Maker):
+class InverseRetrievalMaker(RetrievalMaker):
     """Compositions of ``elements`` ranked for a user structure; each becomes a candidate structure.
 
     Parameters
     ----------
     name
         Job name.
+    workers
+        Processes used to index the template store the structure's prototype competes with.
     structure
         The user structure (``Structure.as_dict()``), from no database.
     structure_name
@@ -115,28 +117,34 @@ class InverseRetrievalMaker(Maker):
         compositions: list[str] | None = None,
         template_store: str | None = None,
         model: str | None = None,
-        round: int = 1,
+        round_number: int = 1,
         campaign: str | None = None,
     ) -> CandidateSet:
-        """Candidates of the ranked compositions (``compositions`` is unused: they are generated from
-        ``elements``; the structure is the only template, ``template_store`` the database its prototypes
-        compete with in the normalised score)."""
-        from pymatgen.core import Structure
+        """The inverse retrieval job (its output is a candidate set): :meth:`retrieve`."""
+        return self.retrieve(list(compositions or []), template_store, model, round_number, campaign)
 
-        from cspml_flows.flows.candidates import candidate_doc
-        from cspml_flows.predict.inverse import inverse_from_structure, inverse_pool
-
+    def retrieve(
+        self,
+        compositions: list[str],
+        template_store: str | None,
+        model: str | None,
+        round_number: int,
+        campaign: str | None,
+    ) -> CandidateSet:
+        """Candidates of the ranked compositions (``compositions`` and ``campaign`` are unused: compositions
+        are generated from ``elements``; the structure is the only template, ``template_store`` the database
+        its prototype competes with in the normalised score)."""
         s = Structure.from_dict(self.structure)
         hetero = load_hetero(model)
-        pool = inverse_pool(hetero, template_store)
+        pool = inverse_pool(hetero, template_store, self.workers)
         res = inverse_from_structure(hetero, s, self.elements, top=self.top, name=self.structure_name, pool=pool)
-        out = CandidateSet(candidates=[], round=round)
+        out = CandidateSet(candidates=[], round=round_number)
         for c in res.candidates:
             out.candidates.append(
                 candidate_doc(
                     c.structure,
                     c.formula,
-                    round,
+                    round_number,
                     rank=c.rank,
                     score=c.score,
                     template_id=f"user:{self.structure_name}",

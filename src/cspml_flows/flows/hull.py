@@ -10,6 +10,7 @@ from jobflow import Flow, Maker, Response, job
 
 from cspml_flows.core.schemas import CandidateDoc, CandidateSet, RelaxOutput, StabilityOutput
 from cspml_flows.flows.relax import RelaxationMaker
+from cspml_flows.flows.stability import competing_phases, hull_analysis
 from cspml_flows.flows.stores import RESULTS_COLLECTION, close_store, open_store, write_docs
 
 
@@ -36,15 +37,13 @@ class StabilityMaker(Maker):
     tier: int = 1
 
     @job
-    def make(self, relaxed: RelaxOutput, template_store: str, results_store: str, round: int = 1) -> Response:
+    def make(self, relaxed: RelaxOutput, template_store: str, results_store: str, round_number: int = 1) -> Response:
         """Competing phases relaxed (once; cached), then the hull job."""
-        from cspml_flows.flows.stability import competing_phases
-
         ro = RelaxOutput.coerce(relaxed)
         systems = sorted({r.chemsys for r in ro.records if r.status == "successful" and r.kind == "candidate"})
         refs = competing_phases(str(template_store), systems, max_per_system=self.max_references)
         sub = self.relaxation.relax_flow(refs, str(results_store), "relax competing phases")
-        hull = hull_job(ro, sub.output, self.relaxation, str(results_store), round, self.tier)
+        hull = hull_job(ro, sub.output, self.relaxation, str(results_store), round_number, self.tier)
         return Response(replace=Flow([sub, hull], output=hull.output, name=self.name))
 
 
@@ -54,13 +53,11 @@ def hull_job(
     references: RelaxOutput,
     relaxation: RelaxationMaker,
     results_store: str,
-    round: int = 1,
+    round_number: int = 1,
     tier: int = 1,
 ) -> StabilityOutput:
     """e_above_hull of each candidate against candidates and references of the same calculator; the value is
     also written onto the candidate's record in the results store (``last_updated`` refreshed)."""
-    from cspml_flows.flows.stability import hull_analysis
-
     ro, refs = RelaxOutput.coerce(relaxed), RelaxOutput.coerce(references)
     cands = [r for r in ro.records if r.kind == "candidate"]
     records, systems = hull_analysis(cands, refs.records, vasp=relaxation.vasp)
@@ -84,7 +81,7 @@ def hull_job(
         candidates=cands,
         n_references=sum(r.status == "successful" for r in refs.records),
         chemsys_references=systems,
-        round=round,
+        round=round_number,
         tier=tier,
     )
 

@@ -15,10 +15,11 @@ from typing import Any
 from jobflow import Flow, Maker
 
 from cspml_flows.flows.candidates import DedupMaker, SubstitutionMaker
+from cspml_flows.flows.chunked import ChunkedRetrievalMaker
 from cspml_flows.flows.hull import StabilityMaker, near_hull
 from cspml_flows.flows.promotion import TemplateUpdateMaker
 from cspml_flows.flows.relax import RelaxationMaker, as_relaxation
-from cspml_flows.flows.retrieval import TemplateRetrievalMaker
+from cspml_flows.flows.retrieval import RetrievalMaker, TemplateRetrievalMaker
 
 DEFAULT_HULL_WINDOW = 0.1  # eV/atom: candidates this close to a tier's hull go to the next tier
 
@@ -38,8 +39,9 @@ class CSPMaker(Maker):
     campaign
         Campaign name: promoted template ids and provenance.
     retrieval
-        Retrieval Maker: :class:`TemplateRetrievalMaker` (CSPML), a hetero or inverse retrieval Maker.
-        One whose ``returns_candidates`` is True yields candidate structures itself (no substitution stage).
+        Retrieval Maker (a :class:`~cspml_flows.flows.retrieval.RetrievalMaker`: CSPML's
+        :class:`TemplateRetrievalMaker`, a hetero or inverse retrieval Maker, or one of them in chunks). One
+        whose ``returns_candidates`` is True yields candidate structures itself (no substitution stage).
     substitution, dedup
         Substitution and symmetry-deduplication Makers (``dedup.top``: structures kept per composition).
     relaxation
@@ -60,7 +62,7 @@ class CSPMaker(Maker):
     results_store: str = ""
     model: str | None = None
     campaign: str = "campaign"
-    retrieval: Maker = field(default_factory=TemplateRetrievalMaker)
+    retrieval: RetrievalMaker | ChunkedRetrievalMaker = field(default_factory=TemplateRetrievalMaker)
     substitution: SubstitutionMaker = field(default_factory=SubstitutionMaker)
     dedup: DedupMaker = field(default_factory=DedupMaker)
     relaxation: Maker = field(default_factory=RelaxationMaker)
@@ -76,14 +78,14 @@ class CSPMaker(Maker):
         """The relaxation of every calculator tier, first to last."""
         return [self.relaxation, *self.tiers]
 
-    def make(self, compositions: list[str], round: int = 1) -> Flow:
+    def make(self, compositions: list[str], round_number: int = 1) -> Flow:
         """The round's Flow; outputs ``retrieval``, ``candidates``, ``relaxed`` and ``stability`` (first tier),
         ``tiers`` (per tier: ``candidates``, ``relaxed``, ``stability``), ``final`` (the last tier's hull)
         and ``promotion``."""
         ts, rs = self.template_store, self.results_store
-        retrieve = self.retrieval.make(list(compositions), ts, self.model, round, self.campaign)
+        retrieve = self.retrieval.make(list(compositions), ts, self.model, round_number, self.campaign)
         jobs: list = [retrieve]
-        if getattr(self.retrieval, "returns_candidates", False):
+        if self.retrieval.returns_candidates:
             found = retrieve.output
         else:
             substitute = self.substitution.make(retrieve.output, ts)
@@ -102,7 +104,7 @@ class CSPMaker(Maker):
                 jobs.append(select)
                 candidates = select.output
             relax = relaxation.make(candidates, rs)
-            stab = replace(self.stability, relaxation=relaxation, tier=k).make(relax.output, ts, rs, round)
+            stab = replace(self.stability, relaxation=relaxation, tier=k).make(relax.output, ts, rs, round_number)
             if k > 1:
                 relax.name, stab.name = f"{relax.name} (tier {k})", f"{stab.name} (tier {k})"
             jobs += [relax, stab]
@@ -110,10 +112,10 @@ class CSPMaker(Maker):
         output |= {"relaxed": tiers[0]["relaxed"], "stability": tiers[0]["stability"], "tiers": tiers}
         output["final"] = tiers[-1]["stability"]
         if self.promotion is not None:
-            update = self.promotion.make(output["final"], ts, rs, round)
+            update = self.promotion.make(output["final"], ts, rs, round_number)
             jobs.append(update)
             output["promotion"] = update.output
-        return Flow(jobs, output=output, name=f"{self.name} round {round}")
+        return Flow(jobs, output=output, name=f"{self.name} round {round_number}")
 
 
 def _tier(maker: Maker) -> RelaxationMaker:

@@ -8,6 +8,7 @@ newer hull analysis. Like emmet's builders it runs alone (``cspml campaign promo
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -16,12 +17,17 @@ from jobflow import Maker, job
 from maggma.core import Builder, Store
 from pymatgen.core import Structure
 
+from cspml_flows.core.equivalence import DistinctStructures
 from cspml_flows.core.schemas import PromotionOutput, RelaxRecord, StabilityOutput
+from cspml_flows.flows.stores import RESULTS_COLLECTION, close_store
+from cspml_flows.templates.schema import KEY, template_doc_from_structure
+from cspml_flows.templates.store_uri import COLLECTION, make_store
+from cspml_flows.templates.store_write import upsert
 
 
-def promoted_id(campaign: str, round: int, fingerprint: str) -> str:
+def promoted_id(campaign: str, round_number: int, fingerprint: str) -> str:
     """Template id of a promoted candidate: campaign, round and structure fingerprint."""
-    return f"cspml-{campaign}-r{round}-{fingerprint[:12]}"
+    return f"cspml-{campaign}-r{round_number}-{fingerprint[:12]}"
 
 
 class PromotionBuilder(Builder):
@@ -53,7 +59,8 @@ class PromotionBuilder(Builder):
         self.n_considered = 0
         super().__init__(sources=[relaxations], targets=[templates])
 
-    def _criteria(self) -> dict:
+    def criteria(self) -> dict:
+        """The query of the records to consider (incremental: updated since the newest promoted template)."""
         crit: dict[str, Any] = {
             "kind": "candidate",
             "status": "successful",
@@ -70,11 +77,11 @@ class PromotionBuilder(Builder):
                 crit["last_updated"] = {"$gt": _as_text(last["last_updated"])}
         return crit
 
-    def get_items(self):
+    def get_items(self) -> Iterator[dict]:
         """Records to consider, grouped by formula, with the store's templates of that formula."""
         self.promoted, self.n_considered = [], 0
         by_formula: dict[str, list[dict]] = {}
-        for d in self.relaxations.query(self._criteria()):
+        for d in self.relaxations.query(self.criteria()):
             d.pop("_id", None)
             by_formula.setdefault(d["formula"], []).append(d)
         self.total = len(by_formula)
@@ -84,12 +91,8 @@ class PromotionBuilder(Builder):
 
     def process_item(self, item: dict) -> dict:
         """New template documents of one formula (no database access)."""
-        from cspml_flows.core.prototype import safe_fit, structure_matcher
-        from cspml_flows.templates.schema import template_doc_from_structure
-
-        sm = structure_matcher()
         known_ids = {str(d["material_id"]) for d in item["known"]}
-        known = [Structure.from_dict(d["structure"]) for d in item["known"]]
+        known = DistinctStructures(Structure.from_dict(d["structure"]) for d in item["known"])
         docs, already = [], []
         records = sorted((RelaxRecord.coerce(r) for r in item["records"]), key=lambda r: r.e_above_hull or 0.0)
         for r in records:
@@ -97,10 +100,9 @@ class PromotionBuilder(Builder):
             if mid in known_ids:  # promoted by an earlier run
                 already.append(mid)
                 continue
-            s = Structure.from_dict(r.structure)
-            if any(safe_fit(sm, k, s) for k in known):
+            s = r.structure
+            if not known.add(s):
                 continue
-            known.append(s)
             doc = template_doc_from_structure(
                 s,
                 mid,
@@ -117,9 +119,6 @@ class PromotionBuilder(Builder):
 
     def update_targets(self, items: list[dict]) -> None:
         """Write the new templates (one document per id, whatever runs twice)."""
-        from cspml_flows.templates.schema import KEY
-        from cspml_flows.templates.store_write import upsert
-
         docs = [d for it in items for d in it["docs"]]
         if docs:
             upsert(self.templates, docs, KEY)
@@ -136,11 +135,7 @@ def _as_text(value: Any) -> Any:
 def promotion_builder(
     results_store: str, template_store: str, campaign: str, threshold: float, calculator: str | None = None, **kw: Any
 ) -> PromotionBuilder:
-    """A :class:`PromotionBuilder` on store URIs (see :func:`cspml_flows.flows.stores.make_store`)."""
-    from cspml_flows.flows.stores import RESULTS_COLLECTION, make_store
-    from cspml_flows.templates.schema import KEY
-    from cspml_flows.templates.store_uri import COLLECTION
-
+    """A :class:`PromotionBuilder` on store URIs (see :func:`cspml_flows.templates.store_uri.make_store`)."""
     return PromotionBuilder(
         make_store(results_store, RESULTS_COLLECTION),
         make_store(template_store, COLLECTION, key=KEY, create=False),
@@ -153,8 +148,6 @@ def promotion_builder(
 
 def run_builder(builder: PromotionBuilder) -> PromotionOutput:
     """Run the builder's get_items / process_item / update_targets in this process."""
-    from cspml_flows.flows.stores import close_store
-
     builder.connect()
     try:
         items = [builder.process_item(it) for it in builder.get_items()]
@@ -185,7 +178,7 @@ class TemplateUpdateMaker(Maker):
 
     @job(output_schema=PromotionOutput)
     def make(
-        self, stability: StabilityOutput, template_store: str, results_store: str, round: int = 1
+        self, stability: StabilityOutput, template_store: str, results_store: str, round_number: int = 1
     ) -> PromotionOutput:
         """Promote this hull's candidates (the Builder restricted to their relaxation keys)."""
         so = StabilityOutput.coerce(stability)
@@ -200,4 +193,4 @@ class TemplateUpdateMaker(Maker):
             incremental=False,
         )
         out = run_builder(builder)
-        return out.model_copy(update={"round": round})
+        return out.model_copy(update={"round": round_number})

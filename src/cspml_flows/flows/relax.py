@@ -9,11 +9,7 @@ store at once under the key (structure fingerprint, calculator id), so nothing f
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import os
-import socket
 import sys
 import time
 import warnings
@@ -24,50 +20,26 @@ import numpy as np
 from jobflow import Flow, Maker, Response, job
 from jobflow.core.reference import OnMissing
 from monty.json import jsanitize
+from tqdm import tqdm
 
-from cspml_flows.core.engines import relax_key, structure_fingerprint
-from cspml_flows.core.schemas import CandidateDoc, CandidateSet, RelaxOutput, RelaxRecord
+from cspml_flows.core.engines import pin_torch_threads, relax_key, structure_fingerprint
+from cspml_flows.core.schemas import CandidateSet, RelaxOutput, RelaxRecord
+from cspml_flows.flows.calculators import (
+    CalculatorSettings,
+    calculator_id,
+    calculator_label,
+    is_vasp_maker,
+    relax_maker,
+    runs_in_process,
+)
+from cspml_flows.flows.records import as_structure, candidate_items, new_record
 from cspml_flows.flows.stores import RESULTS_COLLECTION, close_store, open_store, write_docs
+from cspml_flows.flows.vasp import task_record
 
 
 def default_relax_maker() -> Maker:
     """ASE EMT, FIRE with the cell relaxed, fmax 0.05 eV/A, 300 steps (metals; seconds)."""
-    from cspml_flows.flows.calculators import CalculatorSettings, relax_maker
-
     return relax_maker(CalculatorSettings())
-
-
-def _strip(d: Any) -> Any:
-    """A Maker dict without the keys that do not change a result (versions, names, how VASP is launched)."""
-    if isinstance(d, dict):
-        return {k: _strip(v) for k, v in d.items() if k not in ("@version", "name", "run_vasp_kwargs")}
-    if isinstance(d, list):
-        return [_strip(v) for v in d]
-    return d
-
-
-def calculator_label(maker: Maker) -> str:
-    """Short calculator name of an atomate2 Maker: ``emt``, ``chgnet``, ``sevennet``, ``vasp``..."""
-    if is_vasp_maker(maker):
-        return "vasp"
-    ff = getattr(maker, "force_field_name", None)
-    if ff is not None:
-        text = str(getattr(ff, "value", ff))
-        return text.rsplit(".", 1)[-1].lower()
-    name = type(maker).__name__
-    return name.removesuffix("RelaxMaker").removesuffix("Maker").lower() or name.lower()
-
-
-def is_vasp_maker(maker: Maker) -> bool:
-    """True for atomate2's VASP Makers (their energies get MP2020 corrections on the hull)."""
-    return type(maker).__module__.startswith("atomate2.vasp")
-
-
-def runs_in_process(maker: Maker) -> bool:
-    """True for ASE-calculator Makers, whose ``make`` body can relax a batch in one process."""
-    from atomate2.ase.jobs import AseRelaxMaker
-
-    return isinstance(maker, AseRelaxMaker)
 
 
 @dataclass
@@ -101,12 +73,11 @@ class RelaxationMaker(Maker):
     @property
     def calc_id(self) -> str:
         """Calculator id ``label/digest`` of the relax Maker's settings: one hull per id."""
-        d = _strip(jsanitize(self.relax_maker.as_dict(), strict=True, enum_values=True))
-        digest = hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:10]
-        return f"{self.label}/{digest}"
+        return calculator_id(self.relax_maker)
 
     @property
     def vasp(self) -> bool:
+        """Whether the relax Maker is one of atomate2's VASP Makers."""
         return is_vasp_maker(self.relax_maker)
 
     @job
@@ -138,9 +109,6 @@ class RelaxationMaker(Maker):
                 jobs.append(batch)
                 parts.append(batch.output)
         else:
-            from cspml_flows.flows.candidates import as_structure
-            from cspml_flows.flows.vasp import task_record
-
             for it in todo.values():
                 sub = self.relax_maker.make(as_structure(it["structure"]))
                 earlier = [j.output for j in sub.jobs[:-1]] if isinstance(sub, Flow) else []  # VASP: relax 1
@@ -155,16 +123,16 @@ class RelaxationMaker(Maker):
         return Flow([*jobs, gather], output=gather.output, name=name)
 
 
-def as_relaxation(value: Any) -> RelaxationMaker:
+def as_relaxation(value: RelaxationMaker | Maker | CalculatorSettings) -> RelaxationMaker:
     """A :class:`RelaxationMaker` from itself, an atomate2 relax Maker, or YAML calculator settings."""
     if isinstance(value, RelaxationMaker):
         return value
     if isinstance(value, Maker):
         return RelaxationMaker(relax_maker=value)
-    from cspml_flows.flows.calculators import CalculatorSettings
-
     if isinstance(value, CalculatorSettings):
-        return value.relaxation()
+        return RelaxationMaker(
+            relax_maker=relax_maker(value), batch_size=value.batch_size, hull_window=value.hull_window
+        )
     raise TypeError(f"cannot relax with {type(value).__name__}: pass an atomate2 Maker or calculator settings")
 
 
@@ -173,49 +141,8 @@ def relax_flow(items: list[dict], relaxation: Any, results_store: str, name: str
     return as_relaxation(relaxation).relax_flow(items, str(results_store), name)
 
 
-def candidate_items(candidates: CandidateSet) -> list[dict]:
-    """Relaxation items of a candidate set (structure, kind, template id, the candidate document, round)."""
-    cs = CandidateSet.coerce(candidates)
-    return [
-        {
-            "structure": c.structure,
-            "kind": "candidate",
-            "source_id": c.template_id,
-            "candidate": c.model_dump(mode="json"),
-            "round": c.round,
-        }
-        for c in cs.candidates
-    ]
-
-
-def new_record(item: dict, relaxation: RelaxationMaker, **fields: Any) -> RelaxRecord:
-    """A :class:`RelaxRecord` for ``item`` (formula, chemical system and key from its structure)."""
-    from cspml_flows.flows.candidates import as_structure
-
-    s = as_structure(item["structure"])
-    fp = structure_fingerprint(s)
-    candidate = item.get("candidate")
-    return RelaxRecord(
-        key=relax_key(fp, relaxation),
-        fingerprint=fp,
-        calculator=relaxation.calc_id,
-        kind=item.get("kind", "candidate"),
-        formula=s.composition.reduced_formula,
-        chemsys=s.composition.chemical_system,
-        nsites=len(s),
-        initial_structure=s.as_dict(),
-        source_id=item.get("source_id"),
-        candidate=CandidateDoc.coerce(candidate) if candidate is not None else None,
-        round=item.get("round"),
-        worker=f"{socket.gethostname()}:{os.getpid()}",
-        **fields,
-    )
-
-
 def relax_one(relaxation: RelaxationMaker, item: dict) -> RelaxRecord:
     """Relax one structure with the atomate2 Maker's own ``make`` body; failures become failed records."""
-    from cspml_flows.flows.candidates import as_structure
-
     maker = relaxation.relax_maker
     make = type(maker).make.original  # the undecorated atomate2 job function: same code, no nested job
     t0 = time.perf_counter()
@@ -223,7 +150,7 @@ def relax_one(relaxation: RelaxationMaker, item: dict) -> RelaxRecord:
         with warnings.catch_warnings(), np.errstate(all="ignore"):
             warnings.simplefilter("ignore")
             doc = make(maker, as_structure(item["structure"]))
-    except Exception as exc:
+    except Exception as exc:  # any calculator error is this structure's answer: a failed record, kept
         reason = f"calculator error: {type(exc).__name__}: {exc}"[:500]
         return new_record(item, relaxation, status="failed", reason=reason, elapsed_s=time.perf_counter() - t0)
     final = doc.output.mol_or_struct
@@ -240,7 +167,7 @@ def relax_one(relaxation: RelaxationMaker, item: dict) -> RelaxRecord:
     if not finite:
         return new_record(item, relaxation, status="failed", reason="non-finite energy or structure (NaN)", **fields)
     if converged is False:
-        fmax = (getattr(maker, "relax_kwargs", None) or {}).get("fmax", "?")
+        fmax = (maker.relax_kwargs or {}).get("fmax", "?")
         reason = f"not converged: forces above {fmax} eV/A after {n_steps} steps"
         return new_record(item, relaxation, status="failed", reason=reason, **fields)
     return new_record(item, relaxation, status="successful", **fields)
@@ -249,10 +176,6 @@ def relax_one(relaxation: RelaxationMaker, item: dict) -> RelaxRecord:
 @job
 def relax_batch(items: list[dict], relaxation: RelaxationMaker, results_store: str) -> list[RelaxRecord]:
     """Relax a batch with one calculator instance; each result is written to the results store at once."""
-    from tqdm import tqdm
-
-    from cspml_flows.core.engines import pin_torch_threads
-
     if relaxation.label == "sevennet":
         pin_torch_threads()
     cid = relaxation.calc_id

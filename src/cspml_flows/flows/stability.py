@@ -3,13 +3,20 @@ PhaseDiagram per chemical system, MP2020 corrections for VASP GGA/GGA+U entries.
 
 from __future__ import annotations
 
+import logging
+import math
 from itertools import combinations
 
 from pymatgen.analysis.phase_diagram import PhaseDiagram
-from pymatgen.core import Element, Lattice, Structure
+from pymatgen.core import Composition, Element, Lattice, Structure
+from pymatgen.entries.compatibility import MaterialsProject2020Compatibility
 from pymatgen.entries.computed_entries import ComputedEntry
 
+from cspml_flows.core.descriptors import element_volume
 from cspml_flows.core.schemas import RelaxRecord, StabilityRecord
+from cspml_flows.templates.store import TemplateStore
+
+logger = logging.getLogger(__name__)
 
 
 def subsystems(chemsys: str) -> list[str]:
@@ -21,10 +28,8 @@ def subsystems(chemsys: str) -> list[str]:
 def elemental_prototypes(element: str) -> list[Structure]:
     """fcc, bcc and hcp cells of an element at its Magpie ground-state volume per atom: references for an
     element the template store lacks."""
-    from cspml_flows.core.descriptors import element_volume
-
     v = float(element_volume([element])[0])
-    if not v or v != v:
+    if not v or math.isnan(v):
         v = 20.0
     fcc_a = (4 * v) ** (1 / 3)
     bcc_a = (2 * v) ** (1 / 3)
@@ -40,8 +45,6 @@ def competing_phases(template_store: str, systems: list[str], max_per_system: in
     """Relaxation items for the competing phases of ``systems``: store templates in every subsystem (lowest
     stored e_above_hull first, at most ``max_per_system`` per subsystem) plus generated elemental cells for
     elements the store lacks."""
-    from cspml_flows.templates.store import TemplateStore
-
     subs = sorted({s for cs in systems for s in subsystems(cs)})
     if not subs:
         return []
@@ -69,6 +72,7 @@ def competing_phases(template_store: str, systems: list[str], max_per_system: in
 
 
 def _entry(r: RelaxRecord, vasp: bool) -> ComputedEntry:
+    """The ComputedEntry of a successful record (VASP: its stored entry, for MP2020), keyed by its key."""
     if vasp and r.entry:
         e = ComputedEntry.from_dict(r.entry)
         e.entry_id = r.key
@@ -76,14 +80,13 @@ def _entry(r: RelaxRecord, vasp: bool) -> ComputedEntry:
     return ComputedEntry(_composition(r), r.energy, entry_id=r.key)
 
 
-def _composition(r: RelaxRecord):
-    return Structure.from_dict(r.structure or r.initial_structure).composition
+def _composition(r: RelaxRecord) -> Composition:
+    """The composition of a record's (relaxed, else initial) structure."""
+    return (r.structure or r.initial_structure).composition
 
 
 def mp2020_process(entries: list[ComputedEntry]) -> tuple[list[ComputedEntry], set[str]]:
     """MP2020 corrections for VASP GGA/GGA+U entries; returns the kept entries and the ids it rejected."""
-    from pymatgen.entries.compatibility import MaterialsProject2020Compatibility
-
     kept = MaterialsProject2020Compatibility(check_potcar=False).process_entries(entries, clean=True, inplace=False)
     ids = {e.entry_id for e in kept}
     return kept, {e.entry_id for e in entries} - ids
@@ -154,5 +157,6 @@ def phase_diagram(records: list[RelaxRecord], chemsys: str, vasp: bool = False) 
         entries, _ = mp2020_process(entries)
     try:
         return PhaseDiagram(entries)
-    except Exception:
+    except ValueError:  # no entries, or an element without an elemental entry: no diagram to draw
+        logger.info("no phase diagram of %s from %d entries", chemsys, len(entries), exc_info=True)
         return None

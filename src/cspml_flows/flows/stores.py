@@ -41,7 +41,7 @@ def open_store(uri: str | Path, collection: str, key: str = "key", create: bool 
             store.connect()
     except CSPMLError:
         raise
-    except Exception as exc:
+    except Exception as exc:  # any driver error: one line naming the store, the cause kept in the message
         raise StoreError(f"cannot open store {redact_uri(str(uri))} ({collection}): {error_reason(exc)}") from None
     check_reachable(store, f"store ({collection})")
     return store
@@ -53,6 +53,7 @@ def write_docs(store: Store, docs: list[dict], key: str = "key") -> int:
 
 
 def close_store(store: Store) -> None:
+    """Close a store opened by :func:`open_store` (the shared in-process memory stores stay open)."""
     if not isinstance(store, MemoryStore):
         store.close()
 

@@ -13,13 +13,19 @@ when its ``state`` says so. The record keeps custodian's corrections of that run
 from __future__ import annotations
 
 import math
+from enum import Enum
 from typing import TYPE_CHECKING, Any
 
+from atomate2.vasp.flows.mp import MPGGADoubleRelaxMaker
+from atomate2.vasp.jobs.mp import MPGGARelaxMaker
 from jobflow import Maker, job
+from monty.json import jsanitize
 from pydantic import BaseModel
 from pymatgen.core import Structure
+from pymatgen.io.vasp.sets import MPRelaxSet
 
 from cspml_flows.core.schemas import RelaxRecord
+from cspml_flows.flows.records import new_record
 from cspml_flows.flows.stores import RESULTS_COLLECTION, close_store, open_store, write_docs
 
 if TYPE_CHECKING:
@@ -34,9 +40,6 @@ def vasp_relax_maker(
     ``run_vasp`` goes to atomate2's ``run_vasp`` (``vasp_cmd``, ``max_errors``, ``wall_time``,
     ``custodian_kwargs``...); custodian runs with atomate2's default handlers. ``potcar_spec`` writes
     POTCAR.spec (symbols only) instead of POTCAR, for runs without a POTCAR library."""
-    from atomate2.vasp.flows.mp import MPGGADoubleRelaxMaker
-    from atomate2.vasp.jobs.mp import MPGGARelaxMaker
-    from pymatgen.io.vasp.sets import MPRelaxSet
 
     def relax(**kwargs: Any) -> MPGGARelaxMaker:
         inputs = MPRelaxSet(
@@ -70,8 +73,6 @@ def task_record(
 
 def _as_dict(task_doc: Any) -> dict:
     """A task document (emmet ``TaskDoc``, another pydantic model, or a stored dict) as a plain dict."""
-    from monty.json import jsanitize
-
     if isinstance(task_doc, BaseModel):
         task_doc = task_doc.model_dump()  # python mode: custodian's handler objects stay objects
     elif not isinstance(task_doc, dict):
@@ -109,8 +110,6 @@ def record_from_task_doc(
 ) -> RelaxRecord:
     """A :class:`RelaxRecord` from a task document (object or stored dict); None means the job failed.
     Custodian's corrections of ``earlier`` task documents (None for a failed job) come first."""
-    from cspml_flows.flows.relax import new_record
-
     what = "VASP" if relaxation.vasp else relaxation.label
     before = [c for doc in earlier or [] if isinstance(doc, dict | BaseModel) for c in corrections(_as_dict(doc))]
     if task_doc is None:
@@ -126,7 +125,7 @@ def record_from_task_doc(
     if entry is not None and not isinstance(entry, dict):
         entry = entry.as_dict()
     state = d.get("state")
-    state = None if state is None else str(getattr(state, "value", state)).lower()
+    state = None if state is None else str(state.value if isinstance(state, Enum) else state).lower()
     fields: dict[str, Any] = {"entry": entry, "corrections": before + corrections(d), **_run_info(d)}
     if structure is None or energy is None or not math.isfinite(energy):
         reason = f"{what} task document without a finite energy"
