@@ -205,7 +205,8 @@ def test_predict_leaves_the_store_folder_as_it_was(bad_inputs, capsys):
 def test_index_payload_never_runs(template_folder, cspml_home, tmp_path):
     import json
 
-    from cspml_flows.templates.index import TemplateIndex, index_dir
+    from cspml_flows.templates.index import TemplateIndex
+    from cspml_flows.templates.index_update import index_dir
 
     ts = TemplateStore.open(template_folder, create=False)
     digest = hashlib.sha1(ts.name.encode()).hexdigest()[:16]

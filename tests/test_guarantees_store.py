@@ -22,7 +22,8 @@ from pymatgen.core import Lattice, Structure
 from cspml_flows.cli.main import main
 from cspml_flows.core.errors import ConfigError, StoreError
 from cspml_flows.core.safeio import atomic_open
-from cspml_flows.templates.index import TemplateIndex, index_dir
+from cspml_flows.templates.index import TemplateIndex
+from cspml_flows.templates.index_update import index_dir
 from cspml_flows.templates.schema import template_doc_from_structure
 from cspml_flows.templates.store import TemplateStore
 from cspml_flows.templates.store_embedded import STORE_LOCK
@@ -232,7 +233,7 @@ def test_damaged_index_is_rebuilt_with_one_log_line(small_store, kind, caplog):
         elif arrays[name] is not original[name]:
             with atomic_open(path, "wb") as fh:  # a new file: the index opened above keeps its mapping
                 np.save(fh, arrays[name], allow_pickle=False)
-    with caplog.at_level(logging.INFO, logger="cspml_flows.templates.index"):
+    with caplog.at_level(logging.INFO, logger="cspml_flows.templates"):
         rebuilt = TemplateIndex.open(small_store, workers=1)
     warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1 and warnings[0].exc_info is None, [r.getMessage() for r in warnings]
@@ -243,7 +244,7 @@ def test_damaged_index_is_rebuilt_with_one_log_line(small_store, kind, caplog):
     for name in ("stats", "role_props", "role_fracs", "cluster", "min_dist"):
         assert np.array_equal(getattr(rebuilt, name), getattr(built, name), equal_nan=True), name
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="cspml_flows.templates.index"):
+    with caplog.at_level(logging.INFO, logger="cspml_flows.templates"):
         TemplateIndex.open(small_store, workers=1)
     assert caplog.records == []  # the rebuilt index is whole
 

@@ -21,8 +21,9 @@ import pytest
 from pymatgen.core import Structure
 
 from cspml_flows.cli.main import main
-from cspml_flows.templates import index as index_module
-from cspml_flows.templates.index import PAUSE_ENV, TemplateIndex, index_dir, open_index, sync_index
+from cspml_flows.templates import index_rows, index_update
+from cspml_flows.templates.index import TemplateIndex, open_index, sync_index
+from cspml_flows.templates.index_update import PAUSE_ENV, index_dir
 from cspml_flows.templates.schema import template_doc_from_structure
 from cspml_flows.templates.store import TemplateStore
 from cspml_flows.templates.store_sqlite import JOURNAL_TABLE, collection_file
@@ -138,7 +139,7 @@ def test_incremental_equals_rebuilt_after_random_adds_and_removes(tmp_path, pool
 def test_build_over_id_ranges_in_two_processes_equals_one_process(tmp_path, pool, monkeypatch):
     """A full build of an embedded store with two workers (forked processes over id ranges) equals one with
     one worker."""
-    monkeypatch.setattr(index_module, "CHUNK", 25)
+    monkeypatch.setattr(index_rows, "CHUNK", 25)
     path = fill(tmp_path / "store", pool)
     with TemplateStore.open(path, create=False) as ts:
         two, report = sync_index(ts, workers=2, rebuild=True, root=tmp_path / "two")
@@ -202,7 +203,7 @@ def test_update_fits_only_new_pairs(tmp_path, hand_docs):
 def test_many_small_updates_merge_segments(tmp_path, hand_docs, monkeypatch):
     """More segments than the limit: the smallest are merged (dead rows dropped); the index stays equal to a
     rebuilt one and files no manifest names are removed."""
-    monkeypatch.setattr(index_module, "MAX_SEGMENTS", 3)
+    monkeypatch.setattr(index_update, "MAX_SEGMENTS", 3)
     path = fill(tmp_path / "store", hand_docs[:4])
     TemplateIndex.open(path, workers=1)
     for k in range(4, len(hand_docs), 2):

@@ -805,7 +805,7 @@ def test_concatenated_sequences_read_through():
     """Two sequences end to end: items, slices, equality and take (ascending: still concatenated)."""
     import numpy as np
 
-    from cspml_flows.templates.segments import Concatenated
+    from cspml_flows.templates.lazy import Concatenated
 
     both = Concatenated(["a", "b", "c"], ("d", "e"))
     assert len(both) == 5 and both[3] == "d" and both[-1] == "e" and both[1:4] == ["b", "c", "d"]

@@ -15,8 +15,8 @@ from cspml_flows.core.errors import StructureReadError
 from cspml_flows.learning.hetero.encoders import geometry_features
 from cspml_flows.templates.importers import read_template_file, structure_files
 from cspml_flows.templates.index import TemplateIndex
+from cspml_flows.templates.lazy import Concatenated
 from cspml_flows.templates.schema import template_doc_from_structure
-from cspml_flows.templates.segments import Concatenated
 
 
 def read_user_structures(folder: str | Path) -> dict[str, Structure]:

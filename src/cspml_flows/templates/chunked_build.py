@@ -16,16 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cspml_flows.core.config import max_template_atoms
-from cspml_flows.templates.index import (
-    IndexReport,
-    _base_signature,
-    _Updater,
-    _warn_left_out,
-    index_dir,
-    sync_index,
-    write_row_segments,
-)
-from cspml_flows.templates.segments import new_token, remove_unreferenced, update_lock
+from cspml_flows.templates.index import sync_index
+from cspml_flows.templates.index_rows import id_ranges, warn_left_out, write_row_segments
+from cspml_flows.templates.index_update import IndexReport, IndexUpdater, base_signature, index_dir
+from cspml_flows.templates.manifest import remove_unreferenced, update_lock
+from cspml_flows.templates.segments import new_token
 from cspml_flows.templates.store import TemplateStore
 
 
@@ -41,6 +36,7 @@ class IndexPlan:
 
     @property
     def n_chunks(self) -> int:
+        """How many chunks the plan has."""
         return len(self.bounds)
 
 
@@ -59,11 +55,11 @@ def plan_build(store: TemplateStore, chunk_size: int) -> IndexPlan:
         raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
     store.require_nonempty()
     position = store.position()
-    ids = sorted(store.ids())
+    bounds = [ids[0] for ids in id_ranges(store.ids(), chunk_size)]
     root = index_dir(store)
     staging = root / f"chunks-{new_token()}"  # inside the index folder: chunks are moved in by renaming
     staging.mkdir(parents=True)
-    return IndexPlan(position, ids[::chunk_size], str(staging), _base_signature(store))
+    return IndexPlan(position, bounds, str(staging), base_signature(store))
 
 
 def _chunk_ids(store: TemplateStore, plan: IndexPlan, k: int) -> list[str]:
@@ -88,7 +84,7 @@ def assemble(store: TemplateStore, plan: IndexPlan, parts: list[ChunkResult], wo
     """Commit the chunks' segments as the store's index, then bring it up to the store's current position."""
     if len(parts) != plan.n_chunks:
         raise ValueError(f"{len(parts)} chunk results for a plan of {plan.n_chunks} chunks")
-    if _base_signature(store) != plan.signature:
+    if base_signature(store) != plan.signature:
         raise ValueError("the index version or settings changed since the plan: plan the build again")
     root = index_dir(store)
     staging = Path(plan.staging)
@@ -101,9 +97,9 @@ def assemble(store: TemplateStore, plan: IndexPlan, parts: list[ChunkResult], wo
                 name = Path(rel).name
                 os.replace(staging / rel, root / name)
                 names.append(name)
-        updater = _Updater(root, store, workers, plan.signature)
+        updater = IndexUpdater(root, store, workers, plan.signature)
         updater.assemble(names, skipped, plan.position)
     shutil.rmtree(staging, ignore_errors=True)
-    _warn_left_out(len(skipped), store, max_template_atoms())
+    warn_left_out(len(skipped), store, max_template_atoms())
     _, report = sync_index(store, workers=workers, load=False)
     return report
