@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -109,7 +110,9 @@ def run_round(cfg: CampaignConfig, k: int, todo: list[str]) -> RoundSummary:
     t0 = time.perf_counter()
     flow = round_flow(cfg, k, todo)
     store = job_store(cfg.jobs_store())
-    run_locally(flow, store=store, ensure_success=False, log=False, **job_folders(cfg))
+    with warnings.catch_warnings():  # jobflow enters each job's folder with monty's deprecated cd()
+        warnings.filterwarnings("ignore", "cd is deprecated", FutureWarning, "jobflow.managers.local")
+        run_locally(flow, store=store, ensure_success=False, log=False, **job_folders(cfg))
     return summarize_round(flow, store, k, time.perf_counter() - t0)
 
 
