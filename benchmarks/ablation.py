@@ -28,7 +28,7 @@ from benchmarks.protocols import formula_from_cif, load_queries, pool_store
 from benchmarks.runner import BenchmarkConfig, benchmark_model, query_structures, write_reports
 from cspml_flows.core.composition import MAX_ASSIGNMENTS, roles
 from cspml_flows.core.config import home_dir
-from cspml_flows.core.prototype import structure_matcher
+from cspml_flows.core.equivalence import Matcher
 from cspml_flows.core.safeio import read_json_gz, write_json_gz
 from cspml_flows.learning.model import training_hash
 from cspml_flows.learning.ranker import CANDIDATES, FEATURES, RANKER_PARAMS, candidate_features
@@ -55,14 +55,14 @@ _FORKED: tuple[TemplateIndex, list, list, list] | None = None
 def _label_chunk(rows: list[int]) -> list[list[int]]:
     assert _FORKED is not None
     index, q_roles, cands, gts = _FORKED
-    sm = structure_matcher()
+    matcher = Matcher()
     out = []
     for i in rows:
         if not smact_valid(gts[i].composition):
             out.append([0] * len(cands[i]))  # the validity gate: never counts
             continue
-        gt = sm._get_reduced_structure(gts[i], primitive_cell=True, niggli=True)
-        out.append([int(candidate_matches(sm, index, c, q_roles[i], gt)) for c in cands[i]])
+        gt = matcher.reduce(gts[i])
+        out.append([int(candidate_matches(matcher, index, c, q_roles[i], gt)) for c in cands[i]])
     return out
 
 

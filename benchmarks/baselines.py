@@ -15,7 +15,7 @@ import numpy as np
 
 from cspml_flows.core.composition import Roles
 from cspml_flows.learning.substitution import log_cond_prob, oxidation_species
-from cspml_flows.predict.retrieve import Ranked, _exclusion_mask
+from cspml_flows.predict.retrieve import Ranked, allowed_rows
 from cspml_flows.templates.index import TemplateIndex
 
 
@@ -31,7 +31,7 @@ def random_rank(
     out = []
     for q, ex in zip(queries, exclude_ids, strict=True):
         members = index.by_anon.get(q.anonymous_formula, np.zeros(0, dtype=int))
-        cand = members[_exclusion_mask(index, members, q, ex, strict)]
+        cand = members[allowed_rows(index, q, ex, strict)(members)]
         pick = rng.choice(cand, size=min(top, len(cand)), replace=False) if len(cand) else cand
         ident = tuple(range(len(q.elements)))
         out.append([Ranked(int(t), ident, 0.0, int(index.cluster[t])) for t in pick])
@@ -44,7 +44,7 @@ def pymatgen_rank(
     out = []
     for q, ex in zip(queries, exclude_ids, strict=True):
         members = index.by_anon.get(q.anonymous_formula, np.zeros(0, dtype=int))
-        cand = members[_exclusion_mask(index, members, q, ex, strict)]
+        cand = members[allowed_rows(index, q, ex, strict)(members)]
         q_species = tuple(str(x) for x in oxidation_species(q))
         ranked: dict[tuple[int, tuple[int, ...]], Ranked] = {}
         cache: dict[tuple[str, tuple[int, ...]], float] = {}

@@ -10,7 +10,8 @@ import numpy as np
 from pymatgen.core import Structure
 
 from cspml_flows.core.composition import roles
-from cspml_flows.core.prototype import prototype_info, structure_matcher
+from cspml_flows.core.equivalence import structure_matcher
+from cspml_flows.core.prototype import prototype_info
 from cspml_flows.templates.index import TemplateIndex
 
 MAX_CLUSTERS = 40

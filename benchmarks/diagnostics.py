@@ -9,7 +9,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 from pymatgen.core import Structure
 
-from cspml_flows.core.prototype import structure_matcher
+from cspml_flows.core.equivalence import structure_matcher
 
 # In the order they are tested: the first that applies is the miss's kind.
 MISS_KINDS = (

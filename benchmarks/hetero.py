@@ -65,7 +65,7 @@ def run_hetero_benchmark(cfg, log_fn=print) -> dict[str, Any]:
     train_index = index.subset(mask)
     geom_all = index_geometry(index, cfg.workers)
     t = time.perf_counter()
-    emb_all = {v: index_embeddings(index, v, log_fn=log_fn) for v in ("species", "role")}
+    emb_all = {v: index_embeddings(index, v) for v in ("species", "role")}
     embed_seconds = time.perf_counter() - t
     t = time.perf_counter()
     core, core_report = benchmark_model(index, full_q.material_ids, all_formulas, cfg, log_fn)
@@ -74,7 +74,7 @@ def run_hetero_benchmark(cfg, log_fn=print) -> dict[str, Any]:
     hetero = _cached_model(
         folder / f"hetero5-{cfg.protocol}-{cfg.setting}-{h}.json.gz",
         lambda: train_hetero(
-            train_index, core=core, geom=geom_all[mask], emb=emb_all["species"][mask], seed=cfg.seed, log=log_fn
+            train_index, core=core, geom=geom_all[mask], emb=emb_all["species"][mask], seed=cfg.seed
         )[0],
         core,
     )
@@ -126,7 +126,7 @@ def run_hetero_benchmark(cfg, log_fn=print) -> dict[str, Any]:
             xmodels[v] = _cached_model(
                 folder / f"hetero5-x-{v}-{cfg.protocol}-{cfg.setting}-{h}-{cfg.seed}.json.gz",
                 lambda e=e, v=v, xcore=xcore: train_without(
-                    train_index, g, val, held, cfg.seed, log_fn, emb=e, variant=v, core_tr=xcore, core_kwargs=core_kw
+                    train_index, g, val, held, cfg.seed, emb=e, variant=v, core_tr=xcore, core_kwargs=core_kw
                 ),
             )
         out["held_out_variants"] = {v: m.meta.get("report", {}) for v, m in xmodels.items()}

@@ -25,7 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from cspml_flows.predict.prefilter import GroupPrefilter, nearest_rows
+from cspml_flows.predict.prefilter import nearest_rows
+from cspml_flows.predict.prefilter_graph import GroupPrefilter
 from cspml_flows.predict.retrieve import rank
 from cspml_flows.templates.index import TemplateIndex
 
@@ -47,7 +48,7 @@ def agreement(
     from benchmarks.protocols import formula_from_cif, load_queries
     from cspml_flows.core.composition import roles
     from cspml_flows.learning.model import QueryBatch
-    from cspml_flows.predict.retrieve import _allowed
+    from cspml_flows.predict.retrieve import allowed_rows
 
     q = load_queries(protocol, limit=limit, seed=seed)
     q_roles = [roles(formula_from_cif(c)) for c in q.cifs]
@@ -65,7 +66,7 @@ def agreement(
         members = index.by_anon.get(r.anonymous_formula)
         if members is None:
             continue
-        allowed = _allowed(index, r, exclude[i], strict)
+        allowed = allowed_rows(index, r, exclude[i], strict)
         qv = qb.role_props[i][None]
         near = partial(nearest_rows, index, r.anonymous_formula, members, qv, 48, model.std, allowed)
         kept = [near(threshold=th, few_in_row_order=True, build_after=0)[0] for th in (0, None)]

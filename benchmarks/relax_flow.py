@@ -54,7 +54,7 @@ def plain_ase_relax(calculator, structure: Structure, steps: int, fmax: float) -
 
 
 def _matches(gt: Structure, s: Structure | None) -> bool:
-    from cspml_flows.core.prototype import structure_matcher
+    from cspml_flows.core.equivalence import structure_matcher
 
     if s is None:
         return False

@@ -28,7 +28,7 @@ from cspml_flows.core.config import home_dir
 from cspml_flows.core.errors import ConfigError, ModelError
 from cspml_flows.core.safeio import read_json_gz, write_json_gz
 from cspml_flows.learning.model import SimilarityModel, training_hash
-from cspml_flows.predict.predictor import CSPPredictor, Prediction
+from cspml_flows.predict.predictor import CSPPredictor, Prediction, freeze_gc
 from cspml_flows.predict.retrieve import rank
 from cspml_flows.templates.importers import structure_from_cif_string
 from cspml_flows.templates.index import TemplateIndex
@@ -111,7 +111,7 @@ def benchmark_model(
                 continue
     else:
         model, _ = SimilarityModel.train(
-            sub, seed=cfg.seed, log=log_fn, max_anchors=cfg.max_anchors, max_group=cfg.max_group
+            sub, seed=cfg.seed, max_anchors=cfg.max_anchors, max_group=cfg.max_group
         )
         model.save(pair_path)
     if cfg.ranker_queries and model.ranker is None:
@@ -122,7 +122,6 @@ def benchmark_model(
             seed=cfg.seed,
             workers=cfg.workers,
             cache_dir=folder / "outcomes",
-            log=log_fn,
         )
         model.save(path)
     report = dict(model.meta.get("report", {}))
@@ -162,6 +161,7 @@ def run_benchmark(cfg: BenchmarkConfig, log_fn=print) -> dict[str, Any]:
 
     strict = cfg.setting == "strict"
     exclude = [{mid} for mid in q.material_ids]
+    freeze_gc()  # the benchmark owns its process: the index's objects leave the collector's generations
     predictor = CSPPredictor(index, model, workers=cfg.workers, max_assignments=cfg.max_assignments)
     t = time.perf_counter()
     preds = predictor.predict(comps, top=TOP, exclude_ids=exclude, strict=strict)

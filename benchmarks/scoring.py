@@ -9,7 +9,7 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 from pymatgen.core import Structure
 
-from cspml_flows.core.prototype import structure_matcher
+from cspml_flows.core.equivalence import Matcher
 from cspml_flows.predict.validity import smact_valid, structure_valid
 
 KS = (1, 5, 20)
@@ -24,8 +24,8 @@ def _rms(args: tuple[dict, list[dict]]) -> list[float | None]:
     for top-1 and top-5 only.
     """
     gt_d, preds = args
-    sm = structure_matcher()
-    gt = sm._get_reduced_structure(Structure.from_dict(gt_d), primitive_cell=True, niggli=True)
+    matcher = Matcher()
+    gt = matcher.reduce(Structure.from_dict(gt_d))
     out: list[float | None] = []
     matched = False
     for rank, p in enumerate(preds, start=1):
@@ -36,14 +36,9 @@ def _rms(args: tuple[dict, list[dict]]) -> list[float | None]:
         if not (smact_valid(s.composition) and structure_valid(s)):
             out.append(None)
             continue
-        try:
-            s = sm._get_reduced_structure(s, primitive_cell=True, niggli=True)
-            s1, s2, fu, s1_supercell = sm._preprocess(s, gt, skip_structure_reduction=True)
-            m = sm._match(s1, s2, fu, s1_supercell, use_rms=True, break_on_match=False)
-        except Exception:
-            m = None
-        out.append(None if m is None else float(m[0]))
-        matched = matched or m is not None
+        rms = matcher.rms(s, gt)
+        out.append(rms)
+        matched = matched or rms is not None
     return out
 
 

@@ -195,7 +195,7 @@ def trained(template_index):
     # One OpenMP thread: on a small shared machine, HistGradientBoosting's thread pool is 10-50x slower
     # than a single thread when other processes compete for the cores.
     with threadpool_limits(limits=1, user_api="openmp"):
-        return SimilarityModel.train(template_index, check_labels=20, max_iter=TRAIN_MAX_ITER, log=lambda _msg: None)
+        return SimilarityModel.train(template_index, check_labels=20, max_iter=TRAIN_MAX_ITER)
 
 
 @pytest.fixture(scope="session")

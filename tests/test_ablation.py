@@ -6,7 +6,7 @@ import numpy as np
 from benchmarks.ablation import CHEMISTRY, PAIR, PROTOTYPE, label_queries, top_k
 
 from cspml_flows.core.composition import roles
-from cspml_flows.core.prototype import structure_matcher
+from cspml_flows.core.equivalence import structure_matcher
 from cspml_flows.learning.ranker import FEATURES
 from cspml_flows.predict.retrieve import rank
 from cspml_flows.predict.substitute import substitute

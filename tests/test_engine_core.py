@@ -7,7 +7,8 @@ import pytest
 from benchmarks.scoring import _rms, summarize
 from pymatgen.core import Lattice, Structure
 
-from cspml_flows.core.prototype import prototype_info, structure_matcher
+from cspml_flows.core.equivalence import structure_matcher
+from cspml_flows.core.prototype import prototype_info
 from cspml_flows.core.structure_checks import min_periodic_distance
 from cspml_flows.templates.index import TemplateIndex
 from cspml_flows.templates.schema import template_doc_from_structure

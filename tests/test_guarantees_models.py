@@ -26,7 +26,7 @@ from cspml_flows.learning.hetero.model import HETERO_FORMAT, N_STACK_FEATURES, H
 from cspml_flows.learning.model import SimilarityModel
 from cspml_flows.learning.ranker import FEATURES
 from cspml_flows.templates.index import TemplateIndex
-from cspml_flows.training.hetero import init_model
+from cspml_flows.training.hetero_towers import init_model
 
 SHIPPED = Path(cspml_flows.__file__).parent / "data" / "cspml-model.json.gz"
 
@@ -201,7 +201,7 @@ def test_damaged_hetero_model_one_line_error(edit, message, hetero_file, templat
     blob = read_json_gz(hetero_file)
     edit(blob)
     bad = write_json_gz(tmp_path / "bad-hetero.json.gz", blob)
-    with pytest.raises(ModelError, match="is damaged") as err:
+    with pytest.raises(ModelError, match="damaged hetero model data") as err:
         HeteroModel.load(bad)
     assert message in str(err.value) and str(bad) in str(err.value)
     argv = ["predict", "NaCl", "--polymorphs", "2", "--hetero-model", str(bad), "--store", template_folder]

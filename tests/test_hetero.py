@@ -14,8 +14,8 @@ from pymatgen.core import Lattice, Structure
 
 from cspml_flows.cli.main import main
 from cspml_flows.core.composition import roles
+from cspml_flows.core.equivalence import structure_matcher
 from cspml_flows.core.errors import CompositionError, ModelError, StructureReadError
-from cspml_flows.core.prototype import structure_matcher
 from cspml_flows.learning.hetero.encoders import MAX_ROLES, structure_geometry
 from cspml_flows.learning.hetero.model import HeteroModel, Stacker, index_geometry
 from cspml_flows.predict.hetero_rank import HeteroPredictor, hetero_rank
@@ -34,8 +34,9 @@ from cspml_flows.predict.user_templates import add_user_templates
 from cspml_flows.templates.index import TemplateIndex
 from cspml_flows.templates.schema import template_doc_from_structure
 from cspml_flows.templates.store import TemplateStore
-from cspml_flows.training.hetero import TrainingGroups, fit_towers, init_model, loss_and_grads, train_hetero
+from cspml_flows.training.hetero import train_hetero
 from cspml_flows.training.hetero_metrics import objective
+from cspml_flows.training.hetero_towers import TrainingGroups, fit_towers, init_model, loss_and_grads
 
 
 @pytest.fixture(scope="session")
@@ -45,7 +46,7 @@ def hetero_trained(template_index, trained_model):
     geom = index_geometry(template_index, workers=1, cache=False)
     with threadpool_limits(limits=1, user_api="openmp"):
         model, report = train_hetero(
-            template_index, core=trained_model, geom=geom, variant="none", epochs=25, workers=1, log=lambda _m: None
+            template_index, core=trained_model, geom=geom, variant="none", epochs=25, workers=1
         )
     return model, report, geom
 

@@ -84,7 +84,7 @@ def test_embedding_cache_hit_invalidation_and_damage(small_index, cspml_home, mo
 def test_energy_ordered_polymorph_ranking_chgnet(tmp_path):
     """NaCl: the rocksalt ground state and the CsCl-type (B2) polymorph, which CHGNet puts higher in energy.
     The retrieval score prefers B2; with the energy weight the rocksalt comes first, without it B2 does."""
-    from benchmarks.energy import EnergyCache
+    from benchmarks.energy_cache import EnergyCache
     from benchmarks.polymorph_energy import EnergyRanker, choose_weight, energy_settings, relaxed_energies
 
     from cspml_flows.predict.predictor import Candidate, Prediction
@@ -101,7 +101,7 @@ def test_energy_ordered_polymorph_ranking_chgnet(tmp_path):
             Candidate(1, b2, 0.9, "b2", "CsCl", template_spacegroup=221, **common),
             Candidate(2, rs, 0.6, "rs", "KCl", template_spacegroup=225, **common),
         ]
-        return Prediction("NaCl", "AB", True, cands)
+        return Prediction(formula="NaCl", anonymous_formula="AB", smact_valid=True, candidates=cands)
 
     def ids(ranker: EnergyRanker) -> list[str]:
         return [c.template_id for c in ranker.rerank([pred()], k=2)[0].candidates]

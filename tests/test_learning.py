@@ -206,7 +206,7 @@ def test_training_hash_depends_on_ids_and_clusters(template_index):
 def test_train_needs_ten_templates(template_index):
     small = template_index.subset(np.arange(len(template_index)) < 9)
     with pytest.raises(ModelError, match="at least 10 templates"):
-        SimilarityModel.train(small, log=lambda _m: None)
+        SimilarityModel.train(small)
 
 
 def test_train_rejects_single_class_pairs(template_index):
@@ -214,7 +214,7 @@ def test_train_rejects_single_class_pairs(template_index):
     rocksalt = template_index.cluster == template_index.cluster[_row(template_index, "hand-nacl")]
     assert rocksalt.sum() >= 10
     with pytest.raises(ModelError, match="one class"):
-        SimilarityModel.train(template_index.subset(rocksalt), check_labels=0, log=lambda _m: None)
+        SimilarityModel.train(template_index.subset(rocksalt), check_labels=0)
 
 
 def test_train_on_binary_and_ternary_store(template_index):
@@ -222,7 +222,7 @@ def test_train_on_binary_and_ternary_store(template_index):
     idx = template_index
     assert max(len(r.elements) for r in idx.roles) == 3
     with threadpool_limits(limits=1, user_api="openmp"):
-        model, report = SimilarityModel.train(idx, check_labels=0, max_iter=20, refit_all=False, log=lambda _m: None)
+        model, report = SimilarityModel.train(idx, check_labels=0, max_iter=20, refit_all=False)
     a, t = _some_pairs(idx, n=50)
     assert np.all(np.isfinite(model.predict_proba(_features(model, idx, a, t))))
     assert report.roc_auc > 0.5
@@ -233,7 +233,7 @@ def test_train_without_e_above_hull(template_index):
     idx = copy.copy(template_index)
     idx.e_above_hull = np.full(len(idx), np.nan)
     with threadpool_limits(limits=1, user_api="openmp"):
-        model, _ = SimilarityModel.train(idx, check_labels=0, max_iter=20, refit_all=False, log=lambda _m: None)
+        model, _ = SimilarityModel.train(idx, check_labels=0, max_iter=20, refit_all=False)
     a, t = _some_pairs(idx, n=50)
     assert np.all(np.isfinite(model.predict_proba(_features(model, idx, a, t))))
 

@@ -10,15 +10,8 @@ from cspml_flows.core.config import PACKAGED_MODEL
 from cspml_flows.core.descriptors import role_properties
 from cspml_flows.learning.features import Standardizer, role_distance
 from cspml_flows.learning.model import SimilarityModel
-from cspml_flows.predict.prefilter import (
-    GroupMatrix,
-    GroupPrefilter,
-    Prefilter,
-    PrefilterFileError,
-    attach,
-    nearest_rows,
-    prefilter_for,
-)
+from cspml_flows.predict.prefilter import GroupMatrix, Prefilter, attach, nearest_rows, prefilter_for
+from cspml_flows.predict.prefilter_graph import GroupPrefilter, PrefilterFileError
 from cspml_flows.predict.retrieve import rank
 
 # elements with every role property (no NaN), and the ones without an electronegativity or covalent radius

@@ -8,7 +8,8 @@ from collections import defaultdict
 
 from pymatgen.core import Structure
 
-from cspml_flows.core.prototype import fit_pairs, lattices_can_match, structure_matcher
+from cspml_flows.core.equivalence import Matcher
+from cspml_flows.core.prototype import fit_pairs
 
 
 def test_lattice_precheck_keeps_every_match_and_fits_equal_pymatgen(val_docs, hand_docs):
@@ -16,13 +17,14 @@ def test_lattice_precheck_keeps_every_match_and_fits_equal_pymatgen(val_docs, ha
     for d in [*hand_docs, *val_docs]:
         parts[(d["anonymous_formula"], d["nsites_primitive"])].append(d["structure"])
     pairs = [p for members in parts.values() for p in itertools.combinations(members, 2)][:400]
-    sm = structure_matcher()
+    matcher = Matcher()
+    sm = matcher.sm
 
     def reduced(d: dict) -> Structure:
-        return sm._get_reduced_structure(Structure.from_dict(d), primitive_cell=True, niggli=True)
+        return matcher.reduce(Structure.from_dict(d))
 
     expected = [sm.fit_anonymous(Structure.from_dict(a), Structure.from_dict(b)) for a, b in pairs]
-    passed = [lattices_can_match(sm, reduced(a), reduced(b)) for a, b in pairs]
+    passed = [matcher.lattices_can_match(reduced(a), reduced(b)) for a, b in pairs]
     assert sum(expected) >= 10 and len(pairs) >= 200  # the sample holds matches and non-matches
     assert all(p for p, e in zip(passed, expected, strict=True) if e)  # a match always passes the precheck
     assert sum(passed) < 0.7 * len(pairs)  # and most non-matching lattices are told apart by it

@@ -47,7 +47,7 @@ def test_labels_mark_the_matching_prototype(template_index, trained_model):
         assert labels.max() == 1 and labels.min() == 0
         gt = idx.structure(r)
         for c, lab in zip(cands, labels, strict=True):
-            from cspml_flows.core.prototype import structure_matcher
+            from cspml_flows.core.equivalence import structure_matcher
             from cspml_flows.predict.substitute import substitute
 
             s, _ = substitute(idx, c.template, idx.roles[r], c.perm)
@@ -95,7 +95,7 @@ def test_candidate_features_shape_and_chemistry(template_index, trained_model):
 
 
 def test_ranker_train_save_load(template_index, trained_model, tmp_path: Path):
-    ranker, report = fit_ranker(template_index, trained_model.std, n_queries=120, k=10, workers=1, log=lambda _m: None)
+    ranker, report = fit_ranker(template_index, trained_model.std, n_queries=120, k=10, workers=1)
     assert report["n_queries"] > 50 and 0 < report["recall_at_10"] <= 1
     assert {"held_out_top1_pair", "held_out_top1_ranker"} <= set(report)
     model = SimilarityModel(trained_model.std, trained_model.booster, dict(trained_model.meta))
@@ -142,8 +142,8 @@ def test_ranker_beats_nearest_on_held_out_structures(pool_and_queries):
     """Pair model + ranker trained on the pool only; held-out MP-20 test structures, strict setting (no
     template of the query's formula): the learned first choice beats the nearest-descriptor template."""
     index, ids, gts = pool_and_queries
-    model, _ = SimilarityModel.train(index, check_labels=0, max_iter=100, log=lambda _m: None)
-    model.ranker, report = fit_ranker(index, model.std, n_queries=800, k=20, workers=2, log=lambda _m: None)
+    model, _ = SimilarityModel.train(index, check_labels=0, max_iter=100)
+    model.ranker, report = fit_ranker(index, model.std, n_queries=800, k=20, workers=2)
     comps = [g.composition for g in gts]
     exclude = [{m} for m in ids]
 

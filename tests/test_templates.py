@@ -20,8 +20,9 @@ from pymatgen.analysis.structure_matcher import StructureMatcher
 from pymatgen.core import Composition, Structure
 
 from cspml_flows.core import prototype as prototype_module
+from cspml_flows.core.equivalence import MATCHER_KWARGS, structure_matcher
 from cspml_flows.core.errors import CSPMLError, StoreError, StructureReadError
-from cspml_flows.core.prototype import MATCHER_KWARGS, PrototypeInfo, prototype_info, structure_matcher
+from cspml_flows.core.prototype import PrototypeInfo, prototype_info
 from cspml_flows.templates import TemplateDoc, TemplateStore, template_doc_from_structure
 from cspml_flows.templates.importers import (
     MP_FIELDS,

@@ -13,7 +13,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cspml_flows.core.errors import CSPMLError
+from cspml_flows.core.composition import parse_composition
+from cspml_flows.core.config import check_output_path, data_dir, default_model_path, excerpt, home_dir
+from cspml_flows.core.errors import CSPMLError, ModelError
+from cspml_flows.learning.model import SimilarityModel, TrainingReport
+from cspml_flows.predict.dedup import symmetrize, to_cif
+from cspml_flows.predict.predictor import CSPPredictor, Prediction
+from cspml_flows.templates import importers
+from cspml_flows.templates.index import TemplateIndex
+from cspml_flows.templates.store import TemplateStore
+from cspml_flows.templates.store_uri import store_from_uri
+from cspml_flows.training.ranker import fit_ranker
 
 SOURCES = ("csv", "folder", "shared", "store", "mp")
 
@@ -32,14 +42,7 @@ def import_structures(
     ``shared`` (files of the benchmark data folder, relative to it), ``store`` (maggma store URIs) or ``mp``
     (Materials Project chemical systems). Returns the import reports, the store's document count and name.
     """
-    from cspml_flows.core.config import data_dir
-    from cspml_flows.templates import importers
-    from cspml_flows.templates.store import TemplateStore
-    from cspml_flows.templates.store_uri import store_from_uri
-
     if source not in SOURCES:
-        from cspml_flows.core.config import excerpt
-
         raise CSPMLError(f"unknown import source {excerpt(source)}; choose one of {', '.join(SOURCES)}")
     ts = TemplateStore.open(store)
     try:
@@ -66,21 +69,21 @@ class TrainResult:
     """What :func:`train_model` did."""
 
     path: Path
-    report: Any  # learning.model.TrainingReport
+    report: TrainingReport
     n_templates: int
     n_clusters: int
     index_seconds: float
     ranker: dict[str, Any] | None = None  # the ranker's held-out report, or why there is none
 
 
-def train_model(
+def train_model(  # noqa: PLR0913 - the public training entry's keyword options
     store: str | Path | None = None,
     model: str | Path | None = None,
     workers: int = 2,
     seed: int = 0,
     max_iter: int = 150,
     check_labels: int = 200,
-    index=None,
+    index: TemplateIndex | None = None,
     ranker_queries: int = 2000,
     max_anchors: int = 20000,
     max_group: int = 5000,
@@ -89,12 +92,6 @@ def train_model(
     on ``ranker_queries`` held-out formulas of the same store (0: none; labels cached under the home), and
     save both to ``model`` (default ``$CSPML_HOME/models/cspml.json.gz``). ``max_anchors`` and ``max_group``
     bound the pair sampling on large pools (:meth:`SimilarityModel.train`)."""
-    from cspml_flows.core.config import default_model_path, home_dir
-    from cspml_flows.core.errors import ModelError
-    from cspml_flows.learning.model import SimilarityModel
-    from cspml_flows.templates.index import TemplateIndex
-    from cspml_flows.training.ranker import fit_ranker
-
     t = time.perf_counter()
     if index is None:
         index = TemplateIndex.open(store, workers=workers)
@@ -121,24 +118,23 @@ def predict(
     model: str | Path | None = None,
     workers: int = 2,
     strict: bool = False,
-) -> list:
-    """Ranked structures for each composition with the store's templates and the model (see
-    :func:`cspml_flows.core.config.model_path` for the default model)."""
-    from cspml_flows.core.composition import parse_composition
-    from cspml_flows.predict.predictor import CSPPredictor
+    freeze: bool = False,
+) -> list[Prediction]:
+    """Ranked structures for each composition with the store's templates and the model.
 
+    See :func:`cspml_flows.core.config.model_path` for the default model. ``freeze``: for a caller that owns
+    its process, :func:`~cspml_flows.predict.predictor.freeze_gc` once the store and model are loaded.
+    """
     comps = [parse_composition(c) for c in compositions]  # bad formulas fail before any loading
-    return CSPPredictor.from_paths(store, model, workers=workers).predict(comps, top=top, strict=strict)
+    predictor = CSPPredictor.from_paths(store, model, workers=workers, freeze=freeze)
+    return predictor.predict(comps, top=top, strict=strict)
 
 
-def prediction_summary(predictions: Sequence, out: str | Path | None = None) -> list[dict[str, Any]]:
+def prediction_summary(predictions: Sequence[Prediction], out: str | Path | None = None) -> list[dict[str, Any]]:
     """One JSON-ready entry per prediction (candidates with space group); with ``out``, also a symmetrised
     CIF per candidate and ``predictions.json`` in that folder. The folder is checked before anything is
     written, so an unusable ``out`` fails before the work is lost to a half-written folder (callers that compute
     the predictions check it first too, with :func:`cspml_flows.core.config.check_output_path`)."""
-    from cspml_flows.core.config import check_output_path
-    from cspml_flows.predict.dedup import symmetrize, to_cif
-
     folder = Path(out) if out else None
     if folder is not None:
         check_output_path(folder)
@@ -148,13 +144,7 @@ def prediction_summary(predictions: Sequence, out: str | Path | None = None) -> 
             raise CSPMLError(f"cannot create output folder {folder}: {exc.strerror}") from None
     summary = []
     for p in predictions:
-        entry: dict[str, Any] = {
-            "formula": p.formula,
-            "anonymous_formula": p.anonymous_formula,
-            "smact_valid": p.smact_valid,
-            "message": p.message,
-            "candidates": [],
-        }
+        entry: dict[str, Any] = {**p.model_dump(exclude={"candidates"}), "candidates": []}
         for c in p.candidates:
             sym, number, symbol = symmetrize(c.structure)
             row = c.summary() | {"spacegroup": number, "spacegroup_symbol": symbol}

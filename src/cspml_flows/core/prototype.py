@@ -2,33 +2,21 @@
 
 from __future__ import annotations
 
-import math
+import logging
 from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
-from pymatgen.analysis.structure_matcher import StructureMatcher
-from pymatgen.core import Lattice, Structure
+from pymatgen.core import Structure
 from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
 
 from cspml_flows.core import progress
+from cspml_flows.core.equivalence import Matcher
 from cspml_flows.core.quiet import library_warnings
 
-# The matcher of the standard CSP evaluation (DiffCSP compute_metrics.py).
-MATCHER_KWARGS = {"stol": 0.5, "angle_tol": 10, "ltol": 0.3}
+logger = logging.getLogger(__name__)
+
 _CENTERING = {"P": 1, "A": 2, "B": 2, "C": 2, "I": 2, "F": 4, "R": 3, "S": 2}
-
-
-def structure_matcher() -> StructureMatcher:
-    return StructureMatcher(**MATCHER_KWARGS)
-
-
-def safe_fit(sm: StructureMatcher, a: Structure, b: Structure, **kwargs) -> bool:
-    """``sm.fit(a, b)`` that reads a matcher error (spglib, degenerate lattice) as "no match"."""
-    try:
-        return bool(sm.fit(a, b, **kwargs))
-    except Exception:
-        return False
 
 
 @dataclass(frozen=True)
@@ -134,40 +122,25 @@ def fit_pairs(args: tuple[list, list[tuple[int, int]]]) -> list[bool]:
     cannot be reduced, or a matcher error, counts as no match.
     """
     structures, pairs = args
-    sm = structure_matcher()
+    matcher = Matcher()
     reduced: dict[int, Structure | None] = {}
     for i in sorted({i for p in pairs for i in p}):
         try:
             d = structures[i].load() if hasattr(structures[i], "load") else structures[i]
-            reduced[i] = sm._get_reduced_structure(Structure.from_dict(d), primitive_cell=True, niggli=True)
-        except Exception:
+            s = Structure.from_dict(d)
+        except (KeyError, TypeError, ValueError, OSError):  # an unreadable structure matches nothing
+            logger.warning("structure %d of a fit task cannot be read", i, exc_info=True)
             reduced[i] = None
+        else:
+            reduced[i] = matcher.reduce(s)
     out = []
     for i, j in pairs:
         a, b = reduced[i], reduced[j]
         if a is None or b is None:
             out.append(False)
             continue
-        try:
-            out.append(lattices_can_match(sm, a, b) and bool(sm.fit_anonymous(a, b, skip_structure_reduction=True)))
-        except Exception:
-            out.append(False)
+        out.append(matcher.lattices_can_match(a, b) and matcher.fit_anonymous(a, b, reduced=True))
     return out
-
-
-def lattices_can_match(sm: StructureMatcher, a: Structure, b: Structure) -> bool:
-    """False when ``sm.fit_anonymous(a, b)`` of two reduced cells of as many sites must fail: no lattice of
-    ``a`` is within the matcher's length and angle tolerances of ``b``'s once both are scaled to the same
-    volume (the matcher's own first step, before it tries each species mapping). True otherwise, and for cells
-    of different sizes (left to the matcher)."""
-    if len(a) != len(b) or not sm._scale or sm._supercell:
-        return True
-    ratio = (b.volume / a.volume) ** (1 / 6)
-    la, lb = Lattice(a.lattice.matrix * ratio), Lattice(b.lattice.matrix / ratio)
-    for _, _, scale_m in la.find_all_mappings(lb, ltol=sm.ltol, atol=sm.angle_tol, skip_rotation_matrix=True):
-        if math.isclose(abs(np.linalg.det(scale_m)), 1, abs_tol=0.5, rel_tol=0):
-            return True
-    return False
 
 
 def run_fits(tasks: list[tuple[list, list[tuple[int, int]]]], workers: int = 1) -> list[list[bool]]:

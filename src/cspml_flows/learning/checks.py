@@ -13,13 +13,18 @@ import contextlib
 import math
 import os
 import sys
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+import zlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
 
+import lightgbm as lgb
 import numpy as np
 
-if TYPE_CHECKING:
-    import lightgbm as lgb
+from cspml_flows.core.errors import ModelError
+from cspml_flows.core.safeio import read_json_gz
+
+T = TypeVar("T")
 
 _JSON_KINDS = {dict: "a mapping", list: "a list", str: "text", bool: "true/false", type(None): "null"}
 _EXPECTED = {**_JSON_KINDS, int: "a number", float: "a number"}
@@ -127,16 +132,55 @@ def _native_stderr_silenced() -> Iterator[None]:
 
 def booster(name: str, text: Any, n_features: int) -> lgb.Booster:
     """A LightGBM booster parsed from its text model, which must read exactly ``n_features`` features."""
-    import lightgbm as lgb
-
     if not isinstance(text, str):
         raise SchemaError(f"field {name} is {kind(text)}, expected a LightGBM text model")
     try:
         with _native_stderr_silenced():
             model = lgb.Booster(model_str=text)
-    except Exception as exc:
+    except Exception as exc:  # LightGBM's parser raises assorted errors: each one is reported as a SchemaError
         raise SchemaError(f"field {name} is not a LightGBM model ({first_line(exc)})") from None
     got = model.num_feature()
     if got != n_features:
         raise SchemaError(f"field {name} is a LightGBM model of {got} features, this version computes {n_features}")
     return model
+
+
+def read_model_file(path: str | Path, what: str, key: str, hint: str, versions: dict[str, Any]) -> dict[str, Any]:
+    """The content of a gzipped-JSON model file (never unpickled), checked to be a cspml-flows ``what`` file.
+
+    A mapping with ``key`` whose ``meta`` mapping carries exactly these ``versions``; every problem is one
+    ModelError naming the file (``hint`` says how to make one).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ModelError(f"{what} file not found: {p} ({hint})")
+    try:
+        blob = read_json_gz(p)
+    except (OSError, EOFError, ValueError, zlib.error):
+        raise ModelError(
+            f"cannot read {what} file {p}: not a gzipped-JSON cspml-flows {what} ({what} files made before format "
+            f"{versions['format']} were pickles and are never loaded: {hint})"
+        ) from None
+    if not isinstance(blob, dict) or key not in blob:
+        raise ModelError(f"{p} is not a cspml-flows {what} file ({hint})")
+    meta = blob.get("meta")
+    if not isinstance(meta, dict):
+        problem = f"is {kind(meta)}, expected a mapping" if "meta" in blob else "is missing"
+        raise ModelError(f"damaged {what} data in {p}: field meta {problem}")
+    got = {k: meta.get(k) for k in versions}
+    if got != versions:
+        raise ModelError(f"{what} {p} was made with {got}; this version needs {versions}: retrain it")
+    return blob
+
+
+def load_model_file(
+    path: str | Path, what: str, key: str, hint: str, versions: dict[str, Any], build: Callable[[dict[str, Any]], T]
+) -> T:
+    """``build`` of a :func:`read_model_file` content; a SchemaError or ModelError becomes one naming the file."""
+    blob = read_model_file(path, what, key, hint, versions)
+    try:
+        return build(blob)
+    except SchemaError as exc:
+        raise ModelError(f"damaged {what} data in {path}: {exc}") from None
+    except ModelError as exc:
+        raise ModelError(f"{what} file {path}: {exc}") from None

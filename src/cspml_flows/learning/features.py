@@ -17,7 +17,7 @@ from cspml_flows.core.descriptors import MAGPIE_PROPERTIES, MAGPIE_STATS, MAX_RO
 from cspml_flows.learning.checks import field, numbers
 
 # Magpie statistics whose query-template differences enter the pair features (mean and avg_dev).
-_STAT_COLS = np.array(
+STAT_COLS = np.array(
     [i * len(MAGPIE_STATS) + MAGPIE_STATS.index(s) for i in range(len(MAGPIE_PROPERTIES)) for s in ("mean", "avg_dev")]
 )
 
@@ -33,6 +33,7 @@ class Standardizer:
             self.role_mu, self.role_sd = _mu_sd(flat)
 
     def stats(self, x: np.ndarray) -> np.ndarray:
+        """Standardised Magpie statistics (NaN as the mean)."""
         return np.nan_to_num((x - self.stats_mu) / self.stats_sd)
 
     _ARRAYS = ("stats_mu", "stats_sd", "role_mu", "role_sd")
@@ -55,6 +56,7 @@ class Standardizer:
         return new
 
     def roles(self, x: np.ndarray) -> np.ndarray:
+        """Standardised role-wise element properties (NaN kept)."""
         return (x - self.role_mu) / self.role_sd
 
 
@@ -123,7 +125,7 @@ def standardized_pair_features(
     (``sq``, ``st``): prediction standardises each template and query once and gathers rows."""
     m = len(qr)
     d_role = np.abs(qr - tr).reshape(m, -1)
-    d_stats = np.abs(sq - st)[:, _STAT_COLS]
+    d_stats = np.abs(sq - st)[:, STAT_COLS]
     dist_stats = np.linalg.norm(sq - st, axis=1, keepdims=True)
     diff = qr - tr
     dist_role = np.sqrt(np.nansum(diff * diff, axis=(1, 2)))[:, None]

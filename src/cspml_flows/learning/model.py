@@ -13,6 +13,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -26,19 +27,37 @@ from sklearn.metrics import accuracy_score, roc_auc_score
 
 from cspml_flows.core import progress
 from cspml_flows.core.composition import Roles
-from cspml_flows.core.descriptors import DESCRIPTOR_VERSION, magpie_stats, role_fractions, role_properties
+from cspml_flows.core.descriptors import (
+    DESCRIPTOR_VERSION,
+    MAX_ROLES,
+    ROLE_PROPERTIES,
+    magpie_stats,
+    role_fractions,
+    role_properties,
+)
+from cspml_flows.core.equivalence import Matcher
 from cspml_flows.core.errors import ModelError
 from cspml_flows.learning import checks
-from cspml_flows.learning.features import Standardizer, n_pair_features, pair_features, standardized_pair_features
+from cspml_flows.learning.features import (
+    STAT_COLS,
+    Standardizer,
+    n_pair_features,
+    pair_features,
+    standardized_pair_features,
+)
 from cspml_flows.learning.pairs import pair_labels, sample_pairs
 from cspml_flows.learning.ranker import CandidateRanker
 from cspml_flows.templates.index import TemplateIndex
+
+logger = logging.getLogger(__name__)
 
 MODEL_FORMAT = 2  # 2: LightGBM text model in gzipped JSON (format 1 was a joblib pickle)
 
 
 @dataclass
 class TrainingReport:
+    """Held-out pair metrics of a training run, beside the unlearned descriptor distance's."""
+
     n_templates: int
     n_train_pairs: int
     n_test_pairs: int
@@ -52,6 +71,7 @@ class TrainingReport:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
+        """The fields as a plain dict."""
         return dict(self.__dict__)
 
 
@@ -66,6 +86,7 @@ class QueryBatch:
 
     @classmethod
     def from_roles(cls, role_list: list[Roles]) -> QueryBatch:
+        """Descriptors of the compositions of ``role_list``."""
         return cls(
             role_list,
             magpie_stats([r.reduced_formula for r in role_list]),
@@ -75,6 +96,7 @@ class QueryBatch:
 
 
 def training_hash(index: TemplateIndex) -> str:
+    """Hash of the index's ids and prototype clusters (what a model was trained on)."""
     h = hashlib.sha256()
     for mid, c in zip(index.ids, index.cluster, strict=True):
         h.update(f"{mid}:{c};".encode())
@@ -138,7 +160,7 @@ class SimilarityModel:
             raise ModelError("model is not trained")
         if len(x) == 0:
             return np.zeros(0)
-        return self.booster.predict(x, num_threads=_threads() if threads is None else threads)
+        return self.booster.predict(x, num_threads=lightgbm_threads() if threads is None else threads)
 
     # ---- training -------------------------------------------------------------------------------------
     @staticmethod
@@ -150,7 +172,7 @@ class SimilarityModel:
         return x, pair_labels(index, a, t)
 
     @classmethod
-    def train(
+    def train(  # noqa: PLR0913 - the public training entry's keyword options (callers pass them by name)
         cls,
         index: TemplateIndex,
         test_fraction: float = 0.2,
@@ -163,7 +185,6 @@ class SimilarityModel:
         max_iter: int = 150,
         check_labels: int = 200,
         refit_all: bool = True,
-        log=print,
     ) -> tuple[SimilarityModel, TrainingReport]:
         """Train on pairs of the index; report accuracy and ROC-AUC on pairs whose query composition is
         held out (20 % of reduced formulas), beside the unlearned descriptor distance.
@@ -179,60 +200,32 @@ class SimilarityModel:
         rng = np.random.default_rng(seed)
         std = Standardizer(index.stats, index.role_props)
         model = cls(std)
-        formulas = np.unique(index.formulas)
-        test_formulas = set(rng.choice(formulas, size=max(1, int(len(formulas) * test_fraction)), replace=False))
-        is_test = np.array([f in test_formulas for f in index.formulas])
-        train_idx, test_idx = np.flatnonzero(~is_test), np.flatnonzero(is_test)
-        anchors = train_idx if len(train_idx) <= max_anchors else rng.choice(train_idx, max_anchors, replace=False)
-        if len(test_idx) > max_test_anchors:
-            test_idx = np.sort(np.random.default_rng(seed + 3).choice(test_idx, max_test_anchors, replace=False))
-        a_tr, t_tr = sample_pairs(index, anchors, train_idx, std, n_near, n_random, seed, max_group)
-        a_te, t_te = sample_pairs(index, test_idx, train_idx, std, n_near, n_random, seed + 1, max_group)
+        anchors, train_idx, test_idx = _split_anchors(index, rng, test_fraction, max_anchors, max_test_anchors, seed)
+
+        def pairs(rows: np.ndarray, allowed: np.ndarray, draw: int) -> tuple[np.ndarray, np.ndarray]:
+            return sample_pairs(index, rows, allowed, std, n_near, n_random, draw, max_group)
+
+        a_tr, t_tr = pairs(anchors, train_idx, seed)
+        a_te, t_te = pairs(test_idx, train_idx, seed + 1)
         x_tr, y_tr = cls._pairs_xy(index, model, a_tr, t_tr)
         x_te, y_te = cls._pairs_xy(index, model, a_te, t_te)
         if len(np.unique(y_tr)) < 2:
             raise ModelError("training pairs are all of one class: the store needs more structures sharing prototypes")
-        log(f"training pairs: {len(y_tr)} ({y_tr.mean():.1%} positive); held-out pairs: {len(y_te)}")
+        logger.info("training pairs: %d (%.1f%% positive); held-out pairs: %d", len(y_tr), 100 * y_tr.mean(), len(y_te))
         model.booster = _fit_booster(x_tr, y_tr, max_iter, seed)
-        p_te = model.predict_proba(x_te)
-        dist_col = _dist_column()
-        acc = accuracy_score(y_te, p_te > 0.5) if len(y_te) else float("nan")
-        auc = roc_auc_score(y_te, p_te) if len(np.unique(y_te)) == 2 else float("nan")
-        # unlearned baseline: threshold on descriptor distance chosen on the training pairs
-        thr = _best_threshold(-x_tr[:, dist_col], y_tr)
-        b_acc = accuracy_score(y_te, -x_te[:, dist_col] > thr) if len(y_te) else float("nan")
-        b_auc = roc_auc_score(y_te, -x_te[:, dist_col]) if len(np.unique(y_te)) == 2 else float("nan")
+        metrics = _held_out_metrics(model, x_tr, y_tr, x_te, y_te)
         agreement = _label_agreement(index, a_te, t_te, check_labels, rng) if check_labels else None
         if refit_all:
-            a_all, t_all = sample_pairs(
-                index,
-                np.concatenate([anchors, test_idx]),
-                np.arange(len(index)),
-                std,
-                n_near,
-                n_random,
-                seed + 2,
-                max_group,
-            )
+            a_all, t_all = pairs(np.concatenate([anchors, test_idx]), np.arange(len(index)), seed + 2)
             x_all, y_all = cls._pairs_xy(index, model, a_all, t_all)
             model.booster = _fit_booster(x_all, y_all, max_iter, seed)
-        model.meta = {
-            "format": MODEL_FORMAT,
-            "descriptor_version": DESCRIPTOR_VERSION,
-            "training_hash": training_hash(index),
-            "n_templates": len(index),
-            "created": datetime.now(UTC).isoformat(),
-            "lightgbm": lgb.__version__,
-        }
+        model.meta = _model_meta(index)
         report = TrainingReport(
             n_templates=len(index),
             n_train_pairs=len(y_tr),
             n_test_pairs=len(y_te),
             positive_fraction=float(y_tr.mean()),
-            pair_accuracy=float(acc),
-            roc_auc=float(auc),
-            baseline_accuracy=float(b_acc),
-            baseline_roc_auc=float(b_auc),
+            **metrics,
             label_agreement=agreement,
             train_seconds=time.perf_counter() - t0,
         )
@@ -282,16 +275,10 @@ class SimilarityModel:
     def load(cls, path: str | Path) -> SimilarityModel:
         """Read a model file written by :meth:`save`; every problem is one ModelError naming the file."""
         versions = {"format": MODEL_FORMAT, "descriptor_version": DESCRIPTOR_VERSION}
-        blob = read_json_model(path, "model", "booster", "train one with 'cspml train'", versions)
-        try:
-            return cls.from_blob(blob)
-        except checks.SchemaError as exc:
-            raise ModelError(f"damaged model data in {path}: {exc}") from None
-        except ModelError as exc:
-            raise ModelError(f"{path}: {exc}") from None
+        return checks.load_model_file(path, "model", "booster", "train one with 'cspml train'", versions, cls.from_blob)
 
 
-def _threads() -> int:
+def lightgbm_threads() -> int:
     """Threads for LightGBM: ``CSPML_THREADS`` if set, else all cores (0 = OpenMP default)."""
     return int(os.environ.get("CSPML_THREADS", "0") or 0)
 
@@ -308,7 +295,7 @@ def _fit_booster(x: np.ndarray, y: np.ndarray, max_iter: int, seed: int) -> lgb.
         "lambda_l2": 1.0,
         "max_bin": 255,
         "feature_pre_filter": False,
-        "num_threads": _threads(),
+        "num_threads": lightgbm_threads(),
         "seed": seed,
         "verbosity": -1,
     }
@@ -331,43 +318,9 @@ def _check_meta(blob: Any, where: str = "") -> dict[str, Any]:
     return meta
 
 
-def _check_versions(p: Path, what: str, blob: Any, key: str, versions: dict[str, Any]) -> dict[str, Any]:
-    if not isinstance(blob, dict) or key not in blob:
-        raise ModelError(f"{p} is not a cspml-flows {what} file")
-    meta = blob.get("meta")
-    if not isinstance(meta, dict):
-        problem = f"is {checks.kind(meta)}, expected a mapping" if "meta" in blob else "is missing"
-        raise ModelError(f"damaged {what} data in {p}: field meta {problem}")
-    got = {k: meta.get(k) for k in versions}
-    if got != versions:
-        raise ModelError(f"{what} {p} was made with {got}; this version needs {versions}: retrain it")
-    return blob
-
-
-def read_json_model(path: str | Path, what: str, key: str, hint: str, versions: dict[str, Any]) -> dict[str, Any]:
-    """Read a gzipped-JSON model file (never unpickled) and check that it is a cspml-flows ``what`` file
-    (a mapping with ``key``) whose ``meta`` carries exactly these ``versions``; every problem is one
-    ModelError naming the file."""
-    p = Path(path)
-    if not p.is_file():
-        raise ModelError(f"{what} file not found: {p} ({hint})")
-    try:
-        with gzip.open(p, "rt", encoding="utf-8") as fh:
-            blob = json.load(fh)
-    except Exception:
-        raise ModelError(
-            f"cannot read {what} file {p}: not a gzipped-JSON cspml-flows model (files made before model format "
-            f"{MODEL_FORMAT} were pickles and are never loaded: retrain with 'cspml train')"
-        ) from None
-    return _check_versions(p, what, blob, key, versions)
-
-
 def _dist_column() -> int:
     """Column of the unlearned Magpie distance in :func:`pair_features`."""
-    from cspml_flows.core.descriptors import MAX_ROLES, ROLE_PROPERTIES
-    from cspml_flows.learning.features import _STAT_COLS
-
-    return 2 * MAX_ROLES * len(ROLE_PROPERTIES) + MAX_ROLES + len(_STAT_COLS)
+    return 2 * MAX_ROLES * len(ROLE_PROPERTIES) + MAX_ROLES + len(STAT_COLS)
 
 
 def _best_threshold(score: np.ndarray, y: np.ndarray) -> float:
@@ -380,12 +333,59 @@ def _label_agreement(index: TemplateIndex, a: np.ndarray, t: np.ndarray, n: int,
     """Share of sampled pairs where the cluster label equals a direct ``fit_anonymous`` call."""
     if len(a) == 0:
         return None
-    from cspml_flows.core.prototype import structure_matcher
-
-    sm = structure_matcher()
+    matcher = Matcher()
     pick = rng.choice(len(a), size=min(n, len(a)), replace=False)
     agree = 0
     for k in pick:
-        direct = bool(sm.fit_anonymous(index.structure(a[k]), index.structure(t[k])))
+        direct = matcher.fit_anonymous(index.structure(a[k]), index.structure(t[k]))
         agree += direct == (index.cluster[a[k]] == index.cluster[t[k]])
     return agree / len(pick)
+
+
+def _split_anchors(
+    index: TemplateIndex,
+    rng: np.random.Generator,
+    test_fraction: float,
+    max_anchors: int,
+    max_test_anchors: int,
+    seed: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Training anchors, training rows and held-out anchors: ``test_fraction`` of the reduced formulas held
+    out, each anchor set subsampled to its bound."""
+    formulas = np.unique(index.formulas)
+    test_formulas = set(rng.choice(formulas, size=max(1, int(len(formulas) * test_fraction)), replace=False))
+    is_test = np.array([f in test_formulas for f in index.formulas])
+    train_idx, test_idx = np.flatnonzero(~is_test), np.flatnonzero(is_test)
+    anchors = train_idx if len(train_idx) <= max_anchors else rng.choice(train_idx, max_anchors, replace=False)
+    if len(test_idx) > max_test_anchors:
+        test_idx = np.sort(np.random.default_rng(seed + 3).choice(test_idx, max_test_anchors, replace=False))
+    return anchors, train_idx, test_idx
+
+
+def _held_out_metrics(
+    model: SimilarityModel, x_tr: np.ndarray, y_tr: np.ndarray, x_te: np.ndarray, y_te: np.ndarray
+) -> dict[str, float]:
+    """Accuracy and ROC-AUC on the held-out pairs, of the model and of the unlearned descriptor distance
+    (thresholded where it is most accurate on the training pairs)."""
+    p_te = model.predict_proba(x_te)
+    dist_col = _dist_column()
+    both = len(np.unique(y_te)) == 2
+    thr = _best_threshold(-x_tr[:, dist_col], y_tr)
+    return {
+        "pair_accuracy": float(accuracy_score(y_te, p_te > 0.5) if len(y_te) else float("nan")),
+        "roc_auc": float(roc_auc_score(y_te, p_te) if both else float("nan")),
+        "baseline_accuracy": float(accuracy_score(y_te, -x_te[:, dist_col] > thr) if len(y_te) else float("nan")),
+        "baseline_roc_auc": float(roc_auc_score(y_te, -x_te[:, dist_col]) if both else float("nan")),
+    }
+
+
+def _model_meta(index: TemplateIndex) -> dict[str, Any]:
+    """A model's metadata: format and descriptor versions, training data, creation time."""
+    return {
+        "format": MODEL_FORMAT,
+        "descriptor_version": DESCRIPTOR_VERSION,
+        "training_hash": training_hash(index),
+        "n_templates": len(index),
+        "created": datetime.now(UTC).isoformat(),
+        "lightgbm": lgb.__version__,
+    }

@@ -56,4 +56,5 @@ def sample_pairs(
 
 
 def pair_labels(index: TemplateIndex, a: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """1 where the pair's templates share a prototype cluster, else 0."""
     return (index.cluster[a] == index.cluster[t]).astype(np.int8)

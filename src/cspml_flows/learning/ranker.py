@@ -18,18 +18,22 @@ distance).
 from __future__ import annotations
 
 import itertools
+import json
 import warnings
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from functools import cache, lru_cache
+from pathlib import Path
 from typing import Any
 
 import lightgbm as lgb
 import numpy as np
+import pymatgen.core.structure_prediction as sp_module
+from pymatgen.core import Element
 
 from cspml_flows.core import progress
 from cspml_flows.core.composition import Roles
-from cspml_flows.core.descriptors import MAGPIE_PROPERTIES, MAX_ROLES, element_table
+from cspml_flows.core.descriptors import MAGPIE_PROPERTIES, MAX_ROLES, ROLE_PROPERTIES, element_table
 from cspml_flows.core.errors import ModelError
 from cspml_flows.learning import checks
 from cspml_flows.learning.features import Standardizer, role_distance, unlearned_distance
@@ -84,15 +88,13 @@ def _element_columns() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 @cache
 def _z(symbol: str) -> int:
-    from pymatgen.core import Element
-
+    """Atomic number of an element symbol."""
     return Element(symbol).Z
 
 
 @cache
 def _common_states(symbol: str) -> tuple[int, ...]:
-    from pymatgen.core import Element
-
+    """pymatgen's common oxidation states of an element (0 where it lists none)."""
     return tuple(Element(symbol).common_oxidation_states) or (0,)
 
 
@@ -100,7 +102,7 @@ def _common_states(symbol: str) -> tuple[int, ...]:
 def oxidation_guess(r: Roles) -> tuple[int, ...]:
     """Oxidation state per role: the first charge-neutral combination of each element's common states
     (pymatgen's order, at most 4,096 tried), else each element's first common state. Cheap enough for
-    every query (about 10 us), unlike a full bond-valence or ICSD-statistics guess (about 3 ms)."""
+    every query, unlike a full bond-valence or ICSD-statistics guess."""
     options = [_common_states(e) for e in r.elements]
     for combo in itertools.islice(itertools.product(*options), 4096):
         if abs(sum(o * a for o, a in zip(combo, r.amounts, strict=True))) < 1e-6:
@@ -113,12 +115,7 @@ def _lambda_matrix(alpha: float = -5.0) -> tuple[dict[str, int], np.ndarray]:
     """pymatgen's data-mined substitution table (Hautier et al. 2011, ``lambda.json``) as a dense matrix over
     its species, plus one row/column for species it has never seen: ``M[a, b]`` = lambda(a, b) - log p(b),
     the log of ``SubstitutionProbability.cond_prob`` up to a constant. Read straight from the JSON file
-    (0.05 s) instead of through ``SubstitutionProbability`` (4 s, it hashes a Species per lookup)."""
-    import json
-    from pathlib import Path
-
-    import pymatgen.core.structure_prediction as sp_module
-
+    instead of through ``SubstitutionProbability``, which hashes a Species per lookup."""
     rows = json.loads((Path(sp_module.__file__).parent / "data" / "lambda.json").read_text())
     rows = [r for r in rows if "D1+" not in r]
     species = sorted({r[0] for r in rows} | {r[1] for r in rows})
@@ -150,6 +147,62 @@ def _role_arrays(r: Roles) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return z, ox, sp
 
 
+@dataclass
+class CandidateRows:
+    """Every candidate of a batch as aligned arrays: its query, template, pair statistics and per-role data.
+
+    Per-role arrays (atomic number ``z``, oxidation guess ``ox``, lambda-table species ``sp``) are padded to
+    ``MAX_ROLES``; the query's are permuted by each candidate's assignment. ``real`` marks the roles compared.
+    """
+
+    sizes: np.ndarray
+    q_row: np.ndarray
+    t_row: np.ndarray
+    score: np.ndarray
+    stats: np.ndarray
+    perm: np.ndarray
+    real: np.ndarray
+    qz: np.ndarray
+    q_ox: np.ndarray
+    q_sp: np.ndarray
+    tz: np.ndarray
+    t_ox: np.ndarray
+    t_sp: np.ndarray
+
+    @classmethod
+    def build(
+        cls, index: TemplateIndex, queries: Sequence[Roles], candidates: Sequence[Sequence[Any]]
+    ) -> CandidateRows:
+        """The rows of ``candidates[i]`` (query ``i``'s Ranked list), in order."""
+        sizes = np.array([len(c) for c in candidates], dtype=np.int64)
+        n = int(sizes.sum())
+        q_row = np.repeat(np.arange(len(candidates)), sizes)
+        flat = [c for cands in candidates for c in cands]
+        t_row = np.fromiter((c.template for c in flat), dtype=np.int64, count=n)
+        score = np.fromiter((c.score for c in flat), dtype=float, count=n)
+        stats = np.array([c.stats if c.stats else (c.score, c.score, 1.0) for c in flat], dtype=float)
+        perm = np.zeros((n, MAX_ROLES), dtype=np.int64)
+        n_roles = np.zeros(n, dtype=np.int64)
+        for k, c in enumerate(flat):
+            m = min(len(c.perm), MAX_ROLES)
+            perm[k, :m] = c.perm[:m]
+            n_roles[k] = m
+        beyond = perm >= MAX_ROLES  # a query role past the compared ones (formulas of more than MAX_ROLES elements)
+        perm[beyond] = 0
+        real = (np.arange(MAX_ROLES)[None, :] < n_roles[:, None]) & ~beyond
+        # per-role arrays of queries (then permuted by each assignment) and of templates
+        q_arr = [_role_arrays(q) for q in queries]
+        take = np.take_along_axis
+        qz, q_ox, q_sp = (take(np.stack([a[j] for a in q_arr])[q_row], perm, axis=1) for j in range(3))
+        t_arr = [_role_arrays(index.roles[t]) for t in t_row.tolist()]
+        tz, t_ox, t_sp = (np.stack([a[j] for a in t_arr]) for j in range(3))
+        real &= (qz > 0) & (tz > 0)
+        return cls(sizes, q_row, t_row, score, stats, perm, real, qz, q_ox, q_sp, tz, t_ox, t_sp)
+
+
+_F = {name: k for k, name in enumerate(FEATURES)}
+
+
 def candidate_features(
     index: TemplateIndex,
     queries: Sequence[Roles],
@@ -163,57 +216,50 @@ def candidate_features(
     ``q_stats``: Magpie statistics of the queries (for the unlearned distance). Vectorised over all
     candidates: per candidate only its template, assignment and pair statistics are read in Python.
     """
-    x_col, m_col, r_col = _element_columns()
-    sizes = np.array([len(c) for c in candidates], dtype=np.int64)
-    n = int(sizes.sum())
+    n = sum(len(c) for c in candidates)
     x = np.zeros((n, len(FEATURES)))
     if n == 0:
         return x
-    q_row = np.repeat(np.arange(len(candidates)), sizes)
-    flat = [c for cands in candidates for c in cands]
-    t_row = np.fromiter((c.template for c in flat), dtype=np.int64, count=n)
-    score = np.fromiter((c.score for c in flat), dtype=float, count=n)
-    stats = np.array([c.stats if c.stats else (c.score, c.score, 1.0) for c in flat], dtype=float)
-    perm = np.zeros((n, MAX_ROLES), dtype=np.int64)
-    n_roles = np.zeros(n, dtype=np.int64)
-    for k, c in enumerate(flat):
-        m = min(len(c.perm), MAX_ROLES)
-        perm[k, :m] = c.perm[:m]
-        n_roles[k] = m
-    beyond = perm >= MAX_ROLES  # a query role past the compared ones (formulas of more than MAX_ROLES elements)
-    perm[beyond] = 0
-    real = (np.arange(MAX_ROLES)[None, :] < n_roles[:, None]) & ~beyond
-    # per-role arrays of queries (then permuted by each assignment) and of templates
-    q_arr = [_role_arrays(q) for q in queries]
-    take = np.take_along_axis
-    qz, q_ox, q_sp = (take(np.stack([a[j] for a in q_arr])[q_row], perm, axis=1) for j in range(3))
-    t_arr = [_role_arrays(index.roles[t]) for t in t_row.tolist()]
-    tz, t_ox, t_sp = (np.stack([a[j] for a in t_arr]) for j in range(3))
-    real &= (qz > 0) & (tz > 0)
+    c = CandidateRows.build(index, queries, candidates)
+    _pair_columns(x, index, c)
+    _assignment_columns(x, c)
+    table = element_table()[:, [MAGPIE_PROPERTIES.index(p) for p in ROLE_PROPERTIES]]
+    q_props = np.where((c.qz > 0)[:, :, None], table[c.qz], np.nan)
+    x[:, _F["role_distance"]] = role_distance(q_props, index.role_props[c.t_row], std)
+    x[:, _F["magpie_distance"]] = unlearned_distance(q_stats[c.q_row], index.stats[c.t_row], std)
+    return x
 
+
+def _pair_columns(x: np.ndarray, index: TemplateIndex, c: CandidateRows) -> None:
+    """The pair model's scores, the candidate's place in its list, and the template's prototype facts."""
+    sizes, t_row, score, stats = c.sizes, c.t_row, c.score, c.stats
     first = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-    pos = np.arange(n) - np.repeat(first, sizes)
+    pos = np.arange(len(t_row)) - np.repeat(first, sizes)
     n_anon = {k: len(v) for k, v in index.by_anon.items()}
     anon_size = np.array([n_anon.get(a, 1) for a in index.anon[t_row]], dtype=float)
-    _, lam = _lambda_matrix()
-    sub = np.where(real, lam[t_sp, q_sp], np.nan)
-    ident = np.all(np.where(real, perm == np.arange(MAX_ROLES)[None, :], True), axis=1)
-    signed = real & (q_ox != 0) & (t_ox != 0)
+    x[:, _F["pair_score"]] = score
+    x[:, _F["best_prob"]] = stats[:, 0]
+    x[:, _F["mean_prob"]] = stats[:, 1]
+    x[:, _F["log_members"]] = np.log1p(stats[:, 2])
+    x[:, _F["pair_rank"]] = pos
+    x[:, _F["score_gap"]] = score[np.repeat(first, sizes)] - score
+    x[:, _F["log_candidates"]] = np.log1p(np.repeat(sizes, sizes))
+    x[:, _F["cluster_share"]] = index.cluster_size[t_row] / anon_size
+    x[:, _F["log_cluster_size"]] = np.log1p(index.cluster_size[t_row])
+    x[:, _F["e_above_hull"]] = index.e_above_hull[t_row]
+    x[:, _F["log_nprim"]] = np.log(np.maximum(index.nprim[t_row], 1))
 
-    f = {name: FEATURES.index(name) for name in FEATURES}
-    x[:, f["pair_score"]] = score
-    x[:, f["best_prob"]] = stats[:, 0]
-    x[:, f["mean_prob"]] = stats[:, 1]
-    x[:, f["log_members"]] = np.log1p(stats[:, 2])
-    x[:, f["pair_rank"]] = pos
-    x[:, f["score_gap"]] = score[np.repeat(first, sizes)] - score
-    x[:, f["log_candidates"]] = np.log1p(np.repeat(sizes, sizes))
-    x[:, f["cluster_share"]] = index.cluster_size[t_row] / anon_size
-    x[:, f["log_cluster_size"]] = np.log1p(index.cluster_size[t_row])
-    x[:, f["e_above_hull"]] = index.e_above_hull[t_row]
-    x[:, f["log_nprim"]] = np.log(np.maximum(index.nprim[t_row], 1))
-    x[:, f["identity_assignment"]] = ident
-    x[:, f["oxidation_sign_mismatch"]] = np.sum(signed & ((q_ox > 0) != (t_ox > 0)), axis=1)
+
+def _assignment_columns(x: np.ndarray, c: CandidateRows) -> None:
+    """The chemistry of each assignment: substitution probabilities, oxidation signs, element orders."""
+    x_col, m_col, r_col = _element_columns()
+    real, qz, tz, q_ox, t_ox = c.real, c.qz, c.tz, c.q_ox, c.t_ox
+    _, lam = _lambda_matrix()
+    sub = np.where(real, lam[c.t_sp, c.q_sp], np.nan)
+    ident = np.all(np.where(real, c.perm == np.arange(MAX_ROLES)[None, :], True), axis=1)
+    signed = real & (q_ox != 0) & (t_ox != 0)
+    x[:, _F["identity_assignment"]] = ident
+    x[:, _F["oxidation_sign_mismatch"]] = np.sum(signed & ((q_ox > 0) != (t_ox > 0)), axis=1)
     xq, xt = x_col[qz], x_col[tz]
     # share of role pairs whose electronegativity order the assignment keeps (anion sites stay anion sites)
     dq = np.sign(xq[:, :, None] - xq[:, None, :])
@@ -221,26 +267,15 @@ def candidate_features(
     pair = real[:, :, None] & real[:, None, :] & (dq != 0) & (dt != 0) & np.isfinite(dq) & np.isfinite(dt)
     agree = np.where(pair, dq == dt, False).sum(axis=(1, 2))
     n_pairs = pair.sum(axis=(1, 2))
-    x[:, f["electronegativity_order"]] = np.where(n_pairs > 0, agree / np.maximum(n_pairs, 1), 1.0)
+    x[:, _F["electronegativity_order"]] = np.where(n_pairs > 0, agree / np.maximum(n_pairs, 1), 1.0)
     with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows (no comparable role): NaN feature
-        x[:, f["substitution_logprob"]] = np.nanmean(sub, axis=1)
-        x[:, f["substitution_logprob_min"]] = np.nanmin(sub, axis=1)
-        x[:, f["electronegativity_maxdiff"]] = np.nanmax(np.where(real, np.abs(xq - xt), np.nan), 1)
-        x[:, f["mendeleev_diff"]] = np.nanmean(np.where(real, np.abs(m_col[qz] - m_col[tz]), np.nan), 1)
+        x[:, _F["substitution_logprob"]] = np.nanmean(sub, axis=1)
+        x[:, _F["substitution_logprob_min"]] = np.nanmin(sub, axis=1)
+        x[:, _F["electronegativity_maxdiff"]] = np.nanmax(np.where(real, np.abs(xq - xt), np.nan), 1)
+        x[:, _F["mendeleev_diff"]] = np.nanmean(np.where(real, np.abs(m_col[qz] - m_col[tz]), np.nan), 1)
         ratio = np.where(real, np.abs(np.log(r_col[qz] / r_col[tz])), np.nan)
-        x[:, f["radius_logratio_max"]] = np.nanmax(ratio, 1)
-    table = element_table()[:, [MAGPIE_PROPERTIES.index(p) for p in _role_property_names()]]
-    q_props = np.where((qz > 0)[:, :, None], table[qz], np.nan)
-    x[:, f["role_distance"]] = role_distance(q_props, index.role_props[t_row], std)
-    x[:, f["magpie_distance"]] = unlearned_distance(q_stats[q_row], index.stats[t_row], std)
-    return x
-
-
-def _role_property_names() -> tuple[str, ...]:
-    from cspml_flows.core.descriptors import ROLE_PROPERTIES
-
-    return ROLE_PROPERTIES
+        x[:, _F["radius_logratio_max"]] = np.nanmax(ratio, 1)
 
 
 class CandidateRanker:
@@ -251,6 +286,7 @@ class CandidateRanker:
         self.meta = meta or {}
 
     def scores(self, x: np.ndarray, threads: int = 0) -> np.ndarray:
+        """Ranking score of each feature row (higher first)."""
         if self.booster is None:
             raise ModelError("ranker is not trained")
         return self.booster.predict(x, num_threads=threads) if len(x) else np.zeros(0)
@@ -303,6 +339,7 @@ class CandidateRanker:
         return cls(booster, {"format": RANKER_FORMAT, "features": list(FEATURES)})
 
     def to_blob(self) -> dict[str, Any]:
+        """What a model file holds of the ranker: JSON types only."""
         if self.booster is None:
             raise ModelError("ranker is not trained")
         return {"meta": self.meta, "booster": self.booster.model_to_string()}

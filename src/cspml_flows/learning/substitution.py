@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from functools import lru_cache
 
@@ -9,6 +10,8 @@ from pymatgen.analysis.structure_prediction.substitution_probability import Subs
 from pymatgen.core import Composition, Element, Species
 
 from cspml_flows.core.composition import Roles
+
+logger = logging.getLogger(__name__)
 
 
 @lru_cache(maxsize=1)
@@ -28,7 +31,8 @@ def oxidation_species(r: Roles) -> tuple[Species, ...]:
     try:
         guesses = comp.oxi_state_guesses(max_sites=-20)
         guess = guesses[0] if guesses else {}
-    except Exception:
+    except Exception:  # pymatgen's guesser raises assorted errors on unusual formulas: common states instead
+        logger.debug("no oxidation-state guess for %s", comp.reduced_formula, exc_info=True)
         guess = {}
     out = []
     for el in r.elements:

@@ -9,7 +9,7 @@ from the core engine's substitution, distance gate and symmetry deduplication.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -18,11 +18,14 @@ from pymatgen.core import Composition
 
 from cspml_flows.core.composition import Roles, as_composition, roles
 from cspml_flows.core.descriptors import role_properties
-from cspml_flows.learning.hetero.model import Bank, HeteroModel, default_hetero_path
+from cspml_flows.core.equivalence import DistinctStructures
+from cspml_flows.learning.features import Standardizer
+from cspml_flows.learning.hetero.model import Bank, HeteroModel, default_hetero_path, index_geometry
 from cspml_flows.learning.model import QueryBatch
-from cspml_flows.predict.predictor import CSPPredictor, Prediction
+from cspml_flows.predict.predictor import Candidate, CSPPredictor, Prediction
 from cspml_flows.predict.prefilter import nearest_rows
-from cspml_flows.predict.retrieve import Ranked, _aggregate, _exclusion_mask
+from cspml_flows.predict.retrieve import Ranked, aggregate_rows, allowed_rows, overfetch
+from cspml_flows.predict.user_templates import add_user_templates
 from cspml_flows.templates.index import TemplateIndex
 
 
@@ -55,8 +58,10 @@ def candidate_rows(
     strict: bool = False,
     prefilter: int = 48,
     max_perms: int = 6,
-    std=None,
+    std: Standardizer | None = None,
 ) -> PairRows:
+    """Candidate (query, template, assignment) rows: per query, the same-anonymous-formula templates it may use
+    (the ``prefilter`` nearest by role distance when ``std`` is given), under each of its assignments."""
     index = bank.index
     qb = QueryBatch.from_roles(list(queries))
     rows_q, rows_t, rows_p, rows_role = [], [], [], []
@@ -65,7 +70,7 @@ def candidate_rows(
         members = index.by_anon.get(q.anonymous_formula)
         if members is None or len(members) == 0:
             continue
-        ok = _exclusion_mask(index, members, q, exclude_ids[i] if exclude_ids else set(), strict)
+        ok = allowed_rows(index, q, exclude_ids[i] if exclude_ids else set(), strict)(members)
         cand = members[ok]
         if len(cand) == 0:
             continue
@@ -97,7 +102,7 @@ def aggregate(bank: Bank, rows: PairRows, z: np.ndarray, top: int, vote: float =
     if len(rows.qi) == 0:
         return [[] for _ in range(n)]
     prob = 1 / (1 + np.exp(-np.clip(z, -50, 50)))
-    return _aggregate(bank.index, rows.qi, rows.ti, rows.pi, prob, rows.perms, n, top, vote)
+    return aggregate_rows(bank.index, rows.qi, rows.ti, rows.pi, prob, rows.perms, n, top, vote)
 
 
 def hetero_rank(
@@ -127,14 +132,15 @@ class HeteroPredictor:
 
     @property
     def index(self) -> TemplateIndex:
+        """The template pool."""
         return self.bank.index
 
     @property
     def fused(self) -> bool:
         """Whether the fused score ranks the candidates: the fusion kept the tower (chosen against CSPML's
         logit ordering on held-out formulas) and the core model has no learned ranker. A core ranker replaces
-        that logit ordering in the core engine, and the fused list fell below the ranker's on the 1,000-query
-        benchmark (README, Heterogeneous retrieval), so the ranker's candidates are kept."""
+        that logit ordering in the core engine, and the fused list ranks below the ranker's (see the
+        documentation's heterogeneous retrieval benchmark), so the ranker's candidates are kept."""
         core = self.model.core
         return self.model.fused and (core is None or core.ranker is None)
 
@@ -148,14 +154,10 @@ class HeteroPredictor:
     ) -> HeteroPredictor:
         """Open a store and a hetero model (default ``$CSPML_HOME/models/hetero.json.gz``); ``templates`` adds a
         folder of user CIF/POSCAR files (or structures read by ``read_user_structures``) to the pool."""
-        from cspml_flows.predict.user_templates import add_user_templates
-
         hm = HeteroModel.load(model or default_hetero_path())
         index = TemplateIndex.open(store, workers=workers)
         geom = None
         if templates:
-            from cspml_flows.learning.hetero.model import index_geometry
-
             base_geom = index_geometry(index, workers)
             index, geom = add_user_templates(index, templates, base_geom)
         return cls(index, hm, hm.bank(index, geom, workers=workers))
@@ -180,7 +182,7 @@ class HeteroPredictor:
         n = polymorphs if energy is None else max(polymorphs, energy.candidates)
         extra = 3 if check_distinct else 0
         if self.fused:
-            ranked = hetero_rank(self.model, self.bank, [roles(c) for c in comps], n * 2 + 2, exclude_ids, strict)
+            ranked = hetero_rank(self.model, self.bank, [roles(c) for c in comps], overfetch(n), exclude_ids, strict)
             preds = self.core.realize(comps, ranked, n + extra, dedup=True)
         else:
             preds = self.core.predict(comps, top=n + extra, exclude_ids=exclude_ids, strict=strict)
@@ -193,32 +195,18 @@ class HeteroPredictor:
 
 
 def distinct(pred: Prediction, k: int) -> Prediction:
-    """Keep the first ``k`` candidates that StructureMatcher tells apart (the core dedup compares only
-    templates of equal primitive size; two polymorph answers must never be one crystal). Each candidate is
-    reduced once; only reduced cells with the same number of sites can match."""
-    from dataclasses import replace
+    """Keep the first ``k`` candidates that StructureMatcher tells apart.
 
-    from cspml_flows.core.prototype import structure_matcher
-
-    sm = structure_matcher()
-    kept, reduced = [], []
+    The core dedup compares only templates of equal primitive size; two polymorph answers must never be one
+    crystal.
+    """
+    seen = DistinctStructures()
+    kept: list[Candidate] = []
     for c in pred.candidates:
-        try:
-            r = sm._get_reduced_structure(c.structure, primitive_cell=True, niggli=True)
-        except Exception:
-            r = c.structure
-        if any(len(r) == len(o) and _fits(sm, r, o) for o in reduced):
+        if not seen.add(c.structure):
             continue
         kept.append(replace(c, rank=len(kept) + 1))
-        reduced.append(r)
         if len(kept) >= k:
             break
     pred.candidates = kept
     return pred
-
-
-def _fits(sm, a, b) -> bool:
-    try:
-        return bool(sm.fit(a, b, skip_structure_reduction=True))
-    except Exception:
-        return False

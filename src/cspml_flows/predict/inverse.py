@@ -1,4 +1,4 @@
-"""Inverse design: which compositions crystallise in a given structure?
+"""Inverse design: which compositions crystallise in a given structure.
 
 Element substitutions consistent with the structure's anonymous formula are enumerated (each role of the
 prototype takes one element of the user's list, distinct elements), compositions that SMACT cannot charge
@@ -12,21 +12,28 @@ substituted, volume-rescaled structure from the core engine.
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 from pymatgen.core import Composition, Element, Structure
+from scipy.special import logsumexp
 
 from cspml_flows.core.composition import Roles, roles
 from cspml_flows.core.descriptors import role_properties
-from cspml_flows.core.errors import CompositionError, CSPMLError
+from cspml_flows.core.errors import CompositionError, CSPMLError, StoreError
+from cspml_flows.learning.features import Standardizer, unlearned_distance
+from cspml_flows.learning.hetero.encoders import geometry_features
 from cspml_flows.learning.hetero.model import Bank, HeteroModel, core_logit
 from cspml_flows.learning.model import QueryBatch
 from cspml_flows.learning.substitution import log_cond_prob, oxidation_species
 from cspml_flows.predict.substitute import substitute
+from cspml_flows.predict.user_templates import user_index
 from cspml_flows.predict.validity import MIN_DISTANCE, smact_valid
 from cspml_flows.templates.index import TemplateIndex
+
+logger = logging.getLogger(__name__)
 
 MAX_ENUMERATED = 500_000
 N_PARTS = 4  # inverse score components: CSPML logit, tower, log substitution prior, normalised logit
@@ -38,6 +45,8 @@ class NoCompositionError(CSPMLError):
 
 @dataclass
 class InverseCandidate:
+    """One composition proposed for a structure, with its substituted structure."""
+
     rank: int
     formula: str
     score: float
@@ -47,6 +56,7 @@ class InverseCandidate:
     min_distance: float = float("nan")
 
     def summary(self) -> dict:
+        """JSON-ready fields (the structure left out)."""
         return {
             "rank": self.rank,
             "formula": self.formula,
@@ -59,6 +69,8 @@ class InverseCandidate:
 
 @dataclass
 class InverseResult:
+    """The ranked compositions for one structure, and how many were enumerated and kept."""
+
     template_formula: str
     anonymous_formula: str
     n_enumerated: int
@@ -174,8 +186,10 @@ class PoolNormaliser:
         self._logit: dict[tuple[str, int], float] = {}
 
     def lse(self, formulas: Sequence[str], anon: str, exclude_cluster: int | None = None) -> np.ndarray:
-        from scipy.special import logsumexp
+        """``log sum exp`` of each formula's best CSPML logit over the pool's prototypes of ``anon``.
 
+        One representative per prototype, ``exclude_cluster`` and the formula's own prototypes left out.
+        """
         reps = representatives(self.pool, anon, exclude_cluster)
         if not len(reps) or not len(formulas):
             return np.full(len(formulas), -np.inf)
@@ -248,8 +262,6 @@ def score_assignments(
     if method == "pymatgen":
         return qs, perms, substitution_prior(index.roles[t], qs, perms)
     if method == "descriptor":
-        from cspml_flows.learning.features import Standardizer, unlearned_distance
-
         std = model.std if model is not None else Standardizer(index.stats, index.role_props)
         return qs, perms, -unlearned_distance(QueryBatch.from_roles(qs).stats, index.stats[[t]], std)
     if model is None:
@@ -332,22 +344,20 @@ def inverse_from_structure(
     """Inverse design for a pymatgen Structure (e.g. read from a user CIF); ``pool``: the template database
     whose prototypes the normalised logit competes with (without it that component is 0; where the pool
     holds the structure's own prototype, that one competes too, which lowers every answer alike in kind)."""
-    from cspml_flows.learning.hetero.encoders import geometry_features
-    from cspml_flows.predict.user_templates import user_index
-
     ui = user_index({name: structure})
     geom = geometry_features(list(ui.ids), ui.structures, ui.roles, list(ui.spacegroup), list(ui.nprim), 1, False)
     bank = model.bank(ui, geom, emb=model.embeddings(ui, cache=False))
     return inverse_design(model, bank, 0, elements, top=top, pool=pool)
 
 
-def inverse_pool(model: HeteroModel, store: str | None, workers: int = 1, log=None) -> TemplateIndex | None:
-    """The template database the normalised logit needs (None where the model gives that component no
-    weight, so that nothing is loaded for nothing). A store named by the user that cannot be read is a
-    StoreError; where none is named and the default embedded store is missing or empty, the component is
-    left out with one line to ``log`` (the other components still rank the compositions)."""
-    from cspml_flows.core.errors import StoreError
+def inverse_pool(model: HeteroModel, store: str | None, workers: int = 1) -> TemplateIndex | None:
+    """The template database the normalised logit needs.
 
+    None where the model gives that component no weight, so that nothing is loaded for nothing. A store named
+    by the user that cannot be read is a StoreError; where none is named and the default embedded store is
+    missing or empty, the component is left out with one warning (the other components still rank the
+    compositions).
+    """
     if model.core is None or not model.use_core or float(model.inv[3]) == 0.0:
         return None
     try:
@@ -355,6 +365,5 @@ def inverse_pool(model: HeteroModel, store: str | None, workers: int = 1, log=No
     except StoreError as exc:
         if store is not None:
             raise
-        if log is not None:
-            log(f"note: {exc}; the score leaves out the logit normalised over the pool's prototypes")
+        logger.warning("note: %s; the score leaves out the logit normalised over the pool's prototypes", exc)
         return None

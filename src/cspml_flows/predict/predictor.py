@@ -7,19 +7,21 @@ import multiprocessing as mp
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from pydantic import ConfigDict, Field
 from pymatgen.core import Composition, Structure
 
 from cspml_flows.core import progress
 from cspml_flows.core.composition import MAX_ASSIGNMENTS, Roles, as_composition, roles
 from cspml_flows.core.config import model_path
 from cspml_flows.core.descriptors import magpie_stats
-from cspml_flows.core.prototype import structure_matcher
+from cspml_flows.core.equivalence import Matcher
+from cspml_flows.core.schemas import QueryResult
 from cspml_flows.learning.model import SimilarityModel
 from cspml_flows.learning.ranker import CANDIDATES
-from cspml_flows.predict.retrieve import Ranked, rank
+from cspml_flows.predict.retrieve import Ranked, overfetch, rank
 from cspml_flows.predict.substitute import substitute
 from cspml_flows.predict.validity import MIN_DISTANCE, smact_valid
 from cspml_flows.templates.index import TemplateIndex
@@ -40,6 +42,7 @@ class Candidate:
     assignment: dict[str, str]
 
     def summary(self) -> dict:
+        """JSON-ready fields (the structure left out; score and distance rounded)."""
         return {
             "rank": self.rank,
             "score": round(self.score, 4),
@@ -52,23 +55,22 @@ class Candidate:
         }
 
 
-@dataclass
-class Prediction:
+class Prediction(QueryResult):
     """Ranked candidates for one composition. ``smact_valid`` flags charge neutrality (not a filter)."""
 
-    formula: str
-    anonymous_formula: str
-    smact_valid: bool
-    candidates: list[Candidate] = field(default_factory=list)
-    message: str | None = None
+    model_config = ConfigDict(extra="ignore", arbitrary_types_allowed=True)
+
+    candidates: list[Candidate] = Field(default_factory=list, description="distinct structures, best first")
 
 
 @contextmanager
 def gc_paused() -> Iterator[None]:
-    """Pause Python's cyclic garbage collector for a batch (restored after): an index holds millions of small
-    objects (structure dicts), and the full collections that building many candidate structures triggers
-    walk all of them each time (measured: 16 s of 20 s for 1,000 compositions). The batch itself makes no
-    reference cycles worth collecting; forked workers inherit the paused state."""
+    """Pause Python's cyclic garbage collector for a batch (restored after).
+
+    An index holds millions of small objects (structure dicts), and the full collections that building many
+    candidate structures triggers walk all of them each time. The batch itself makes no reference cycles
+    worth collecting; forked workers inherit the paused state.
+    """
     was = gc.isenabled()
     gc.disable()
     try:
@@ -76,6 +78,16 @@ def gc_paused() -> Iterator[None]:
     finally:
         if was:
             gc.enable()
+
+
+def freeze_gc() -> None:
+    """Move every object alive now out of the cyclic collector's generations (``gc.freeze``).
+
+    Process-wide, so the library never does it: a program that owns its process (the command line, a
+    benchmark) calls it once its index and model are loaded, after which the full collection that follows
+    each prediction batch no longer walks the index's long-lived objects (it dominates small batches).
+    """
+    gc.freeze()
 
 
 PARALLEL_MIN = 100  # compositions per process below which building structures stays in this process
@@ -106,19 +118,25 @@ class CSPPredictor:
         self.prefilter = prefilter
         self.max_assignments = max_assignments  # element-to-site assignments per composition (fewest swaps first)
         self.workers = workers  # processes that build structures for large batches (forked; see realize)
-        # The index's millions of long-lived objects leave the collector's generations: otherwise each full
-        # collection after a batch walks all of them again (about 1 s), which dominates small batches.
-        gc.freeze()
-        self._matcher = structure_matcher()
-        self._reduced_cache: dict[tuple[int, tuple[int, ...]], Structure] = {}
+        self._matcher = Matcher()
+        self._reduced_cache: dict[tuple[int, tuple[int, ...]], Structure | None] = {}
 
     @classmethod
     def from_paths(
-        cls, store: str | Path | None = None, model: str | Path | None = None, workers: int = 2
+        cls,
+        store: str | Path | None = None,
+        model: str | Path | None = None,
+        workers: int = 2,
+        freeze: bool = False,
     ) -> CSPPredictor:
-        """Open a template store (default: embedded) and a trained model (default: ``$CSPML_HOME``)."""
+        """Open a template store (default: embedded) and a trained model (default: ``$CSPML_HOME``).
+
+        ``freeze`` calls :func:`freeze_gc` once both are loaded (for a caller that owns its process).
+        """
         sim = SimilarityModel.load(model_path(model))
         index = TemplateIndex.open(store, workers=workers)
+        if freeze:
+            freeze_gc()
         return cls(index, sim, workers=workers)
 
     def predict(
@@ -138,7 +156,7 @@ class CSPPredictor:
         comps = [as_composition(c) for c in compositions]
         rl = [roles(c) for c in comps]
         ranker = self.model.ranker if self.model is not None and metric == "learned" else None
-        wanted = top * 2 + 2 if dedup else top
+        wanted = overfetch(top) if dedup else top
         ranked = rank(
             self.model,
             self.index,
@@ -188,7 +206,9 @@ class CSPPredictor:
         ]
 
     def _build(self, comp: Composition, r: Roles, cands: list[Ranked], top: int, dedup: bool) -> Prediction:
-        pred = Prediction(comp.reduced_formula, r.anonymous_formula, smact_valid(comp))
+        pred = Prediction(
+            formula=comp.reduced_formula, anonymous_formula=r.anonymous_formula, smact_valid=smact_valid(comp)
+        )
         if not cands:
             n_anon = len(self.index.by_anon.get(r.anonymous_formula, []))
             pred.message = (
@@ -245,14 +265,11 @@ class CSPPredictor:
         same_label = ix.spacegroup[i] == ix.spacegroup[j] and ix.prototype[i] == ix.prototype[j]
         if ix.cluster[i] != ix.cluster[j] and not same_label:
             return False  # another prototype cluster with another space group or Wyckoff occupation
-        try:
-            return bool(self._matcher.fit(self._reduced(a, sa), self._reduced(b, sb), skip_structure_reduction=True))
-        except Exception:
-            return False
+        return self._matcher.fit(self._reduced(a, sa), self._reduced(b, sb), reduced=True)
 
-    def _reduced(self, c: Ranked, s: Structure) -> Structure:
+    def _reduced(self, c: Ranked, s: Structure) -> Structure | None:
         """Primitive Niggli cell of a candidate, computed once per prediction (the bulk of a fit's cost)."""
         key = (c.template, c.perm)
         if key not in self._reduced_cache:
-            self._reduced_cache[key] = self._matcher._get_reduced_structure(s, primitive_cell=True, niggli=True)
+            self._reduced_cache[key] = self._matcher.reduce(s)
         return self._reduced_cache[key]

@@ -53,7 +53,6 @@ build from the same rows in the same order gives the same graph and the same res
 
 from __future__ import annotations
 
-import bisect
 import hashlib
 import json
 import logging
@@ -61,279 +60,25 @@ import os
 import weakref
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-from cspml_flows.core.errors import CSPMLError
-from cspml_flows.learning.features import Standardizer, role_distance
+from cspml_flows.core.descriptors import MAX_ROLES
+from cspml_flows.learning.features import Standardizer
+from cspml_flows.predict.prefilter_graph import (
+    FORMAT,
+    MARGIN,
+    GroupPrefilter,
+    PrefilterFileError,
+    group_vectors,
+    scale_digest,
+)
+from cspml_flows.templates.index import TemplateIndex
 
-if TYPE_CHECKING:
-    from cspml_flows.templates.index import TemplateIndex
-
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 ANN_THRESHOLD = 1000  # groups with at least this many templates are searched through a graph
 BUILD_AFTER = 4096  # query vectors a group answers exactly before its graph is built (when none was loaded)
-CONNECTIVITY = 16  # graph edges per point (HNSW M)
-EXPANSION_ADD = 128  # candidate list while inserting (HNSW efConstruction)
-EXPANSION_SEARCH = 128  # candidate list while searching (HNSW ef; at least the points fetched)
-MARGIN = 64  # points fetched beyond ``need``, so that a neighbour the graph ranks late is still re-ranked
-FORMAT = 1  # version of the files GroupPrefilter.save writes
-
-
-class PrefilterFileError(CSPMLError):
-    """A saved prefilter group that is missing, damaged, or built under another standardiser."""
-
-
-def _scale_digest(std: Standardizer) -> str:
-    return hashlib.sha1(np.ascontiguousarray(std.role_sd, dtype=np.float64).tobytes()).hexdigest()[:16]
-
-
-def group_vectors(role_props: np.ndarray, std: Standardizer, n_roles: int) -> tuple[np.ndarray, np.ndarray]:
-    """Graph vectors (n, n_roles * properties) in float32 and a mask of the rows without NaN among them."""
-    z = (role_props[:, :n_roles] / std.role_sd).reshape(len(role_props), -1)  # the mean cancels in differences
-    finite = np.isfinite(z).all(axis=1)
-    return np.ascontiguousarray(np.nan_to_num(z), dtype=np.float32), finite
-
-
-def _search(graph, z: np.ndarray, k: int, distances: bool = False):
-    """Keys (m, k) and counts (m,) of the ``k`` nearest graph points of each row of ``z`` (and distances)."""
-    m = graph.search(z, k, threads=1)
-    keys = np.asarray(m.keys, dtype=np.int64).reshape(len(z), -1)
-    counts = np.asarray(getattr(m, "counts", [len(m.keys)])).reshape(-1)
-    if distances:
-        return keys, counts, np.asarray(m.distances).reshape(len(z), -1)
-    return keys, counts
-
-
-class GroupPrefilter:
-    """HNSW graph over one anonymous-formula group's templates, with the row tables around it."""
-
-    def __init__(self, n_roles: int, width: int, std: Standardizer):
-        from usearch.index import Index
-
-        self.n_roles, self.width, self.scale, self._std, self._view = n_roles, width, _scale_digest(std), std, False
-        self.graph = Index(
-            ndim=width,
-            metric="l2sq",
-            dtype="f32",
-            connectivity=CONNECTIVITY,
-            expansion_add=EXPANSION_ADD,
-            expansion_search=EXPANSION_SEARCH,
-        )
-        self.extra: dict[int, list[int]] = {}  # point key -> the other rows with the key's vector (ascending)
-        self.owner: dict[int, int] = {}  # such a row -> its point key
-        self.nan_rows = np.zeros(0, dtype=np.int64)  # rows kept out of the graph (NaN among the group's roles)
-
-    # ---- construction and updates ----------------------------------------------------------------------
-    @classmethod
-    def build(cls, rows: np.ndarray, role_props: np.ndarray, std: Standardizer, n_roles: int) -> GroupPrefilter:
-        """Graph over ``rows`` whose role properties are ``role_props`` (aligned, shape (n, MAX_ROLES, P))."""
-        new = cls(n_roles, n_roles * role_props.shape[-1], std)
-        new.add(rows, role_props)
-        return new
-
-    def add(self, rows: np.ndarray, role_props: np.ndarray) -> None:
-        """Add templates (rows not yet present, role properties aligned with them)."""
-        rows = np.asarray(rows, dtype=np.int64)
-        if len(rows) == 0:
-            return
-        self._writable()
-        z, finite = group_vectors(role_props, self._std, self.n_roles)
-        self.nan_rows = np.union1d(self.nan_rows, rows[~finite])
-        rows, z = rows[finite], z[finite]
-        order = np.argsort(rows, kind="stable")
-        rows, z = rows[order], z[order]
-        uniq, first, inverse = np.unique(z, axis=0, return_index=True, return_inverse=True)
-        inverse = inverse.reshape(-1)
-        keys = rows[first]  # smallest new row of each distinct vector
-        found = self._existing_points(uniq) if len(self.graph) else np.full(len(uniq), -1)
-        fresh = found < 0
-        if fresh.any():
-            self.graph.add(keys[fresh].astype(np.uint64), uniq[fresh], threads=1)
-        point = np.where(fresh, keys, found)
-        moved: dict[int, int] = {}  # points re-keyed by a smaller new row during this call
-        for r, p in zip(rows.tolist(), point[inverse].tolist(), strict=True):
-            p = moved.get(p, p)
-            if r != p:
-                key = self._attach_row(r, p)
-                if key != p:
-                    moved[p] = key
-
-    def _existing_points(self, z: np.ndarray) -> np.ndarray:
-        """Key of a graph point with exactly each vector, or -1."""
-        keys, counts, dist = _search(self.graph, z, 1, distances=True)
-        keys, dist = keys[:, 0], np.where(counts > 0, dist[:, 0], np.inf)
-        out = np.full(len(z), -1, dtype=np.int64)
-        for j in np.flatnonzero(dist == 0.0):
-            if np.array_equal(np.asarray(self.graph.get(int(keys[j])), dtype=np.float32).reshape(-1), z[j]):
-                out[j] = keys[j]
-        return out
-
-    def _attach_row(self, row: int, key: int) -> int:
-        """Add ``row`` to the point ``key`` holds; the point's key afterwards."""
-        if row < key:  # a smaller row takes over the point: re-key it
-            vec = np.asarray(self.graph.get(key), dtype=np.float32).reshape(1, -1)
-            self.graph.remove(key)
-            self.graph.add(np.array([row], dtype=np.uint64), vec, threads=1)
-            others = [key, *self.extra.pop(key, [])]
-            for r in others:
-                self.owner[r] = row
-            self.extra[row] = sorted(others)
-            return row
-        bisect.insort(self.extra.setdefault(key, []), row)
-        self.owner[row] = key
-        return key
-
-    def remove(self, rows: np.ndarray) -> None:
-        """Remove templates (rows that are not present are ignored)."""
-        rows = np.asarray(rows, dtype=np.int64)
-        self._writable()
-        self.nan_rows = np.setdiff1d(self.nan_rows, rows)
-        for r in rows.tolist():
-            if r in self.owner:
-                key = self.owner.pop(r)
-                rest = [x for x in self.extra[key] if x != r]
-                if rest:
-                    self.extra[key] = rest
-                else:
-                    del self.extra[key]
-            elif self.graph.contains(r):
-                rest = self.extra.pop(r, [])
-                vec = np.asarray(self.graph.get(r), dtype=np.float32).reshape(1, -1)
-                self.graph.remove(r)
-                if rest:  # the next row of the tie keeps the point
-                    head, tail = rest[0], rest[1:]
-                    self.graph.add(np.array([head], dtype=np.uint64), vec, threads=1)
-                    self.owner.pop(head, None)
-                    for x in tail:
-                        self.owner[x] = head
-                    if tail:
-                        self.extra[head] = tail
-
-    def rows(self) -> np.ndarray:
-        """Every template row held, ascending."""
-        keys = np.asarray(self.graph.keys, dtype=np.int64) if len(self.graph) else np.zeros(0, dtype=np.int64)
-        dup = np.fromiter(self.owner, dtype=np.int64, count=len(self.owner))
-        return np.sort(np.concatenate([keys, dup, self.nan_rows]))
-
-    def __len__(self) -> int:
-        return len(self.graph) + len(self.owner) + len(self.nan_rows)
-
-    def _expand(self, keys: np.ndarray) -> np.ndarray:
-        extra = self.extra
-        if not extra:
-            return keys
-        out = [keys]
-        for k in keys.tolist():
-            more = extra.get(k)
-            if more:
-                out.append(np.asarray(more, dtype=np.int64))
-        return np.concatenate(out)
-
-    # ---- search ----------------------------------------------------------------------------------------
-    def search(
-        self,
-        q_props: np.ndarray,
-        need: int,
-        role_props: np.ndarray,
-        allowed: Callable[[np.ndarray], np.ndarray] | None = None,
-        few_in_row_order: bool = False,
-    ) -> list[np.ndarray]:
-        """For each query (``q_props`` (m, MAX_ROLES, P)): the ``need`` nearest allowed rows by
-        ``role_distance``, ties by row. ``role_props`` is the index's array (the exact re-rank reads the
-        fetched rows from it); ``allowed(rows)`` masks excluded rows; ``few_in_row_order``: when at most
-        ``need`` rows are allowed, all of them in row order. A query with a NaN among the group's roles is
-        compared with every held row."""
-        z, finite = group_vectors(q_props, self._std, self.n_roles)
-        n_points = len(self.graph)
-        fetched: list[np.ndarray] = [np.zeros(0, dtype=np.int64)] * len(z)
-        if not finite.all():
-            every = self.rows()
-            every = every[allowed(every)] if allowed is not None else every
-            for qi in np.flatnonzero(~finite):
-                fetched[qi] = every
-        pending, k = np.flatnonzero(finite).tolist(), min(need + MARGIN, n_points)
-        while pending and k > 0:
-            keys, counts = _search(self.graph, z[pending], k)
-            retry = []
-            for j, qi in enumerate(pending):
-                rows = self._expand(keys[j, : counts[j]])
-                if allowed is not None:
-                    rows = rows[allowed(rows)]
-                fetched[qi] = rows
-                if len(rows) < need + MARGIN and k < n_points:
-                    retry.append(qi)  # exclusions left too few rows: fetch more points
-            pending, k = retry, min(2 * k, n_points)
-        side = self.nan_rows
-        if allowed is not None and len(side):
-            side = side[allowed(side)]
-        out = []
-        for qi, rows in enumerate(fetched):
-            rows = np.concatenate([rows, side]) if len(side) and finite[qi] else rows
-            if few_in_row_order and len(rows) <= need:  # every allowed row was fetched
-                out.append(np.sort(rows))
-                continue
-            d = role_distance(q_props[qi][None], role_props[rows], self._std)
-            out.append(rows[np.lexsort((rows, d))[:need]])
-        return out
-
-    # ---- files -----------------------------------------------------------------------------------------
-    def save(self, stem: str | Path) -> None:
-        """Write ``stem.usearch`` and ``stem.npz`` (each through a temporary file and a rename)."""
-        stem = Path(stem)
-        owner_rows = np.fromiter(self.owner, dtype=np.int64, count=len(self.owner))
-        owner_keys = np.fromiter(self.owner.values(), dtype=np.int64, count=len(self.owner))
-        tables = {
-            "format": np.array(FORMAT),
-            "n_roles": np.array(self.n_roles),
-            "width": np.array(self.width),
-            "scale": np.array(self.scale),
-            "owner_rows": owner_rows,
-            "owner_keys": owner_keys,
-            "nan_rows": self.nan_rows,
-        }
-        graph_tmp = stem.with_name(stem.name + ".usearch.tmp")
-        self.graph.save(str(graph_tmp))
-        os.replace(graph_tmp, stem.with_name(stem.name + ".usearch"))
-        tables_tmp = stem.with_name(stem.name + ".tmp.npz")
-        np.savez(tables_tmp, **tables)
-        os.replace(tables_tmp, stem.with_name(stem.name + ".npz"))
-
-    @classmethod
-    def load(cls, stem: str | Path, std: Standardizer, view: bool = True) -> GroupPrefilter:
-        """Inverse of :meth:`save`; ``view`` memory-maps the graph (read-only until a row is added or
-        removed, when it is loaded into memory). PrefilterFileError when the files cannot be used."""
-        from usearch.index import Index
-
-        stem = Path(stem)
-        graph_path, tables_path = stem.with_name(stem.name + ".usearch"), stem.with_name(stem.name + ".npz")
-        try:
-            with np.load(tables_path, allow_pickle=False) as t:
-                fmt, n_roles, width = int(t["format"]), int(t["n_roles"]), int(t["width"])
-                scale = str(t["scale"])
-                owner_rows, owner_keys, nan_rows = t["owner_rows"], t["owner_keys"], t["nan_rows"]
-            graph = Index.restore(str(graph_path), view=view)
-        except (OSError, ValueError, KeyError, RuntimeError) as exc:
-            raise PrefilterFileError(f"prefilter group {stem} cannot be read ({exc})") from None
-        if fmt != FORMAT or graph is None or graph.ndim != width or scale != _scale_digest(std):
-            raise PrefilterFileError(f"prefilter group {stem} was written by another version or standardiser")
-        new = cls.__new__(cls)
-        new.n_roles, new.width, new.scale, new._std = n_roles, width, scale, std
-        new.graph, new._view = graph, view
-        new.graph.expansion_search = EXPANSION_SEARCH
-        new.nan_rows = np.asarray(nan_rows, dtype=np.int64)
-        new.owner = dict(zip(owner_rows.tolist(), owner_keys.tolist(), strict=True))
-        new.extra = {}
-        for r, k in sorted(new.owner.items()):
-            new.extra.setdefault(k, []).append(r)
-        return new
-
-    def _writable(self) -> None:
-        if getattr(self, "_view", False):  # a memory-mapped graph: copy it into memory before changing it
-            self.graph = self.graph.copy()
-            self._view = False
 
 
 class GroupMatrix:
@@ -418,7 +163,7 @@ class Prefilter:
             stem = "group-" + hashlib.sha1(anon.encode()).hexdigest()[:16]
             g.save(folder / stem)
             names[anon] = stem
-        manifest = {"format": FORMAT, "scale": _scale_digest(self.std), "groups": names}
+        manifest = {"format": FORMAT, "scale": scale_digest(self.std), "groups": names}
         tmp = folder / "prefilter.json.tmp"
         tmp.write_text(json.dumps(manifest, sort_keys=True))
         os.replace(tmp, folder / "prefilter.json")
@@ -432,19 +177,18 @@ class Prefilter:
             manifest = json.loads((Path(folder) / "prefilter.json").read_text())
             groups = dict(manifest["groups"])
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            log.warning("prefilter folder %s cannot be read (%s): groups are rebuilt on use", folder, exc)
+            logger.warning("prefilter folder %s cannot be read (%s): groups are rebuilt on use", folder, exc)
             return new
         for anon, stem in groups.items():
             try:
                 new.groups[str(anon)] = GroupPrefilter.load(Path(folder) / str(stem), std, view=view)
             except PrefilterFileError as exc:
-                log.warning("%s: rebuilt on use", exc)
+                logger.warning("%s: rebuilt on use", exc)
         return new
 
 
 def _n_roles(index: TemplateIndex, members: np.ndarray) -> int:
-    from cspml_flows.core.descriptors import MAX_ROLES
-
+    """Roles of the group's anonymous formula (at most ``MAX_ROLES``)."""
     return min(len(index.roles[int(members[0])].elements), MAX_ROLES) if len(members) else MAX_ROLES
 
 
@@ -457,7 +201,7 @@ def prefilter_for(index: TemplateIndex, std: Standardizer) -> Prefilter:
     if per_index is None:
         per_index = _CACHE[id(index)] = {}
         weakref.finalize(index, _CACHE.pop, id(index), None)
-    key = _scale_digest(std)
+    key = scale_digest(std)
     if key not in per_index:
         per_index[key] = Prefilter(std)
     return per_index[key]
@@ -466,10 +210,10 @@ def prefilter_for(index: TemplateIndex, std: Standardizer) -> Prefilter:
 def attach(index: TemplateIndex, std: Standardizer, prefilter: Prefilter) -> None:
     """Make ``prefilter`` (e.g. from :meth:`Prefilter.load`) the one :func:`prefilter_for` returns."""
     prefilter_for(index, std)
-    _CACHE[id(index)][_scale_digest(std)] = prefilter
+    _CACHE[id(index)][scale_digest(std)] = prefilter
 
 
-def nearest_rows(
+def nearest_rows(  # noqa: PLR0913 - the search's keyword options
     index: TemplateIndex,
     anon: str,
     members: np.ndarray,
@@ -481,38 +225,22 @@ def nearest_rows(
     few_in_row_order: bool = False,
     build_after: int = BUILD_AFTER,
 ) -> list[np.ndarray]:
-    """For each query vector of ``q_props`` (m, MAX_ROLES, P): the ``need`` nearest rows of group ``anon``
-    (rows ``members``, ascending) that ``allowed`` keeps, by ``role_distance``, ties by row; with
+    """For each query vector of ``q_props`` (m, MAX_ROLES, P): the ``need`` nearest rows of group ``anon``.
+
+    The rows are among ``members`` (ascending) that ``allowed`` keeps, by ``role_distance``, ties by row; with
     ``few_in_row_order``, when at most ``need`` rows are allowed, all of them in row order.
 
     Groups below ``threshold`` templates (``None``: every group) are answered exactly. A larger group is
     answered through its graph when the process has one (loaded, or built earlier); else exactly until it
     has answered ``build_after`` query vectors, then its graph is built (a build costs about as much as
-    that many exact answers, so a group queried once is never built for; 0: built at once)."""
+    that many exact answers, so a group queried once is never built for; 0: built at once).
+    """
     out: list[np.ndarray | None] = [None] * len(q_props)
-    if threshold is not None and len(members) >= threshold:
-        finite = np.flatnonzero(np.isfinite(q_props[:, : _n_roles(index, members)]).all(axis=(1, 2)))
-        pf = prefilter_for(index, std)
-        if anon not in pf.groups and pf.exact_queries.get(anon, 0) < build_after:
-            pf.exact_queries[anon] = pf.exact_queries.get(anon, 0) + len(q_props)
-            finite = finite[:0]
-        if len(finite):
-            g = pf.group(index, anon, members)
-            found = g.search(q_props[finite], need, index.role_props, allowed, few_in_row_order)
-            for i, rows in zip(finite.tolist(), found, strict=True):
-                out[i] = rows
+    large = threshold is not None and len(members) >= threshold
+    if large:
+        _graph_answers(out, index, anon, members, q_props, need, std, allowed, few_in_row_order, build_after)
+        _matrix_answers(out, index, anon, members, q_props, need, std, allowed, few_in_row_order)
     todo = [i for i, o in enumerate(out) if o is None]
-    if todo and threshold is not None and len(members) >= threshold:
-        mask = allowed(members) if allowed is not None else None
-        if not (few_in_row_order and (len(members) if mask is None else int(mask.sum())) <= need):
-            gm = prefilter_for(index, std).matrix(index, anon, members)
-            for i in todo:
-                rows = gm.candidates(q_props[i], need, mask)
-                if rows is not None:  # the exact arithmetic below, on the rows that can be nearest
-                    diff = std.roles(q_props[i][None]) - std.roles(index.role_props[rows])
-                    d = np.sqrt(np.nansum(diff * diff, axis=(-1, -2)))
-                    out[i] = rows[np.lexsort((rows, d))[:need]]
-            todo = [i for i in todo if out[i] is None]
     if todo:
         cand = members[allowed(members)] if allowed is not None else members
         if few_in_row_order and len(cand) <= need:
@@ -523,3 +251,55 @@ def nearest_rows(
             d = np.sqrt(np.nansum(diff * diff, axis=(-1, -2)))
             out[i] = cand[np.lexsort((cand, d))[:need]]
     return out  # type: ignore[return-value]
+
+
+def _graph_answers(  # noqa: PLR0913 - nearest_rows' arguments
+    out: list[np.ndarray | None],
+    index: TemplateIndex,
+    anon: str,
+    members: np.ndarray,
+    q_props: np.ndarray,
+    need: int,
+    std: Standardizer,
+    allowed: Callable[[np.ndarray], np.ndarray] | None,
+    few_in_row_order: bool,
+    build_after: int,
+) -> None:
+    """Fill ``out`` with the graph's answers where the group has (or is now due for) a graph."""
+    finite = np.flatnonzero(np.isfinite(q_props[:, : _n_roles(index, members)]).all(axis=(1, 2)))
+    pf = prefilter_for(index, std)
+    if anon not in pf.groups and pf.exact_queries.get(anon, 0) < build_after:
+        pf.exact_queries[anon] = pf.exact_queries.get(anon, 0) + len(q_props)
+        return
+    if len(finite):
+        g = pf.group(index, anon, members)
+        found = g.search(q_props[finite], need, index.role_props, allowed, few_in_row_order)
+        for i, rows in zip(finite.tolist(), found, strict=True):
+            out[i] = rows
+
+
+def _matrix_answers(
+    out: list[np.ndarray | None],
+    index: TemplateIndex,
+    anon: str,
+    members: np.ndarray,
+    q_props: np.ndarray,
+    need: int,
+    std: Standardizer,
+    allowed: Callable[[np.ndarray], np.ndarray] | None,
+    few_in_row_order: bool,
+) -> None:
+    """Fill the rest of ``out`` exactly through the group's matrix (queries with NaN are left for later)."""
+    todo = [i for i, o in enumerate(out) if o is None]
+    if not todo:
+        return
+    mask = allowed(members) if allowed is not None else None
+    if few_in_row_order and (len(members) if mask is None else int(mask.sum())) <= need:
+        return
+    gm = prefilter_for(index, std).matrix(index, anon, members)
+    for i in todo:
+        rows = gm.candidates(q_props[i], need, mask)
+        if rows is not None:  # the exact arithmetic below, on the rows that can be nearest
+            diff = std.roles(q_props[i][None]) - std.roles(index.role_props[rows])
+            d = np.sqrt(np.nansum(diff * diff, axis=(-1, -2)))
+            out[i] = rows[np.lexsort((rows, d))[:need]]

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 import numpy as np
@@ -27,6 +27,7 @@ import numpy as np
 from cspml_flows.core import progress
 from cspml_flows.core.composition import MAX_ASSIGNMENTS, Roles
 from cspml_flows.core.descriptors import role_properties
+from cspml_flows.learning.features import Standardizer, unlearned_distance
 from cspml_flows.learning.model import QueryBatch, SimilarityModel
 from cspml_flows.predict.prefilter import ANN_THRESHOLD, BUILD_AFTER, nearest_rows
 from cspml_flows.templates.index import TemplateIndex
@@ -34,8 +35,11 @@ from cspml_flows.templates.index import TemplateIndex
 
 @dataclass(frozen=True)
 class Ranked:
-    """One ranked candidate: template row, query-role permutation, score; ``alternates`` are the next
-    templates of the same cluster and assignment, best first (used when the template fails validity)."""
+    """One ranked candidate: template row, query-role permutation, score.
+
+    ``alternates`` are the next templates of the same cluster and assignment, best first (used when the
+    template fails validity).
+    """
 
     template: int
     perm: tuple[int, ...]
@@ -45,11 +49,21 @@ class Ranked:
     stats: tuple[float, ...] = ()  # best and mean member probability, members scored (the ranker's input)
 
 
-def _allowed(
+def overfetch(top: int) -> int:
+    """(template, assignment) pairs retrieved for ``top`` distinct structures.
+
+    Twice as many plus two, so that ``top`` remain after the distance rule and deduplication drop some.
+    """
+    return 2 * top + 2
+
+
+def allowed_rows(
     index: TemplateIndex, query: Roles, exclude_ids: set[str], strict: bool
 ) -> Callable[[np.ndarray], np.ndarray]:
-    """Mask of the given template rows that ``query`` may use (not its own id; in the strict setting, not
-    its reduced formula)."""
+    """Mask of the given template rows that ``query`` may use.
+
+    Not its own id (``exclude_ids``); in the strict setting, no template of its reduced formula.
+    """
     excluded = list(exclude_ids)
     formula = query.reduced_formula
 
@@ -64,13 +78,34 @@ def _allowed(
     return allowed
 
 
-def _exclusion_mask(
-    index: TemplateIndex, members: np.ndarray, query: Roles, exclude_ids: set[str], strict: bool
-) -> np.ndarray:
-    return _allowed(index, query, exclude_ids, strict)(members)
+ROW_CHUNK = 20000  # (query, template, assignment) rows scored at a time
+FULL_PERMS = 6  # assignments scored against all ``prefilter`` templates (fewest swaps first) ...
+EXTRA_PREFILTER = 8  # ... further ones only against their own nearest templates (ties of 4-5: 24-120 of them)
 
 
-def rank(
+@dataclass
+class ScoreRows:
+    """(query, template, assignment) rows to score, with the role properties of each (query, assignment)."""
+
+    perms_of: list[list[tuple[int, ...]]]
+    rows_q: list[np.ndarray] = field(default_factory=list)
+    rows_t: list[np.ndarray] = field(default_factory=list)
+    rows_p: list[np.ndarray] = field(default_factory=list)
+    rows_qp: list[np.ndarray] = field(default_factory=list)
+    qp_props: list[np.ndarray] = field(default_factory=list)
+
+    def add_query(self, i: int, keep: np.ndarray, qp: np.ndarray, extra: list[np.ndarray]) -> None:
+        """Rows of query ``i``: its first assignments on ``keep``, further ones on their own ``extra`` rows."""
+        self.qp_props.append(qp)
+        for k in range(len(self.perms_of[i])):
+            kept = keep if k < FULL_PERMS else extra[k - FULL_PERMS]
+            self.rows_q.append(np.full(len(kept), i))
+            self.rows_t.append(kept)
+            self.rows_p.append(np.full(len(kept), k))
+            self.rows_qp.append(np.full(len(kept), len(self.rows_qp)))
+
+
+def rank(  # noqa: PLR0913 - the retrieval entry's keyword options (callers pass them by name)
     model: SimilarityModel | None,
     index: TemplateIndex,
     queries: Sequence[Roles],
@@ -84,67 +119,90 @@ def rank(
     threads: int = 1,
     ann_threshold: int | None = ANN_THRESHOLD,
 ) -> list[list[Ranked]]:
-    """Top candidates per query. ``metric='learned'`` uses the model; ``'nearest'`` the unlearned
-    Magpie distance (then one candidate per template, canonical assignment, no clustering). ``threads``
-    score row chunks concurrently. Groups of at least ``ann_threshold`` templates are prefiltered through
-    their nearest-neighbour graph once it is loaded or worth building (:mod:`cspml_flows.predict.prefilter`),
-    smaller ones exactly; ``None``: every group exactly; 0: every group through its graph from the start."""
-    qb = QueryBatch.from_roles(list(queries))
-    std = model.std if model is not None else None
-    if std is None:
-        from cspml_flows.learning.features import Standardizer
+    """Top candidates per query.
 
-        std = Standardizer(index.stats, index.role_props)
-    rows_q, rows_t, rows_p, rows_qp, qp_props = [], [], [], [], []
-    perms_of: list[list[tuple[int, ...]]] = []
-    nearest_out: list[list[Ranked]] = [[] for _ in queries]
-    by_group: dict[str, list[int]] = {}
+    ``metric='learned'`` uses the model; ``'nearest'`` the unlearned Magpie distance (then one candidate per
+    template, canonical assignment, no clustering). ``threads`` score row chunks concurrently. Groups of at
+    least ``ann_threshold`` templates are prefiltered through their nearest-neighbour graph once it is loaded
+    or worth building (:mod:`cspml_flows.predict.prefilter`), smaller ones exactly; ``None``: every group
+    exactly; 0: every group through its graph from the start.
+    """
+    qb = QueryBatch.from_roles(list(queries))
+    std = model.std if model is not None else Standardizer(index.stats, index.role_props)
+    perms_of = [q.permutations(limit=max_perms) for q in queries]
+    allowed = [allowed_rows(index, q, exclude_ids[i] if exclude_ids else set(), strict) for i, q in enumerate(queries)]
+    if metric == "nearest":
+        return _nearest(index, queries, qb, std, allowed, perms_of, top)
+    rows = ScoreRows(perms_of)
     build = 0 if ann_threshold == 0 else BUILD_AFTER
-    for i, q in enumerate(queries):
-        by_group.setdefault(q.anonymous_formula, []).append(i)
-        perms_of.append(q.permutations(limit=max_perms))
-    for anon, qis in by_group.items():
+    for anon, qis in _by_group(queries).items():
         members = index.by_anon.get(anon)
         if members is None or len(members) == 0:
             continue
         for i in qis:
-            allowed = _allowed(index, queries[i], exclude_ids[i] if exclude_ids else set(), strict)
-            if metric == "nearest":
-                from cspml_flows.learning.features import unlearned_distance
-
-                cand = members[allowed(members)]
-                d = unlearned_distance(qb.stats[i][None], index.stats[cand], std)
-                order = np.argsort(d, kind="stable")[:top]
-                nearest_out[i] = [
-                    Ranked(int(cand[j]), perms_of[i][0], float(-d[j]), int(index.cluster[cand[j]])) for j in order
-                ]
-                continue
             near = partial(
-                nearest_rows, index, anon, members, std=std, allowed=allowed, threshold=ann_threshold, build_after=build
+                nearest_rows,
+                index,
+                anon,
+                members,
+                std=std,
+                allowed=allowed[i],
+                threshold=ann_threshold,
+                build_after=build,
             )
             keep = near(qb.role_props[i][None], prefilter, few_in_row_order=True)[0]
             if len(keep) == 0:
                 continue
             qp = role_properties([queries[i]] * len(perms_of[i]), perms_of[i])
-            qp_props.append(qp)
-            if len(perms_of[i]) > FULL_PERMS:  # further assignments: only their own nearest templates
-                extra = near(qp[FULL_PERMS:], EXTRA_PREFILTER)
-            for k in range(len(perms_of[i])):
-                kept = keep if k < FULL_PERMS else extra[k - FULL_PERMS]
-                rows_q.append(np.full(len(kept), i))
-                rows_t.append(kept)
-                rows_p.append(np.full(len(kept), k))
-                rows_qp.append(np.full(len(kept), len(rows_qp)))
-    if metric == "nearest":
-        return nearest_out
-    if not rows_q:
+            extra = near(qp[FULL_PERMS:], EXTRA_PREFILTER) if len(perms_of[i]) > FULL_PERMS else []
+            rows.add_query(i, keep, qp, extra)
+    if not rows.rows_q:
         return [[] for _ in queries]
     if model is None:
         raise ValueError("metric='learned' needs a model")
-    qi, ti, pi, qpi = (np.concatenate(r) for r in (rows_q, rows_t, rows_p, rows_qp))
-    qp_props = np.concatenate(qp_props)  # role properties of each (query, assignment), rows point into it
-    prob = np.empty(len(qi))
+    qi, ti, pi = (np.concatenate(r) for r in (rows.rows_q, rows.rows_t, rows.rows_p))
+    prob = _score_rows(model, index, qb, rows, threads)
+    return aggregate_rows(index, qi, ti, pi, prob, perms_of, len(queries), top, vote)
 
+
+def _by_group(queries: Sequence[Roles]) -> dict[str, list[int]]:
+    """Query positions by anonymous formula, groups in order of first appearance."""
+    by_group: dict[str, list[int]] = {}
+    for i, q in enumerate(queries):
+        by_group.setdefault(q.anonymous_formula, []).append(i)
+    return by_group
+
+
+def _nearest(
+    index: TemplateIndex,
+    queries: Sequence[Roles],
+    qb: QueryBatch,
+    std: Standardizer,
+    allowed: list[Callable[[np.ndarray], np.ndarray]],
+    perms_of: list[list[tuple[int, ...]]],
+    top: int,
+) -> list[list[Ranked]]:
+    """The ``metric='nearest'`` answer: templates by unlearned Magpie distance, canonical assignment."""
+    out: list[list[Ranked]] = [[] for _ in queries]
+    for anon, qis in _by_group(queries).items():
+        members = index.by_anon.get(anon)
+        if members is None or len(members) == 0:
+            continue
+        for i in qis:
+            cand = members[allowed[i](members)]
+            d = unlearned_distance(qb.stats[i][None], index.stats[cand], std)
+            order = np.argsort(d, kind="stable")[:top]
+            out[i] = [Ranked(int(cand[j]), perms_of[i][0], float(-d[j]), int(index.cluster[cand[j]])) for j in order]
+    return out
+
+
+def _score_rows(
+    model: SimilarityModel, index: TemplateIndex, qb: QueryBatch, rows: ScoreRows, threads: int
+) -> np.ndarray:
+    """Match probability of every row, in chunks of ``ROW_CHUNK`` (``threads`` at a time)."""
+    qi, ti, qpi = (np.concatenate(r) for r in (rows.rows_q, rows.rows_t, rows.rows_qp))
+    qp_props = np.concatenate(rows.qp_props)  # role properties of each (query, assignment), rows point into it
+    prob = np.empty(len(qi))
     qp_std, q_stats_std = model.std.roles(qp_props), model.std.stats(qb.stats)  # each query once
     model.standardized_index(index)  # each template once, before the threads share it
 
@@ -162,23 +220,28 @@ def rank(
             for sl in slices:
                 score(sl)
                 shown.update(min(sl.stop, len(qi)) - sl.start)
-    return _aggregate(index, qi, ti, pi, prob, perms_of, len(queries), top, vote)
+    return prob
 
 
-ROW_CHUNK = 20000  # (query, template, assignment) rows scored at a time
-FULL_PERMS = 6  # assignments scored against all ``prefilter`` templates (fewest swaps first) ...
-EXTRA_PREFILTER = 8  # ... further ones only against their own nearest templates (ties of 4-5: 24-120 of them)
-
-
-def _aggregate(index, qi, ti, pi, prob, perms_of, n_queries, top, vote, n_alt: int = 3) -> list[list[Ranked]]:
+def aggregate_rows(  # noqa: PLR0913 - the scored rows' parallel arrays
+    index: TemplateIndex,
+    qi: np.ndarray,
+    ti: np.ndarray,
+    pi: np.ndarray,
+    prob: np.ndarray,
+    perms_of: list[list[tuple[int, ...]]],
+    n_queries: int,
+    top: int,
+    vote: float,
+    n_alt: int = 3,
+) -> list[list[Ranked]]:
     """Collapse scored (query, template, perm) rows into one candidate per (query, cluster, perm), vectorised.
 
     Score = best + vote * (1 - best) * P(at least one other member matches), the members independent. All
     assignments of one cluster are realised on one template: the best member under the cluster's
     best-scoring assignment (the next best are the alternates), so that two assignments of a cluster are
-    the same crystal exactly when that template's symmetry maps one onto the other. (Choosing the member
-    nearest in element properties instead cost 0.3 / 0.6 / 1.0 points of top-1 / top-5 / top-20 on 1,000
-    mp20bt queries.)
+    the same crystal exactly when that template's symmetry maps one onto the other (the member nearest in
+    element properties, tried instead, ranked worse).
     """
     out: list[list[Ranked]] = [[] for _ in range(n_queries)]
     cl = index.cluster[ti]

@@ -12,25 +12,23 @@ import itertools
 from functools import cache, lru_cache
 
 import numpy as np
+import smact
 from pymatgen.core import Composition, Structure
+from smact.screening import pauling_test
 
 MIN_DISTANCE = 0.5
 MIN_VOLUME = 0.1
 
 
 @cache
-def _smact_element(symbol: str):
+def _smact_element(symbol: str) -> smact.Element:
     """SMACT's element record (its constructor reads several data tables: once per element)."""
-    import smact
-
     return smact.Element(symbol)
 
 
 @lru_cache(maxsize=100000)
 def _smact_valid_formula(formula: str) -> bool:
-    import smact
-    from smact.screening import pauling_test
-
+    """SMACT charge neutrality with the Pauling test of a reduced formula (see :func:`smact_valid`)."""
     comp = Composition(formula)
     symbols = tuple(el.symbol for el in comp)
     if len(symbols) == 1:
@@ -61,6 +59,7 @@ def smact_valid(comp: Composition | str) -> bool:
 
 
 def min_distance(structure: Structure) -> float:
+    """Shortest interatomic distance (minimum image; a one-site cell: its shortest lattice vector)."""
     if len(structure) == 1:
         return float(min(structure.lattice.abc))
     dm = structure.distance_matrix

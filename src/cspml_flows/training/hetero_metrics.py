@@ -17,7 +17,8 @@ KS = (1, 5, 10)
 POLY_K = 5
 
 
-def cluster_lists(ranked) -> list[list[int]]:
+def cluster_lists(ranked: Sequence[Sequence]) -> list[list[int]]:
+    """Per query, its candidates' prototype clusters in rank order, each once."""
     out = []
     for lst in ranked:
         seen: list[int] = []
@@ -87,7 +88,7 @@ def significant(new: np.ndarray, old: np.ndarray) -> bool:
 def objective(m: dict) -> float:
     """Fusion objective: top-1 prototype hit plus half the ground-state-first share (0 without polymorphs)."""
     gs = m.get("poly_ground_state_first", float("nan"))
-    return m["recall@1"] + 0.5 * (0.0 if gs != gs else gs)
+    return m["recall@1"] + 0.5 * (0.0 if np.isnan(gs) else gs)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -14,8 +14,10 @@ Labels are cached on disk (gzipped JSON keyed by the index, the fold models and 
 from __future__ import annotations
 
 import hashlib
+import logging
 import multiprocessing as mp
 import time
+import zlib
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,13 +27,16 @@ import numpy as np
 from pymatgen.core import Structure
 
 from cspml_flows.core import progress
-from cspml_flows.core.composition import MAX_ASSIGNMENTS
-from cspml_flows.core.prototype import structure_matcher
+from cspml_flows.core.composition import MAX_ASSIGNMENTS, Roles
+from cspml_flows.core.equivalence import Matcher
 from cspml_flows.core.safeio import read_json_gz, write_json_gz
+from cspml_flows.learning.model import SimilarityModel, training_hash
 from cspml_flows.predict.retrieve import Ranked, rank
 from cspml_flows.predict.substitute import substitute
 from cspml_flows.predict.validity import MIN_DISTANCE
 from cspml_flows.templates.index import TemplateIndex
+
+logger = logging.getLogger(__name__)
 
 OUTCOMES_VERSION = 1
 
@@ -45,11 +50,13 @@ class Outcomes:
     labels: list[np.ndarray] = field(default_factory=list)
 
     def extend(self, other: Outcomes) -> None:
+        """Append ``other``'s queries."""
         self.rows += other.rows
         self.candidates += other.candidates
         self.labels += other.labels
 
     def to_json(self) -> dict[str, Any]:
+        """The cache file's content: JSON types only."""
         return {
             "version": OUTCOMES_VERSION,
             "rows": self.rows,
@@ -62,6 +69,7 @@ class Outcomes:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Outcomes:
+        """Inverse of :meth:`to_json`; ValueError for a cache of another version."""
         if d.get("version") != OUTCOMES_VERSION:
             raise ValueError("outcome cache of another version")
         cands = [
@@ -78,22 +86,24 @@ def _label_chunk(rows: list[int]) -> list[np.ndarray]:
     """Worker: match every candidate of each held-out row against that row's own structure."""
     assert _FORKED is not None
     index, cands_of = _FORKED
-    sm = structure_matcher()
+    matcher = Matcher()
     out = []
     for i in rows:
-        gt = sm._get_reduced_structure(index.structure(i), primitive_cell=True, niggli=True)
+        gt = matcher.reduce(index.structure(i))
         q = index.roles[i]
-        out.append(np.array([candidate_matches(sm, index, c, q, gt) for c in cands_of[i]], dtype=np.int8))
+        out.append(np.array([candidate_matches(matcher, index, c, q, gt) for c in cands_of[i]], dtype=np.int8))
     return out
 
 
-def candidate_matches(sm, index: TemplateIndex, c: Ranked, q, gt_reduced: Structure) -> bool:
+def candidate_matches(
+    matcher: Matcher, index: TemplateIndex, c: Ranked, q: Roles, gt_reduced: Structure | None
+) -> bool:
     """Whether candidate ``c`` of query roles ``q``, substituted as ``predict`` does it (template, then
     alternates under the 0.5 A rule), matches the reduced answer; a candidate predict drops never does."""
     for t in (c.template, *c.alternates):
         s, dmin = substitute(index, t, q, c.perm)
         if dmin >= MIN_DISTANCE:
-            return _matches(sm, s, gt_reduced)
+            return matcher.rms(s, gt_reduced, first=True) is not None
     return False
 
 
@@ -112,15 +122,6 @@ def map_chunks_forked(fn, chunks: list[list[int]], workers: int, total: int) -> 
                 out += fn(ch)
                 shown.update(len(ch))
     return out
-
-
-def _matches(sm, s: Structure, gt_reduced: Structure) -> bool:
-    try:
-        red = sm._get_reduced_structure(s, primitive_cell=True, niggli=True)
-        s1, s2, fu, s1_supercell = sm._preprocess(red, gt_reduced, skip_structure_reduction=True)
-        return sm._match(s1, s2, fu, s1_supercell, use_rms=True, break_on_match=True) is not None
-    except Exception:
-        return False
 
 
 def label_outcomes(
@@ -149,8 +150,8 @@ def cached_outcomes(path: Path | None, build) -> tuple[Outcomes, bool]:
     if path is not None and path.is_file():
         try:
             return Outcomes.from_json(read_json_gz(path)), True
-        except Exception:
-            pass  # unreadable or old cache: rebuild
+        except (OSError, EOFError, ValueError, KeyError, TypeError, zlib.error):
+            logger.info("outcome cache %s is unreadable or of another version: rebuilt", path)
     out = build()
     if path is not None:
         write_json_gz(path, out.to_json())
@@ -158,6 +159,7 @@ def cached_outcomes(path: Path | None, build) -> tuple[Outcomes, bool]:
 
 
 def outcome_key(*parts: object) -> str:
+    """Short hash of the parts' text (names a cache file)."""
     return hashlib.sha1("|".join(map(str, parts)).encode()).hexdigest()[:16]
 
 
@@ -170,13 +172,10 @@ def fold_outcomes(
     workers: int = 2,
     cache_dir: Path | None = None,
     pair_kwargs: dict | None = None,
-    log=print,
 ) -> tuple[Outcomes, dict[str, float]]:
     """Outcomes for ``n_queries`` pool templates (one per reduced formula, at random), cross-fitted over
     ``folds`` formula folds: the queries of a fold are scored by a pair model trained on the other folds.
     Returns the outcomes and timings."""
-    from cspml_flows.learning.model import SimilarityModel, training_hash
-
     rng = np.random.default_rng(seed)
     formulas = np.unique(index.formulas)
     pick = rng.permutation(len(formulas))[: min(n_queries, len(formulas))]
@@ -200,9 +199,7 @@ def fold_outcomes(
         def build(held=held, f=f) -> Outcomes:
             t = time.perf_counter()
             train = index.subset(~np.isin(index.formulas, list(held)))
-            model, _ = SimilarityModel.train(
-                train, seed=seed + f, check_labels=0, log=lambda _m: None, **(pair_kwargs or {})
-            )
+            model, _ = SimilarityModel.train(train, seed=seed + f, check_labels=0, **(pair_kwargs or {}))
             timings["pair_models_seconds"] += time.perf_counter() - t
             t = time.perf_counter()
             res = label_outcomes(index, model, rows_arr[fold == f], k, workers)
@@ -210,6 +207,7 @@ def fold_outcomes(
             return res
 
         part, cached = cached_outcomes(path, build)
-        log(f"fold {f + 1}/{folds}: {len(part.rows)} held-out formulas" + (" (label cache)" if cached else ""))
+        note = " (label cache)" if cached else ""
+        logger.info("fold %d/%d: %d held-out formulas%s", f + 1, folds, len(part.rows), note)
         out.extend(part)
     return out, timings

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -12,6 +14,8 @@ from cspml_flows.learning.features import Standardizer
 from cspml_flows.learning.ranker import CANDIDATES, CandidateRanker, candidate_features
 from cspml_flows.templates.index import TemplateIndex
 from cspml_flows.training.outcomes import fold_outcomes
+
+logger = logging.getLogger(__name__)
 
 
 def top_hits(y: np.ndarray, scores: np.ndarray, groups: np.ndarray, k: int) -> float:
@@ -32,9 +36,8 @@ def fit_ranker(
     folds: int = 2,
     seed: int = 0,
     workers: int = 2,
-    cache_dir=None,
+    cache_dir: Path | None = None,
     pair_kwargs: dict | None = None,
-    log=print,
 ) -> tuple[CandidateRanker, dict[str, Any]]:
     """Train the ranker on CSP outcomes of the pool (see :mod:`cspml_flows.training.outcomes`).
 
@@ -42,7 +45,7 @@ def fit_ranker(
     the pair-model order against the ranker's; the ranker is then refitted on every formula.
     """
     t0 = time.perf_counter()
-    out, timings = fold_outcomes(index, n_queries, k, folds, seed, workers, cache_dir, pair_kwargs, log)
+    out, timings = fold_outcomes(index, n_queries, k, folds, seed, workers, cache_dir, pair_kwargs)
     queries = [index.roles[i] for i in out.rows]
     x = candidate_features(index, queries, out.candidates, std, index.stats[np.array(out.rows, dtype=int)])
     y = np.concatenate(out.labels) if out.labels else np.zeros(0)
@@ -69,8 +72,10 @@ def fit_ranker(
     ranker = CandidateRanker.train(x, y, groups, max_iter=best, seed=seed)
     ranker.meta["report"] = report
     report["train_seconds"] = time.perf_counter() - t0
-    log(
-        f"ranker on {len(groups)} held-out pool formulas: top-1 {report['held_out_top1_pair']:.3f} (pair order) -> "
-        f"{report['held_out_top1_ranker']:.3f} (ranker) on the 20 % kept back"
+    logger.info(
+        "ranker on %d held-out pool formulas: top-1 %.3f (pair order) -> %.3f (ranker) on the 20 %% kept back",
+        len(groups),
+        report["held_out_top1_pair"],
+        report["held_out_top1_ranker"],
     )
     return ranker, report

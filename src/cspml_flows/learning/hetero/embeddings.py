@@ -33,10 +33,12 @@ from pymatgen.core import Structure
 from cspml_flows.core.composition import Roles
 from cspml_flows.core.config import home_dir
 from cspml_flows.core.descriptors import MAX_ROLES
+from cspml_flows.core.engines import pin_torch_threads
 from cspml_flows.core.safeio import load_npz, save_npz
 from cspml_flows.learning import checks
+from cspml_flows.templates.index import TemplateIndex
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 EMBED_VERSION = "chgnet030-v1"
 FEA = 64  # CHGNet 0.3.0 atom / crystal feature length
 N_EMBED = FEA + MAX_ROLES * FEA
@@ -50,8 +52,6 @@ def chgnet_model():
     global _MODEL
     if _MODEL is None:
         from chgnet.model import CHGNet
-
-        from cspml_flows.core.engines import pin_torch_threads
 
         pin_torch_threads()
         _MODEL = CHGNet.load(model_name="0.3.0", verbose=False)
@@ -105,7 +105,8 @@ def embed(structures: Sequence[dict], role_list: Sequence[Roles], variant: str =
                     preds.append(
                         model.predict_structure(c[0], task="e", return_crystal_feas=True, return_atom_feas=True)
                     )
-                except Exception:
+                except Exception:  # CHGNet fails on some structures (e.g. an isolated atom): zeros for it
+                    logger.debug("no CHGNet embedding for one structure", exc_info=True)
                     preds.append(None)
         if isinstance(preds, dict):
             preds = [preds]
@@ -116,6 +117,7 @@ def embed(structures: Sequence[dict], role_list: Sequence[Roles], variant: str =
 
 
 def cache_path(variant: str) -> Path:
+    """The embedding cache file of ``variant`` under the home folder."""
     return home_dir() / "hetero" / f"{EMBED_VERSION}-{variant}.npz"
 
 
@@ -126,7 +128,6 @@ def embedding_features(
     variant: str = "species",
     cache: bool | Path = True,
     batch_size: int = 32,
-    log_fn=None,
 ) -> np.ndarray:
     """Pooled CHGNet vectors (n, N_EMBED) row-aligned with ``ids``; cached by ``material_id`` and structure
     digest (``cache=False``: computed, nothing written, e.g. for user files)."""
@@ -150,13 +151,13 @@ def embedding_features(
                 known[str(ids[i])] = (digests[i], row)
             if path is not None:
                 write_cache(path, variant, known)
-            if log_fn is not None:
-                dt = time.perf_counter() - t0
-                log_fn(f"embeddings ({variant}): {s + len(part)}/{len(todo)} in {dt:.0f} s")
+            dt = time.perf_counter() - t0
+            logger.info("embeddings (%s): %d/%d in %.0f s", variant, s + len(part), len(todo), dt)
     return np.array([known[str(mid)][1] for mid in ids]).reshape(len(ids), N_EMBED)
 
 
 def write_cache(path: Path, variant: str, known: dict[str, tuple[str, np.ndarray]]) -> None:
+    """Write the (digest, vector) of every id to the cache file."""
     keys = list(known)
     arrays = {
         "ids": np.array(keys, dtype=str),
@@ -177,11 +178,11 @@ def read_cache(path: Path, variant: str) -> dict[str, tuple[str, np.ndarray]]:
         digests = checks.texts("digests", arrays.get("digests"), len(ids))
         vectors = checks.numbers("vectors", arrays.get("vectors"), (len(ids), N_EMBED))
         return {str(k): (str(d), v) for k, d, v in zip(ids.tolist(), digests.tolist(), vectors, strict=True)}
-    except Exception as exc:
-        log.warning("embedding cache %s is unreadable (%s): recomputing it", path, checks.first_line(exc))
+    except Exception as exc:  # whatever is wrong with a cache file, it is only rebuilt
+        logger.warning("embedding cache %s is unreadable (%s): recomputing it", path, checks.first_line(exc))
         return {}
 
 
-def index_embeddings(index, variant: str = "species", cache: bool | Path = True, log_fn=None) -> np.ndarray:
+def index_embeddings(index: TemplateIndex, variant: str = "species", cache: bool | Path = True) -> np.ndarray:
     """Embedding vectors of every template of a TemplateIndex."""
-    return embedding_features(list(index.ids), index.structures, index.roles, variant, cache, log_fn=log_fn)
+    return embedding_features(list(index.ids), index.structures, index.roles, variant, cache)

@@ -29,9 +29,9 @@ from cspml_flows.core.config import home_dir
 from cspml_flows.core.descriptors import MAX_ROLES, element_volume
 from cspml_flows.core.safeio import load_npz, save_npz
 from cspml_flows.learning import checks
-from cspml_flows.learning.features import _STAT_COLS, Standardizer
+from cspml_flows.learning.features import STAT_COLS, Standardizer
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 GEOMETRY_VERSION = "geom-v1"
 SHELL = 1.2  # first shell: neighbours within SHELL x the site's nearest-neighbour distance
 LOOSE = 1.45
@@ -83,7 +83,7 @@ def geometry_from_structure(structure: Structure, site_roles: np.ndarray, spaceg
         per_role[2, r] = np.mean(dnn[sites]) / scale
     try:
         lat = structure.lattice.get_niggli_reduced_lattice()
-    except Exception:
+    except (ValueError, np.linalg.LinAlgError):  # pymatgen cannot Niggli-reduce a degenerate lattice: as given
         lat = structure.lattice
     abc = np.sort(np.asarray(lat.abc))
     cos = np.sort(np.abs(np.cos(np.radians(lat.angles))))
@@ -107,7 +107,8 @@ def _geometry_task(args: tuple[dict, list[str], int, int]) -> np.ndarray:
     site_roles = np.array([role_of[site.specie.symbol] for site in s])
     try:
         return geometry_from_structure(s, site_roles, spacegroup, nprim)
-    except Exception:  # a degenerate cell: geometry unknown, chemistry still used
+    except Exception:  # a degenerate cell fails in assorted ways: geometry unknown, chemistry still used
+        logger.debug("no geometry for a %d-site structure", len(s), exc_info=True)
         return np.zeros(N_GEOMETRY)
 
 
@@ -157,8 +158,8 @@ def _read_geometry_cache(path: Path) -> dict[str, np.ndarray]:
         ids = checks.texts("ids", arrays.get("ids"))
         vectors = checks.numbers("vectors", arrays.get("vectors"), (len(ids), N_GEOMETRY))
         return {str(k): v for k, v in zip(ids.tolist(), vectors, strict=True)}
-    except Exception as exc:
-        log.warning("geometry cache %s is unreadable (%s): recomputing it", path, checks.first_line(exc))
+    except Exception as exc:  # whatever is wrong with a cache file, it is only rebuilt
+        logger.warning("geometry cache %s is unreadable (%s): recomputing it", path, checks.first_line(exc))
         return {}
 
 
@@ -172,9 +173,10 @@ def chemistry_block(std: Standardizer, role_props: np.ndarray, role_fracs: np.nd
     rp = np.nan_to_num(std.roles(role_props)).reshape(len(role_props), -1)
     frac = np.nan_to_num(role_fracs)
     mask = np.isfinite(role_fracs).astype(float)
-    st = std.stats(stats)[:, _STAT_COLS]
+    st = std.stats(stats)[:, STAT_COLS]
     return np.hstack([rp, frac, mask, st])
 
 
 def digest(*parts: object) -> str:
+    """Short hash of the parts' text."""
     return hashlib.sha1("|".join(map(str, parts)).encode()).hexdigest()[:12]

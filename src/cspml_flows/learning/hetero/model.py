@@ -25,7 +25,6 @@ gets a one-line ModelError, and so does a damaged one: every field is checked at
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,12 +35,12 @@ import numpy as np
 from cspml_flows.core.config import home_dir
 from cspml_flows.core.descriptors import DESCRIPTOR_VERSION, MAX_ROLES, ROLE_PROPERTIES
 from cspml_flows.core.errors import ModelError
-from cspml_flows.core.safeio import read_json_gz, write_json_gz
+from cspml_flows.core.safeio import write_json_gz
 from cspml_flows.learning import checks
-from cspml_flows.learning.features import _STAT_COLS, Standardizer
+from cspml_flows.learning.features import STAT_COLS, Standardizer
 from cspml_flows.learning.hetero.embeddings import EMBED_VERSION, FEA, N_EMBED, VARIANTS, index_embeddings
 from cspml_flows.learning.hetero.encoders import GEOMETRY_VERSION, N_GEOMETRY, chemistry_block, geometry_features
-from cspml_flows.learning.model import QueryBatch, SimilarityModel
+from cspml_flows.learning.model import QueryBatch, SimilarityModel, lightgbm_threads
 from cspml_flows.templates.index import TemplateIndex
 
 HETERO_FORMAT = 4  # 4: the tower reads CHGNet's crystal feature; 3: all embedding blocks; 2: gzipped JSON; 1: pickle
@@ -78,6 +77,7 @@ def core_logit(
 
 
 def default_hetero_path() -> Path:
+    """Where ``cspml train --hetero`` saves the hetero model by default (under the home folder)."""
     return home_dir() / "models" / "hetero.json.gz"
 
 
@@ -98,6 +98,8 @@ class Bank:
 
 @dataclass
 class HeteroModel:
+    """Two towers (composition ``A``, structure ``B`` and ``w``), their fusion with CSPML and inverse weights."""
+
     std: Standardizer
     geo_mu: np.ndarray
     geo_sd: np.ndarray
@@ -145,6 +147,7 @@ class HeteroModel:
     def bank(
         self, index: TemplateIndex, geom: np.ndarray | None = None, workers: int = 2, emb: np.ndarray | None = None
     ) -> Bank:
+        """The template side of ``index`` for this model (geometry and embeddings computed when not given)."""
         if geom is None:
             geom = index_geometry(index, workers)
         if emb is None and self.variant != "none":
@@ -182,7 +185,19 @@ class HeteroModel:
         """Whether the composition -> structure ranking departs from CSPML's (the tower kept)."""
         return not self.use_core or self.lam != 0 or self.mu != 0 or self.stacker is not None
 
-    def fuse(self, logit: np.ndarray, tower: np.ndarray, ehull: np.ndarray, lam=None, mu=None, use_core=None):
+    def fuse(
+        self,
+        logit: np.ndarray,
+        tower: np.ndarray,
+        ehull: np.ndarray,
+        lam: float | None = None,
+        mu: float | None = None,
+        use_core: bool | None = None,
+    ) -> np.ndarray:
+        """Fused pair score from the CSPML logit, the tower and the template's e_above_hull.
+
+        ``lam``, ``mu`` and ``use_core`` default to the model's own.
+        """
         lam = self.lam if lam is None else lam
         mu = self.mu if mu is None else mu
         use_core = self.use_core if use_core is None else use_core
@@ -231,7 +246,10 @@ class HeteroModel:
         )
 
     @classmethod
-    def stacked(cls, bank: Bank, qi, ti, logit, tower, stacker) -> np.ndarray:
+    def stacked(
+        cls, bank: Bank, qi: np.ndarray, ti: np.ndarray, logit: np.ndarray, tower: np.ndarray, stacker: Stacker
+    ) -> np.ndarray:
+        """The second stage's logit for pair rows (query rows ``qi``, template rows ``ti``)."""
         if len(qi) == 0:
             return np.zeros(0)
         return to_logit(stacker.predict_proba(cls.stack_features(bank, qi, ti, logit, tower))[:, 1])
@@ -256,20 +274,20 @@ class HeteroModel:
     @staticmethod
     def widths(variant: str) -> tuple[int, int]:
         """Columns of :meth:`phi` and :meth:`psi` (the widths of ``A`` and ``B``) for an embedding ``variant``."""
-        chemistry = MAX_ROLES * len(ROLE_PROPERTIES) + 2 * MAX_ROLES + len(_STAT_COLS)
+        chemistry = MAX_ROLES * len(ROLE_PROPERTIES) + 2 * MAX_ROLES + len(STAT_COLS)
         return chemistry + 1, chemistry + N_GEOMETRY + (0 if variant == "none" else FEA) + 4
 
     @classmethod
     def load(cls, path: str | Path) -> HeteroModel:
         """Read a model file written by :meth:`save`; every problem is one ModelError naming the file."""
-        p = Path(path)
-        blob = read_hetero_file(p)
-        try:
-            return cls.from_blob(blob)
-        except checks.SchemaError as exc:
-            raise ModelError(f"hetero model file {p} is damaged: {exc}") from None
-        except ModelError as exc:
-            raise ModelError(f"hetero model file {p}: {exc}") from None
+        versions = {
+            "format": HETERO_FORMAT,
+            "descriptor_version": DESCRIPTOR_VERSION,
+            "geometry_version": GEOMETRY_VERSION,
+            "embedding_version": EMBED_VERSION,
+        }
+        hint = "train one with 'cspml train --hetero'"
+        return checks.load_model_file(Path(path), "hetero model", "A", hint, versions, cls.from_blob)
 
     @classmethod
     def from_blob(cls, blob: dict[str, Any]) -> HeteroModel:
@@ -311,33 +329,6 @@ class HeteroModel:
         return cls(std, **arrays, **scalars, use_core=use_core, variant=variant, core=core, meta=meta, stacker=stacker)
 
 
-def read_hetero_file(path: Path) -> dict[str, Any]:
-    """The checked content of a hetero model file: gzipped JSON (never unpickled), a mapping with the tower
-    matrices, whose ``meta`` carries this version's format, descriptor and geometry versions."""
-    hint = "train one with 'cspml train --hetero'"
-    if not path.is_file():
-        raise ModelError(f"hetero model file not found: {path} ({hint})")
-    try:
-        blob = read_json_gz(path)
-    except Exception:
-        raise ModelError(
-            f"cannot read hetero model file {path}: not a gzipped-JSON cspml-flows hetero model (hetero models "
-            f"made before format {HETERO_FORMAT} were pickles and are never loaded: {hint})"
-        ) from None
-    if not isinstance(blob, dict) or "A" not in blob or not isinstance(blob.get("meta"), dict):
-        raise ModelError(f"{path} is not a cspml-flows hetero model file ({hint})")
-    versions = {
-        "format": HETERO_FORMAT,
-        "descriptor_version": DESCRIPTOR_VERSION,
-        "geometry_version": GEOMETRY_VERSION,
-        "embedding_version": EMBED_VERSION,
-    }
-    got = {k: blob["meta"].get(k) for k in versions}
-    if got != versions:
-        raise ModelError(f"hetero model {path} was made with {got}; this version needs {versions}: retrain it")
-    return blob
-
-
 class Stacker:
     """The optional second stage: a LightGBM binary classifier over :meth:`HeteroModel.stack_features`,
     saved as LightGBM's own text model (no pickle)."""
@@ -358,7 +349,8 @@ class Stacker:
         self.booster = booster
 
     def fit(self, x: np.ndarray, y: np.ndarray, sample_weight: np.ndarray | None = None) -> Stacker:
-        threads = int(os.environ.get("CSPML_THREADS", "0") or 0)
+        """Train the boosted trees on feature rows ``x`` and 0/1 labels ``y``; returns itself."""
+        threads = lightgbm_threads()
         data = lgb.Dataset(np.asarray(x, dtype=float), np.asarray(y, dtype=float), weight=sample_weight)
         self.booster = lgb.train({**self.PARAMS, "num_threads": threads}, data, num_boost_round=self.ROUNDS)
         return self
@@ -371,6 +363,7 @@ class Stacker:
         return np.column_stack([1 - p, p])
 
     def to_string(self) -> str:
+        """LightGBM's text model (what a model file holds)."""
         if self.booster is None:
             raise ModelError("stacker is not trained")
         return self.booster.model_to_string()
