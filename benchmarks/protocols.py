@@ -44,7 +44,7 @@ def formula_from_cif(cif: str) -> str:
     """Reduced formula from a CIF's ``_chemical_formula_sum`` line (no structure parsing)."""
     from pymatgen.core import Composition
 
-    from cspml_flows.templates.importers import structure_from_cif_string
+    from cspml_flows.templates.readers import structure_from_cif_string
 
     for line in cif.splitlines():
         if line.startswith("_chemical_formula_sum"):

@@ -23,7 +23,8 @@ from pymatgen.core import Lattice, Structure
 
 from cspml_flows.cli.main import main
 from cspml_flows.core.errors import ModelError, StoreError, StructureReadError
-from cspml_flows.templates.importers import import_csv, import_folder, read_structure, read_template_file
+from cspml_flows.templates.importers import import_csv, import_folder
+from cspml_flows.templates.readers import read_structure, read_template_file
 from cspml_flows.templates.schema import template_doc_from_structure
 from cspml_flows.templates.store import TemplateStore
 from cspml_flows.templates.store_write import upsert

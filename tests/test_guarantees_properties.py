@@ -14,7 +14,7 @@ from cspml_flows.cli.main import main
 from cspml_flows.core.composition import anonymous_formula, parse_composition, roles
 from cspml_flows.core.errors import CompositionError
 from cspml_flows.core.structure_checks import check_structure
-from cspml_flows.templates.importers import _doc_from_row
+from cspml_flows.templates.importers import doc_from_csv_row
 from cspml_flows.templates.schema import TemplateDoc
 
 SYMBOLS = ["Na", "Cl", "K", "Br", "O", "Ti", "Sr", "H", "D", "T", "Xx", "na", "CL", "Uuo", "X", "E"]
@@ -108,7 +108,7 @@ loop_
 def test_generated_cells_import_or_fail_in_one_line(abc, angles_, atoms):
     """What one CSV row goes through on import: a template document or the row's one-line reason."""
     t0 = time.perf_counter()
-    result = _doc_from_row(("gen", p1_cif(abc, angles_, atoms), "generated", {}, 200))
+    result = doc_from_csv_row(("gen", p1_cif(abc, angles_, atoms), "generated", {}, 200))
     if isinstance(result, dict):
         doc = TemplateDoc(**result)
         check_structure(doc.get_structure(), "stored")  # what is stored passes the check again
@@ -121,4 +121,4 @@ def test_generated_cells_import_or_fail_in_one_line(abc, angles_, atoms):
 @pytest.mark.parametrize("seed_cell", [((5.64,) * 3, (90.0,) * 3, [("Na", 0, 0, 0), ("Cl", 0.5, 0.5, 0.5)])])
 def test_generator_makes_importable_cells(seed_cell):
     """The generator is not vacuous: a sane generated cell becomes a template."""
-    assert isinstance(_doc_from_row(("gen", p1_cif(*seed_cell), "generated", {}, 200)), dict)
+    assert isinstance(doc_from_csv_row(("gen", p1_cif(*seed_cell), "generated", {}, 200)), dict)

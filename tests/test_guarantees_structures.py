@@ -20,7 +20,7 @@ from cspml_flows.cli.main import main
 from cspml_flows.core.composition import parse_composition
 from cspml_flows.core.errors import CompositionError, StructureReadError
 from cspml_flows.core.structure_checks import check_structure, min_periodic_distance
-from cspml_flows.templates.importers import structure_from_cif_string
+from cspml_flows.templates.readers import structure_from_cif_string
 from cspml_flows.templates.store import TemplateStore
 
 
@@ -78,7 +78,7 @@ def test_bad_structure_file_refused_in_one_line(tmp_path, capsys, name, content,
 def test_heavy_water_poscar_refused(tmp_path):
     text = rocksalt().to(fmt="poscar").replace("Na Cl", "D Cl")
     (tmp_path / "POSCAR").write_text(text)
-    from cspml_flows.templates.importers import read_structure
+    from cspml_flows.templates.readers import read_structure
 
     with pytest.raises(StructureReadError, match="isotope symbol 'D'"):
         read_structure(tmp_path / "POSCAR")

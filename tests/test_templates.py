@@ -27,16 +27,13 @@ from cspml_flows.templates import TemplateDoc, TemplateStore, template_doc_from_
 from cspml_flows.templates.importers import (
     MP_FIELDS,
     ImportReport,
-    file_id,
     import_csv,
     import_folder,
     import_materials_project,
     import_store,
-    read_structure,
-    structure_files,
-    structure_from_cif_string,
     template_doc_from_mapping,
 )
+from cspml_flows.templates.readers import file_id, read_structure, structure_files, structure_from_cif_string
 from cspml_flows.templates.store_mongo import mongo_database_name, redact_uri
 from cspml_flows.templates.store_uri import store_from_uri
 

@@ -13,7 +13,7 @@ from cspml_flows.flows.makers import CSPMaker
 from cspml_flows.flows.promotion import TemplateUpdateMaker
 from cspml_flows.flows.retrieval import RetrievalMaker, TemplateRetrievalMaker
 from cspml_flows.predict.inverse import check_elements
-from cspml_flows.templates.importers import read_structure
+from cspml_flows.templates.readers import read_structure
 
 
 def retrieval_maker(cfg: CampaignConfig) -> tuple[RetrievalMaker | ChunkedRetrievalMaker, int]:

@@ -21,8 +21,8 @@ from cspml_flows.predict.hetero_rank import HeteroPredictor
 from cspml_flows.predict.inverse import check_elements, inverse_from_structure, inverse_pool
 from cspml_flows.predict.predictor import CSPPredictor, Prediction, freeze_gc
 from cspml_flows.predict.user_templates import add_user_templates, read_user_structures
-from cspml_flows.templates.importers import read_structure
 from cspml_flows.templates.index import TemplateIndex
+from cspml_flows.templates.readers import read_structure
 from cspml_flows.training.hetero import train_hetero as train
 
 logger = logging.getLogger(__name__)

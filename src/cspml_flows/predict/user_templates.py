@@ -13,9 +13,9 @@ from pymatgen.core import Structure
 
 from cspml_flows.core.errors import StructureReadError
 from cspml_flows.learning.hetero.encoders import geometry_features
-from cspml_flows.templates.importers import read_template_file, structure_files
 from cspml_flows.templates.index import TemplateIndex
 from cspml_flows.templates.lazy import Concatenated
+from cspml_flows.templates.readers import read_template_file, structure_files
 from cspml_flows.templates.schema import template_doc_from_structure
 
 

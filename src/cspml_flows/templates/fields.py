@@ -55,54 +55,77 @@ def plan(criteria: dict | None, properties: Any, sort: Any, skip: int, limit: in
     for field, cond in (criteria or {}).items():
         if field not in COLUMNS:
             return None
-        col = f"f.{field}"
         ops = cond if isinstance(cond, dict) and cond and all(str(k).startswith("$") for k in cond) else {"$eq": cond}
         for op, value in ops.items():
-            if op == "$eq" and value is None:
-                clauses.append(f"{col} IS NULL")
-            elif op == "$eq" and _value_ok(field, value):
-                clauses.append(f"{col} = ?")
-                args.append(value)
-            elif op == "$ne" and value is None:
-                clauses.append(f"{col} IS NOT NULL")
-            elif op == "$ne" and _value_ok(field, value):
-                clauses.append(f"({col} IS NULL OR {col} != ?)")
-                args.append(value)
-            elif op in _OPS and _value_ok(field, value):
-                clauses.append(f"{col} {_OPS[op]} ?")
-                args.append(value)
-            elif op == "$in" and isinstance(value, list | tuple | set):
-                values = [v for v in value if v is not None]
-                if not all(_value_ok(field, v) for v in values):
-                    return None
-                parts = [f"{col} IN ({','.join('?' * len(values))})"] if values else []
-                parts += [f"{col} IS NULL"] if len(values) < len(value) else []
-                clauses.append(f"({' OR '.join(parts)})" if parts else "0")
-                args.extend(values)
-            else:
+            found = _clause(field, op, value)
+            if found is None:
                 return None
-    order = "d.rowid"
-    if sort:
-        items = list(sort.items()) if isinstance(sort, dict) else None
-        if not items or len(items) != 1 or items[0][0] not in COLUMNS:
-            return None
-        direction = getattr(items[0][1], "value", items[0][1])
-        if direction not in (1, -1):
-            return None
-        order = f"f.{items[0][0]} {'ASC' if direction == 1 else 'DESC'}, d.rowid"
-    keep = None
-    if properties:
-        spec = {p: 1 for p in properties} if isinstance(properties, list | tuple) else properties
-        if not isinstance(spec, dict) or any("." in str(k) or k.startswith("$") for k in spec):
-            return None
-        if any(not v for k, v in spec.items() if k != "_id"):
-            return None  # an exclusion projection
-        keep = {k for k, v in spec.items() if v}
-        if spec.get("_id", 1):
-            keep.add("_id")
+            clauses.append(found[0])
+            args.extend(found[1])
+    order = _order(sort)
+    keep = _keep(properties)
+    if order is None or keep is False:
+        return None
     if not isinstance(skip, int) or not isinstance(limit, int) or skip < 0 or limit < 0:
         return None
     return Plan(" AND ".join(clauses) or "1", args, order, skip, limit, keep)
+
+
+def _clause(field: str, op: str, value: Any) -> tuple[str, list[Any]] | None:
+    """The SQL condition and arguments of one operator on an indexed field, or None when SQL cannot say it."""
+    col = f"f.{field}"
+    if op == "$in":
+        return _in_clause(field, value)
+    if value is None and op in ("$eq", "$ne"):
+        return f"{col} IS {'NOT ' if op == '$ne' else ''}NULL", []
+    if not _value_ok(field, value):
+        return None
+    sql = {"$eq": f"{col} = ?", "$ne": f"({col} IS NULL OR {col} != ?)"}.get(op)
+    if sql is None and op in _OPS:
+        sql = f"{col} {_OPS[op]} ?"
+    return None if sql is None else (sql, [value])
+
+
+def _in_clause(field: str, value: Any) -> tuple[str, list[Any]] | None:
+    """The SQL condition and arguments of ``$in`` (null among the values: the field is null or missing)."""
+    if not isinstance(value, list | tuple | set):
+        return None
+    col = f"f.{field}"
+    values = [v for v in value if v is not None]
+    if not all(_value_ok(field, v) for v in values):
+        return None
+    parts = [f"{col} IN ({','.join('?' * len(values))})"] if values else []
+    parts += [f"{col} IS NULL"] if len(values) < len(value) else []
+    return (f"({' OR '.join(parts)})" if parts else "0"), values
+
+
+def _order(sort: Any) -> str | None:
+    """The ORDER BY of a sort on one indexed field (storage order after it), or None when SQL cannot say it."""
+    if not sort:
+        return "d.rowid"
+    items = list(sort.items()) if isinstance(sort, dict) else None
+    if not items or len(items) != 1 or items[0][0] not in COLUMNS:
+        return None
+    direction = getattr(items[0][1], "value", items[0][1])
+    if direction not in (1, -1):
+        return None
+    return f"f.{items[0][0]} {'ASC' if direction == 1 else 'DESC'}, d.rowid"
+
+
+def _keep(properties: Any) -> set[str] | bool | None:
+    """The top-level fields an inclusion projection keeps (None: the whole document), or False for a
+    projection SQL cannot apply (nested fields, operators, exclusions)."""
+    if not properties:
+        return None
+    spec = {p: 1 for p in properties} if isinstance(properties, list | tuple) else properties
+    if not isinstance(spec, dict) or any("." in str(k) or k.startswith("$") for k in spec):
+        return False
+    if any(not v for k, v in spec.items() if k != "_id"):
+        return False  # an exclusion projection
+    keep = {k for k, v in spec.items() if v}
+    if spec.get("_id", 1):
+        keep.add("_id")
+    return keep
 
 
 def _fields(doc: dict) -> tuple[Any, ...]:
@@ -158,7 +181,7 @@ def refresh(
         con.execute(f"DELETE FROM {POS_TABLE}")
         con.execute(f"INSERT INTO {POS_TABLE} VALUES (?, ?)", (jid, seq))
         con.execute("COMMIT")
-    except BaseException:
+    except BaseException:  # an interrupted refresh leaves the table as it was; the error goes on
         con.execute("ROLLBACK")
         raise
     return con.execute(f"SELECT 1 FROM {FIELDS_TABLE} WHERE plain = 0 LIMIT 1").fetchone() is None

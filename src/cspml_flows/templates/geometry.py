@@ -8,8 +8,11 @@
 from __future__ import annotations
 
 import hashlib
+from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
+import orjson
+import spglib
 
 from cspml_flows.core import progress
 from cspml_flows.core.composition import Roles
@@ -33,8 +36,6 @@ def doc_geometry(d: dict, r: Roles) -> tuple[float, list[tuple[int, ...]]]:
 
 def structure_json(d: dict) -> bytes:
     """A structure dict as JSON bytes (orjson, keys in their order; numpy values as lists)."""
-    import orjson
-
     return orjson.dumps(d, option=orjson.OPT_SERIALIZE_NUMPY, default=str)
 
 
@@ -82,8 +83,6 @@ def template_geometry(
     results: list[tuple[float, list[tuple[int, ...]]]] = []
     with progress.bar(len(structures), "template geometry", unit="template") as shown:
         if workers > 1 and len(tasks) > 1:
-            from concurrent.futures import ProcessPoolExecutor
-
             with ProcessPoolExecutor(max_workers=workers) as pool:
                 for part in pool.map(_geometry_chunk, tasks):
                     results.extend(part)
@@ -113,10 +112,8 @@ def role_symmetry_perms(
         group_of_role[g] = gi
     merged = group_of_role[site_roles]
     try:
-        import spglib
-
         ds = spglib.get_symmetry((matrix, frac, merged + 1), symprec=0.1)
-    except Exception:
+    except (spglib.SpglibError, ValueError, TypeError, RuntimeError):  # no symmetry found: identity only
         ds = None
     if ds is None:
         return [ident]

@@ -6,17 +6,17 @@ Imports are resumable: documents whose ``material_id`` is already in the store a
 written in batches so an interrupted import keeps what it finished. Writes are upserts on ``material_id``,
 so two imports of the same data at once store each id once.
 
-A file's id is its name stem plus a digest of its bytes (``POSCAR-3fa9c2d41e07``): unique and stable, so
-``run1/POSCAR`` and ``run2/POSCAR`` are both kept and re-importing the same file is skipped. Structures that
-cannot be templates (partial occupancies, too many sites, a POSCAR whose atom counts do not match its
-coordinates) are refused with the reason (:func:`cspml_flows.templates.schema.check_template_structure`).
+A file's id is its name stem plus a digest of its bytes (``POSCAR-3fa9c2d41e07``,
+:func:`~cspml_flows.templates.readers.file_id`): unique and stable, so ``run1/POSCAR`` and ``run2/POSCAR`` are
+both kept and re-importing the same file is skipped. Structures that cannot be templates (partial occupancies,
+too many sites, a POSCAR whose atom counts do not match its coordinates) are refused with the reason
+(:func:`cspml_flows.templates.schema.check_template_structure`).
 """
 
 from __future__ import annotations
 
-import hashlib
-import logging
 import os
+import zlib
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -27,15 +27,13 @@ import pandas as pd
 from pymatgen.core import Structure
 
 from cspml_flows.core.config import max_template_atoms
-from cspml_flows.core.errors import CSPMLError, StructureReadError
+from cspml_flows.core.errors import CSPMLError
 from cspml_flows.core.progress import bar
 from cspml_flows.core.prototype import preload_label_data
-from cspml_flows.core.quiet import library_warnings
-from cspml_flows.core.structure_checks import check_cif_text, check_poscar_species, lattice_problem
-from cspml_flows.templates.schema import TemplateDoc, check_template_structure, template_doc_from_structure
-from cspml_flows.templates.store import TemplateStore, redact_uri
-
-log = logging.getLogger(__name__)
+from cspml_flows.templates.readers import file_id, read_template_file, structure_files, structure_from_cif_string
+from cspml_flows.templates.schema import TemplateDoc, template_doc_from_structure
+from cspml_flows.templates.store import TemplateStore
+from cspml_flows.templates.store_mongo import redact_uri
 
 # CSV column -> TemplateDoc field (the shared MP-20 and MPTS-52 files use both spellings)
 _PROPERTY_COLUMNS = {
@@ -44,7 +42,6 @@ _PROPERTY_COLUMNS = {
     "formation_energy_per_atom": "formation_energy_per_atom",
     "energy_per_atom": "energy_per_atom",
 }
-STRUCTURE_SUFFIXES = (".cif", ".vasp", ".poscar")
 
 
 @dataclass
@@ -62,133 +59,30 @@ class ImportReport:
         return bool(self.failed) and not self.added and not self.skipped_existing
 
     def summary(self) -> str:
+        """One line: added, already present, unreadable."""
         msg = f"{self.source}: {self.added} added, {self.skipped_existing} already present"
         return msg + (f", {len(self.failed)} unreadable" if self.failed else "")
 
 
-def is_poscar_name(name: str) -> bool:
-    """Whether pymatgen reads a file of this name as a POSCAR."""
-    upper = name.upper()
-    return "POSCAR" in upper or "CONTCAR" in upper or upper.endswith(".VASP")
-
-
-def check_poscar_counts(text: str, name: str) -> None:
-    """Refuse a POSCAR whose atom counts do not add up to its coordinate lines (pymatgen silently drops the
-    extra coordinates when the counts are short)."""
-    lines = text.splitlines()
-    try:
-        i = 5
-        if not lines[i].split()[0].isdigit():
-            i += 1  # VASP 5: element symbols, then counts
-        counts = []
-        for tok in lines[i].split():
-            if not tok.isdigit():
-                break
-            counts.append(int(tok))
-        i += 1
-        if lines[i].strip()[:1] in ("s", "S"):
-            i += 1  # selective dynamics
-        i += 1  # Direct / Cartesian
-    except IndexError:
-        return  # too short to be a POSCAR: the reader names the problem
-    n_coords = 0
-    for line in lines[i:]:
-        parts = line.split()
-        try:
-            [float(x) for x in parts[:3]]
-        except ValueError:
-            break
-        if len(parts) < 3:
-            break
-        n_coords += 1
-    if counts and n_coords != sum(counts):
-        raise StructureReadError(
-            f"POSCAR {name} declares {sum(counts)} atoms (counts {' '.join(map(str, counts))}) but lists "
-            f"{n_coords} coordinate lines"
-        )
-
-
-def _parsed(s: Structure, name: str) -> Structure:
-    """A freshly parsed structure with sites and a sane lattice (checked before anything else sees it)."""
-    if len(s) == 0:
-        raise StructureReadError(f"{name} has no sites")
-    problem = lattice_problem(s.lattice.matrix)
-    if problem:
-        raise StructureReadError(f"{name}: {problem}")
-    return s
-
-
-def read_structure(path: str | Path) -> Structure:
-    """Read a CIF or POSCAR file; raise :class:`StructureReadError` naming the file.
-
-    The text is checked first (:func:`check_cif_text`, the POSCAR's atom counts and element line), the
-    parsed lattice next; the whole structure is checked as a template by :func:`read_template_file`."""
-    p = Path(path)
-    if not p.is_file():
-        raise StructureReadError(f"structure file not found: {p}")
-    try:
-        text = p.read_text()
-    except (OSError, UnicodeDecodeError):
-        text = ""  # compressed or binary: left to the reader
-    if text and p.suffix.lower() == ".cif":  # pymatgen reads any *.cif as a CIF
-        check_cif_text(text, f"structure file {p}")
-    elif text and is_poscar_name(p.name):
-        check_poscar_counts(text, str(p))
-        check_poscar_species(text, f"structure file {p}")
-    try:
-        with library_warnings():
-            s = Structure.from_file(str(p))
-    except Exception as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise StructureReadError(f"cannot read structure file {p}: {reason}") from None
-    return _parsed(s, f"structure file {p}")
-
-
-def structure_from_cif_string(cif: str, name: str = "<cif>") -> Structure:
-    """Parse a CIF text (checked first by :func:`check_cif_text`); raise :class:`StructureReadError` naming
-    ``name``."""
-    if not isinstance(cif, str):
-        raise StructureReadError(f"CIF of {name} is not text ({type(cif).__name__})")
-    check_cif_text(cif, f"CIF of {name}")
-    try:
-        with library_warnings():
-            s = Structure.from_str(cif, fmt="cif")
-    except Exception as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise StructureReadError(f"cannot parse CIF of {name}: {reason}") from None
-    return _parsed(s, f"CIF of {name}")
-
-
-def _doc_from_row(args: tuple[str, str, str, dict[str, Any], int]) -> dict | tuple[str, str]:
+def doc_from_csv_row(args: tuple[str, str, str, dict[str, Any], int]) -> dict | tuple[str, str]:
+    """The template document of a CSV row (id, CIF, source, properties, site limit), or (id, why not)."""
     material_id, cif, source, props, max_atoms = args
     try:
         s = structure_from_cif_string(cif, material_id)
         doc = template_doc_from_structure(s, material_id, source=source, max_atoms=max_atoms, **props)
         return doc.model_dump(mode="json")
-    except Exception as exc:  # keep going; report at the end
+    except Exception as exc:  # any failure of one structure (parser, spglib) is reported with it; the import goes on
         return (material_id, str(exc))
 
 
-def read_template_file(path: str | Path, max_atoms: int | None = None) -> Structure:
-    """:func:`read_structure`, then :func:`check_template_structure` naming the file."""
-    s = read_structure(path)
-    check_template_structure(s, f"structure file {path}", max_atoms)
-    return s
-
-
-def _doc_from_file(args: tuple[str, str, str, int]) -> dict | tuple[str, str]:
+def doc_from_file(args: tuple[str, str, str, int]) -> dict | tuple[str, str]:
+    """The template document of a structure file (id, path, source, site limit), or (id, why not)."""
     material_id, path, source, max_atoms = args
     try:
         s = read_template_file(path, max_atoms)
         return template_doc_from_structure(s, material_id, source=source, max_atoms=max_atoms).model_dump(mode="json")
-    except Exception as exc:
+    except Exception as exc:  # any failure of one structure (parser, spglib) is reported with it; the import goes on
         return (material_id, str(exc))
-
-
-def file_id(path: Path, prefix: str = "") -> str:
-    """The import id of a structure file: ``prefix + name stem + '-' + 12 hex digits of its bytes' sha256``."""
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
-    return f"{prefix}{path.stem if path.suffix else path.name}-{digest}"
 
 
 def _run_batches(
@@ -253,7 +147,7 @@ def import_csv(
         raise CSPMLError(f"CSV file not found: {p}")
     try:
         df = pd.read_csv(p, dtype={id_column: str})  # ids stay text ('0123' or ids in a column with gaps)
-    except Exception as exc:
+    except (OSError, ValueError, EOFError, zlib.error) as exc:  # unreadable, not CSV, a damaged gzip
         raise CSPMLError(f"cannot read CSV {p}: {exc}") from None
     for col in (id_column, cif_column):
         if col not in df.columns:
@@ -274,22 +168,7 @@ def import_csv(
             continue
         props = {f: (None if pd.isna(row[c]) else float(row[c])) for c, f in prop_cols.items()}
         tasks.append((mid, row[cif_column], str(source), props, max_atoms))
-    return _run_batches(store, tasks, _doc_from_row, report, workers, batch_size, progress)
-
-
-def structure_files(folder: str | Path) -> list[Path]:
-    """CIF/POSCAR files in a folder: ``*.cif``, ``*.vasp``, ``*.poscar``, ``POSCAR*``, ``CONTCAR*``."""
-    d = Path(folder)
-    if not d.is_dir():
-        raise CSPMLError(f"structure folder not found: {d}")
-    files = sorted(
-        f
-        for f in d.iterdir()
-        if f.is_file() and (f.suffix.lower() in STRUCTURE_SUFFIXES or f.name.upper().startswith(("POSCAR", "CONTCAR")))
-    )
-    if not files:
-        raise CSPMLError(f"no CIF/POSCAR files in {d}")
-    return files
+    return _run_batches(store, tasks, doc_from_csv_row, report, workers, batch_size, progress)
 
 
 def import_folder(
@@ -313,7 +192,7 @@ def import_folder(
         for _, path, _, _ in tasks:
             read_template_file(path, max_atoms)
     report = ImportReport(source=str(folder))
-    return _run_batches(store, tasks, _doc_from_file, report, workers, batch_size, None)
+    return _run_batches(store, tasks, doc_from_file, report, workers, batch_size, None)
 
 
 def template_doc_from_mapping(doc: dict[str, Any], source: str, max_atoms: int | None = None) -> TemplateDoc:
@@ -350,7 +229,7 @@ def import_store(
         existing.add(mid)  # the same id twice in the other store is imported once
         try:
             batch.append(template_doc_from_mapping(d, source or report.source, max_atoms))
-        except Exception as exc:
+        except Exception as exc:  # any failure of one document is reported with it; the import goes on
             report.failed.append((mid, str(exc)))
         if len(batch) >= 1000:
             report.added += store.add(batch)
@@ -402,7 +281,7 @@ def import_materials_project(
         existing.add(str(d.get("material_id")))
         try:
             docs.append(template_doc_from_mapping(d, "materials-project", max_atoms))
-        except Exception as exc:
+        except Exception as exc:  # any failure of one document is reported with it; the import goes on
             report.failed.append((str(d.get("material_id")), str(exc)))
     report.added += store.add(docs)
     return report
