@@ -2,18 +2,20 @@
 
 Each distinct polymorph candidate of a composition is relaxed with an offline potential (CHGNet 0.3.0 by
 default, through the flows' relaxation code and the energy experiment's cache:
-:func:`benchmarks.energy.relaxed`), and the candidates are ordered by
+:func:`benchmarks.energy_cache.relaxed`), and the candidates are ordered by
 
     ``score_rel / s_scale - w * E_rel / e_scale``
 
 where ``score_rel`` is the hetero score minus the composition's best and ``E_rel`` the relaxed energy per atom
-minus the composition's lowest (clipped, :func:`benchmarks.energy.relative_energy`). ``w`` is not
+minus the composition's lowest (clipped, :func:`benchmarks.energy_blend.relative_energy`). ``w`` is not
 assumed: :func:`energy_polymorphs` learns it on held-out polymorph formulas of the template pool (2-fold
 cross-validated over formulas) and reports the weight, its curve and the cost per formula.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import multiprocessing as mp
 import time
 from collections.abc import Sequence
@@ -23,13 +25,24 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pymatgen.core import Structure
 
-from benchmarks.energy import EnergyCache, blend, relative_energy, relative_score, relaxed
-from cspml_flows.flows.calculators import CalculatorSettings
+from benchmarks.energy_blend import blend, relative_energy, relative_score
+from benchmarks.energy_cache import EnergyCache, relaxed
+from benchmarks.scoring import rms_table
+from cspml_flows.core.engines import pin_torch_threads
+from cspml_flows.flows.calculators import CalculatorSettings, relax_maker
+from cspml_flows.learning.hetero.model import Bank, HeteroModel
+from cspml_flows.predict.hetero_rank import HeteroPredictor
+from cspml_flows.training.hetero_metrics import formula_targets
+
+logger = logging.getLogger(__name__)
 
 WEIGHTS = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 1e6)  # 1e6: energy alone (score breaks ties)
 E_SCALE = 0.05  # eV/atom: energy differences in units of a typical polymorph spacing
 S_SCALE = 1.0  # hetero scores are logits
+RECALL_K = 5  # metastable recall@k of the polymorph study
+CANDIDATES = 8  # distinct predicted structures per formula, each relaxed
 
 
 def energy_settings(steps: int = 200, fmax: float = 0.1) -> CalculatorSettings:
@@ -40,11 +53,6 @@ def energy_settings(steps: int = 200, fmax: float = 0.1) -> CalculatorSettings:
 def _relax_chunk(args: tuple[list[dict], dict, str, str | None]) -> int:
     """Relax structures in a worker process (one torch thread) into its own cache file (records of the
     shared cache are read, not relaxed again); returns how many it holds."""
-    from pymatgen.core import Structure
-
-    from cspml_flows.core.engines import pin_torch_threads
-    from cspml_flows.flows.calculators import relax_maker
-
     structures, settings, part, seed_path = args
     st = CalculatorSettings(**settings)
     pin_torch_threads()
@@ -59,11 +67,9 @@ def relaxed_energies(
     structures: Sequence, settings: CalculatorSettings, cache: EnergyCache, workers: int = 1
 ) -> list[dict]:
     """Relaxation records (``energy_per_atom``, ``seconds``, ...) of each structure through the energy
-    experiment's cached :func:`benchmarks.energy.relaxed`; with ``workers`` > 1 and a cache file,
+    experiment's cached :func:`benchmarks.energy_cache.relaxed`; with ``workers`` > 1 and a cache file,
     the structures are first relaxed in spawned processes (one torch thread each, each with its own part
     file, merged here), so the final pass only reads the cache."""
-    from cspml_flows.flows.calculators import relax_maker
-
     if workers > 1 and cache.path is not None and len(structures) > workers:
         cache.flush()
         parts = [cache.path.with_name(f"{cache.path.name}.part{i}") for i in range(workers)]
@@ -100,6 +106,7 @@ class EnergyRanker:
     workers: int = 1
 
     def rerank(self, preds: list, k: int) -> list:
+        """Relax every candidate of ``preds`` and keep the ``k`` best by the combined score, ranks renumbered."""
         flat = [c.structure for p in preds for c in p.candidates]
         recs = relaxed_energies(flat, self.settings, self.cache, self.workers)
         pos = 0
@@ -135,7 +142,7 @@ def _metrics(hits: list[np.ndarray], orders: list[np.ndarray], k: int) -> dict[s
 
 def _objective(m: dict[str, float], k: int) -> float:
     meta = m[f"metastable_recall@{k}"]
-    return m["ground_state_first"] + (0.0 if meta != meta else meta)
+    return m["ground_state_first"] + (0.0 if math.isnan(meta) else meta)
 
 
 def choose_weight(hits, scores, energies, k: int, weights: Sequence[float] = WEIGHTS) -> tuple[float, list[dict]]:
@@ -149,12 +156,11 @@ def choose_weight(hits, scores, energies, k: int, weights: Sequence[float] = WEI
     return best["w"], curve
 
 
-def polymorph_candidates(hetero, bank, val_rows: np.ndarray, candidates: int, limit: int, rng) -> tuple[list, list]:
+def polymorph_candidates(
+    hetero: HeteroModel, bank: Bank, val_rows: np.ndarray, candidates: int, limit: int, rng: np.random.Generator
+) -> tuple[list, list]:
     """Held-out formulas with >= 2 prototypes in the pool (a sample of ``limit``) and their ``candidates``
     distinct predicted structures (no template of the formula allowed)."""
-    from cspml_flows.predict.hetero_rank import HeteroPredictor
-    from cspml_flows.training.hetero_metrics import formula_targets
-
     targets = [t for t in formula_targets(bank.index, val_rows) if len(t[4]) >= 2]
     if len(targets) > limit:
         targets = [targets[i] for i in sorted(rng.choice(len(targets), limit, replace=False))]
@@ -164,33 +170,9 @@ def polymorph_candidates(hetero, bank, val_rows: np.ndarray, candidates: int, li
     return targets, hp.predict([t[0] for t in targets], polymorphs=candidates, strict=True)
 
 
-def energy_polymorphs(
-    hetero,
-    bank,
-    val_rows: np.ndarray,
-    k: int = 5,
-    candidates: int = 8,
-    limit: int = 150,
-    settings: CalculatorSettings | None = None,
-    cache_path: str | Path | None = None,
-    workers: int = 1,
-    seed: int = 0,
-    log=print,
-) -> dict[str, Any]:
-    """Held-out formulas with >= 2 prototypes in the pool: ``candidates`` distinct structures predicted (no
-    template of the formula), each relaxed; the energy weight learned by 2-fold cross-validation over the
-    formulas (chosen on one half, reported on the other); ground state first and metastable recall@k of the
-    predicted structures (StructureMatcher against the formula's known polymorphs, one per prototype)."""
-    from benchmarks.scoring import rms_table
-
-    settings = settings or energy_settings()
-    index = bank.index
-    rng = np.random.default_rng(seed)
-    targets, preds = polymorph_candidates(hetero, bank, val_rows, candidates, limit, rng)
-    out: dict[str, Any] = {"n_formulas": len(targets), "k": k, "candidates": candidates, "calculator": settings.calc_id}
-    out["settings"] = settings.key_settings()
-    if not targets:
-        return out
+def polymorph_hits(index, targets: list, preds: list, workers: int) -> list[np.ndarray]:
+    """Per formula: the match matrix of its known polymorphs (one per prototype, ground state first; rows)
+    against its predicted candidates (columns), with the protocol's matcher."""
     gts, plist, owner = [], [], []
     for qi, (t, p) in enumerate(zip(targets, preds, strict=True)):
         members = np.flatnonzero(index.formulas == t[0])
@@ -210,12 +192,11 @@ def energy_polymorphs(
         hits.append(
             np.array([[r is not None for r in row] for row in rows], dtype=bool).reshape(len(rows), len(p.candidates))
         )
-    cache = EnergyCache(cache_path)
-    t0 = time.perf_counter()
-    flat = [c.structure for p in preds for c in p.candidates]
-    log(f"energy polymorphs: {len(targets)} formulas, {len(flat)} candidates to relax ({settings.calc_id})")
-    recs = relaxed_energies(flat, settings, cache, workers)
-    wall = time.perf_counter() - t0
+    return hits
+
+
+def scores_and_energies(preds: list, recs: list[dict]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Per formula: its candidates' scores and relaxed energies per atom (``recs`` in candidate order)."""
     scores, energies, pos = [], [], 0
     for p in preds:
         n = len(p.candidates)
@@ -224,8 +205,17 @@ def energy_polymorphs(
             np.array([np.nan if r["energy_per_atom"] is None else r["energy_per_atom"] for r in recs[pos : pos + n]])
         )
         pos += n
-    fold = rng.integers(0, 2, len(targets))
-    cv_orders: list[np.ndarray] = [np.zeros(0, dtype=int)] * len(targets)
+    return scores, energies
+
+
+def cross_validated_orders(
+    hits: list[np.ndarray], scores: list[np.ndarray], energies: list[np.ndarray], k: int, rng: np.random.Generator
+) -> tuple[list[np.ndarray], list[float]]:
+    """2-fold cross-validation over formulas: the weight chosen on one half orders the other half's
+    candidates; returns the orders and the weight of each fold."""
+    n = len(hits)
+    fold = rng.integers(0, 2, n)
+    cv_orders: list[np.ndarray] = [np.zeros(0, dtype=int)] * n
     chosen_cv = []
     for f in (0, 1):
         tr, te = np.flatnonzero(fold != f), np.flatnonzero(fold == f)
@@ -233,6 +223,43 @@ def energy_polymorphs(
         chosen_cv.append(w)
         for i in te:
             cv_orders[i] = np.argsort(-energy_scores(scores[i], energies[i], w), kind="stable")
+    return cv_orders, chosen_cv
+
+
+def energy_polymorphs(
+    hetero: HeteroModel,
+    bank: Bank,
+    val_rows: np.ndarray,
+    limit: int = 150,
+    settings: CalculatorSettings | None = None,
+    cache_path: str | Path | None = None,
+    workers: int = 1,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Held-out formulas with >= 2 prototypes in the pool: :data:`CANDIDATES` distinct structures predicted (no
+    template of the formula), each relaxed; the energy weight learned by 2-fold cross-validation over the
+    formulas (chosen on one half, reported on the other); ground state first and metastable recall@k
+    (:data:`RECALL_K`) of the predicted structures (StructureMatcher against the formula's known polymorphs,
+    one per prototype)."""
+    k, candidates = RECALL_K, CANDIDATES
+    settings = settings or energy_settings()
+    rng = np.random.default_rng(seed)
+    targets, preds = polymorph_candidates(hetero, bank, val_rows, candidates, limit, rng)
+    out: dict[str, Any] = {"n_formulas": len(targets), "k": k, "candidates": candidates, "calculator": settings.calc_id}
+    out["settings"] = settings.key_settings()
+    if not targets:
+        return out
+    hits = polymorph_hits(bank.index, targets, preds, workers)
+    cache = EnergyCache(cache_path)
+    t0 = time.perf_counter()
+    flat = [c.structure for p in preds for c in p.candidates]
+    logger.info(
+        "energy polymorphs: %d formulas, %d candidates to relax (%s)", len(targets), len(flat), settings.calc_id
+    )
+    recs = relaxed_energies(flat, settings, cache, workers)
+    wall = time.perf_counter() - t0
+    scores, energies = scores_and_energies(preds, recs)
+    cv_orders, chosen_cv = cross_validated_orders(hits, scores, energies, k, rng)
     w_all, curve = choose_weight(hits, scores, energies, k)
     score_only = [np.argsort(-s, kind="stable") for s in scores]
     oracle = [bool(h[0].any()) for h in hits]

@@ -1,33 +1,40 @@
-"""Energy as a ranking feature (issue 10, item 4): the energy cache, the blend math, fitting the weight on
+"""Energy as a ranking feature: the energy cache, the blend math, fitting the weight on
 given arrays, and SevenNet-0 through the flows' relaxation code (skipped without ``sevenn``)."""
 
 from __future__ import annotations
 
+import gzip
 import importlib.util
+import json
 import math
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 import pytest
-from benchmarks.energy import (
-    EnergyCache,
+from ase.calculators.emt import EMT
+from benchmarks.energy_blend import (
     QuerySet,
     blend,
     fit_logistic,
     fit_weight,
     hits_at,
-    load_outcomes,
     order,
     paired,
     reciprocal_rank,
     relative_energy,
     relative_score,
-    single_points,
     spread,
 )
+from benchmarks.energy_cache import EnergyCache, single_points
+from benchmarks.energy_sets import load_outcomes
 from pymatgen.core import Lattice, Structure
 
-from cspml_flows.flows.calculators import CalculatorSettings
+from cspml_flows.core.errors import ConfigError
+from cspml_flows.flows.calculators import CalculatorSettings, relax_maker
+from cspml_flows.flows.relax import RelaxationMaker, relax_one
+from cspml_flows.predict.retrieve import Ranked
+from cspml_flows.training.outcomes import Outcomes
 
 SI = Structure(Lattice([[0, 2.735, 2.735], [2.735, 0, 2.735], [2.735, 2.735, 0]]), ["Si"] * 2, [[0, 0, 0], [0.25] * 3])
 CU = Structure(Lattice.cubic(3.6), ["Cu"] * 4, [[0, 0, 0], [0, 0.5, 0.5], [0.5, 0, 0.5], [0.5, 0.5, 0]])
@@ -50,8 +57,6 @@ def test_energy_cache_round_trip_and_keys(tmp_path: Path):
 
 
 def test_single_points_use_the_cache(tmp_path: Path):
-    from ase.calculators.emt import EMT
-
     calls = []
 
     def calculator():
@@ -149,8 +154,6 @@ def test_paired_difference():
 
 
 def test_sevennet_is_a_calculator_setting():
-    from typing import get_args
-
     assert {"emt", "chgnet", "sevennet", "vasp"} <= set(get_args(CalculatorSettings.model_fields["name"].annotation))
     s = CalculatorSettings(name="sevennet", steps=2)
     assert s.calc_id.startswith("sevennet/") and s.calc_id != CalculatorSettings(name="chgnet", steps=2).calc_id
@@ -158,10 +161,7 @@ def test_sevennet_is_a_calculator_setting():
 
 @pytest.mark.skipif(importlib.util.find_spec("sevenn") is None, reason="sevenn not installed (optional extra)")
 def test_sevennet_single_point_and_two_step_relaxation(monkeypatch: pytest.MonkeyPatch):
-    import torch
-
-    from cspml_flows.flows.calculators import relax_maker
-    from cspml_flows.flows.relax import RelaxationMaker, relax_one
+    import torch  # optional extra (the test is skipped without sevenn)
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the weights ship in the wheel: nothing may be fetched
     threads = torch.get_num_threads()
@@ -183,13 +183,6 @@ def test_sevennet_single_point_and_two_step_relaxation(monkeypatch: pytest.Monke
 
 
 def test_load_outcomes_refuses_mixed_trainings(tmp_path: Path):
-    import gzip
-    import json
-
-    from cspml_flows.core.errors import ConfigError
-    from cspml_flows.predict.retrieve import Ranked
-    from cspml_flows.training.outcomes import Outcomes
-
     def write(name: str, rows: list[int]) -> Path:
         out = Outcomes(rows, [[Ranked(7, (0, 1), 0.5, 3, (), (0.5, 0.5, 1.0))] for _ in rows], [np.ones(1)] * len(rows))
         path = tmp_path / name
