@@ -16,7 +16,7 @@ from cspml_flows.core.composition import roles
 from cspml_flows.core.descriptors import DESCRIPTOR_VERSION, magpie_stats
 from cspml_flows.core.errors import ModelError
 from cspml_flows.learning.features import Standardizer, role_distance, unlearned_distance
-from cspml_flows.learning.model import MODEL_FORMAT, QueryBatch, SimilarityModel, _dist_column, training_hash
+from cspml_flows.learning.model import MODEL_FORMAT, QueryBatch, SimilarityModel, dist_column, training_hash
 from cspml_flows.learning.pairs import pair_labels, sample_pairs
 
 # ---------------------------------------------------------------- helpers
@@ -68,10 +68,10 @@ def test_pair_features_shape_identity_flag_and_distance_column(template_index, t
     a, t = np.array([i, i, i]), np.array([i, j, k])
     x = _features(trained_model, idx, a, t)
     assert x.shape[0] == 3 and x.dtype == np.float32
-    same_col = _dist_column() + 3  # dist_stats, dist_role, max_role, same
+    same_col = dist_column() + 3  # dist_stats, dist_role, max_role, same
     assert x[:, same_col].tolist() == [1.0, 0.0, 0.0]
     dist = unlearned_distance(idx.stats[a], idx.stats[t], trained_model.std)
-    np.testing.assert_allclose(x[:, _dist_column()], dist, rtol=1e-5)
+    np.testing.assert_allclose(x[:, dist_column()], dist, rtol=1e-5)
     assert dist[0] == pytest.approx(0.0, abs=1e-6)
     assert dist[1] > 0 and dist[2] > 0
     # same composition: every role-difference feature is zero where the roles exist

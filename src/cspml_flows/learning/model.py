@@ -318,7 +318,7 @@ def _check_meta(blob: Any, where: str = "") -> dict[str, Any]:
     return meta
 
 
-def _dist_column() -> int:
+def dist_column() -> int:
     """Column of the unlearned Magpie distance in :func:`pair_features`."""
     return 2 * MAX_ROLES * len(ROLE_PROPERTIES) + MAX_ROLES + len(STAT_COLS)
 
@@ -368,7 +368,7 @@ def _held_out_metrics(
     """Accuracy and ROC-AUC on the held-out pairs, of the model and of the unlearned descriptor distance
     (thresholded where it is most accurate on the training pairs)."""
     p_te = model.predict_proba(x_te)
-    dist_col = _dist_column()
+    dist_col = dist_column()
     both = len(np.unique(y_te)) == 2
     thr = _best_threshold(-x_tr[:, dist_col], y_tr)
     return {

@@ -102,7 +102,7 @@ def aggregate(bank: Bank, rows: PairRows, z: np.ndarray, top: int, vote: float =
     if len(rows.qi) == 0:
         return [[] for _ in range(n)]
     prob = 1 / (1 + np.exp(-np.clip(z, -50, 50)))
-    return aggregate_rows(bank.index, rows.qi, rows.ti, rows.pi, prob, rows.perms, n, top, vote)
+    return aggregate_rows(bank.index, rows.qi, rows.ti, rows.pi, prob, rows.perms, top, vote)
 
 
 def hetero_rank(

@@ -162,7 +162,7 @@ def rank(  # noqa: PLR0913 - the retrieval entry's keyword options (callers pass
         raise ValueError("metric='learned' needs a model")
     qi, ti, pi = (np.concatenate(r) for r in (rows.rows_q, rows.rows_t, rows.rows_p))
     prob = _score_rows(model, index, qb, rows, threads)
-    return aggregate_rows(index, qi, ti, pi, prob, perms_of, len(queries), top, vote)
+    return aggregate_rows(index, qi, ti, pi, prob, perms_of, top, vote)
 
 
 def _by_group(queries: Sequence[Roles]) -> dict[str, list[int]]:
@@ -223,14 +223,13 @@ def _score_rows(
     return prob
 
 
-def aggregate_rows(  # noqa: PLR0913 - the scored rows' parallel arrays
+def aggregate_rows(
     index: TemplateIndex,
     qi: np.ndarray,
     ti: np.ndarray,
     pi: np.ndarray,
     prob: np.ndarray,
     perms_of: list[list[tuple[int, ...]]],
-    n_queries: int,
     top: int,
     vote: float,
     n_alt: int = 3,
@@ -243,7 +242,7 @@ def aggregate_rows(  # noqa: PLR0913 - the scored rows' parallel arrays
     the same crystal exactly when that template's symmetry maps one onto the other (the member nearest in
     element properties, tried instead, ranked worse).
     """
-    out: list[list[Ranked]] = [[] for _ in range(n_queries)]
+    out: list[list[Ranked]] = [[] for _ in perms_of]
     cl = index.cluster[ti]
     order = np.lexsort((-prob, pi, cl, qi))  # by query, cluster, perm, prob desc
     qs, cs, ps, p_sorted = qi[order], cl[order], pi[order], prob[order]
