@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from pymatgen.core import Composition, Element
 
-from cspml_flows.core.composition import roles
+from cspml_flows.core.composition import Roles, roles
 from cspml_flows.core.descriptors import (
     DESCRIPTOR_VERSION,
     MAGPIE_PROPERTIES,
@@ -19,6 +19,7 @@ from cspml_flows.core.descriptors import (
     role_fractions,
     role_properties,
 )
+from cspml_flows.core.errors import CompositionError
 
 N_FEATURES = len(MAGPIE_PROPERTIES) * len(MAGPIE_STATS)
 
@@ -105,8 +106,6 @@ def test_magpie_stats_empty_input():
 
 
 def test_magpie_stats_bad_formula_raises():
-    from cspml_flows.core.errors import CompositionError
-
     with pytest.raises(CompositionError):
         magpie_stats(["NaCl", "Xx2O"])
 
@@ -171,8 +170,6 @@ def test_role_properties_with_permutations():
 
 
 def test_role_properties_truncates_beyond_max_roles():
-    from cspml_flows.core.composition import Roles
-
     els = ("Li", "Na", "K", "Rb", "Cs", "Fr", "O")
     r = Roles(els, tuple(float(i + 1) for i in range(len(els))))
     out = role_properties([r])

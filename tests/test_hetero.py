@@ -16,9 +16,11 @@ from cspml_flows.cli.main import main
 from cspml_flows.core.composition import roles
 from cspml_flows.core.equivalence import structure_matcher
 from cspml_flows.core.errors import CompositionError, ModelError, StructureReadError
+from cspml_flows.core.safeio import read_json_gz, write_json_gz
 from cspml_flows.learning.hetero.encoders import MAX_ROLES, structure_geometry
 from cspml_flows.learning.hetero.model import HeteroModel, Stacker, index_geometry
-from cspml_flows.predict.hetero_rank import HeteroPredictor, hetero_rank
+from cspml_flows.learning.model import QueryBatch
+from cspml_flows.predict.hetero_rank import HeteroPredictor, candidate_rows, hetero_rank
 from cspml_flows.predict.inverse import (
     NoCompositionError,
     PoolNormaliser,
@@ -144,7 +146,6 @@ def _q(idx, i):
 def test_distilled_targets_mix_labels_with_the_core_softmax(template_index, trained_model):
     """Knowledge distillation of the tower: each group's target is (1 - a) * labels + a * softmax of the CSPML
     logits over the group's candidates (computed here pair by pair), padding kept at zero weight."""
-    from cspml_flows.learning.model import QueryBatch
 
     idx = template_index
     geom = index_geometry(idx, workers=1, cache=False)
@@ -260,7 +261,6 @@ def test_save_load_and_bad_model_files(hetero_model, hetero_bank, tmp_path):
     (tmp_path / "junk.json.gz").write_text("not a model")
     with pytest.raises(ModelError, match="cannot read"):
         HeteroModel.load(tmp_path / "junk.json.gz")
-    from cspml_flows.core.safeio import read_json_gz, write_json_gz
 
     blob = read_json_gz(path)
     blob["meta"]["geometry_version"] = "geom-v0"
@@ -386,8 +386,6 @@ def test_normalised_logit_is_log_p_structure_given_composition(hetero_model, het
 
 
 def test_old_inverse_weight_files_load_with_zero_normalised_weight(hetero_model, tmp_path):
-    from cspml_flows.core.safeio import read_json_gz, write_json_gz
-
     path = hetero_model.save(tmp_path / "h.json.gz")
     blob = read_json_gz(path)
     blob["inv"] = [1.0, 0.0, 0.1]  # a model file written before the fourth component
@@ -459,7 +457,6 @@ def test_user_template_bad_files(template_index, tmp_path, nacl):
 
 @pytest.fixture
 def cli_store(tmp_path, val_docs, hand_docs) -> Path:
-
     path = tmp_path / "store.json"
     ts = TemplateStore.open(path)
     ts.add(val_docs[:150] + hand_docs)
@@ -525,8 +522,6 @@ def test_cli_bad_input_one_line_errors(tmp_path, hand_structures, capsys):
 def test_second_stage_stacker_scores_and_persists(hetero_model, hetero_bank, tmp_path):
     """A fitted second stage replaces the linear fusion for composition -> structure ranking and is saved."""
     import copy
-
-    from cspml_flows.predict.hetero_rank import candidate_rows
 
     rows = candidate_rows(hetero_bank, [roles("KCl"), roles("SrTiO3"), roles("GaAs")], std=hetero_model.std)
     logit, tower, _ = hetero_model.components(hetero_bank, rows.q, rows.qi, rows.q_role, rows.ti, hetero_model.core)

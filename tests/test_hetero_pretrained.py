@@ -10,6 +10,8 @@ from pymatgen.core import Lattice, Structure
 from cspml_flows.core.composition import roles
 from cspml_flows.learning.hetero import embeddings as emb_mod
 from cspml_flows.learning.hetero.embeddings import N_EMBED, embedding_features
+from cspml_flows.predict.inverse import substitution_prior
+from cspml_flows.predict.predictor import Candidate, Prediction
 from cspml_flows.templates.index import TemplateIndex
 from cspml_flows.templates.schema import template_doc_from_structure
 
@@ -87,8 +89,6 @@ def test_energy_ordered_polymorph_ranking_chgnet(tmp_path):
     from benchmarks.energy_cache import EnergyCache
     from benchmarks.polymorph_energy import EnergyRanker, choose_weight, energy_settings, relaxed_energies
 
-    from cspml_flows.predict.predictor import Candidate, Prediction
-
     rs, b2 = _rocksalt(("Na", "Cl"), 5.64), _b2(("Na", "Cl"), 3.4)
     settings = energy_settings(steps=60, fmax=0.1)
     cache = EnergyCache(tmp_path / "energies.json")
@@ -120,7 +120,6 @@ def test_energy_ordered_polymorph_ranking_chgnet(tmp_path):
 
 def test_inverse_prior_is_pymatgen_substitution_probability(small_index):
     """The chemistry prior of the inverse score: K for Na on the NaCl template is likelier than Cs for Cl."""
-    from cspml_flows.predict.inverse import substitution_prior
 
     t = roles("NaCl")
     qs = [roles("KCl"), roles("NaCs")]

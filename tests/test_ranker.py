@@ -13,10 +13,13 @@ from benchmarks.scoring import rms_table, summarize
 from pymatgen.core import Structure
 
 from cspml_flows.core.composition import roles
+from cspml_flows.core.equivalence import structure_matcher
 from cspml_flows.core.errors import ModelError
 from cspml_flows.learning.model import SimilarityModel
 from cspml_flows.learning.ranker import FEATURES, CandidateRanker, candidate_features, oxidation_guess
 from cspml_flows.predict.predictor import CSPPredictor
+from cspml_flows.predict.retrieve import Ranked, rank
+from cspml_flows.predict.substitute import substitute
 from cspml_flows.templates.index import TemplateIndex
 from cspml_flows.templates.schema import template_doc_from_structure
 from cspml_flows.training.outcomes import cached_outcomes, label_outcomes
@@ -47,9 +50,6 @@ def test_labels_mark_the_matching_prototype(template_index, trained_model):
         assert labels.max() == 1 and labels.min() == 0
         gt = idx.structure(r)
         for c, lab in zip(cands, labels, strict=True):
-            from cspml_flows.core.equivalence import structure_matcher
-            from cspml_flows.predict.substitute import substitute
-
             s, _ = substitute(idx, c.template, idx.roles[r], c.perm)
             assert bool(lab) == (structure_matcher().get_rms_dist(s, gt) is not None)
 
@@ -80,7 +80,6 @@ def test_outcome_cache_round_trip(template_index, trained_model, tmp_path: Path)
 def test_candidate_features_shape_and_chemistry(template_index, trained_model):
     """KBr on a rocksalt template: the identity assignment keeps the anion on the anion site."""
     idx = template_index
-    from cspml_flows.predict.retrieve import rank
 
     q = [roles("KBr")]
     cands = rank(trained_model, idx, q, top=8, strict=True)
@@ -163,7 +162,6 @@ def test_ranker_beats_nearest_on_held_out_structures(pool_and_queries):
 def test_candidate_features_of_formulas_beyond_max_roles(template_index, trained_model):
     """A seven-element query (generated and real pools hold such templates): assignments that move a role
     past the compared ones are read as missing roles, not out-of-range indices."""
-    from cspml_flows.predict.retrieve import Ranked
 
     idx = template_index
     q = [roles("LiNaKRbCsBaCl7")]
