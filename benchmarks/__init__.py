@@ -1,2 +1,5 @@
-"""Scale benchmark of cspml-flows: deterministic template pools (:mod:`benchmarks.pools`) and the timed stages a
-user runs on them (:mod:`benchmarks.scale`). Not part of the installed package."""
+"""Benchmarks of cspml-flows (not part of the installed package; run from the repository root).
+
+``python -m benchmarks csp | relax-flow`` (:mod:`benchmarks.cli`), ``python -m benchmarks.<module>`` for the
+others; ``benchmarks/README.md`` lists them. They use the public API of :mod:`cspml_flows` only.
+"""

@@ -16,26 +16,35 @@ so it reads a little below the benchmark's deduplicated top-k.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import lightgbm as lgb
 import numpy as np
 from pymatgen.core import Structure
 
-from benchmarks.protocols import formula_from_cif, load_queries, pool_store
-from benchmarks.runner import BenchmarkConfig, benchmark_model, query_structures, write_reports
+from benchmarks.config import BenchmarkConfig
+from benchmarks.csp_model import benchmark_model
+from benchmarks.csp_tables import write_reports
+from benchmarks.logs import configure_logging
+from benchmarks.protocols import formula_from_cif, load_queries, pool_index, query_structures
 from cspml_flows.core.composition import MAX_ASSIGNMENTS, roles
 from cspml_flows.core.config import home_dir
+from cspml_flows.core.descriptors import magpie_stats
 from cspml_flows.core.equivalence import Matcher
 from cspml_flows.core.safeio import read_json_gz, write_json_gz
-from cspml_flows.learning.model import training_hash
+from cspml_flows.core.tables import markdown_table
+from cspml_flows.learning.model import SimilarityModel, training_hash
 from cspml_flows.learning.ranker import CANDIDATES, FEATURES, RANKER_PARAMS, candidate_features
 from cspml_flows.predict.retrieve import Ranked, rank
 from cspml_flows.predict.validity import smact_valid
 from cspml_flows.templates.index import TemplateIndex
 from cspml_flows.training.outcomes import candidate_matches, fold_outcomes, map_chunks_forked, outcome_key
+
+logger = logging.getLogger(__name__)
 
 PAIR = ("pair_score", "best_prob", "mean_prob", "log_members", "pair_rank", "score_gap", "log_candidates")
 PROTOTYPE = ("cluster_share", "log_cluster_size", "e_above_hull", "log_nprim")
@@ -96,51 +105,47 @@ def top_k(labels: list[list[int]], scores: list[np.ndarray], ks=(1, 5, 20)) -> d
     return out
 
 
-def run_ablation(
-    protocol: str,
-    limit: int | None = 1000,
-    seed: int = 0,
-    setting: str = "standard",
-    workers: int = 2,
-    k: int = CANDIDATES,
-    log=print,
-) -> dict[str, Any]:
-    t0 = time.perf_counter()
-    store = pool_store(protocol, workers=workers)
-    index = TemplateIndex.from_store(store, workers=workers)
-    store.close()
-    full = load_queries(protocol)
-    index = index.subset(~np.isin(index.ids, full.material_ids))
-    q = load_queries(protocol, limit=limit, seed=seed)
-    gts = query_structures(protocol, q.material_ids, q.cifs, workers)
-    q_roles = [roles(g.composition) for g in gts]
-    formulas = [formula_from_cif(c) for c in full.cifs]
-    cfg = BenchmarkConfig(protocol=protocol, setting=setting, limit=limit, workers=workers, seed=seed)
-    model, _ = benchmark_model(index, full.material_ids, formulas, cfg, log)
-    strict = setting == "strict"
-    exclude = [{m} for m in q.material_ids]
-    cands = rank(model, index, q_roles, top=k, exclude_ids=exclude, strict=strict, threads=workers)
+@dataclass
+class AblationData:
+    """The protocol sample's candidates and labels, and the ranker's training rows (pool outcomes)."""
 
-    # the pool the benchmark's ranker learnt from (index already holds no query)
-    train_index = index.subset(~np.isin(index.formulas, formulas)) if strict else index
-    key = outcome_key(protocol, setting, seed, k, training_hash(index), MAX_ASSIGNMENTS, "|".join(q.material_ids))
+    labels: list[list[int]]  # 0/1 per candidate of each query
+    sizes: list[int]  # candidates per query
+    xq: np.ndarray  # the queries' candidate features
+    xt: np.ndarray  # training candidates' features
+    yt: np.ndarray  # training labels
+    groups: np.ndarray  # training candidates per training formula
+
+    def split(self, s: np.ndarray) -> list[np.ndarray]:
+        """Scores of all query candidates cut into one array per query."""
+        bounds = np.cumsum([0, *self.sizes])
+        return [s[bounds[i] : bounds[i + 1]] for i in range(len(self.sizes))]
+
+
+def query_labels(
+    cfg: BenchmarkConfig, index: TemplateIndex, q_roles: list, cands: list[list[Ranked]], gts: list[Structure], key: str
+) -> list[list[int]]:
+    """The candidates' labels from the ablation cache, else computed (:func:`label_queries`) and cached."""
     path = home_dir() / "benchmark" / "ablation" / f"labels-{key}.json.gz"
     if path.is_file():
-        labels = read_json_gz(path)
-    else:
-        labels = label_queries(index, q_roles, cands, gts, workers)
-        write_json_gz(path, labels)
-    t_labels = time.perf_counter() - t0
+        return read_json_gz(path)
+    labels = label_queries(index, q_roles, cands, gts, cfg.workers)
+    write_json_gz(path, labels)
+    return labels
 
-    # the ranker's training data: CSP outcomes of held-out pool formulas (cached by benchmark_model's fit)
+
+def training_rows(
+    cfg: BenchmarkConfig, train_index: TemplateIndex, model: SimilarityModel, k: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The ranker's training data: CSP outcomes of held-out pool formulas (cached by the benchmark's fit)."""
     out, _ = fold_outcomes(
         train_index,
         cfg.ranker_queries,
         k,
-        seed=seed,
-        workers=workers,
+        seed=cfg.seed,
+        workers=cfg.workers,
         cache_dir=home_dir() / "benchmark" / "outcomes",
-        log=log,
+        log=logger.info,
     )
     xt = candidate_features(
         train_index,
@@ -149,32 +154,60 @@ def run_ablation(
         model.std,
         train_index.stats[np.array(out.rows, dtype=int)],
     )
-    yt = np.concatenate(out.labels)
-    gt_sizes = np.array([len(c) for c in out.candidates])
-    from cspml_flows.core.descriptors import magpie_stats
+    return xt, np.concatenate(out.labels), np.array([len(c) for c in out.candidates])
 
-    xq = candidate_features(index, q_roles, cands, model.std, magpie_stats([r.reduced_formula for r in q_roles]))
-    sizes = [len(c) for c in cands]
-    bounds = np.cumsum([0, *sizes])
 
-    def split(s: np.ndarray) -> list[np.ndarray]:
-        return [s[bounds[i] : bounds[i + 1]] for i in range(len(sizes))]
-
-    rounds = int((model.ranker.meta.get("report") or {}).get("rounds", 200)) if model.ranker else 200
+def variant_rows(data: AblationData, rounds: int, seed: int) -> dict[str, dict[str, float]]:
+    """Top-k of the pair model's order, of each feature subset, and of the full ranker on fewer formulas."""
     rows: dict[str, dict[str, float]] = {}
-    rows["pair-model order (no ranker)"] = top_k(labels, [-np.arange(n, dtype=float) for n in sizes])
+    rows["pair-model order (no ranker)"] = top_k(data.labels, [-np.arange(n, dtype=float) for n in data.sizes])
     for name, feats in VARIANTS.items():
         cols = [FEATURES.index(f) for f in feats]
-        booster = _train(xt[:, cols], yt, gt_sizes, rounds, seed)
-        rows[f"ranker: {name}"] = top_k(labels, split(booster.predict(xq[:, cols])))
-        log(f"{name}: {rows[f'ranker: {name}']}")
-    starts = np.cumsum([0, *gt_sizes])
+        booster = _train(data.xt[:, cols], data.yt, data.groups, rounds, seed)
+        rows[f"ranker: {name}"] = top_k(data.labels, data.split(booster.predict(data.xq[:, cols])))
+        logger.info("%s: %s", name, rows[f"ranker: {name}"])
+    starts = np.cumsum([0, *data.groups])
     for n in TRAINING_SIZES:
-        if n >= len(gt_sizes):
+        if n >= len(data.groups):
             continue
         take = np.concatenate([np.arange(starts[i], starts[i + 1]) for i in range(n)])
-        booster = _train(xt[take], yt[take], gt_sizes[:n], rounds, seed)
-        rows[f"ranker: all features, {n} training formulas"] = top_k(labels, split(booster.predict(xq)))
+        booster = _train(data.xt[take], data.yt[take], data.groups[:n], rounds, seed)
+        rows[f"ranker: all features, {n} training formulas"] = top_k(data.labels, data.split(booster.predict(data.xq)))
+    return rows
+
+
+def run_ablation(
+    protocol: str,
+    limit: int | None = 1000,
+    seed: int = 0,
+    setting: str = "standard",
+    workers: int = 2,
+    k: int = CANDIDATES,
+) -> dict[str, Any]:
+    """Label the sample's candidates once, then reorder them with every ranker variant; the JSON-ready result."""
+    t0 = time.perf_counter()
+    index = pool_index(protocol, workers=workers)
+    full = load_queries(protocol)
+    q = load_queries(protocol, limit=limit, seed=seed)
+    gts = query_structures(protocol, q.material_ids, q.cifs, workers)
+    q_roles = [roles(g.composition) for g in gts]
+    formulas = [formula_from_cif(c) for c in full.cifs]
+    cfg = BenchmarkConfig(protocol=protocol, setting=setting, limit=limit, workers=workers, seed=seed)
+    model, _ = benchmark_model(index, full.material_ids, formulas, cfg)
+    strict = setting == "strict"
+    exclude = [{m} for m in q.material_ids]
+    cands = rank(model, index, q_roles, top=k, exclude_ids=exclude, strict=strict, threads=workers)
+
+    # the pool the benchmark's ranker learnt from (index already holds no query)
+    train_index = index.subset(~np.isin(index.formulas, formulas)) if strict else index
+    key = outcome_key(protocol, setting, seed, k, training_hash(index), MAX_ASSIGNMENTS, "|".join(q.material_ids))
+    labels = query_labels(cfg, index, q_roles, cands, gts, key)
+    t_labels = time.perf_counter() - t0
+    xt, yt, groups = training_rows(cfg, train_index, model, k)
+    xq = candidate_features(index, q_roles, cands, model.std, magpie_stats([r.reduced_formula for r in q_roles]))
+    data = AblationData(labels, [len(c) for c in cands], xq, xt, yt, groups)
+    rounds = int((model.ranker.meta.get("report") or {}).get("rounds", 200)) if model.ranker else 200
+    rows = variant_rows(data, rounds, seed)
     recall = float(np.mean([max(lab, default=0) == 1 for lab in labels]))
     return {
         "protocol": protocol,
@@ -184,7 +217,7 @@ def run_ablation(
         "seed": seed,
         "candidates_per_query": k,
         f"recall_at_{k}": recall,
-        "training_formulas": len(gt_sizes),
+        "training_formulas": len(groups),
         "ranker_rounds": rounds,
         "variants": rows,
         "seconds": time.perf_counter() - t0,
@@ -193,23 +226,28 @@ def run_ablation(
 
 
 def markdown(result: dict[str, Any]) -> str:
+    """The variants' top-k rates as a Markdown table under one line that says what was compared."""
     k = result["candidates_per_query"]
+    rows = [
+        [name, f"{m['top1']:.1%}", f"{m['top5']:.1%}", f"{m['top20']:.1%}"] for name, m in result["variants"].items()
+    ]
     lines = [
         f"{result['protocol']} {result['setting']}, {result['n_queries']} queries (seed {result['seed']}), the same "
         f"{k} candidates per query reordered; recall@{k} {result[f'recall_at_{k}']:.1%}; rankers trained on "
         f"{result['training_formulas']} held-out pool formulas unless stated",
         "",
-        "| ranking | top-1 | top-5 | top-20 |",
-        "|---|---:|---:|---:|",
-    ]
-    lines += [
-        f"| {name} | {m['top1']:.1%} | {m['top5']:.1%} | {m['top20']:.1%} |" for name, m in result["variants"].items()
+        markdown_table(["ranking", "top-1", "top-5", "top-20"], rows, align="lrrr"),
     ]
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    """``python -m benchmarks.ablation``: run, print the Markdown, write ``--json``/``--markdown``."""
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.ablation",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("--protocol", default="mp20bt", choices=["mp20bt", "mpts52"])
     p.add_argument("--setting", default="standard", choices=["standard", "strict"])
     p.add_argument("--limit", type=int, default=1000)
@@ -218,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json")
     p.add_argument("--markdown")
     a = p.parse_args(argv)
-    result = run_ablation(a.protocol, a.limit, a.seed, a.setting, a.workers, log=lambda m: print(m, file=sys.stderr))
+    configure_logging()
+    result = run_ablation(a.protocol, a.limit, a.seed, a.setting, a.workers)
     md = markdown(result)
     write_reports(result, a.json, a.markdown, markdown=md)
     print(md)
@@ -226,4 +265,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

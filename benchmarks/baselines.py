@@ -27,6 +27,7 @@ def random_rank(
     strict: bool,
     seed: int = 0,
 ) -> list[list[Ranked]]:
+    """``top`` random allowed templates of each query's anonymous formula, identity assignment."""
     rng = np.random.default_rng(seed)
     out = []
     for q, ex in zip(queries, exclude_ids, strict=True):
@@ -41,6 +42,8 @@ def random_rank(
 def pymatgen_rank(
     index: TemplateIndex, queries: Sequence[Roles], top: int, exclude_ids: Sequence[set[str]], strict: bool
 ) -> list[list[Ranked]]:
+    """Allowed templates of each query's anonymous formula ranked by pymatgen's substitution probability of
+    the best role assignment (the six fewest-swap ones), one per (cluster, assignment), best ``top``."""
     out = []
     for q, ex in zip(queries, exclude_ids, strict=True):
         members = index.by_anon.get(q.anonymous_formula, np.zeros(0, dtype=int))

@@ -10,24 +10,19 @@ import numpy as np
 from pymatgen.core import Structure
 
 from cspml_flows.core.composition import roles
-from cspml_flows.core.equivalence import structure_matcher
+from cspml_flows.core.equivalence import Matcher
 from cspml_flows.core.prototype import prototype_info
 from cspml_flows.templates.index import TemplateIndex
 
 MAX_CLUSTERS = 40
 
 
-def _covered(args: tuple[dict, list[list[dict]]]) -> bool:
+def covered(args: tuple[dict, list[list[dict]]]) -> bool:
+    """Whether one of the representatives matches the ground truth anonymously (a matcher error: no match)."""
     gt_d, reps = args
     gt = Structure.from_dict(gt_d)
-    sm = structure_matcher()
-    for rep in reps:
-        try:
-            if sm.fit_anonymous(Structure.from_dict(rep[0]), gt):
-                return True
-        except Exception:
-            continue
-    return False
+    matcher = Matcher()
+    return any(matcher.fit_anonymous(Structure.from_dict(rep[0]), gt) for rep in reps)
 
 
 def coverage(
@@ -61,6 +56,6 @@ def coverage(
         tasks.append((gt.as_dict(), [[index.structures[m]] for m in order]))
     workers = max(1, min(workers, os.cpu_count() or 1))
     if workers == 1 or len(tasks) < 20:
-        return np.array([_covered(t) for t in tasks])
+        return np.array([covered(t) for t in tasks])
     with ProcessPoolExecutor(max_workers=workers) as pool:
-        return np.array(list(pool.map(_covered, tasks, chunksize=max(1, len(tasks) // (8 * workers)))))
+        return np.array(list(pool.map(covered, tasks, chunksize=max(1, len(tasks) // (8 * workers)))))

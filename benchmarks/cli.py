@@ -5,16 +5,21 @@ from __future__ import annotations
 import argparse
 import sys
 
-from benchmarks.hetero import markdown, run_hetero_benchmark
+from benchmarks.config import BenchmarkConfig
+from benchmarks.csp_tables import markdown_table, write_reports
+from benchmarks.hetero import run_hetero_benchmark
+from benchmarks.hetero_tables import markdown
+from benchmarks.logs import configure_logging
 from benchmarks.relax_flow import RelaxBenchmarkConfig, run_relax_benchmark
-from benchmarks.runner import BenchmarkConfig, markdown_table, run_benchmark, write_reports
-from cspml_flows.cli.main import Parser, check_out, main_guard, non_negative, pair_sampling_options, positive
+from benchmarks.runner import run_benchmark
+from cspml_flows.cli.main import main_guard
+from cspml_flows.cli.options import Parser, check_out, non_negative, pair_sampling_options, positive
 from cspml_flows.core.composition import MAX_ASSIGNMENTS
 from cspml_flows.core.errors import CSPMLError
 
 
 def cmd_benchmark(args: argparse.Namespace) -> int:
-    
+    """``python -m benchmarks csp``: match rates of one protocol and setting, printed as Markdown."""
     if args.max_assignments is not None and args.max_assignments < 1:
         raise CSPMLError("--max-assignments must be at least 1")
     check_out(args.json, "file", "--json file")
@@ -38,22 +43,23 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     )
     if getattr(args, "model", "cspml") == "hetero":
         return benchmark_hetero(cfg, args.json, args.markdown)
-    result = run_benchmark(cfg, log_fn=lambda m: print(m, file=sys.stderr, flush=True))
+    result = run_benchmark(cfg)
     write_reports(result, args.json, args.markdown)
     print(markdown_table([result]))
     return 0
 
 
-def benchmark_hetero(cfg, json_path: str | None, md_path: str | None) -> int:
-    """``python -m benchmarks csp --model hetero``."""
-    result = run_hetero_benchmark(cfg, log_fn=lambda m: print(m, file=sys.stderr, flush=True))
+def benchmark_hetero(cfg: BenchmarkConfig, json_path: str | None, md_path: str | None) -> int:
+    """``python -m benchmarks csp --model hetero``: the hetero model beside CSPML, printed as Markdown."""
+    result = run_hetero_benchmark(cfg)
     md = markdown(result)
     write_reports(result, json_path, md_path, md)
     print(md)
     return 0
 
 
-def cmd_campaign_benchmark(args: argparse.Namespace) -> int:
+def cmd_relax_flow(args: argparse.Namespace) -> int:
+    """``python -m benchmarks relax-flow``: relaxations through the flow against a plain ASE loop."""
     check_out(args.out)
     cfg = RelaxBenchmarkConfig(
         protocol=args.protocol,
@@ -68,7 +74,7 @@ def cmd_campaign_benchmark(args: argparse.Namespace) -> int:
         chunk=args.chunk,
         pool=args.pool,
     )
-    result = run_relax_benchmark(cfg, log=lambda m: print(m, file=sys.stderr, flush=True))
+    result = run_relax_benchmark(cfg)
     print(result["markdown"])
     return 0
 
@@ -122,12 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", default="out/bench/relax")
     c.add_argument("--chunk", type=positive, default=5, help="queries per alternation of the two methods")
     c.add_argument("--pool", help="an existing pool store folder (default: import under $CSPML_HOME)")
-    c.set_defaults(func=cmd_campaign_benchmark)
+    c.set_defaults(func=cmd_relax_flow)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one benchmark command; errors of the library print as one line."""
+    """Run one benchmark command (progress on stderr); errors of the library print as one line."""
+    configure_logging()
     return main_guard(build_parser(), argv)
 
 

@@ -9,7 +9,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 from pymatgen.core import Structure
 
-from cspml_flows.core.equivalence import structure_matcher
+from cspml_flows.core.equivalence import Matcher
 
 # In the order they are tested: the first that applies is the miss's kind.
 MISS_KINDS = (
@@ -21,12 +21,10 @@ MISS_KINDS = (
 )
 
 
-def _anonymous_fit(args: tuple[dict, dict]) -> bool:
+def anonymous_fit(args: tuple[dict, dict]) -> bool:
+    """Whether the prediction matches the ground truth anonymously (a matcher error: no match)."""
     gt, pred = args
-    try:
-        return bool(structure_matcher().fit_anonymous(Structure.from_dict(pred), Structure.from_dict(gt)))
-    except Exception:
-        return False
+    return Matcher().fit_anonymous(Structure.from_dict(pred), Structure.from_dict(gt))
 
 
 def miss_kind(rms_row: Sequence[float | None], smact_ok: bool, covered: bool, top1_anonymous: bool) -> str | None:
@@ -62,9 +60,9 @@ def miss_breakdown(
     workers = max(1, min(workers, os.cpu_count() or 1))
     if workers > 1 and len(tasks) >= 20:
         with ProcessPoolExecutor(max_workers=workers) as pool:
-            fits = list(pool.map(_anonymous_fit, tasks, chunksize=max(1, len(tasks) // (8 * workers))))
+            fits = list(pool.map(anonymous_fit, tasks, chunksize=max(1, len(tasks) // (8 * workers))))
     else:
-        fits = [_anonymous_fit(t) for t in tasks]
+        fits = [anonymous_fit(t) for t in tasks]
     anonymous = dict(zip(need, fits, strict=True))
     counts = dict.fromkeys(MISS_KINDS, 0)
     for i, row in enumerate(rms):

@@ -1,25 +1,45 @@
-"""``cspml benchmark --model hetero``: the protocol's composition -> structure match rates of the hetero model
-beside the core CSPML model on the same queries, plus the hetero retrieval, polymorph, inverse-design and
-user-template evaluations. Caches (parsed queries, models) go under ``$CSPML_HOME/hetero``."""
+"""``python -m benchmarks csp --model hetero``: the protocol's composition -> structure match rates of the
+hetero model beside the core CSPML model on the same queries, plus the hetero retrieval, polymorph,
+inverse-design and user-template evaluations (Markdown: :mod:`benchmarks.hetero_tables`). Caches (parsed
+queries, models) go under ``$CSPML_HOME/hetero``."""
 
 from __future__ import annotations
 
+import logging
 import os
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pymatgen.core import Composition, Structure
 
+from benchmarks.config import BenchmarkConfig
+from benchmarks.csp_model import benchmark_model
+from benchmarks.hetero_evaluate import leave_prototype_out
+from benchmarks.polymorph_energy import energy_polymorphs
+from benchmarks.protocols import SETTINGS, formula_from_cif, load_queries, pool_index, query_structures
+from benchmarks.runner import TOP
+from benchmarks.scoring import rms_table, summarize
 from cspml_flows.core.config import home_dir
 from cspml_flows.core.errors import ConfigError, ModelError
+from cspml_flows.learning.hetero.embeddings import index_embeddings
 from cspml_flows.learning.hetero.model import HeteroModel, index_geometry
-from cspml_flows.learning.model import training_hash
+from cspml_flows.learning.model import SimilarityModel, training_hash
+from cspml_flows.predict.hetero_rank import HeteroPredictor
+from cspml_flows.predict.predictor import CSPPredictor
 from cspml_flows.templates.index import TemplateIndex
+from cspml_flows.training.hetero import train_hetero, train_without
+from cspml_flows.training.hetero_metrics import held_out_split
 
+logger = logging.getLogger(__name__)
 ENERGY_FORMULAS = int(os.environ.get("CSPML_HETERO_ENERGY_FORMULAS", "80"))  # polymorph formulas relaxed
+EVAL_CORE = {"max_anchors": 6000, "max_iter": 100}  # the evaluation models' core model, bounded for time
 
 
-def _cached_model(path, train, core=None) -> HeteroModel:
+def cached_model(path: Path, train: Callable[[], HeteroModel], core: SimilarityModel | None = None) -> HeteroModel:
     """A hetero model from its benchmark cache file, else trained (``train()``) and saved there."""
     if path.is_file():
         try:
@@ -28,81 +48,162 @@ def _cached_model(path, train, core=None) -> HeteroModel:
                 model.core = core if model.use_core else None
             return model
         except ModelError:
-            pass
+            logger.info("unreadable cached hetero model %s: training it again", path)
     model = train()
     model.save(path)
     return model
 
 
-def run_hetero_benchmark(cfg, log_fn=print) -> dict[str, Any]:
-    from benchmarks.hetero_evaluate import held_out_split, leave_prototype_out
-    from benchmarks.polymorph_energy import energy_polymorphs
-    from benchmarks.protocols import SETTINGS, load_queries, pool_store
-    from benchmarks.runner import TOP, benchmark_model, formula_from_cif, query_structures
-    from benchmarks.scoring import rms_table, summarize
-    from cspml_flows.learning.hetero.embeddings import index_embeddings
-    from cspml_flows.predict.hetero_rank import HeteroPredictor
-    from cspml_flows.predict.predictor import CSPPredictor
-    from cspml_flows.training.hetero import train_hetero, train_without
+@dataclass
+class HeteroRun:
+    """The pool and queries of a hetero benchmark, with the training pool's rows and the pool's features."""
 
-    if cfg.setting not in SETTINGS:
-        raise ConfigError(f"unknown setting {cfg.setting!r}; choose one of {', '.join(SETTINGS)}")
-    t_all = time.perf_counter()
-    store = pool_store(cfg.protocol, workers=cfg.workers)
-    index = TemplateIndex.from_store(store, workers=cfg.workers)
-    store.close()
+    index: TemplateIndex
+    ids: list[str]
+    gts: list[Structure]
+    comps: list[Composition]
+    strict: bool
+    query_ids: list[str]  # every query of the protocol, not only the sample's
+    all_formulas: list[str]
+    mask: np.ndarray  # rows of the training pool (in the strict setting, no query formula)
+    train_index: TemplateIndex
+    geom: np.ndarray
+    emb: dict[str, np.ndarray]
+
+
+def load_run(cfg: BenchmarkConfig) -> tuple[HeteroRun, float]:
+    """Pool without the protocol's queries, the sample's structures, geometry and embeddings of the pool;
+    returns the run and the seconds the embeddings took."""
+    index = pool_index(cfg.protocol, workers=cfg.workers)
     full_q = load_queries(cfg.protocol)
-    index = index.subset(~np.isin(index.ids, full_q.material_ids))
     q = load_queries(cfg.protocol, limit=cfg.limit, seed=cfg.seed)
     gts = query_structures(cfg.protocol, list(q.material_ids), list(q.cifs), cfg.workers)  # JSON cache
-    comps = [g.composition for g in gts]
     strict = cfg.setting == "strict"
-    # training pool: no query id; in the strict setting no query formula either
     all_formulas = [formula_from_cif(c) for c in full_q.cifs]
     mask = np.ones(len(index), dtype=bool)
     if strict:
         mask &= ~np.isin(index.formulas, list(set(all_formulas)))
-    train_index = index.subset(mask)
-    geom_all = index_geometry(index, cfg.workers)
+    geom = index_geometry(index, cfg.workers)
     t = time.perf_counter()
-    emb_all = {v: index_embeddings(index, v) for v in ("species", "role")}
+    emb = {v: index_embeddings(index, v) for v in ("species", "role")}
     embed_seconds = time.perf_counter() - t
+    comps = [g.composition for g in gts]
+    run = HeteroRun(
+        index,
+        list(q.material_ids),
+        gts,
+        comps,
+        strict,
+        full_q.material_ids,
+        all_formulas,
+        mask,
+        index.subset(mask),
+        geom,
+        emb,
+    )
+    return run, embed_seconds
+
+
+def match_rates(
+    cfg: BenchmarkConfig, run: HeteroRun, core: SimilarityModel, hp: HeteroPredictor
+) -> dict[str, dict[str, float]]:
+    """Top-k match rates of CSPML and of the hetero model on the sample, each timed."""
+    exclude = [{mid} for mid in run.ids]
+    results: dict[str, Any] = {}
+    for name, predict in (
+        (
+            "cspml",
+            lambda: CSPPredictor(run.index, core).predict(run.comps, top=TOP, exclude_ids=exclude, strict=run.strict),
+        ),
+        ("hetero", lambda: hp.predict(run.comps, TOP, exclude, run.strict, False)),
+    ):
+        t = time.perf_counter()
+        preds = predict()
+        seconds = time.perf_counter() - t
+        rms = rms_table(run.gts, [[c.structure for c in p.candidates] for p in preds], workers=cfg.workers)
+        results[name] = {**summarize(rms), "predict_seconds": seconds}
+        logger.info("%s: top1=%.4f top5=%.4f (%.0f s)", name, results[name]["top1"], results[name]["top5"], seconds)
+    return results
+
+
+def held_out_evaluations(cfg: BenchmarkConfig, run: HeteroRun, folder: Path, h: str) -> dict[str, Any]:
+    """On the training pool, models that never saw the held-out formulas or prototypes, one per embedding
+    variant: polymorphs with relaxed energies, inverse design and user templates."""
     t = time.perf_counter()
-    core, core_report = benchmark_model(index, full_q.material_ids, all_formulas, cfg, log_fn)
+    train_index, g = run.train_index, run.geom[run.mask]
+    val, held = held_out_split(train_index, cfg.seed)
+    xmodels: dict[str, HeteroModel] = {}
+    for v in ("species", "role"):
+        e = run.emb[v][run.mask]
+        xcore = xmodels["species"].core if xmodels else None
+        xmodels[v] = cached_model(
+            folder / f"hetero5-x-{v}-{cfg.protocol}-{cfg.setting}-{h}-{cfg.seed}.json.gz",
+            lambda e=e, v=v, xcore=xcore: train_without(
+                train_index, g, val, held, cfg.seed, emb=e, variant=v, core_tr=xcore, core_kwargs=EVAL_CORE
+            ),
+        )
+    out: dict[str, Any] = {"held_out_variants": {v: m.meta.get("report", {}) for v, m in xmodels.items()}}
+    xs = xmodels["species"]
+    out["energy_polymorphs"] = energy_polymorphs(
+        xs,
+        xs.bank(train_index, g, emb=run.emb["species"][run.mask]),
+        val,
+        limit=ENERGY_FORMULAS,
+        cache_path=folder / "energies-chgnet.json",
+        workers=cfg.workers,
+        seed=cfg.seed,
+    )
+    out["leave_prototype_out"] = {
+        v: leave_prototype_out(
+            train_index,
+            g,
+            m,
+            held,
+            cfg.seed,
+            user_limit=60 if v == "species" else 0,
+            workers=cfg.workers,
+            emb=run.emb[v][run.mask],
+        )
+        for v, m in xmodels.items()
+    }
+    out["extra_seconds"] = time.perf_counter() - t
+    return out
+
+
+def run_hetero_benchmark(cfg: BenchmarkConfig) -> dict[str, Any]:
+    """Train (or load) the core and hetero models, compare their match rates, and (``cfg.hetero_extra``)
+    run the held-out evaluations; returns the JSON-ready result."""
+    if cfg.setting not in SETTINGS:
+        raise ConfigError(f"unknown setting {cfg.setting!r}; choose one of {', '.join(SETTINGS)}")
+    t_all = time.perf_counter()
+    run, embed_seconds = load_run(cfg)
+    t = time.perf_counter()
+    core, core_report = benchmark_model(run.index, run.query_ids, run.all_formulas, cfg)
     folder = home_dir() / "hetero"
-    h = training_hash(train_index)
-    hetero = _cached_model(
+    h = training_hash(run.train_index)
+    hetero = cached_model(
         folder / f"hetero5-{cfg.protocol}-{cfg.setting}-{h}.json.gz",
         lambda: train_hetero(
-            train_index, core=core, geom=geom_all[mask], emb=emb_all["species"][mask], seed=cfg.seed
+            run.train_index,
+            core=core,
+            geom=run.geom[run.mask],
+            emb=run.emb["species"][run.mask],
+            seed=cfg.seed,
         )[0],
         core,
     )
     train_seconds = time.perf_counter() - t
-    exclude = [{mid} for mid in q.material_ids]
-    bank = hetero.bank(index, geom_all, emb=emb_all["species"])
-    hp = HeteroPredictor(index, hetero, bank)
-    results: dict[str, Any] = {}
-    for name, run in (
-        ("cspml", lambda: CSPPredictor(index, core).predict(comps, top=TOP, exclude_ids=exclude, strict=strict)),
-        ("hetero", lambda: hp.predict(comps, TOP, exclude, strict, False)),
-    ):
-        t = time.perf_counter()
-        preds = run()
-        seconds = time.perf_counter() - t
-        rms = rms_table(gts, [[c.structure for c in p.candidates] for p in preds], workers=cfg.workers)
-        results[name] = {**summarize(rms), "predict_seconds": seconds}
-        log_fn(f"{name}: top1={results[name]['top1']:.4f} top5={results[name]['top5']:.4f} ({seconds:.0f} s)")
+    hp = HeteroPredictor(run.index, hetero, hetero.bank(run.index, run.geom, emb=run.emb["species"]))
     report = hetero.meta.get("report", {})
     out: dict[str, Any] = {
         "protocol": cfg.protocol,
         "setting": cfg.setting,
         "model": "hetero",
-        "n_queries": len(comps),
+        "n_queries": len(run.comps),
         "limit": cfg.limit,
         "seed": cfg.seed,
-        "n_templates": len(index),
-        "match_rates": results,
+        "n_templates": len(run.index),
+        "match_rates": match_rates(cfg, run, core, hp),
         "retrieval_held_out_formulas": report.get("variants"),
         "fusion": report.get("chosen"),
         "hetero_uses_fusion": hp.fused,
@@ -113,134 +214,6 @@ def run_hetero_benchmark(cfg, log_fn=print) -> dict[str, Any]:
         "core_training": core_report,
     }
     if cfg.hetero_extra:
-        # on the training pool, models that never saw the held-out formulas or prototypes, one per embedding
-        # variant (their core model: 6,000 anchors, 100 boosting rounds, for time)
-        t = time.perf_counter()
-        g = geom_all[mask]
-        val, held = held_out_split(train_index, cfg.seed)
-        core_kw = {"max_anchors": 6000, "max_iter": 100}
-        xmodels: dict[str, HeteroModel] = {}
-        for v in ("species", "role"):
-            e = emb_all[v][mask]
-            xcore = xmodels["species"].core if xmodels else None
-            xmodels[v] = _cached_model(
-                folder / f"hetero5-x-{v}-{cfg.protocol}-{cfg.setting}-{h}-{cfg.seed}.json.gz",
-                lambda e=e, v=v, xcore=xcore: train_without(
-                    train_index, g, val, held, cfg.seed, emb=e, variant=v, core_tr=xcore, core_kwargs=core_kw
-                ),
-            )
-        out["held_out_variants"] = {v: m.meta.get("report", {}) for v, m in xmodels.items()}
-        xs = xmodels["species"]
-        out["energy_polymorphs"] = energy_polymorphs(
-            xs,
-            xs.bank(train_index, g, emb=emb_all["species"][mask]),
-            val,
-            limit=ENERGY_FORMULAS,
-            cache_path=folder / "energies-chgnet.json",
-            workers=cfg.workers,
-            seed=cfg.seed,
-            log=log_fn,
-        )
-        out["leave_prototype_out"] = {
-            v: leave_prototype_out(
-                train_index,
-                g,
-                m,
-                held,
-                cfg.seed,
-                user_limit=60 if v == "species" else 0,
-                workers=cfg.workers,
-                log=log_fn,
-                emb=emb_all[v][mask],
-            )
-            for v, m in xmodels.items()
-        }
-        out["extra_seconds"] = time.perf_counter() - t
+        out |= held_out_evaluations(cfg, run, folder, h)
     out["total_seconds"] = time.perf_counter() - t_all
     return out
-
-
-def _retrieval_rows(variants: dict, prefix: str = "") -> list[str]:
-    lines = []
-    for name, m in variants.items():
-        lines.append(
-            f"| {prefix}{name} | {m['recall@1']:.3f} | {m['recall@5']:.3f} | {m['recall@10']:.3f} | {m['mrr']:.3f} "
-            f"| {m.get('poly_ground_state_first', float('nan')):.3f} | {m['n']} |"
-        )
-    return lines
-
-
-def markdown(result: dict[str, Any]) -> str:
-    """Tables of a hetero benchmark result."""
-    lines = [
-        f"### {result['protocol']} / {result['setting']}, {result['n_queries']} queries",
-        "",
-        "| method | top-1 | top-5 | top-20 | RMSE top-1 |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    for name, m in result["match_rates"].items():
-        lines.append(f"| {name} | {m['top1']:.1%} | {m['top5']:.1%} | {m['top20']:.1%} | {m['rmse_top1']:.4f} |")
-    lines += ["", f"Fusion chosen on held-out formulas: {result.get('fusion')}"]
-    if "hetero_uses_fusion" in result:
-        path = "the fused score" if result["hetero_uses_fusion"] else "the core engine's (ranker included)"
-        lines += [f"Hetero candidates: {path}"]
-    head = [
-        "",
-        "| model / ranking | recall@1 | recall@5 | recall@10 | MRR | ground state first | n |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    if result.get("retrieval_held_out_formulas"):
-        lines += ["", "Composition -> structure retrieval, held-out formulas of the training pool:", *head]
-        lines += _retrieval_rows(result["retrieval_held_out_formulas"])
-    for v, rep in (result.get("held_out_variants") or {}).items():
-        lines += ["", f"Evaluation model ({v} embeddings; formulas and prototypes held out), its held-out formulas:"]
-        lines += [*head, *_retrieval_rows(rep.get("variants") or {}, f"{v}: ")]
-        lines += ["", f"fusion {rep.get('chosen')}, inverse weights {(rep.get('inverse') or {}).get('chosen')}"]
-    ep = result.get("energy_polymorphs")
-    if ep and ep.get("n_formulas"):
-        k = ep["k"]
-        lines += [
-            "",
-            f"Polymorphs ranked with {ep['calculator']} relaxed energies ({ep['n_formulas']} held-out formulas "
-            f"with >= 2 prototypes, {ep['candidates']} distinct candidates each relaxed; settings {ep['settings']}):",
-            "",
-            f"| ordering | ground state first | metastable recall@{k} | n metastable |",
-            "|---|---:|---:|---:|",
-        ]
-        for name in ("score_only", "energy_cv"):
-            m = ep[name]
-            lines.append(
-                f"| {name} | {m['ground_state_first']:.3f} | {m[f'metastable_recall@{k}']:.3f} | {m['n_metastable']} |"
-            )
-        lines += [
-            "",
-            f"weights chosen per fold {ep['weights_cv']}, on all formulas {ep['weight_all']}; ground state among the "
-            f"candidates {ep['ground_state_among_candidates']:.3f}; {ep['n_relaxations']} relaxations, "
-            f"{ep['relax_cpu_seconds_per_formula']:.1f} s per formula (one thread), {ep['failed_relaxations']} failed",
-        ]
-    for v, lpo in (result.get("leave_prototype_out") or {}).items():
-        lines += [
-            "",
-            f"Structure -> composition, leave-prototype-out ({v} model, {lpo['n_prototypes']} prototypes held out, "
-            f"inverse weights {lpo.get('inverse_weights')}):",
-            "",
-            "| ranking | recall@1 | recall@5 | recall@10 | recall@50 | MRR | n |",
-            "|---|---:|---:|---:|---:|---:|---:|",
-        ]
-        for name, m in lpo["structure_to_composition"].items():
-            lines.append(
-                f"| {name} | {m['recall@1']:.3f} | {m['recall@5']:.3f} | {m['recall@10']:.3f} "
-                f"| {m['recall@50']:.3f} | {m['mrr']:.3f} | {m['n']} |"
-            )
-        u = lpo["user_templates"]
-        if u.get("n"):
-            lines += [
-                "",
-                f"User templates ({u['n']} compositions of held-out prototypes, pool without the prototype):",
-                "",
-                "| setting | top-1 | top-5 |",
-                "|---|---:|---:|",
-            ]
-            for name in ("without_user_file", "with_user_file", "cspml_with_user_file"):
-                lines.append(f"| {name} | {u[name]['top1']:.1%} | {u[name]['top5']:.1%} |")
-    return "\n".join(lines) + "\n"

@@ -12,26 +12,23 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
 import numpy as np
+from pymatgen.core import Structure
 
+from benchmarks.scoring import rms_table, summarize
 from cspml_flows.learning.hetero.model import Bank, HeteroModel
+from cspml_flows.predict.hetero_rank import HeteroPredictor
+from cspml_flows.predict.inverse import PoolNormaliser, assignment_parts, formula_assignments, score_assignments
+from cspml_flows.predict.predictor import CSPPredictor, Prediction
+from cspml_flows.predict.user_templates import merge_indices
 from cspml_flows.templates.index import TemplateIndex
-from cspml_flows.training.hetero_metrics import (  # noqa: F401
-    KS,
-    POLY_K,
-    cluster_lists,
-    formula_targets,
-    held_out_prototypes,
-    held_out_split,
-    objective,
-    polymorph_metrics,
-    prototype_queries,
-    retrieval_metrics,
-    significant,
-)
+from cspml_flows.training.hetero_metrics import prototype_queries, retrieval_metrics
+
+logger = logging.getLogger(__name__)
 
 
 def inverse_retrieval(index: TemplateIndex, bank: Bank, model: HeteroModel, held: np.ndarray) -> dict[str, Any]:
@@ -39,8 +36,6 @@ def inverse_retrieval(index: TemplateIndex, bank: Bank, model: HeteroModel, held
     structure, every formula of its anonymous formula ranked (relevant: the others taking the prototype), by
     the model's inverse weights (``hetero``), the CSPML logit, the logit normalised over the pool's other
     prototypes, the tower, pymatgen's substitution probabilities and the unlearned descriptor distance."""
-    from cspml_flows.predict.inverse import PoolNormaliser, assignment_parts, formula_assignments, score_assignments
-
     core = model.core
     weights = {
         "hetero": model.inv,
@@ -75,19 +70,18 @@ def leave_prototype_out(
     seed: int = 0,
     user_limit: int = 60,
     workers: int = 2,
-    log=print,
     emb: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Inverse design (structure -> composition retrieval) and user templates on held-out prototypes, with
     ``model`` trained without them (:func:`cspml_flows.training.hetero.train_without`)."""
     t0 = time.perf_counter()
     is_held = np.isin(index.cluster, held)
-    log(f"leave-prototype-out: {len(held)} prototypes ({is_held.sum()} templates) held out")
+    logger.info("leave-prototype-out: %d prototypes (%d templates) held out", len(held), is_held.sum())
     s2c = inverse_retrieval(index, model.bank(index, geom, emb=emb), model, held)
-    log(f"leave-prototype-out: structure -> composition on {s2c['tower']['n']} prototypes")
+    logger.info("leave-prototype-out: structure -> composition on %d prototypes", s2c["tower"]["n"])
     user = {"n": 0}
     if user_limit:  # a held-out prototype comes back only as one user structure
-        user = _user_template_experiment(index, geom, emb, held, is_held, model, user_limit, workers, seed)
+        user = user_template_experiment(index, geom, emb, held, is_held, model, user_limit, workers, seed)
     return {
         "n_prototypes": len(held),
         "n_templates_held_out": int(is_held.sum()),
@@ -99,27 +93,11 @@ def leave_prototype_out(
     }
 
 
-def _user_template_experiment(
-    index: TemplateIndex,
-    geom: np.ndarray,
-    emb: np.ndarray | None,
-    held: np.ndarray,
-    is_held: np.ndarray,
-    model: HeteroModel,
-    limit: int,
-    workers: int,
-    seed: int,
-) -> dict[str, Any]:
-    """For held-out prototypes: pool without the prototype, plus one of its structures as a user template;
-    predict its other compositions (top 1 / top 5) and match against their structures."""
-    from benchmarks.scoring import rms_table, summarize
-    from cspml_flows.predict.hetero_rank import HeteroPredictor
-    from cspml_flows.predict.user_templates import merge_indices
-
-    rng = np.random.default_rng(seed + 3)
-    base_mask = ~is_held
-    base = index.subset(base_mask)
-    base_geom = geom[base_mask]
+def user_template_queries(
+    index: TemplateIndex, held: np.ndarray, limit: int, rng: np.random.Generator
+) -> tuple[list[int], list[Structure], list[int]]:
+    """Per held-out prototype: its lowest-energy member as the user template and another formula's member
+    as the query (at most ``limit``, drawn); returns query rows, their structures and the user rows."""
     queries, gts, users = [], [], []
     for c in held:
         members = np.flatnonzero(index.cluster == c)
@@ -135,6 +113,34 @@ def _user_template_experiment(
     if len(queries) > limit:
         pick = sorted(rng.choice(len(queries), limit, replace=False))
         queries, gts, users = [queries[i] for i in pick], [gts[i] for i in pick], [users[i] for i in pick]
+    return queries, gts, users
+
+
+def top_rates(gts: list[Structure], preds: list[Prediction], workers: int) -> dict[str, float]:
+    """Top-1 and top-5 match rates of the predictions."""
+    rms = rms_table(gts, [[c.structure for c in p.candidates] for p in preds], workers=workers)
+    m = summarize(rms, ks=(1, 5))
+    return {"top1": m["top1"], "top5": m["top5"]}
+
+
+def user_template_experiment(
+    index: TemplateIndex,
+    geom: np.ndarray,
+    emb: np.ndarray | None,
+    held: np.ndarray,
+    is_held: np.ndarray,
+    model: HeteroModel,
+    limit: int,
+    workers: int,
+    seed: int,
+) -> dict[str, Any]:
+    """For held-out prototypes: pool without the prototype, plus one of its structures as a user template;
+    predict its other compositions (top 1 / top 5) and match against their structures."""
+    rng = np.random.default_rng(seed + 3)
+    base_mask = ~is_held
+    base = index.subset(base_mask)
+    base_geom = geom[base_mask]
+    queries, gts, users = user_template_queries(index, held, limit, rng)
     if not queries:
         return {"n": 0}
     # all user structures at once: each is its own cluster, ids "user:<material_id>"
@@ -142,9 +148,8 @@ def _user_template_experiment(
     ui = index.subset(is_user)
     ui.ids = np.array([f"user:{x}" for x in ui.ids])
     ui.e_above_hull = np.full(len(ui), np.nan)  # a user file carries no energy
-    ugeom = geom[is_user]
     merged = merge_indices(base, ui)
-    mgeom = np.vstack([base_geom, ugeom])
+    mgeom = np.vstack([base_geom, geom[is_user]])
     comps = [index.structure(q).composition for q in queries]
     excl = [{str(index.ids[q])} for q in queries]
     out: dict[str, Any] = {"n": len(queries)}
@@ -155,15 +160,8 @@ def _user_template_experiment(
     hp_with = HeteroPredictor(merged, model, model.bank(merged, mgeom, emb=memb))
     for name, hp in (("without_user_file", hp_without), ("with_user_file", hp_with)):
         preds = hp.predict(comps, polymorphs=5, exclude_ids=excl, strict=True, check_distinct=False)
-        rms = rms_table(gts, [[c.structure for c in p.candidates] for p in preds], workers=workers)
-        m = summarize(rms, ks=(1, 5))
         used = np.mean([bool(p.candidates) and p.candidates[0].template_id.startswith("user:") for p in preds])
-        out[name] = {"top1": m["top1"], "top5": m["top5"], "user_template_ranked_first": float(used)}
-    from cspml_flows.predict.predictor import CSPPredictor
-
-    cp = CSPPredictor(merged, model.core)
-    preds = cp.predict(comps, top=5, exclude_ids=excl, strict=True)
-    rms = rms_table(gts, [[c.structure for c in p.candidates] for p in preds], workers=workers)
-    m = summarize(rms, ks=(1, 5))
-    out["cspml_with_user_file"] = {"top1": m["top1"], "top5": m["top5"]}
+        out[name] = {**top_rates(gts, preds, workers), "user_template_ranked_first": float(used)}
+    preds = CSPPredictor(merged, model.core).predict(comps, top=5, exclude_ids=excl, strict=True)
+    out["cspml_with_user_file"] = top_rates(gts, preds, workers)
     return out

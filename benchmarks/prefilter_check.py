@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 from functools import partial
@@ -25,31 +26,24 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.logs import configure_logging
+from benchmarks.protocols import formula_from_cif, load_queries, pool_index
+from cspml_flows.core.composition import roles
+from cspml_flows.core.config import PACKAGED_MODEL
+from cspml_flows.learning.features import role_distance
+from cspml_flows.learning.model import QueryBatch, SimilarityModel
 from cspml_flows.predict.prefilter import nearest_rows
 from cspml_flows.predict.prefilter_graph import GroupPrefilter
-from cspml_flows.predict.retrieve import rank
+from cspml_flows.predict.retrieve import allowed_rows, rank
 from cspml_flows.templates.index import TemplateIndex
 
-
-def pool_index(protocol: str, workers: int) -> TemplateIndex:
-    """The protocol's pool index without any query of the protocol (as the benchmark builds it)."""
-    from benchmarks.protocols import load_queries, pool_store
-
-    store = pool_store(protocol, workers=workers)
-    index = TemplateIndex.from_store(store, workers=workers)
-    store.close()
-    return index.subset(~np.isin(index.ids, load_queries(protocol).material_ids))
+logger = logging.getLogger(__name__)
 
 
 def agreement(
     index: TemplateIndex, model, protocol: str, limit: int, setting: str, seed: int = 0, k: int = 40
 ) -> dict[str, Any]:
     """Share of sampled queries whose prefilter, top-5 and top-``k`` agree between graph and exhaustive."""
-    from benchmarks.protocols import formula_from_cif, load_queries
-    from cspml_flows.core.composition import roles
-    from cspml_flows.learning.model import QueryBatch
-    from cspml_flows.predict.retrieve import allowed_rows
-
     q = load_queries(protocol, limit=limit, seed=seed)
     q_roles = [roles(formula_from_cif(c)) for c in q.cifs]
     exclude = [{mid} for mid in q.material_ids]
@@ -100,8 +94,6 @@ def synthetic_group(index: TemplateIndex, anon: str, n: int, seed: int = 0) -> n
 
 def cost(index: TemplateIndex, std, sizes: list[int], anon: str, n_queries: int = 50) -> list[dict[str, Any]]:
     """Per-query prefilter time (48 nearest), exhaustive vs graph, on synthetic groups of ``sizes`` rows."""
-    from cspml_flows.learning.features import role_distance
-
     n_roles = len(index.roles[int(index.by_anon[anon][0])].elements)
     queries = synthetic_group(index, anon, n_queries, seed=99)
     rows_out = []
@@ -132,11 +124,12 @@ def cost(index: TemplateIndex, std, sizes: list[int], anon: str, n_queries: int 
                 "queries_compared": len(exact),
             }
         )
-        print(json.dumps(rows_out[-1]), flush=True)
+        logger.info(json.dumps(rows_out[-1]))
     return rows_out
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the agreement check or the cost measurement; print (and ``--json``: write) the result."""
     p = argparse.ArgumentParser(prog="python -m benchmarks.prefilter_check", description=__doc__)
     p.add_argument("what", choices=("agreement", "cost"))
     p.add_argument("--protocol", default="mp20bt")
@@ -149,9 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
-    from cspml_flows.core.config import PACKAGED_MODEL
-    from cspml_flows.learning.model import SimilarityModel
-
+    configure_logging()
     model = SimilarityModel.load(a.model or PACKAGED_MODEL)
     index = pool_index(a.protocol, a.workers)
     if a.what == "agreement":

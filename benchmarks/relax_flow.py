@@ -9,21 +9,39 @@ The two methods alternate chunk by chunk so that load from other processes hits 
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from ase.filters import FrechetCellFilter
+from ase.optimize import FIRE
+from jobflow import JobStore, run_locally
+from maggma.stores import MemoryStore
 from pymatgen.core import Structure
+from pymatgen.io.ase import AseAtomsAdaptor
 
+from benchmarks.config import BenchmarkConfig
+from benchmarks.csp_model import benchmark_model
+from benchmarks.protocols import formula_from_cif, load_queries, pool_index, query_structures
+from cspml_flows.core.equivalence import Matcher
+from cspml_flows.core.schemas import RelaxOutput
+from cspml_flows.core.tables import markdown_table
 from cspml_flows.flows.calculators import CalculatorSettings, relax_maker
+from cspml_flows.flows.relax import relax_flow
+from cspml_flows.predict.predictor import CSPPredictor
+from cspml_flows.templates.store import TemplateStore
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
 class RelaxBenchmarkConfig:
+    """Settings of one relaxation benchmark (the ``relax-flow`` command's options)."""
+
     protocol: str = "mp20bt"
     queries: int = 100
     top: int = 5
@@ -38,57 +56,45 @@ class RelaxBenchmarkConfig:
 
 
 def plain_ase_relax(calculator, structure: Structure, steps: int, fmax: float) -> tuple[Structure | None, float | None]:
-    """The baseline: ASE FIRE on a FrechetCellFilter, no jobflow, no store."""
-    from ase.filters import FrechetCellFilter
-    from ase.optimize import FIRE
-    from pymatgen.io.ase import AseAtomsAdaptor
-
+    """The baseline: ASE FIRE on a FrechetCellFilter, no jobflow, no store; ``(None, None)`` on failure."""
     atoms = AseAtomsAdaptor.get_atoms(structure)
     atoms.calc = calculator
     try:
         opt = FIRE(FrechetCellFilter(atoms), logfile=None)
         opt.run(fmax=fmax, steps=steps)
         return AseAtomsAdaptor.get_structure(atoms), float(atoms.get_potential_energy())
-    except Exception:
+    except Exception:  # any failure of the potential or optimizer on a candidate is a failed relaxation
+        logger.warning("plain ASE relaxation of %s failed", structure.composition.reduced_formula, exc_info=True)
         return None, None
 
 
-def _matches(gt: Structure, s: Structure | None) -> bool:
-    from cspml_flows.core.equivalence import structure_matcher
-
+def matches(gt: Structure, s: Structure | None) -> bool:
+    """Whether ``s`` matches ``gt`` under the CSP matcher (``StructureMatcher.get_rms_dist`` finds a match)."""
     if s is None:
         return False
-    try:
-        return structure_matcher().get_rms_dist(s, gt) is not None
-    except Exception:
-        return False
+    matcher = Matcher()
+    return matcher.rms(s, matcher.reduce(gt)) is not None
 
 
-def run_relax_benchmark(cfg: RelaxBenchmarkConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
-    from benchmarks.protocols import load_queries, pool_store
-    from benchmarks.runner import BenchmarkConfig, benchmark_model, formula_from_cif, query_structures
-    from cspml_flows.predict.predictor import CSPPredictor
-    from cspml_flows.templates.index import TemplateIndex
-    from cspml_flows.templates.store import TemplateStore
-
+def run_relax_benchmark(cfg: RelaxBenchmarkConfig) -> dict[str, Any]:
+    """Predict the top-k candidates of a query sample with the benchmark's model, then
+    :func:`compare_relaxations`."""
     t0 = time.perf_counter()
-    store = TemplateStore.open(cfg.pool, create=False) if cfg.pool else pool_store(cfg.protocol, workers=cfg.workers)
-    index = TemplateIndex.from_store(store, workers=cfg.workers)
-    store.close()
+    store = TemplateStore.open(cfg.pool, create=False) if cfg.pool else None
+    index = pool_index(cfg.protocol, workers=cfg.workers, store=store)
     full = load_queries(cfg.protocol)
-    index = index.subset(~np.isin(index.ids, full.material_ids))
     q = load_queries(cfg.protocol, limit=cfg.queries, seed=cfg.seed)
     gts = query_structures(cfg.protocol, q.material_ids, q.cifs, cfg.workers)
     formulas = [formula_from_cif(c) for c in full.cifs]
-    model, _ = benchmark_model(index, full.material_ids, formulas, BenchmarkConfig(protocol=cfg.protocol), log)
+    model, _ = benchmark_model(index, full.material_ids, formulas, BenchmarkConfig(protocol=cfg.protocol))
     preds = CSPPredictor(index, model).predict(
         [g.composition for g in gts], top=cfg.top, exclude_ids=[{m} for m in q.material_ids]
     )
-    log(f"setup {time.perf_counter() - t0:.0f} s: {sum(len(p.candidates) for p in preds)} candidates")
+    logger.info("setup %.0f s: %d candidates", time.perf_counter() - t0, sum(len(p.candidates) for p in preds))
 
     settings = CalculatorSettings(name=cfg.calculator, steps=cfg.steps, fmax=cfg.fmax, batch_size=10**6)
     candidates = [[c.structure for c in p.candidates] for p in preds]
-    return compare_relaxations(candidates, gts, settings, cfg, log)
+    return compare_relaxations(candidates, gts, settings, cfg)
 
 
 def compare_relaxations(
@@ -96,16 +102,9 @@ def compare_relaxations(
     ground_truths: list[Structure],
     settings: CalculatorSettings,
     cfg: RelaxBenchmarkConfig,
-    log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Relax each query's ranked candidates by the plain ASE loop and through ``relax_flow``, chunk by chunk,
     and score both against the ground truths. Writes the JSON/Markdown report after every chunk."""
-    from jobflow import JobStore, run_locally
-    from maggma.stores import MemoryStore
-
-    from cspml_flows.core.schemas import RelaxOutput
-    from cspml_flows.flows.relax import relax_flow
-
     if len(candidates) != len(ground_truths):
         raise ValueError(f"{len(candidates)} candidate lists for {len(ground_truths)} ground truths")
     maker = relax_maker(settings)
@@ -130,7 +129,7 @@ def compare_relaxations(
         run_locally(flow, store=job_store, create_folders=False, log=False)
         out = RelaxOutput.coerce(flow.output.resolve(job_store))
         t_flow += time.perf_counter() - t
-        flow_structs = [Structure.from_dict(r.structure) if r.structure else None for r in out.records]
+        flow_structs = [r.structure for r in out.records]
         for (_, e_plain), r in zip(plain, out.records, strict=True):
             if e_plain is not None and r.energy is not None:
                 energy_diff.append(abs(e_plain - r.energy) / max(r.nsites, 1))
@@ -138,12 +137,12 @@ def compare_relaxations(
         for gt, cands in zip(ground_truths[start : start + cfg.chunk], chunk, strict=True):
             relaxed = flow_structs[i : i + len(cands)]
             i += len(cands)
-            hits["unrelaxed_top1"].append(bool(cands) and _matches(gt, cands[0]))
-            hits["relaxed_top1"].append(bool(relaxed) and _matches(gt, relaxed[0]))
-            hits["unrelaxed_topk"].append(any(_matches(gt, c) for c in cands))
-            hits["relaxed_topk"].append(any(_matches(gt, s) for s in relaxed))
+            hits["unrelaxed_top1"].append(bool(cands) and matches(gt, cands[0]))
+            hits["relaxed_top1"].append(bool(relaxed) and matches(gt, relaxed[0]))
+            hits["unrelaxed_topk"].append(any(matches(gt, c) for c in cands))
+            hits["relaxed_topk"].append(any(matches(gt, s) for s in relaxed))
         done = start + len(chunk)
-        log(f"{done}/{len(candidates)} queries: plain {t_plain:.0f} s, flow {t_flow:.0f} s")
+        logger.info("%d/%d queries: plain %.0f s, flow %.0f s", done, len(candidates), t_plain, t_flow)
         result = _result(cfg, settings.calc_id, done, n_struct, t_plain, t_flow, energy_diff, hits)
         _write(result, cfg)  # after every chunk: a run cut short still leaves its numbers
     return result
@@ -190,14 +189,30 @@ def _result(
 
 
 def markdown(r: dict[str, Any], cfg: RelaxBenchmarkConfig) -> str:
+    """The result as a one-row Markdown table: throughput of both methods, overhead, match rates."""
     k = cfg.top
-    return "\n".join(
-        [
-            f"| queries | structures | calculator | plain ASE (cand/min) | flow (cand/min) | overhead | "
-            f"top-1 unrelaxed | top-1 relaxed | top-{k} unrelaxed | top-{k} relaxed |",
-            "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
-            f"| {r['n_queries']} | {r['n_structures']} | {cfg.calculator} | {r['plain_candidates_per_min']:.1f} | "
-            f"{r['flow_candidates_per_min']:.1f} | {100 * r['overhead_fraction']:+.1f} % | {r['unrelaxed_top1']:.3f} | "
-            f"{r['relaxed_top1']:.3f} | {r[f'unrelaxed_top{k}']:.3f} | {r[f'relaxed_top{k}']:.3f} |",
-        ]
-    )
+    header = [
+        "queries",
+        "structures",
+        "calculator",
+        "plain ASE (cand/min)",
+        "flow (cand/min)",
+        "overhead",
+        "top-1 unrelaxed",
+        "top-1 relaxed",
+        f"top-{k} unrelaxed",
+        f"top-{k} relaxed",
+    ]
+    row = [
+        r["n_queries"],
+        r["n_structures"],
+        cfg.calculator,
+        f"{r['plain_candidates_per_min']:.1f}",
+        f"{r['flow_candidates_per_min']:.1f}",
+        f"{100 * r['overhead_fraction']:+.1f} %",
+        f"{r['unrelaxed_top1']:.3f}",
+        f"{r['relaxed_top1']:.3f}",
+        f"{r[f'unrelaxed_top{k}']:.3f}",
+        f"{r[f'relaxed_top{k}']:.3f}",
+    ]
+    return markdown_table(header, [row], align="rrlrrrrrrr")

@@ -13,6 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from cspml_flows.core.tables import markdown_table
+
 Getter = Callable[[dict[str, Any]], Any]
 
 
@@ -128,24 +130,20 @@ TARGETS: list[tuple[str, str, Getter, float, str]] = [
 def targets(result: dict[str, Any]) -> str:
     """The targets as a Markdown table: bound, measured value, met or not (``-``: not measured)."""
     sizes = result.get("sizes") or {}
-    lines = ["| target | pool | bound | measured | met |", "|---|---|---:|---:|---|"]
+    rows = []
     for name, label, get, bound, op in TARGETS:
         value = get(sizes[label]) if label in sizes else None
         met = "-" if value is None else ("yes" if (value <= bound if op == "<=" else value >= bound) else "**no**")
-        lines.append(f"| {name} | {label} | {op} {_num(bound)} | {_num(value)} | {met} |")
-    return "\n".join(lines) + "\n"
+        rows.append([name, label, f"{op} {_num(bound)}", _num(value), met])
+    return markdown_table(["target", "pool", "bound", "measured", "met"], rows, align="llrrl") + "\n"
 
 
 def markdown(result: dict[str, Any]) -> str:
     """The result as a Markdown table: one row per measure, one column per pool size, then notes."""
     sizes = result.get("sizes") or {}
     labels = sorted(sizes, key=lambda k: sizes[k].get("templates") or _get("pool", "size")(sizes[k]) or 0)
-    lines = [
-        "| measure | " + " | ".join(labels) + " |",
-        "|---|" + "---:|" * len(labels),
-    ]
-    for name, get in ROWS:
-        lines.append(f"| {name} | " + " | ".join(get(sizes[k]) for k in labels) + " |")
+    rows = [[name, *(get(sizes[k]) for k in labels)] for name, get in ROWS]
+    table = markdown_table(["measure", *labels], rows, align="l" + "r" * len(labels))
     notes = []
     exp = result.get("build_exponent")
     if exp:
@@ -173,7 +171,7 @@ def markdown(result: dict[str, Any]) -> str:
     notes += [f"Code measured for {', '.join(ks)}: {note}." for note, ks in by_note.items()]
     digests = [f"{k} {_get('stages', 'predict', 'top5_digest')(sizes[k])}" for k in labels]
     notes.append("Top-5 answers digest (compare runs): " + ", ".join(digests) + ".")
-    body = "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
+    body = table + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
     return body + "\nTargets on this machine:\n\n" + targets(result)
 
 
@@ -191,6 +189,7 @@ def update_block(path: Path, result: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Print (or write) the Markdown of a result file; optionally update a file's targets block."""
     p = argparse.ArgumentParser(prog="python -m benchmarks.render", description=__doc__.split("\n\n")[0])
     p.add_argument("result", type=Path, help="scale.json")
     p.add_argument("--out", type=Path, help="write the Markdown here instead of printing it")

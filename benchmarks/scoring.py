@@ -15,7 +15,7 @@ from cspml_flows.predict.validity import smact_valid, structure_valid
 KS = (1, 5, 20)
 
 
-def _rms(args: tuple[dict, list[dict]]) -> list[float | None]:
+def query_rms(args: tuple[dict, list[dict]]) -> list[float | None]:
     """RMS distances (None where no match or invalid) of each prediction against the ground truth.
 
     Same result as ``StructureMatcher.get_rms_dist(pred, gt)``; the ground truth is reduced (primitive,
@@ -49,9 +49,9 @@ def rms_table(
     tasks = [(g.as_dict(), [p.as_dict() for p in ps]) for g, ps in zip(gts, preds, strict=True)]
     workers = max(1, min(workers, os.cpu_count() or 1))
     if workers == 1 or len(tasks) < 20:
-        return [_rms(t) for t in tasks]
+        return [query_rms(t) for t in tasks]
     with ProcessPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(_rms, tasks, chunksize=max(1, len(tasks) // (8 * workers))))
+        return list(pool.map(query_rms, tasks, chunksize=max(1, len(tasks) // (8 * workers))))
 
 
 def summarize(rms: Sequence[Sequence[float | None]], ks: Sequence[int] = KS) -> dict[str, float]:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from benchmarks.scoring import _rms, summarize
+from benchmarks.diagnostics import MISS_KINDS, miss_breakdown, miss_kind
+from benchmarks.scoring import query_rms, summarize
 from pymatgen.core import Lattice, Structure
+from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
 
 from cspml_flows.core.equivalence import structure_matcher
-from cspml_flows.core.prototype import prototype_info
+from cspml_flows.core.prototype import prototype_info, prototype_label
 from cspml_flows.core.structure_checks import min_periodic_distance
 from cspml_flows.templates.index import TemplateIndex
 from cspml_flows.templates.schema import template_doc_from_structure
@@ -29,7 +31,7 @@ def test_fast_rms_equals_get_rms_dist(nacl, kbr, cscl, zincblende):
     preds[0].perturb(0.05, min_distance=0.01)
     preds[1].replace_species({"Zn": "K", "S": "Br"})
     preds[2].replace_species({"Cs": "K", "Cl": "Br"})
-    fast = _rms((gt.as_dict(), [p.as_dict() for p in preds]))
+    fast = query_rms((gt.as_dict(), [p.as_dict() for p in preds]))
     for p, f in zip(preds, fast, strict=True):
         ref = sm.get_rms_dist(p, gt)
         if ref is None:
@@ -76,10 +78,6 @@ def test_min_periodic_distance_matches_pymatgen(zincblende, cscl):
 
 
 def test_prototype_info_fast_path_matches_spacegroup_analyzer(srtio3, bazro3, zincblende):
-    from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
-
-    from cspml_flows.core.prototype import prototype_label
-
     for s in (srtio3, bazro3, zincblende):
         info = prototype_info(s)
         assert info.label == prototype_label(SpacegroupAnalyzer(s, symprec=0.1, angle_tolerance=5))
@@ -120,16 +118,12 @@ def test_precomputed_template_geometry_equals_lazy(hand_structures):
     ],
 )
 def test_miss_kind(row, smact_ok, covered, anonymous, kind):
-    from benchmarks.diagnostics import miss_kind
-
     assert miss_kind(row, smact_ok, covered, anonymous) == kind
 
 
 def test_miss_breakdown_finds_wrong_assignment(srtio3, kbr):
     """A perovskite with Sr and Ti swapped is the right prototype with the wrong assignment; rocksalt
     for rocksalt matched; the shares are of all queries."""
-    from benchmarks.diagnostics import MISS_KINDS, miss_breakdown
-
     swapped = srtio3.copy()
     swapped.replace_species({"Sr": "Ti", "Ti": "Sr"})
     gts = [srtio3, kbr, kbr, srtio3]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -21,15 +22,16 @@ def bcc(el: str, a: float) -> Structure:
     return Structure(Lattice.cubic(a), [el] * 2, [[0, 0, 0], [0.5, 0.5, 0.5]])
 
 
-def test_flow_and_plain_loop_agree_and_are_scored(tmp_path: Path):
+def test_flow_and_plain_loop_agree_and_are_scored(tmp_path: Path, caplog: pytest.LogCaptureFixture):
     settings = CalculatorSettings(name="emt", steps=200, fmax=0.05, batch_size=100)
     cfg = RelaxBenchmarkConfig(calculator="emt", top=2, chunk=1, out=str(tmp_path / "bench"))
     # query 1: ground truth fcc Cu, top-1 is bcc Cu (wrong), top-2 a strained fcc Cu (right after relaxing too)
     # query 2: ground truth fcc Al, top-1 fcc Al with a 6 % too large cell
     candidates = [[bcc("Cu", 2.87), fcc("Cu", 3.75)], [fcc("Al", 4.30)]]
     truths = [fcc("Cu", 3.61), fcc("Al", 4.05)]
-    logs: list[str] = []
-    result = compare_relaxations(candidates, truths, settings, cfg, log=logs.append)
+    with caplog.at_level(logging.INFO, logger="benchmarks.relax_flow"):
+        result = compare_relaxations(candidates, truths, settings, cfg)
+    logs = [r.getMessage() for r in caplog.records if r.name == "benchmarks.relax_flow"]
 
     assert result["n_queries"] == 2 and result["n_structures"] == 3
     assert len(logs) == 2 and logs[-1].startswith("2/2 queries")
