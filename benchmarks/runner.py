@@ -289,7 +289,6 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict[str, Any]:
     timings["train_seconds"] = time.perf_counter() - t
 
     freeze_gc()  # the benchmark owns its process: the index's objects leave the collector's generations
-    freeze_gc()  # the benchmark owns its process: the index's objects leave the collector's generations
     predictor = CSPPredictor(index, model, workers=cfg.workers, max_assignments=cfg.max_assignments)
     run = run_engine(cfg, index, predictor, sample, timings)
     others = ablations(cfg, index, model, sample) | baselines(cfg, index, predictor, sample)
