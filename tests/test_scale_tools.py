@@ -3,27 +3,22 @@
 from __future__ import annotations
 
 import json
-import sys
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from benchmarks import pool_recipes, pools, render, scale, scale_results, scale_run
+from benchmarks.render import markdown
+from benchmarks.stages import BenchmarkError
 from pymatgen.core import Lattice, Structure
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # benchmarks/ is a top-level folder of the checkout, not an installed package
-    sys.path.insert(0, str(ROOT))
-
-from benchmarks import pools, render, scale  # noqa: E402
-from benchmarks.render import markdown  # noqa: E402
-
-from cspml_flows.core.composition import roles  # noqa: E402
-from cspml_flows.core.prototype import prototype_info  # noqa: E402
-from cspml_flows.templates.index import TemplateIndex  # noqa: E402
-from cspml_flows.templates.schema import TemplateDoc, check_template_structure, template_doc_from_structure  # noqa: E402
-from cspml_flows.templates.store import TemplateStore  # noqa: E402
+from cspml_flows.core.composition import roles
+from cspml_flows.core.prototype import prototype_info
+from cspml_flows.templates.index import TemplateIndex
+from cspml_flows.templates.schema import TemplateDoc, check_template_structure, template_doc_from_structure
+from cspml_flows.templates.store import TemplateStore
 
 N_PARENTS = 200
 
@@ -42,22 +37,22 @@ def parents(data_dir: Path) -> list[dict]:
 
 
 def test_generator_gives_byte_identical_documents(parents):
-    first = pools.generated_docs(parents, 0, N_PARENTS, seed=0)
-    again = pools.generated_docs(parents, 0, N_PARENTS, seed=0, workers=2)  # forked workers: same bytes
+    first = pool_recipes.generated_docs(parents, 0, N_PARENTS, seed=0)
+    again = pool_recipes.generated_docs(parents, 0, N_PARENTS, seed=0, workers=2)  # forked workers: same bytes
     assert len(first) == N_PARENTS
     assert json.dumps(first).encode() == json.dumps(again).encode()
-    other = pools.generated_docs(parents[:50], 0, 50, seed=1)
-    assert [d["formula"] for d in other] != [d["formula"] for d in pools.generated_docs(parents[:50], 0, 50)]
+    other = pool_recipes.generated_docs(parents[:50], 0, 50, seed=1)
+    assert [d["formula"] for d in other] != [d["formula"] for d in pool_recipes.generated_docs(parents[:50], 0, 50)]
     # a smaller pool is a prefix of a larger one, and a slice of the plan is the same documents
-    counts = [len(pools.parent_recipes(p)) for p in parents]
-    assert pools.plan(counts, 0, 500)[:200] == pools.plan(counts, 0, 200)
-    assert pools.plan(counts, 650, 100) == pools.plan(counts, 0, 750)[650:]
-    tail = pools.generated_docs(parents, 150, 50, seed=0)
+    counts = [len(pool_recipes.parent_recipes(p)) for p in parents]
+    assert pool_recipes.plan(counts, 0, 500)[:200] == pool_recipes.plan(counts, 0, 200)
+    assert pool_recipes.plan(counts, 650, 100) == pool_recipes.plan(counts, 0, 750)[650:]
+    tail = pool_recipes.generated_docs(parents, 150, 50, seed=0)
     assert json.dumps(tail) == json.dumps(first[150:])
 
 
 def test_generated_documents_pass_the_template_checks(parents):
-    docs = pools.generated_docs(parents, 0, 2 * N_PARENTS)
+    docs = pool_recipes.generated_docs(parents, 0, 2 * N_PARENTS)
     by_id = {p["material_id"]: p for p in parents}
     assert len({d["material_id"] for d in docs}) == len(docs)
     kinds = Counter(d["source"] for d in docs)
@@ -76,7 +71,7 @@ def test_generated_documents_pass_the_template_checks(parents):
     for d in relabels[:30] + tied[:10]:
         s = Structure.from_dict(d["structure"])
         full = template_doc_from_structure(s, d["material_id"], source=d["source"], e_above_hull=d["e_above_hull"])
-        full.parent_id, full.last_updated = d["parent_id"], pools.GENERATED_AT
+        full.parent_id, full.last_updated = d["parent_id"], pool_recipes.GENERATED_AT
         assert full.model_dump(mode="json") == d
         assert prototype_info(s).label == by_id[d["parent_id"]]["prototype"]
 
@@ -86,10 +81,10 @@ def test_relabelling_that_reorders_tied_roles_keeps_the_full_analysis_document()
     # electronegative than Se) moves it from role 2 to role 1, so the swap becomes roles (0 2), not (0 1).
     s = Structure(Lattice.tetragonal(4.0, 6.0), ["Ca", "Se", "S"], [[0, 0, 0], [0, 0, 0.5], [0, 0, 0.25]])
     parent = template_doc_from_structure(s, "p-1", e_above_hull=0.0).model_dump(mode="json")
-    doc = pools.variant_doc(parent, ("relabel", (("S", "Te"),)), "p-1~00")
+    doc = pool_recipes.variant_doc(parent, ("relabel", (("S", "Te"),)), "p-1~00")
     relabelled = Structure(s.lattice, ["Ca", "Se", "Te"], s.frac_coords)
     full = template_doc_from_structure(relabelled, "p-1~00", source="generated:relabel", e_above_hull=0.0)
-    full.parent_id, full.last_updated = "p-1", pools.GENERATED_AT
+    full.parent_id, full.last_updated = "p-1", pool_recipes.GENERATED_AT
     assert full.model_dump(mode="json") == doc
     if "role_syms" in doc:
         assert doc["role_syms"] != parent["role_syms"]
@@ -97,7 +92,7 @@ def test_relabelling_that_reorders_tied_roles_keeps_the_full_analysis_document()
 
 def test_new_prototypes_grow_the_cluster_count(parents):
     base = parents[:60]
-    docs = pools.generated_docs(base, 0, 240)
+    docs = pool_recipes.generated_docs(base, 0, 240)
     new = [d for d in docs if d["source"] != "generated:relabel"]
     relabels = [d for d in docs if d["source"] == "generated:relabel"]
     n_base = len(np.unique(TemplateIndex.from_docs(base).cluster))
@@ -113,11 +108,11 @@ def tiny_pool(root: Path, parents: list[dict], hand_docs: list[dict]) -> str:
     union = parents[:40] + [dict(d) for d in hand_docs]
     with TemplateStore.open(pools.store_path(pools.UNION, root)) as ts:
         ts.add(union)
-    pools._write_manifest(pools.UNION, root, {"label": pools.UNION, "generated": False, "complete": True})
+    pools.write_manifest(pools.UNION, root, {"label": pools.UNION, "generated": False, "complete": True})
     label = str(len(union) + 20)
-    manifest = pools.build_pool(label, root, workers=1, log_fn=lambda _m: None)
+    manifest = pools.build_pool(label, root, workers=1)
     assert manifest["complete"] and manifest["n_generated"] == 20
-    again = pools.build_pool(label, root, workers=1, log_fn=lambda _m: None)  # resumable: nothing left to do
+    again = pools.build_pool(label, root, workers=1)  # resumable: nothing left to do
     assert again["n_generated"] == 20
     return label
 
@@ -125,9 +120,8 @@ def tiny_pool(root: Path, parents: list[dict], hand_docs: list[dict]) -> str:
 def test_scale_benchmark_runs_end_to_end_on_a_tiny_pool(tmp_path, parents, hand_docs):
     root = tmp_path / "pools"
     label = tiny_pool(root, parents, hand_docs)
-    size = scale.run_size(
-        label, root, workers=1, queries=12, isolate=False, adds=(3, 7), campaign_add=3, compositions=("NiAl",)
-    )
+    opts = scale.SizeOptions(workers=1, queries=12, isolate=False, adds=(3, 7), campaign_add=3, compositions=("NiAl",))
+    size = scale.run_size(label, root, opts)
     st = size["stages"]
     assert size["templates"] == int(label) and 0 < size["clusters"] <= size["pool"]["label_groups"]
     assert st["build"]["cache_bytes"] > 0
@@ -137,14 +131,14 @@ def test_scale_benchmark_runs_end_to_end_on_a_tiny_pool(tmp_path, parents, hand_
     assert st["add7.open"]["templates"] == int(label) + 10
     assert st["campaign.first"]["relaxed"] > 0
     assert st["campaign.round"]["relaxed"] == 0 and st["campaign.round"]["cached"] > 0
-    result = scale.merge_results(tmp_path / "scale.json", {label: size}, workers=1)
-    json_path, md_path = scale.write_results(tmp_path / "scale", result)
+    result = scale_results.merge_results(tmp_path / "scale.json", {label: size}, workers=1)
+    json_path, md_path = scale_results.write_results(tmp_path / "scale", result)
     assert json.loads(json_path.read_text())["sizes"][label]["clusters"] == size["clusters"]
     assert f"| {label} |" in md_path.read_text() and md_path.read_text() == markdown(result)
     assert st["campaign.round"]["overhead_s"] >= st["campaign.round"]["round_s"]
     # a later run of some stages replaces only those stages of the size
     partial = {label: {"stages": {"predict": {**st["predict"], "per_s": 1.0}}, "workers": 1}}
-    merged = scale.merge_results(json_path, partial, workers=1, partial=True)["sizes"][label]
+    merged = scale_results.merge_results(json_path, partial, workers=1, partial=True)["sizes"][label]
     assert merged["stages"]["predict"]["per_s"] == 1.0 and merged["stages"]["build"] == st["build"]
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n{render.BEGIN}\nSTALE TABLE\n{render.END}\nrest\n")
@@ -160,9 +154,9 @@ def test_a_stage_in_its_own_process_reports_its_peak_rss(tmp_path, hand_docs):
         ts.add([dict(d) for d in hand_docs])
     ctx = {"run": str(tmp_path), "home": str(tmp_path / "home"), "store": str(store), "workers": 1}
     ballast = b"x" * (900 * 2**20)  # a large parent: a child's ru_maxrss would count it from the fork
-    out = scale.run_stage("open", ctx)
+    out = scale_run.run_stage("open", ctx)
     assert out["templates"] == len(hand_docs) and out["wall_s"] > out["seconds"]
     assert 50 < out["peak_rss_mb"] < 800 and out["tree_pss_mb"] < 800
     del ballast
-    with pytest.raises(scale.BenchmarkError, match="stage open exited"):
-        scale.run_stage("open", ctx | {"store": str(tmp_path / "missing")})
+    with pytest.raises(BenchmarkError, match="stage open exited"):
+        scale_run.run_stage("open", ctx | {"store": str(tmp_path / "missing")})
