@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -149,8 +150,6 @@ def run_fits(tasks: list[tuple[list, list[tuple[int, int]]]], workers: int = 1) 
     results: list[list[bool]] = [[] for _ in tasks]
     with progress.bar(sum(len(t[1]) for t in tasks), "prototype clusters", unit="fit") as bar:
         if workers > 1 and len(tasks) > 1:
-            from concurrent.futures import ProcessPoolExecutor
-
             with ProcessPoolExecutor(max_workers=workers) as pool:
                 for t, res in zip(order, pool.map(fit_pairs, [tasks[t] for t in order]), strict=True):
                     results[t] = res

@@ -59,6 +59,7 @@ import logging
 import os
 import weakref
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -238,8 +239,9 @@ def nearest_rows(  # noqa: PLR0913 - the search's keyword options
     out: list[np.ndarray | None] = [None] * len(q_props)
     large = threshold is not None and len(members) >= threshold
     if large:
-        _graph_answers(out, index, anon, members, q_props, need, std, allowed, few_in_row_order, build_after)
-        _matrix_answers(out, index, anon, members, q_props, need, std, allowed, few_in_row_order)
+        group = GroupQuery(index, anon, members, q_props, need, std, allowed, few_in_row_order)
+        group.graph_answers(out, build_after)
+        group.matrix_answers(out)
     todo = [i for i, o in enumerate(out) if o is None]
     if todo:
         cand = members[allowed(members)] if allowed is not None else members
@@ -253,53 +255,46 @@ def nearest_rows(  # noqa: PLR0913 - the search's keyword options
     return out  # type: ignore[return-value]
 
 
-def _graph_answers(  # noqa: PLR0913 - nearest_rows' arguments
-    out: list[np.ndarray | None],
-    index: TemplateIndex,
-    anon: str,
-    members: np.ndarray,
-    q_props: np.ndarray,
-    need: int,
-    std: Standardizer,
-    allowed: Callable[[np.ndarray], np.ndarray] | None,
-    few_in_row_order: bool,
-    build_after: int,
-) -> None:
-    """Fill ``out`` with the graph's answers where the group has (or is now due for) a graph."""
-    finite = np.flatnonzero(np.isfinite(q_props[:, : _n_roles(index, members)]).all(axis=(1, 2)))
-    pf = prefilter_for(index, std)
-    if anon not in pf.groups and pf.exact_queries.get(anon, 0) < build_after:
-        pf.exact_queries[anon] = pf.exact_queries.get(anon, 0) + len(q_props)
-        return
-    if len(finite):
-        g = pf.group(index, anon, members)
-        found = g.search(q_props[finite], need, index.role_props, allowed, few_in_row_order)
-        for i, rows in zip(finite.tolist(), found, strict=True):
-            out[i] = rows
+@dataclass
+class GroupQuery:
+    """One :func:`nearest_rows` call on one large group: the group, the query vectors and the search options."""
 
+    index: TemplateIndex
+    anon: str
+    members: np.ndarray
+    q_props: np.ndarray
+    need: int
+    std: Standardizer
+    allowed: Callable[[np.ndarray], np.ndarray] | None
+    few_in_row_order: bool
 
-def _matrix_answers(
-    out: list[np.ndarray | None],
-    index: TemplateIndex,
-    anon: str,
-    members: np.ndarray,
-    q_props: np.ndarray,
-    need: int,
-    std: Standardizer,
-    allowed: Callable[[np.ndarray], np.ndarray] | None,
-    few_in_row_order: bool,
-) -> None:
-    """Fill the rest of ``out`` exactly through the group's matrix (queries with NaN are left for later)."""
-    todo = [i for i, o in enumerate(out) if o is None]
-    if not todo:
-        return
-    mask = allowed(members) if allowed is not None else None
-    if few_in_row_order and (len(members) if mask is None else int(mask.sum())) <= need:
-        return
-    gm = prefilter_for(index, std).matrix(index, anon, members)
-    for i in todo:
-        rows = gm.candidates(q_props[i], need, mask)
-        if rows is not None:  # the exact arithmetic below, on the rows that can be nearest
-            diff = std.roles(q_props[i][None]) - std.roles(index.role_props[rows])
-            d = np.sqrt(np.nansum(diff * diff, axis=(-1, -2)))
-            out[i] = rows[np.lexsort((rows, d))[:need]]
+    def graph_answers(self, out: list[np.ndarray | None], build_after: int) -> None:
+        """Fill ``out`` with the graph's answers where the group has (or is now due for) a graph."""
+        index, anon, members, q_props = self.index, self.anon, self.members, self.q_props
+        finite = np.flatnonzero(np.isfinite(q_props[:, : _n_roles(index, members)]).all(axis=(1, 2)))
+        pf = prefilter_for(index, self.std)
+        if anon not in pf.groups and pf.exact_queries.get(anon, 0) < build_after:
+            pf.exact_queries[anon] = pf.exact_queries.get(anon, 0) + len(q_props)
+            return
+        if len(finite):
+            g = pf.group(index, anon, members)
+            found = g.search(q_props[finite], self.need, index.role_props, self.allowed, self.few_in_row_order)
+            for i, rows in zip(finite.tolist(), found, strict=True):
+                out[i] = rows
+
+    def matrix_answers(self, out: list[np.ndarray | None]) -> None:
+        """Fill the rest of ``out`` exactly through the group's matrix (queries with NaN are left for later)."""
+        todo = [i for i, o in enumerate(out) if o is None]
+        if not todo:
+            return
+        members, need, std = self.members, self.need, self.std
+        mask = self.allowed(members) if self.allowed is not None else None
+        if self.few_in_row_order and (len(members) if mask is None else int(mask.sum())) <= need:
+            return
+        gm = prefilter_for(self.index, std).matrix(self.index, self.anon, members)
+        for i in todo:
+            rows = gm.candidates(self.q_props[i], need, mask)
+            if rows is not None:  # the exact arithmetic below, on the rows that can be nearest
+                diff = std.roles(self.q_props[i][None]) - std.roles(self.index.role_props[rows])
+                d = np.sqrt(np.nansum(diff * diff, axis=(-1, -2)))
+                out[i] = rows[np.lexsort((rows, d))[:need]]
