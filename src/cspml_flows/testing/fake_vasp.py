@@ -27,7 +27,14 @@ import time
 from pathlib import Path
 
 import numpy as np
+from ase import Atoms
+from ase.calculators.emt import EMT
+from ase.filters import UnitCellFilter
+from ase.optimize import BFGS, FIRE
+from pymatgen.core import Composition
+from threadpoolctl import threadpool_limits
 
+from cspml_flows.testing.potcar import valence
 from cspml_flows.testing.vasp_files import IonicStep, Run, write_outputs
 from cspml_flows.testing.vasp_inputs import (
     Cell,
@@ -52,8 +59,6 @@ KB_PER_EV_A3 = 1602.1766208  # 1 eV/A^3 in kbar
 
 def fault_for(spec: str, cell: Cell) -> str | None:
     """The fault ``spec`` (``CSPML_FAKE_VASP_FAULT``) asks for on this structure, or None."""
-    from pymatgen.core import Composition
-
     formula = Composition("".join(cell.symbols)).reduced_formula
     for item in filter(None, (x.strip() for x in spec.split(","))):
         mode, _, target = item.partition(":")
@@ -70,8 +75,6 @@ def potcar_info(directory: Path, species: list[str]) -> tuple[list[str], list[fl
     if potcar.is_file():
         titels, zvals = read_potcar_headers(potcar)
     elif spec.is_file():
-        from cspml_flows.testing.potcar import valence
-
         symbols = spec.read_text().split()
         titels, zvals = [f"PAW_PBE {s} SYNTHETIC" for s in symbols], [valence(s) for s in symbols]
     else:
@@ -84,8 +87,6 @@ def potcar_info(directory: Path, species: list[str]) -> tuple[list[str], list[fl
 def calculator(name: str, cell: Cell):
     """The ASE calculator ``name`` and the per-atom energy shift of each element."""
     if name == "emt":
-        from ase.calculators.emt import EMT
-
         missing = sorted(set(cell.symbols) - set(EMT_SHIFT))
         if missing:
             raise InputError(f"EMT has no parameters for {', '.join(missing)}; set {CALC_ENV}=chgnet")
@@ -109,10 +110,6 @@ def _snapshot(atoms, shift: dict[str, float], n_scf: int) -> IonicStep:
 def relax(cell: Cell, incar: dict, calc_name: str) -> list[IonicStep]:
     """Ionic steps of a relaxation following NSW, IBRION, ISIF, EDIFFG (force criterion; an energy
     criterion EDIFFG > 0 is run as fmax 0.05 eV/A); a single point when NSW = 0 or IBRION = -1."""
-    from ase import Atoms
-    from ase.filters import UnitCellFilter
-    from ase.optimize import BFGS, FIRE
-
     atoms = Atoms(cell.symbols, scaled_positions=cell.frac, cell=cell.lattice, pbc=True)
     atoms.calc, shift = calculator(calc_name, cell)
     nsw = int(incar.get("NSW", 0))
@@ -207,8 +204,6 @@ def main() -> int:
     if fault == "fatal" or (fault == "correctable" and int(incar.get("ISYM", 2)) != 0):
         print(PRICEL)
         return 1
-    from threadpoolctl import threadpool_limits
-
     try:
         with threadpool_limits(1):  # 3x3 BLAS calls of the cell filter: threads only add overhead
             steps = relax(cell, incar, calc_name)

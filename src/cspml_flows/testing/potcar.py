@@ -10,7 +10,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from atomate2.vasp.sets.base import _BASE_VASP_SET
 from pymatgen.core import Element
+from pymatgen.io.vasp.inputs import PotcarSingle
+from pymatgen.io.vasp.sets import MPRelaxSet
 
 SYNTHETIC_MARK = "cspml-flows synthetic POTCAR for tests: header only, not a pseudopotential"
 # the functional sub-folders of pymatgen's MPRelaxSet (PBE) and atomate2's base input set (PBE_54)
@@ -60,9 +63,6 @@ def potcar_text(symbol: str, functional: str = "PBE") -> str:
 def symbols_for(elements: list[str]) -> list[str]:
     """POTCAR symbols the input sets in use may ask for: the bare element, pymatgen's MPRelaxSet choice
     and atomate2's base-set choice."""
-    from atomate2.vasp.sets.base import _BASE_VASP_SET
-    from pymatgen.io.vasp.sets import MPRelaxSet
-
     mp = MPRelaxSet.CONFIG["POTCAR"]
     out: list[str] = []
     for el in elements:
@@ -76,8 +76,6 @@ def write_psp_dir(root: str | Path, elements: list[str], functionals: tuple[str,
     """Write synthetic POTCARs for ``elements`` under ``root`` (the value for ``PMG_VASP_PSP_DIR``):
     ``root/<functional folder>/POTCAR.<symbol>``, as pymatgen's ``PotcarSingle.from_symbol_and_functional``
     looks them up. Returns ``root``."""
-    from pymatgen.io.vasp.inputs import PotcarSingle
-
     root = Path(root)
     for functional in functionals:
         folder = root / PotcarSingle.functional_dir[functional]

@@ -13,6 +13,7 @@ from typing import Any
 from xml.sax.saxutils import escape
 
 import numpy as np
+from ase.data import atomic_masses, atomic_numbers
 
 from cspml_flows.testing.vasp_inputs import Cell, write_poscar
 
@@ -46,11 +47,13 @@ class Run:
 
     @property
     def nelect(self) -> float:
+        """Valence electrons of the cell (POTCAR ZVALs times atom counts)."""
         counts = self.steps[0].structure.counts
         return float(sum(n * z for n, z in zip(counts, self.zvals, strict=True)))
 
     @property
     def nbands(self) -> int:
+        """VASP's default number of bands for this cell."""
         return max(8, int(self.nelect / 2 + len(self.steps[0].structure) / 2) + 4)
 
 
@@ -179,8 +182,6 @@ def _atominfo_xml(run: Run) -> str:
 
 
 def _mass(symbol: str) -> float:
-    from ase.data import atomic_masses, atomic_numbers
-
     return float(atomic_masses[atomic_numbers[symbol]])
 
 

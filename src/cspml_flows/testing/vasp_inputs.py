@@ -29,10 +29,12 @@ class Cell:
 
     @property
     def cart(self) -> np.ndarray:
+        """Cartesian coordinates (Angstrom)."""
         return self.frac @ self.lattice
 
     @property
     def volume(self) -> float:
+        """Cell volume (cubic Angstrom)."""
         return float(abs(np.linalg.det(self.lattice)))
 
     @property
@@ -42,6 +44,7 @@ class Cell:
 
     @property
     def counts(self) -> list[int]:
+        """Atom counts of the consecutive blocks of equal symbols (the POSCAR counts line)."""
         out: list[int] = []
         for i, s in enumerate(self.symbols):
             if i and self.symbols[i - 1] == s:
