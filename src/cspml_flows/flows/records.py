@@ -5,15 +5,31 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from pymatgen.core import Structure
 
 from cspml_flows.core.engines import relax_key, structure_fingerprint
 from cspml_flows.core.schemas import CandidateDoc, CandidateSet, RelaxRecord
 
-if TYPE_CHECKING:
-    from cspml_flows.flows.relax import RelaxationMaker
+
+class Relaxation(Protocol):
+    """What a record needs of its relaxation (a :class:`~cspml_flows.flows.relax.RelaxationMaker`)."""
+
+    @property
+    def calc_id(self) -> str:
+        """Calculator id: one hull per id."""
+        ...
+
+    @property
+    def label(self) -> str:
+        """The calculator's name in messages."""
+        ...
+
+    @property
+    def vasp(self) -> bool:
+        """Whether the relaxation runs VASP."""
+        ...
 
 
 def as_structure(value: Structure | dict) -> Structure:
@@ -36,7 +52,7 @@ def candidate_items(candidates: CandidateSet) -> list[dict]:
     ]
 
 
-def new_record(item: dict, relaxation: RelaxationMaker, **fields: Any) -> RelaxRecord:
+def new_record(item: dict, relaxation: Relaxation, **fields: Any) -> RelaxRecord:
     """A :class:`RelaxRecord` for ``item`` (formula, chemical system and key from its structure)."""
     s = as_structure(item["structure"])
     fp = structure_fingerprint(s)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from enum import Enum
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from atomate2.vasp.flows.mp import MPGGADoubleRelaxMaker
 from atomate2.vasp.jobs.mp import MPGGARelaxMaker
@@ -25,11 +25,8 @@ from pymatgen.core import Structure
 from pymatgen.io.vasp.sets import MPRelaxSet
 
 from cspml_flows.core.schemas import RelaxRecord
-from cspml_flows.flows.records import new_record
+from cspml_flows.flows.records import Relaxation, new_record
 from cspml_flows.flows.stores import RESULTS_COLLECTION, close_store, open_store, write_docs
-
-if TYPE_CHECKING:
-    from cspml_flows.flows.relax import RelaxationMaker
 
 
 def vasp_relax_maker(
@@ -58,7 +55,7 @@ def vasp_relax_maker(
 
 @job
 def task_record(
-    task_doc: Any, item: dict, relaxation: RelaxationMaker, results_store: str, earlier: list | None = None
+    task_doc: Any, item: dict, relaxation: Relaxation, results_store: str, earlier: list | None = None
 ) -> RelaxRecord:
     """Turn the final task document of one relaxation flow into a record (and store it); ``earlier`` are the
     outputs of the flow's other jobs (the first VASP relaxation), whose custodian corrections it keeps."""
@@ -106,7 +103,7 @@ def _run_info(d: dict) -> dict[str, Any]:
 
 
 def record_from_task_doc(
-    task_doc: Any, item: dict, relaxation: RelaxationMaker, earlier: list | None = None
+    task_doc: Any, item: dict, relaxation: Relaxation, earlier: list | None = None
 ) -> RelaxRecord:
     """A :class:`RelaxRecord` from a task document (object or stored dict); None means the job failed.
     Custodian's corrections of ``earlier`` task documents (None for a failed job) come first."""
