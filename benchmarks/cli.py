@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from benchmarks.config import BenchmarkConfig
@@ -12,8 +13,8 @@ from benchmarks.hetero_tables import markdown
 from benchmarks.logs import configure_logging
 from benchmarks.relax_flow import RelaxBenchmarkConfig, run_relax_benchmark
 from benchmarks.runner import run_benchmark
-from cspml_flows.cli.main import main_guard
-from cspml_flows.cli.options import Parser, check_out, non_negative, pair_sampling_options, positive
+from cspml_flows.cli.options import Parser, check_out, non_negative, one_line, pair_sampling_options, positive
+from cspml_flows.core import progress
 from cspml_flows.core.composition import MAX_ASSIGNMENTS
 from cspml_flows.core.errors import CSPMLError
 
@@ -133,9 +134,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one benchmark command (progress on stderr); errors of the library print as one line."""
+    """Run one benchmark command: progress on stderr, the tables on stdout; errors of the library print as
+    one line (exit code 2), as ``cspml``'s do."""
+    os.environ.setdefault("SPGLIB_WARNING", "OFF")  # spglib's C-level chatter on odd cells, for this process
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # bad arguments (one line, code 2) or --help (code 0)
+        return exc.code if isinstance(exc.code, int) else 2
     configure_logging()
-    return main_guard(build_parser(), argv)
+    shown = progress.enabled()
+    progress.enable()  # progress bars on stderr, as the command line shows them
+    try:
+        return args.func(args)
+    except CSPMLError as exc:
+        print(f"error: {one_line(exc)}", file=sys.stderr)
+        return 2
+    finally:
+        progress.enable(shown)
 
 
 if __name__ == "__main__":
