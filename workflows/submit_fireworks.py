@@ -19,17 +19,17 @@ from cspml_flows.campaign import check_inputs, load_campaign, round_flow
 from cspml_flows.flows.stores import job_store
 
 
-def build_workflow(config: str, round: int = 1):
+def build_workflow(config: str, round_number: int = 1):
     """The FireWorks Workflow of one campaign round."""
     cfg = load_campaign(config)
     check_inputs(cfg)
-    flow = round_flow(cfg, round)
-    return flow, flow_to_workflow(flow, store=job_store(cfg.jobs_store()), name=f"{cfg.name} round {round}")
+    flow = round_flow(cfg, round_number)
+    return flow, flow_to_workflow(flow, store=job_store(cfg.jobs_store()), name=f"{cfg.name} round {round_number}")
 
 
-def submit(config: str, launchpad: LaunchPad, round: int = 1) -> dict[int, int]:
+def submit(config: str, launchpad: LaunchPad, round_number: int = 1) -> dict[int, int]:
     """Add one round to ``launchpad``; returns the old-to-new Firework id mapping."""
-    _, wf = build_workflow(config, round)
+    _, wf = build_workflow(config, round_number)
     return launchpad.add_wf(wf)
 
 

@@ -19,16 +19,16 @@ from jobflow_remote import submit_flow
 from cspml_flows.campaign import check_inputs, load_campaign, round_flow
 
 
-def build_flow(config: str, round: int = 1):
+def build_flow(config: str, round_number: int = 1):
     """The jobflow Flow of one campaign round (checked: store and model exist)."""
     cfg = load_campaign(config)
     check_inputs(cfg)
-    return round_flow(cfg, round)
+    return round_flow(cfg, round_number)
 
 
-def submit(config: str, project: str | None = None, worker: str | None = None, round: int = 1) -> list[str]:
+def submit(config: str, project: str | None = None, worker: str | None = None, round_number: int = 1) -> list[str]:
     """Add one round to a jobflow-remote project's queue; returns the job ids (``jf job list``)."""
-    return submit_flow(build_flow(config, round), worker=worker, project=project)
+    return submit_flow(build_flow(config, round_number), worker=worker, project=project)
 
 
 def main() -> None:

@@ -22,6 +22,8 @@ _CENTERING = {"P": 1, "A": 2, "B": 2, "C": 2, "I": 2, "F": 4, "R": 3, "S": 2}
 
 @dataclass(frozen=True)
 class PrototypeInfo:
+    """A structure's AFLOW prototype label, space group and primitive cell size."""
+
     label: str | None
     spacegroup_number: int | None
     spacegroup_symbol: str | None
