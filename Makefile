@@ -34,7 +34,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check src tests workflows
 
 benchmark: $(STAMP)
-	$(BIN)/cspml benchmark --protocol mp20bt --setting standard --workers 2 --json out/bench/mp20bt_standard.json --markdown out/bench/mp20bt_standard.md
+	$(BIN)/python -m benchmarks csp --protocol mp20bt --setting standard --workers 2 --json out/bench/mp20bt_standard.json --markdown out/bench/mp20bt_standard.md
 
 # Rewrites constraints.txt from a scratch venv holding the newest releases the ranges in pyproject.toml allow
 # (no constraints), keeping the file's comment header. A newer torch: `make constraints TORCH=torch==X.Y.Z`.

@@ -28,7 +28,7 @@ import logging
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,7 @@ from benchmarks.energy_blend import (
 )
 from benchmarks.energy_cache import EnergyCache, cache_id, sevennet_settings
 from benchmarks.energy_compute import Energies, compute_energies
+from benchmarks.energy_config import EnergyConfig
 from benchmarks.energy_sets import default_model, pool_set, protocol_set
 from benchmarks.energy_tables import markdown
 from benchmarks.logs import configure_logging
@@ -57,27 +58,6 @@ from cspml_flows.learning.model import SimilarityModel
 
 logger = logging.getLogger(__name__)
 ENGINE = "ranker (engine order)"
-
-
-@dataclass
-class EnergyConfig:
-    """Settings of one energy experiment (the command line's options)."""
-
-    protocol: str = "mp20bt"
-    queries: int = 200  # protocol queries (load_queries(limit, seed))
-    pool_queries: int = 200  # held-out pool formulas from the ranker's outcome cache (weights fitted here)
-    top: int = 5  # candidates per query re-ordered with single-point energies
-    relax_top: int = 3  # the best candidates per query that are also relaxed
-    steps: int = 20  # FIRE steps of the short relaxation (cell filter)
-    fmax: float = 0.05
-    relax: bool = True
-    relax_budget_s: float = 2700.0  # no new relaxation after this much CPU time (one thread), recorded costs
-    cost_probe: int = 20  # protocol queries whose single points are timed again without the cache
-    seed: int = 0
-    model: str | None = None  # default: the benchmark's cached model with ranker for this pool
-    outcomes: list[str] | None = None  # outcome cache files (default: those of the benchmark's ranker)
-    cache: str | None = None  # default: $CSPML_HOME/benchmark/energy/energies-sevennet.json
-    out: str | None = "out/bench/energy"
 
 
 def limit_threads() -> None:

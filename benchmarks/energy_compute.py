@@ -8,17 +8,15 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from pymatgen.core import Structure
 
 from benchmarks.energy_blend import ENERGY_FLOOR, QuerySet
 from benchmarks.energy_cache import EnergyCache, relaxed, single_point_tag, single_points
+from benchmarks.energy_config import EnergyConfig
 from cspml_flows.flows.calculators import CalculatorSettings, relax_maker
-
-if TYPE_CHECKING:
-    from benchmarks.energy import EnergyConfig
 
 logger = logging.getLogger(__name__)
 

@@ -12,12 +12,13 @@ import time
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from pymatgen.core import Composition
 
 from benchmarks.energy_blend import QuerySet
+from benchmarks.energy_config import EnergyConfig
 from benchmarks.protocols import load_queries, query_structures
 from benchmarks.scoring import rms_table
 from cspml_flows.core.composition import MAX_ASSIGNMENTS, roles
@@ -28,9 +29,6 @@ from cspml_flows.learning.ranker import CANDIDATES, CandidateRanker, candidate_f
 from cspml_flows.predict.predictor import CSPPredictor
 from cspml_flows.templates.index import TemplateIndex
 from cspml_flows.training.outcomes import Outcomes, outcome_key
-
-if TYPE_CHECKING:
-    from benchmarks.energy import EnergyConfig
 
 logger = logging.getLogger(__name__)
 

@@ -18,6 +18,16 @@ from cspml_flows.flows.relax import as_relaxation, relax_flow
 from cspml_flows.flows.stability import hull_analysis
 from cspml_flows.flows.vasp import record_from_task_doc
 
+# the stand-in runs on synthetic POTCARs (pymatgen knows none of their hashes) and metallic test cells
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:POTCAR data with symbol:UserWarning"),
+    pytest.mark.filterwarnings("ignore:No POTCAR file with matching TITEL fields:UserWarning"),
+    pytest.mark.filterwarnings("ignore:Relaxation of likely metal with ISMEAR:UserWarning"),
+    # atomate2's task document applies MP2020 to the intermetallic test cells, which have no oxidation states
+    pytest.mark.filterwarnings("ignore:Failed to guess oxidation states:UserWarning"),
+]
+
+
 FCC = [[0, 0, 0], [0, 0.5, 0.5], [0.5, 0, 0.5], [0.5, 0.5, 0]]
 VASP = CalculatorSettings(name="vasp", vasp_incar={"EDIFFG": -0.05, "ENCUT": 600})
 VR = as_relaxation(VASP)

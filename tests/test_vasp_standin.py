@@ -19,6 +19,16 @@ from pymatgen.io.vasp import Oszicar, Outcar, Vasprun
 from cspml_flows.testing.fake_vasp import EMT_SHIFT, FAULT_ENV
 from cspml_flows.testing.potcar import SYNTHETIC_MARK, write_psp_dir
 
+# the stand-in runs on synthetic POTCARs (pymatgen knows none of their hashes) and metallic test cells
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:POTCAR data with symbol:UserWarning"),
+    pytest.mark.filterwarnings("ignore:No POTCAR file with matching TITEL fields:UserWarning"),
+    pytest.mark.filterwarnings("ignore:Relaxation of likely metal with ISMEAR:UserWarning"),
+    # atomate2's task document applies MP2020 to the intermetallic test cells, which have no oxidation states
+    pytest.mark.filterwarnings("ignore:Failed to guess oxidation states:UserWarning"),
+]
+
+
 FAKE_VASP = f"{sys.executable} -m cspml_flows.testing.fake_vasp"
 FCC = [[0, 0, 0], [0, 0.5, 0.5], [0.5, 0, 0.5], [0.5, 0.5, 0]]
 # custodian polls the running process every polling_time_step seconds (default 10 s)

@@ -17,7 +17,7 @@ from cspml_flows.core import progress
 from cspml_flows.core.errors import CSPMLError
 
 #: Loggers whose INFO messages are the commands' progress (others: warnings only, unless -v).
-OWN_LOGGERS = ("cspml_flows", "benchmarks")
+OWN_LOGGERS = ("cspml_flows",)
 
 Handler = Callable[[argparse.Namespace], int]
 

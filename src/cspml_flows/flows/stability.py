@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from itertools import combinations
 
 from pymatgen.analysis.phase_diagram import PhaseDiagram
@@ -87,7 +88,13 @@ def _composition(r: RelaxRecord) -> Composition:
 
 def mp2020_process(entries: list[ComputedEntry]) -> tuple[list[ComputedEntry], set[str]]:
     """MP2020 corrections for VASP GGA/GGA+U entries; returns the kept entries and the ids it rejected."""
-    kept = MaterialsProject2020Compatibility(check_potcar=False).process_entries(entries, clean=True, inplace=False)
+    with warnings.catch_warnings():
+        # intermetallics have no oxidation states to guess and relaxations carry no oxide type: MP2020 then
+        # applies no anion correction, which is right for them, and says so once per entry
+        for message in ("Failed to guess oxidation states", "No structure or oxide_type parameter"):
+            warnings.filterwarnings("ignore", message=message, category=UserWarning)
+        compat = MaterialsProject2020Compatibility(check_potcar=False)
+        kept = compat.process_entries(entries, clean=True, inplace=False)
     ids = {e.entry_id for e in kept}
     return kept, {e.entry_id for e in entries} - ids
 

@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -89,6 +90,14 @@ def embed(structures: Sequence[dict], role_list: Sequence[Roles], variant: str =
     if variant not in VARIANTS:
         raise ValueError(f"unknown embedding variant {variant!r}")
     model = chgnet_model()
+    with warnings.catch_warnings():
+        # CHGNet 0.3.0 reads the cell volumes of a graph through a tensor that requires grad (torch warns)
+        warnings.filterwarnings("ignore", message="Converting a tensor with requires_grad=True", category=UserWarning)
+        return _embed_batches(model, structures, role_list, variant, batch_size)
+
+
+def _embed_batches(model, structures: Sequence[dict], role_list: Sequence[Roles], variant: str, batch_size: int):
+    """:func:`embed` in batches of ``batch_size`` (one by one where a batch fails)."""
     out = np.zeros((len(structures), N_EMBED))
     for s0 in range(0, len(structures), batch_size):
         chunk = [
