@@ -220,3 +220,24 @@ def held_out_queries(data_dir: Path, index, n: int, scan: int) -> tuple[list[str
         if len(ids) == n:
             break
     return ids, gts
+
+
+@pytest.fixture
+def campaign_config(tmp_path: Path):
+    """A factory of campaign config dicts (two binary compositions, EMT, one round, workdir under tmp_path):
+    ``campaign_config(templates, **over)``, ``over`` replacing keys."""
+
+    def make(templates: str, **over) -> dict:
+        cfg = {
+            "name": "t",
+            "compositions": ["CuAu", "AgPd"],
+            "top_k": 2,
+            "calculator": {"name": "emt", "steps": 200, "batch_size": 4},
+            "hull_threshold": 5.0,
+            "model": None,
+            "stores": {"templates": templates},
+            "workdir": str(tmp_path / "work"),
+        }
+        return cfg | over
+
+    return make

@@ -144,9 +144,10 @@ def test_cited_repository_files_exist():
 
 def test_cited_tests_exist():
     defined = set()
-    for path in (ROOT / "tests").glob("*.py"):
+    files = {path.stem for path in (ROOT / "tests").rglob("*.py")}
+    for path in (ROOT / "tests").rglob("*.py"):
         defined |= set(re.findall(r"^\s*def (test_\w+)", path.read_text(), flags=re.MULTILINE))
-    cited = {name for name in _cited(r"\b(test_\w+)\b(?!\.py)") if not (ROOT / "tests" / f"{name}.py").is_file()}
+    cited = {name for name in _cited(r"\b(test_\w+)\b(?!\.py)") if name not in files}
     assert cited
     missing = sorted(cited - defined)
     assert not missing, f"pages cite tests that do not exist: {missing}"

@@ -31,7 +31,7 @@ from cspml_flows.templates.store_mongo import mongo_timeout_ms
 from cspml_flows.templates.store_sqlite import collection_file
 from cspml_flows.templates.store_uri import store_from_uri, store_identity
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FCC = [[0, 0, 0], [0, 0.5, 0.5], [0.5, 0, 0.5], [0.5, 0.5, 0]]
 
 
@@ -319,7 +319,7 @@ def test_write_open_repairs_a_half_created_store_directly(tmp_path, nacl):
 
 
 def _stress(iterations: int, folder: Path) -> subprocess.CompletedProcess:
-    script = ROOT / "tests" / "stress_first_write.py"
+    script = ROOT / "tests" / "templates" / "stress_first_write.py"
     return subprocess.run(
         [sys.executable, str(script), str(iterations), str(folder)], capture_output=True, text=True, timeout=900
     )
@@ -327,7 +327,7 @@ def _stress(iterations: int, folder: Path) -> subprocess.CompletedProcess:
 
 def test_concurrent_first_writes_into_new_stores(tmp_path):
     """Two processes open a store that does not exist yet and write into it at the same moment, 10 times:
-    every store holds each id once (tests/stress_first_write.py)."""
+    every store holds each id once (tests/templates/stress_first_write.py)."""
     out = _stress(10, tmp_path)
     assert out.returncode == 0, out.stdout + out.stderr
     assert out.stdout.strip().splitlines()[-1] == "10 of 10 passed"

@@ -17,7 +17,7 @@ from benchmarks.cli import main as benchmarks_main
 from cspml_flows.cli.main import main
 from cspml_flows.core.errors import ConfigError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def one_line_error(capsys, argv: list[str]) -> str:

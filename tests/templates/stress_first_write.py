@@ -1,6 +1,6 @@
 """Two processes write first into a new embedded template store at the same moment, many times over.
 
-Usage: ``python tests/stress_first_write.py ITERATIONS [FOLDER]``
+Usage: ``python tests/templates/stress_first_write.py ITERATIONS [FOLDER]``
 
 Two worker processes (forked once, kept for every iteration) meet at a barrier, then both open the same store
 path, which does not exist yet, for writing, list its ids and add their documents as an import does (two ids

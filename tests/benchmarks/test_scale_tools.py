@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from benchmarks import pool_recipes, pools, render, scale, scale_results, scale_run
 from benchmarks.render import markdown
 from benchmarks.stages import BenchmarkError
 from pymatgen.core import Lattice, Structure
 
+from benchmarks import pool_recipes, pools, render, scale, scale_results, scale_run
 from cspml_flows.core.composition import roles
 from cspml_flows.core.prototype import prototype_info
 from cspml_flows.templates.index import TemplateIndex

@@ -29,7 +29,7 @@ from cspml_flows.templates.schema import template_doc_from_structure
 from cspml_flows.templates.store import TemplateStore
 from cspml_flows.templates.store_write import upsert
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 # ---------------------------------------------------------------- helpers

@@ -18,7 +18,7 @@ from cspml_flows.core.schemas import StabilityOutput
 from cspml_flows.flows.stores import job_store
 from cspml_flows.templates.store import TemplateStore
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def load_script(name: str):

@@ -39,20 +39,7 @@ from cspml_flows.templates.store import TemplateStore
 EMT = CalculatorSettings(name="emt", steps=200, fmax=0.05, batch_size=4)
 
 
-def base_config(tmp_path: Path, templates: str, **over) -> dict:
-    cfg = {
-        "name": "t",
-        "compositions": ["CuAu", "AgPd"],
-        "top_k": 2,
-        "calculator": {"name": "emt", "steps": 200, "batch_size": 4},
-        "hull_threshold": 5.0,
-        "model": None,
-        "max_references": 5,
-        "stores": {"templates": templates},
-        "workdir": str(tmp_path / "work"),
-    }
-    cfg.update(over)
-    return cfg
+HPC = {"max_references": 5}  # a small reference set per chemical system
 
 
 def candidate_keys(results: str) -> dict[str, dict]:
@@ -144,9 +131,11 @@ def test_relaxation_accepts_any_atomate2_maker(tmp_path: Path):
 
 
 # ------------------------------------------------------------------------------------ calculator tiers
-def test_tiers_relax_only_near_hull_candidates_and_never_mix_hulls(tmp_path: Path, template_folder: str):
+def test_tiers_relax_only_near_hull_candidates_and_never_mix_hulls(
+    tmp_path: Path, template_folder: str, campaign_config
+):
     tier2 = {"name": "emt", "steps": 300, "fmax": 0.02, "batch_size": 4, "hull_window": 0.05}
-    cfg = parse_campaign(base_config(tmp_path, template_folder, tiers=[tier2], hull_threshold=0.02))
+    cfg = parse_campaign(campaign_config(template_folder, **HPC, tiers=[tier2], hull_threshold=0.02))
     first, second = cfg.calc_ids()
     assert first != second
     result = run_campaign(cfg).model_dump()
@@ -171,7 +160,7 @@ def test_tiers_relax_only_near_hull_candidates_and_never_mix_hulls(tmp_path: Pat
 
 # ------------------------------------------------------------------------------------ crash path
 def test_crashed_batch_job_gives_failed_records_with_real_formulas(
-    tmp_path: Path, template_folder: str, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, template_folder: str, monkeypatch: pytest.MonkeyPatch, campaign_config
 ):
     import cspml_flows.flows.relax as relax_module
 
@@ -184,7 +173,7 @@ def test_crashed_batch_job_gives_failed_records_with_real_formulas(
 
     monkeypatch.setattr(relax_module, "relax_one", crash_on_agpd)
     calc = {"name": "emt", "steps": 200, "batch_size": 1}
-    cfg = parse_campaign(base_config(tmp_path, template_folder, calculator=calc))
+    cfg = parse_campaign(campaign_config(template_folder, **HPC, calculator=calc))
     result = run_campaign(cfg).model_dump()
     rows = result["rounds"][0]["candidates"]
     failed = [r for r in rows if r["status"] == "failed"]
@@ -196,16 +185,16 @@ def test_crashed_batch_job_gives_failed_records_with_real_formulas(
 
 
 # ------------------------------------------------------------------------------------ scheduled campaigns
-def test_scheduled_reruns_do_only_new_work(tmp_path: Path, template_folder: str, caplog):
+def test_scheduled_reruns_do_only_new_work(tmp_path: Path, template_folder: str, caplog, campaign_config):
     path = tmp_path / "campaign.yaml"
-    path.write_text(yaml.safe_dump(base_config(tmp_path, template_folder, compositions=["CuAu"])))
+    path.write_text(yaml.safe_dump(campaign_config(template_folder, **HPC, compositions=["CuAu"])))
     caplog.set_level(logging.INFO, logger="cspml_flows.campaign")
     run_campaign(load_campaign(path), report=False).model_dump()
     results = load_campaign(path).results_store()
     before = candidate_keys(results)
     assert before and {d["formula"] for d in before.values()} == {"CuAu"}
     # new input between two scheduled rounds: only AgPd is retrieved and relaxed
-    path.write_text(yaml.safe_dump(base_config(tmp_path, template_folder, compositions=["CuAu", "AgPd"])))
+    path.write_text(yaml.safe_dump(campaign_config(template_folder, **HPC, compositions=["CuAu", "AgPd"])))
     caplog.clear()
     r = run_campaign(load_campaign(path), report=False).model_dump()["rounds"][0]
     assert any("1 composition(s) added" in m for m in caplog.messages)
@@ -233,8 +222,8 @@ def test_scheduled_reruns_do_only_new_work(tmp_path: Path, template_folder: str,
     assert all(latest[k]["worker"] == d["worker"] and latest[k]["energy"] == d["energy"] for k, d in after.items())
 
 
-def test_overlapping_runs_are_refused(tmp_path: Path, template_folder: str):
-    cfg = parse_campaign(base_config(tmp_path, template_folder))
+def test_overlapping_runs_are_refused(tmp_path: Path, template_folder: str, campaign_config):
+    cfg = parse_campaign(campaign_config(template_folder, **HPC))
     with campaign_lock(cfg) as lock:
         with pytest.raises(CampaignError, match="already running"):
             run_campaign(cfg).model_dump()
@@ -243,13 +232,13 @@ def test_overlapping_runs_are_refused(tmp_path: Path, template_folder: str):
 
 
 # ------------------------------------------------------------------------------------ promotion Builder
-def test_promotion_builder_runs_alone_incrementally(tmp_path: Path, template_folder: str, capsys):
+def test_promotion_builder_runs_alone_incrementally(tmp_path: Path, template_folder: str, capsys, campaign_config):
     path = tmp_path / "campaign.yaml"
-    path.write_text(yaml.safe_dump(base_config(tmp_path, template_folder, hull_threshold=0.0)))
+    path.write_text(yaml.safe_dump(campaign_config(template_folder, **HPC, hull_threshold=0.0)))
     cfg = load_campaign(path)
     first = run_campaign(cfg, report=False).model_dump()["rounds"][0]["promoted"]
     # a looser threshold: the incremental builder has nothing newer, '--all' looks at every record
-    path.write_text(yaml.safe_dump(base_config(tmp_path, template_folder, hull_threshold=5.0)))
+    path.write_text(yaml.safe_dump(campaign_config(template_folder, **HPC, hull_threshold=5.0)))
     assert main(["campaign", "promote", str(path)]) == 0
     assert "0 template(s) promoted of 0 record(s)" in capsys.readouterr().out
     assert main(["campaign", "promote", str(path), "--all"]) == 0

@@ -18,23 +18,7 @@ from cspml_flows.core.errors import ConfigError, ModelError, StoreError
 from cspml_flows.flows.stores import RESULTS_COLLECTION, open_store
 from cspml_flows.templates.store import TemplateStore
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def base_config(tmp_path: Path, templates: str, **over) -> dict:
-    cfg = {
-        "name": "t",
-        "compositions": ["CuAu", "AgPd"],
-        "top_k": 2,
-        "calculator": {"name": "emt", "steps": 200, "batch_size": 4},
-        "hull_threshold": 5.0,
-        "rounds": 1,
-        "model": None,
-        "stores": {"templates": templates},
-        "workdir": str(tmp_path / "work"),
-    }
-    cfg.update(over)
-    return cfg
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize(
@@ -52,9 +36,9 @@ def base_config(tmp_path: Path, templates: str, **over) -> dict:
         ({"name": "bad name/"}, "name"),
     ],
 )
-def test_bad_config_names_the_problem(tmp_path: Path, change: dict, message: str):
+def test_bad_config_names_the_problem(tmp_path: Path, change: dict, message: str, campaign_config):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("(", r"\(")):
-        parse_campaign(base_config(tmp_path, "x", **change), "c.yaml")
+        parse_campaign(campaign_config("x", **change), "c.yaml")
 
 
 def test_config_files_in_configs_are_valid():
@@ -65,20 +49,20 @@ def test_config_files_in_configs_are_valid():
         assert cfg.formulas()
 
 
-def test_missing_file_store_and_model(tmp_path: Path, template_folder: str):
+def test_missing_file_store_and_model(tmp_path: Path, template_folder: str, campaign_config):
     with pytest.raises(ConfigError, match="not found"):
         load_campaign(tmp_path / "nope.yaml")
     (tmp_path / "bad.yaml").write_text("name: [unclosed")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_campaign(tmp_path / "bad.yaml")
-    cfg = parse_campaign(base_config(tmp_path, str(tmp_path / "missing_store")))
+    cfg = parse_campaign(campaign_config(str(tmp_path / "missing_store")))
     with pytest.raises(StoreError, match="missing_store"):
         run_campaign(cfg).model_dump()
-    cfg = parse_campaign(base_config(tmp_path, template_folder, model=str(tmp_path / "m.joblib")))
+    cfg = parse_campaign(campaign_config(template_folder, model=str(tmp_path / "m.joblib")))
     with pytest.raises(ModelError, match=r"m\.joblib"):
         run_campaign(cfg).model_dump()
     # the CLI prints the error in one line and exits with 2
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump(base_config(tmp_path, "x", calculator={"name": "gulp"})))
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(campaign_config("x", calculator={"name": "gulp"})))
     assert main(["campaign", "run", str(tmp_path / "c.yaml")]) == 2
 
 
@@ -93,11 +77,11 @@ def test_chemical_system_enumeration_with_charge_balance():
     assert set(metals) == {"CuAu", "Cu2Au", "CuAu2", "Cu3Au", "CuAu3"}
 
 
-def test_two_rounds_feed_the_template_store(tmp_path: Path, template_folder: str, trained_model):
+def test_two_rounds_feed_the_template_store(tmp_path: Path, template_folder: str, trained_model, campaign_config):
     """Round 1 promotes relaxed structures; round 2 (strict: no template of the query's own formula) builds
     candidates on them. Learned retrieval with the session model; report and hull plots are written."""
     model = trained_model.save(tmp_path / "model.joblib")
-    cfg = parse_campaign(base_config(tmp_path, template_folder, rounds=2, strict=True, model=str(model)))
+    cfg = parse_campaign(campaign_config(template_folder, rounds=2, strict=True, model=str(model)))
     result = run_campaign(cfg).model_dump()
     r1, r2 = result["rounds"]
     assert r1["promoted"], r1
@@ -134,12 +118,11 @@ def _count(results: str) -> int:
         return 0
 
 
-def test_kill_mid_round_and_resume(tmp_path: Path, template_folder: str):
+def test_kill_mid_round_and_resume(tmp_path: Path, template_folder: str, campaign_config):
     """SIGKILL a real `cspml campaign run` process mid-round; the resumed run keeps every finished relaxation
     and computes only the rest."""
     comps = ["CuAu", "AgPd", "NiAl", "PtNi", "CuPd", "AgAu", "NiCu", "PdPt", "AlCu", "AuPd"]
-    cfg_dict = base_config(
-        tmp_path,
+    cfg_dict = campaign_config(
         template_folder,
         compositions=comps,
         top_k=3,

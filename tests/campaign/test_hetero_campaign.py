@@ -31,9 +31,7 @@ def model_file(tmp_path_factory, template_index, trained_model) -> str:
 
     geom = index_geometry(template_index, workers=1, cache=False)
     with threadpool_limits(limits=1, user_api="openmp"):
-        model, _ = train_hetero(
-            template_index, core=trained_model, geom=geom, variant="none", epochs=10, workers=1
-        )
+        model, _ = train_hetero(template_index, core=trained_model, geom=geom, variant="none", epochs=10, workers=1)
     return str(model.save(tmp_path_factory.mktemp("hetero") / "hetero.json.gz"))
 
 
