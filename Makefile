@@ -30,8 +30,8 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests workflows
-	$(BIN)/ruff format --check src tests workflows
+	$(BIN)/ruff check src tests workflows benchmarks
+	$(BIN)/ruff format --check src tests workflows benchmarks
 
 benchmark: $(STAMP)
 	$(BIN)/python -m benchmarks csp --protocol mp20bt --setting standard --workers 2 --json out/bench/mp20bt_standard.json --markdown out/bench/mp20bt_standard.md

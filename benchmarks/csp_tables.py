@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from benchmarks.scoring import EXTRA_TOLERANCE_SETS, tolerance_key
+from cspml_flows.core.equivalence import Tolerances
 from cspml_flows.core.tables import markdown_table as table
 
 RATES = ["top-1", "top-5", "top-20", "RMSE top-1"]
@@ -56,6 +58,42 @@ def methods_table(results: list[dict[str, Any]]) -> str:
     return table(header, rows, align="llrlrrrrrrr")
 
 
+def ratio(value: float, ceiling: float) -> str:
+    """``value / ceiling`` to two decimals (``nan`` for a zero ceiling)."""
+    return f"{value / ceiling:.2f}" if ceiling else "nan"
+
+
+def tolerance_block(results: list[dict[str, Any]], tolerances: Tolerances) -> list[str]:
+    """Every method's rates and the ceiling at a further tolerance set (none when no result holds it)."""
+    key = tolerance_key(tolerances)
+    rows = []
+    for r in results:
+        at = r.get(key)
+        if not at:
+            continue
+        methods = [("cspml (learned)", at), *at["baselines"].items()]
+        rows += [
+            [
+                r["protocol"],
+                r["setting"],
+                r["n_queries"],
+                name,
+                *rate_cells(m),
+                f"{at['ceiling']:.1%}",
+                ratio(m["top1"], at["ceiling"]),
+            ]
+            for name, m in methods
+        ]
+    if not rows:
+        return []
+    title = (
+        f"The same predictions at the {tolerances.name.replace('_', ' ')} StructureMatcher tolerances "
+        f"(ltol={tolerances.ltol:g}, stol={tolerances.stol:g}, angle_tol={tolerances.angle_tol:g})"
+    )
+    header = ["protocol", "setting", "n", "method", *RATES, "ceiling", "top-1/ceiling"]
+    return ["", title, "", table(header, rows, align="llrlrrrrrr")]
+
+
 def misses_block(r: dict[str, Any]) -> list[str]:
     """The run's top-1 misses by kind (none when it has no breakdown)."""
     misses = r.get("top1_misses") or {}
@@ -95,8 +133,11 @@ def speed_block(r: dict[str, Any]) -> list[str]:
 
 
 def markdown_table(results: list[dict[str, Any]]) -> str:
-    """The methods table of all results, then each result's misses, tie-heavy rates and speed."""
+    """The methods table of all results (standard CSP tolerances), the same at each further tolerance set,
+    then each result's misses, tie-heavy rates and speed."""
     lines = [methods_table(results)]
+    for tolerances in EXTRA_TOLERANCE_SETS:
+        lines += tolerance_block(results, tolerances)
     for block in (misses_block, tie_heavy_block, speed_block):
         for r in results:
             lines += block(r)

@@ -29,9 +29,10 @@ from benchmarks.protocols import (
     pool_store,
     query_structures,
 )
-from benchmarks.scoring import rms_table, summarize
+from benchmarks.scoring import EXTRA_TOLERANCE_SETS, TOLERANCE_SETS, rms_tables, summarize, tolerance_key
 from benchmarks.speed import SPEED_TOP, prediction_speed
 from cspml_flows.core.composition import Roles, roles
+from cspml_flows.core.equivalence import CSP_TOLERANCES, Tolerances
 from cspml_flows.core.errors import ConfigError
 from cspml_flows.learning.model import SimilarityModel
 from cspml_flows.predict.predictor import CSPPredictor, Prediction, freeze_gc
@@ -42,6 +43,8 @@ logger = logging.getLogger(__name__)
 TOP = 20
 CAP_ABLATION = 6  # the assignment cap before lazy enumeration, run beside the current one where it matters
 NO_RANKER = "pair score only (no ranker)"
+STANDARD = CSP_TOLERANCES.name  # the tolerance set of the result's top-level rates
+RmsByTolerance = dict[str, list[list[float | None]]]
 
 
 @dataclass
@@ -61,9 +64,10 @@ class Sample:
         return [r.reduced_formula for r in self.roles]
 
 
-def candidate_rms(gts: list[Structure], preds: list[Prediction], workers: int) -> list[list[float | None]]:
-    """RMS of every candidate of every prediction against its ground truth (None: no match)."""
-    return rms_table(gts, [[c.structure for c in p.candidates] for p in preds], workers=workers)
+def candidate_rms(gts: list[Structure], preds: list[Prediction], workers: int) -> RmsByTolerance:
+    """RMS of every candidate of every prediction against its ground truth (None: no match), for each
+    tolerance set of :data:`~benchmarks.scoring.TOLERANCE_SETS` (by name), in one pass."""
+    return rms_tables(gts, [[c.structure for c in p.candidates] for p in preds], TOLERANCE_SETS, workers=workers)
 
 
 def load_pool(cfg: BenchmarkConfig, timings: dict[str, float]) -> TemplateIndex:
@@ -86,23 +90,21 @@ def load_sample(cfg: BenchmarkConfig) -> Sample:
     return Sample(q.material_ids, gts, comps, [roles(c) for c in comps], exclude, cfg.setting == "strict")
 
 
-def timed_rates(
-    cfg: BenchmarkConfig, sample: Sample, predict: Any
-) -> tuple[dict[str, float], list[list[float | None]]]:
-    """Run ``predict()`` (a list of predictions), score it; returns its summary with ``predict_seconds``
-    and the RMS table."""
+def timed_rates(cfg: BenchmarkConfig, sample: Sample, predict: Any) -> tuple[dict[str, float], RmsByTolerance]:
+    """Run ``predict()`` (a list of predictions), score it; returns its summary at the standard tolerances
+    with ``predict_seconds``, and the RMS tables of every tolerance set."""
     t = time.perf_counter()
     preds = predict()
     seconds = time.perf_counter() - t
     rms = candidate_rms(sample.gts, preds, cfg.workers)
-    return {**summarize(rms), "predict_seconds": seconds}, rms
+    return {**summarize(rms[STANDARD]), "predict_seconds": seconds}, rms
 
 
 def ablations(
     cfg: BenchmarkConfig, index: TemplateIndex, model: SimilarityModel, sample: Sample
-) -> dict[str, tuple[dict[str, float], list]]:
+) -> dict[str, tuple[dict[str, float], RmsByTolerance]]:
     """The same engine without the ranker, and with the earlier cap on assignments (where a query has more)."""
-    out: dict[str, tuple[dict[str, float], list]] = {}
+    out: dict[str, tuple[dict[str, float], RmsByTolerance]] = {}
     args = {"top": TOP, "exclude_ids": sample.exclude, "strict": sample.strict}
     if model.ranker is not None:  # the same pair model without the second stage
         pair_only = CSPPredictor(
@@ -134,7 +136,7 @@ def baseline_ranking(cfg: BenchmarkConfig, index: TemplateIndex, name: str, samp
 
 def baselines(
     cfg: BenchmarkConfig, index: TemplateIndex, predictor: CSPPredictor, sample: Sample
-) -> dict[str, tuple[dict[str, float], list]]:
+) -> dict[str, tuple[dict[str, float], RmsByTolerance]]:
     """Each baseline's rankings realised into structures as the engine realises its own (no deduplication)."""
     out = {}
     for name in cfg.baselines:
@@ -180,16 +182,30 @@ def summarize_ungated(preds: list[Prediction], rms: list[list[float | None]]) ->
 
 @dataclass
 class EngineRun:
-    """The engine's predictions of a sample, scored, with the coverage ceiling and the misses by kind."""
+    """The engine's predictions of a sample, scored, with the coverage ceiling and the misses by kind.
+
+    ``rms_by_tolerance`` and ``covered_by_tolerance`` hold every tolerance set's RMS tables and ceiling
+    verdicts (by name); ``metrics``, :attr:`rms` and :attr:`covered` are the standard tolerances'.
+    """
 
     preds: list[Prediction]
-    rms: list[list[float | None]]
+    rms_by_tolerance: RmsByTolerance
     metrics: dict[str, float]
     predict_seconds: float
     score_seconds: float
     speed: dict[str, Any]
-    covered: np.ndarray
+    covered_by_tolerance: dict[str, np.ndarray]
     misses: dict[str, float]
+
+    @property
+    def rms(self) -> list[list[float | None]]:
+        """The RMS table at the standard tolerances."""
+        return self.rms_by_tolerance[STANDARD]
+
+    @property
+    def covered(self) -> np.ndarray:
+        """The coverage ceiling's verdict per query at the standard tolerances."""
+        return self.covered_by_tolerance[STANDARD]
 
 
 def run_engine(
@@ -210,18 +226,47 @@ def run_engine(
             speed["slowest_class_ratio"],
         )
     t = time.perf_counter()
-    rms = candidate_rms(sample.gts, preds, cfg.workers)
+    rms_by_tolerance = candidate_rms(sample.gts, preds, cfg.workers)
     score_seconds = time.perf_counter() - t
+    rms = rms_by_tolerance[STANDARD]
     metrics = summarize(rms)
-    logger.info("scored in %.1f s: %s", score_seconds, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+    for name, table in rms_by_tolerance.items():
+        rates = ", ".join(f"{k}={v:.4f}" for k, v in summarize(table).items())
+        logger.info("scored at the %s tolerances: %s", name, rates)
+    logger.info("scored at %d tolerance sets in %.1f s", len(rms_by_tolerance), score_seconds)
     t = time.perf_counter()
-    covered = coverage(index, sample.gts, sample.ids, sample.strict, workers=cfg.workers)
+    covered_by_tolerance = coverage(index, sample.gts, sample.ids, sample.strict, TOLERANCE_SETS, cfg.workers)
+    covered = covered_by_tolerance[STANDARD]
     timings["ceiling_seconds"] = time.perf_counter() - t
     t = time.perf_counter()
     top1 = [p.candidates[0].structure if p.candidates else None for p in preds]
     misses = miss_breakdown(rms, sample.gts, top1, [p.smact_valid for p in preds], covered, workers=cfg.workers)
     timings["miss_diagnostics_seconds"] = time.perf_counter() - t
-    return EngineRun(preds, rms, metrics, predict_seconds, score_seconds, speed, covered, misses)
+    return EngineRun(
+        preds, rms_by_tolerance, metrics, predict_seconds, score_seconds, speed, covered_by_tolerance, misses
+    )
+
+
+def over(value: float, ceiling: float) -> float:
+    """``value / ceiling`` (``nan`` for a zero or undefined ceiling)."""
+    return value / ceiling if ceiling else float("nan")
+
+
+def tolerance_record(
+    tolerances: Tolerances, run: EngineRun, others: dict[str, tuple[dict[str, float], RmsByTolerance]]
+) -> dict[str, Any]:
+    """The engine's and every other method's match rates and RMSE, and the ceiling, at one tolerance set."""
+    covered = run.covered_by_tolerance[tolerances.name]
+    ceiling = float(covered.mean()) if len(covered) else float("nan")
+    metrics = summarize(run.rms_by_tolerance[tolerances.name])
+    return {
+        "tolerances": tolerances.kwargs,
+        "ceiling": ceiling,
+        **metrics,
+        "top1_over_ceiling": over(metrics["top1"], ceiling),
+        "top5_over_ceiling": over(metrics["top5"], ceiling),
+        "baselines": {name: summarize(rms[tolerances.name]) for name, (_, rms) in others.items()},
+    }
 
 
 def result_record(
@@ -229,11 +274,15 @@ def result_record(
     index: TemplateIndex,
     sample: Sample,
     run: EngineRun,
-    others: dict[str, tuple[dict[str, float], list]],
+    others: dict[str, tuple[dict[str, float], RmsByTolerance]],
     train_report: dict,
     timings: dict[str, float],
 ) -> dict[str, Any]:
-    """The JSON-ready result of a run (``timings`` without the total, which the caller adds)."""
+    """The JSON-ready result of a run (``timings`` without the total, which the caller adds).
+
+    The top-level rates are at the standard CSP tolerances (``tolerances``); each further tolerance set's
+    rates and ceiling sit under its own key (:func:`~benchmarks.scoring.tolerance_key`).
+    """
     n, preds, metrics = len(sample.comps), run.preds, run.metrics
     ceiling = float(run.covered.mean()) if len(run.covered) else float("nan")
     return {
@@ -253,7 +302,9 @@ def result_record(
         "top5_over_ceiling": metrics["top5"] / ceiling if ceiling else float("nan"),
         "ungated": summarize_ungated(preds, run.rms),
         "top1_misses": run.misses,
-        "tie_heavy": tie_heavy_summary(sample.formulas, run.covered, run.rms, {k: v[1] for k, v in others.items()}),
+        "tie_heavy": tie_heavy_summary(
+            sample.formulas, run.covered, run.rms, {k: v[1][STANDARD] for k, v in others.items()}
+        ),
         "smact_valid_fraction": float(np.mean([p.smact_valid for p in preds])) if preds else float("nan"),
         "no_prediction_fraction": float(np.mean([not p.candidates for p in preds])) if preds else float("nan"),
         "predict_seconds": run.predict_seconds,
@@ -261,6 +312,8 @@ def result_record(
         "speed_top5": run.speed,
         "score_seconds": run.score_seconds,
         "baselines": {name: summary for name, (summary, _) in others.items()},
+        "tolerances": CSP_TOLERANCES.kwargs,
+        **{tolerance_key(t): tolerance_record(t, run, others) for t in EXTRA_TOLERANCE_SETS},
         "training": train_report,
         "timings": timings,
         "workers": cfg.workers,

@@ -144,3 +144,13 @@ def test_no_tracker_numbers_in_code(text: str):
         if any(f"{text}{d}" in p.read_text().lower() for d in "0123456789")
     ]
     assert not found, f"tracker numbers in code: {found}"
+
+
+@pytest.mark.parametrize("args", [["check"], ["format", "--check"]], ids=["lint", "format"])
+def test_ruff_is_clean(args: list[str]):
+    exe = Path(sys.executable).parent / "ruff"
+    if not exe.exists():
+        pytest.skip("ruff is not installed (the test extra)")
+    paths = ["src", "tests", "workflows", "benchmarks"]
+    run = subprocess.run([str(exe), *args, *paths], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr

@@ -1,4 +1,7 @@
-"""Structure equivalence: pymatgen's ``StructureMatcher`` at the standard CSP tolerances, behind one wrapper.
+"""Structure equivalence: pymatgen's ``StructureMatcher`` at a named set of tolerances, behind one wrapper.
+
+The standard CSP evaluation's tolerances (:data:`CSP_TOLERANCES`) are the default everywhere; pymatgen's own,
+stricter defaults (:data:`PYMATGEN_TOLERANCES`) serve as a second scoring of benchmark predictions.
 
 :class:`Matcher` is the only code that calls the matcher's private steps (cell reduction, preprocessing,
 matching), so that a structure is reduced once and compared many times. :class:`DistinctStructures` is the
@@ -12,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import numpy as np
 from pymatgen.analysis.structure_matcher import StructureMatcher
@@ -19,24 +23,53 @@ from pymatgen.core import Lattice, Structure
 
 logger = logging.getLogger(__name__)
 
+
+@dataclass(frozen=True)
+class Tolerances:
+    """A named set of ``StructureMatcher`` tolerances (lattice length, site distance, angle in degrees)."""
+
+    name: str
+    ltol: float
+    stol: float
+    angle_tol: float
+
+    @property
+    def kwargs(self) -> dict[str, float]:
+        """The tolerances as ``StructureMatcher`` keyword arguments."""
+        return {"stol": self.stol, "angle_tol": self.angle_tol, "ltol": self.ltol}
+
+    def within(self, other: Tolerances) -> bool:
+        """Whether no tolerance exceeds ``other``'s: every match under these is then a match under ``other``.
+
+        The matcher tries the lattices within ``ltol`` and ``angle_tol`` and accepts a site mapping below
+        ``stol``, so tighter tolerances search a subset of the looser ones' mappings with a lower bar.
+        """
+        return self.ltol <= other.ltol and self.stol <= other.stol and self.angle_tol <= other.angle_tol
+
+
 # The matcher of the standard CSP evaluation (DiffCSP compute_metrics.py).
-MATCHER_KWARGS = {"stol": 0.5, "angle_tol": 10, "ltol": 0.3}
+CSP_TOLERANCES = Tolerances("csp", ltol=0.3, stol=0.5, angle_tol=10)
+# pymatgen's own StructureMatcher defaults, stricter (a distortion within the CSP tolerances can fail them).
+PYMATGEN_TOLERANCES = Tolerances("pymatgen_default", ltol=0.2, stol=0.3, angle_tol=5)
+MATCHER_KWARGS = CSP_TOLERANCES.kwargs
 
 
-def structure_matcher() -> StructureMatcher:
-    """A ``StructureMatcher`` with the tolerances of the standard CSP evaluation (:data:`MATCHER_KWARGS`)."""
-    return StructureMatcher(**MATCHER_KWARGS)
+def structure_matcher(tolerances: Tolerances = CSP_TOLERANCES) -> StructureMatcher:
+    """A ``StructureMatcher`` with ``tolerances`` (default: the standard CSP evaluation's)."""
+    return StructureMatcher(**tolerances.kwargs)
 
 
 class Matcher:
-    """pymatgen's ``StructureMatcher`` (CSP tolerances) with its reduction and matching steps made public.
+    """pymatgen's ``StructureMatcher`` (CSP tolerances unless told) with its reduction and matching steps public.
 
-    ``reduced=True`` on a comparison says that both structures are already primitive Niggli cells from
-    :meth:`reduce`; the result equals the comparison of the original structures.
+    ``reduced=True`` on a comparison says that the structures are already primitive Niggli cells from
+    :meth:`reduce`; the result equals the comparison of the original structures. The reduction does not
+    depend on the tolerances, so one reduced cell serves matchers of every tolerance set.
     """
 
-    def __init__(self) -> None:
-        self.sm = structure_matcher()
+    def __init__(self, tolerances: Tolerances = CSP_TOLERANCES) -> None:
+        self.tolerances = tolerances
+        self.sm = structure_matcher(tolerances)
 
     def reduce(self, structure: Structure) -> Structure | None:
         """Primitive Niggli cell, as the matcher reduces it (``None`` where it cannot be computed)."""
@@ -66,14 +99,17 @@ class Matcher:
             logger.debug("anonymous structure fit failed", exc_info=True)
             return False
 
-    def rms(self, structure: Structure, reference: Structure | None, *, first: bool = False) -> float | None:
+    def rms(
+        self, structure: Structure | None, reference: Structure | None, *, first: bool = False, reduced: bool = False
+    ) -> float | None:
         """RMS displacement of ``structure`` matched onto a reduced ``reference`` (from :meth:`reduce`).
 
         The value of ``StructureMatcher.get_rms_dist(structure, original_reference)[0]``; ``None`` where they
         do not match (or the matcher fails). ``first`` stops at the first match under the tolerance (whether
-        they match is then exact, the RMS an upper bound).
+        they match is then exact, the RMS an upper bound). ``reduced``: ``structure`` too is from
+        :meth:`reduce` (a missing cell is no match).
         """
-        red = self.reduce(structure)
+        red = structure if reduced else self.reduce(structure) if structure is not None else None
         if red is None or reference is None:
             return None
         try:

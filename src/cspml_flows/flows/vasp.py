@@ -102,9 +102,7 @@ def _run_info(d: dict) -> dict[str, Any]:
     return {"n_steps": len(steps) if steps is not None else None, "elapsed_s": elapsed}
 
 
-def record_from_task_doc(
-    task_doc: Any, item: dict, relaxation: Relaxation, earlier: list | None = None
-) -> RelaxRecord:
+def record_from_task_doc(task_doc: Any, item: dict, relaxation: Relaxation, earlier: list | None = None) -> RelaxRecord:
     """A :class:`RelaxRecord` from a task document (object or stored dict); None means the job failed.
     Custodian's corrections of ``earlier`` task documents (None for a failed job) come first."""
     what = "VASP" if relaxation.vasp else relaxation.label
