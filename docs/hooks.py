@@ -405,6 +405,28 @@ def training_bounds() -> str:
     return "\n".join(lines) + "\n"
 
 
+def csp_results(folder: str) -> Callable[[], str]:
+    """The methods table (:mod:`benchmarks.csp_tables`) of every ``python -m benchmarks csp`` result in
+    ``benchmarks/results/<folder>/``, one row block per file, with the code each was measured on."""
+
+    def generate() -> str:
+        files = sorted((RESULTS / folder).glob("*.json"))
+        if not files:
+            raise PluginError(f"benchmark results missing: benchmarks/results/{folder}/*.json")
+        try:
+            from benchmarks.csp_tables import methods_table
+        except ImportError as exc:
+            raise PluginError(f"cannot import benchmarks.csp_tables from {ROOT}: {exc}") from exc
+        parts = []
+        for path in files:
+            r = json.loads(path.read_text())
+            code = f" ({r['code']})" if r.get("code") else ""
+            parts.append(f"`{path.name}`{code}:\n\n{methods_table([r])}")
+        return "\n\n".join(parts) + "\n"
+
+    return generate
+
+
 GENERATORS: dict[str, Callable[[], str]] = {
     "config-reference": config_reference,
     "scale": scale_full("scale"),
@@ -413,6 +435,7 @@ GENERATORS: dict[str, Callable[[], str]] = {
     "scale-baseline": scale_full("scale-baseline"),
     "scale-workers1": scale_full("scale-workers1"),
     "training-bounds": training_bounds,
+    "restructure": csp_results("restructure"),
     "layers": layers_table,
 }
 
