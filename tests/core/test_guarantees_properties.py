@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -122,3 +123,13 @@ def test_generated_cells_import_or_fail_in_one_line(abc, angles_, atoms):
 def test_generator_makes_importable_cells(seed_cell):
     """The generator is not vacuous: a sane generated cell becomes a template."""
     assert isinstance(doc_from_csv_row(("gen", p1_cif(*seed_cell), "generated", {}, 200)), dict)
+
+
+@pytest.mark.parametrize("abc", [(1e300, 1e300, 1e300), (1e200, 5.0, 5.0), (1e160, 1e160, 4.0)])
+def test_astronomical_cells_are_refused_without_numeric_warnings(abc):
+    """Cell lengths whose squares overflow: the row's one-line reason, no RuntimeWarning printed."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = doc_from_csv_row(("gen", p1_cif(abc, (90.0, 90.0, 90.0), [("Na", 0, 0, 0)]), "generated", {}, 200))
+    assert not isinstance(result, dict) and one_line(result[1])
+    assert not [w for w in caught if issubclass(w.category, RuntimeWarning)], [str(w.message) for w in caught]

@@ -39,7 +39,8 @@ def lattice_problem(matrix: np.ndarray) -> str | None:
         return f"lattice is not a 3x3 matrix (shape {m.shape})"
     if not np.isfinite(m).all():
         return "lattice has non-finite entries (a zero or impossible cell angle?)"
-    lengths = np.linalg.norm(m, axis=1)
+    with np.errstate(over="ignore"):  # an axis beyond 1e154 A: an infinite length, refused below
+        lengths = np.linalg.norm(m, axis=1)
     if lengths.min() < MIN_LENGTH or lengths.max() > MAX_LENGTH:
         shown = ", ".join(f"{x:.4g}" for x in lengths)
         return f"lattice lengths ({shown}) Å are outside {MIN_LENGTH:g}-{MAX_LENGTH:g} Å"

@@ -92,7 +92,7 @@ def read_structure(path: str | Path) -> Structure:
         check_poscar_counts(text, str(p))
         check_poscar_species(text, f"structure file {p}")
     try:
-        with library_warnings(), np.errstate(divide="ignore", invalid="ignore"):  # degenerate cells: checked below
+        with library_warnings(), np.errstate(all="ignore"):  # degenerate or astronomical cells: checked below
             s = Structure.from_file(str(p))
     except Exception as exc:  # pymatgen's readers raise many types: one error naming the file
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -107,7 +107,7 @@ def structure_from_cif_string(cif: str, name: str = "<cif>") -> Structure:
         raise StructureReadError(f"CIF of {name} is not text ({type(cif).__name__})")
     check_cif_text(cif, f"CIF of {name}")
     try:
-        with library_warnings(), np.errstate(divide="ignore", invalid="ignore"):  # degenerate cells: checked below
+        with library_warnings(), np.errstate(all="ignore"):  # degenerate or astronomical cells: checked below
             s = Structure.from_str(cif, fmt="cif")
     except Exception as exc:  # pymatgen's CIF parser raises many types: one error naming the CIF
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
