@@ -19,7 +19,7 @@ import argparse
 import logging
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import lightgbm as lgb
@@ -37,24 +37,34 @@ from cspml_flows.core.descriptors import magpie_stats
 from cspml_flows.core.equivalence import Matcher
 from cspml_flows.core.safeio import read_json_gz, write_json_gz
 from cspml_flows.core.tables import markdown_table
+from cspml_flows.learning.environment import ENV_FEATURES
 from cspml_flows.learning.model import SimilarityModel, training_hash
-from cspml_flows.learning.ranker import CANDIDATES, FEATURES, RANKER_PARAMS, candidate_features
+from cspml_flows.learning.ranker import CANDIDATES, DEFAULT_FEATURES, FEATURES, RANKER_PARAMS, candidate_features
+from cspml_flows.learning.votes import VOTE_FEATURES
 from cspml_flows.predict.retrieve import Ranked, rank
 from cspml_flows.predict.validity import smact_valid
 from cspml_flows.templates.index import TemplateIndex
-from cspml_flows.training.outcomes import candidate_matches, fold_outcomes, map_chunks_forked, outcome_key
+from cspml_flows.training.outcomes import candidate_matches, map_chunks_forked, outcome_key
+from cspml_flows.training.ranker import ranker_data
 
 logger = logging.getLogger(__name__)
 
 PAIR = ("pair_score", "best_prob", "mean_prob", "log_members", "pair_rank", "score_gap", "log_candidates")
 PROTOTYPE = ("cluster_share", "log_cluster_size", "e_above_hull", "log_nprim")
-CHEMISTRY = tuple(f for f in FEATURES if f not in PAIR + PROTOTYPE)
+ENVIRONMENT = ENV_FEATURES
+VOTES = VOTE_FEATURES
+CHEMISTRY = tuple(f for f in FEATURES if f not in PAIR + PROTOTYPE + ENVIRONMENT + VOTES)
+SHIPPED = "default features (the shipped ranker: pair + prototype + chemistry)"
 VARIANTS: dict[str, tuple[str, ...]] = {
     "pair-model features only": PAIR,
     "pair + prototype statistics": PAIR + PROTOTYPE,
     "pair + assignment chemistry": PAIR + CHEMISTRY,
-    "prototype statistics + chemistry (no pair score)": PROTOTYPE + CHEMISTRY,
-    "all features (the shipped ranker)": FEATURES,
+    "prototype statistics + chemistry (no pair score)": PROTOTYPE + CHEMISTRY + ENVIRONMENT + VOTES,
+    SHIPPED: DEFAULT_FEATURES,
+    "all but site environments": PAIR + PROTOTYPE + CHEMISTRY + VOTES,
+    "all but bond strain and bond valence": tuple(f for f in FEATURES if not f.startswith(("bond_", "bvs_"))),
+    "all but prototype votes and query class": PAIR + PROTOTYPE + CHEMISTRY + ENVIRONMENT,
+    "all features": FEATURES,
 }
 TRAINING_SIZES = (250, 500, 1000)  # learning curve: held-out pool formulas the full ranker learns from
 
@@ -93,16 +103,34 @@ def _train(x: np.ndarray, y: np.ndarray, groups: np.ndarray, rounds: int, seed: 
     return lgb.train(params, lgb.Dataset(x, y, group=groups), num_boost_round=rounds)
 
 
-def top_k(labels: list[list[int]], scores: list[np.ndarray], ks=(1, 5, 20)) -> dict[str, float]:
-    """Share of queries with a match among their ``k`` best-scored candidates (stable for ties)."""
-    out = {}
-    for k in ks:
-        hits = [
+def hits_at(labels: list[list[int]], scores: list[np.ndarray], k: int) -> np.ndarray:
+    """Per query, whether its ``k`` best-scored candidates hold a match (stable for ties)."""
+    return np.array(
+        [
             bool(lab) and max(np.asarray(lab)[np.argsort(-sc, kind="stable")[:k]]) == 1
             for lab, sc in zip(labels, scores, strict=True)
-        ]
-        out[f"top{k}"] = float(np.mean(hits)) if hits else float("nan")
+        ],
+        dtype=float,
+    )
+
+
+def top_k(labels: list[list[int]], scores: list[np.ndarray], ks=(1, 5, 20)) -> dict[str, float]:
+    """Share of queries with a match among their ``k`` best-scored candidates, with its standard error."""
+    out = {}
+    for k in ks:
+        hits = hits_at(labels, scores, k)
+        out[f"top{k}"] = float(hits.mean()) if len(hits) else float("nan")
+        out[f"top{k}_se"] = float(hits.std(ddof=1) / np.sqrt(len(hits))) if len(hits) > 1 else float("nan")
     return out
+
+
+def paired_difference(
+    labels: list[list[int]], a: list[np.ndarray], b: list[np.ndarray], k: int = 1
+) -> tuple[float, float]:
+    """Top-``k`` of ranking ``a`` minus that of ``b`` on the same queries, and the standard error of the
+    difference (paired over queries)."""
+    d = hits_at(labels, a, k) - hits_at(labels, b, k)
+    return float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
 
 
 @dataclass
@@ -138,41 +166,53 @@ def training_rows(
     cfg: BenchmarkConfig, train_index: TemplateIndex, model: SimilarityModel, k: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The ranker's training data: CSP outcomes of held-out pool formulas (cached by the benchmark's fit)."""
-    out, _ = fold_outcomes(
+    data = ranker_data(
         train_index,
+        model.std,
         cfg.ranker_queries,
         k,
         seed=cfg.seed,
         workers=cfg.workers,
         cache_dir=home_dir() / "benchmark" / "outcomes",
-        log=logger.info,
+        strict=cfg.setting == "strict",
+        features=FEATURES,
     )
-    xt = candidate_features(
-        train_index,
-        [train_index.roles[i] for i in out.rows],
-        out.candidates,
-        model.std,
-        train_index.stats[np.array(out.rows, dtype=int)],
-    )
-    return xt, np.concatenate(out.labels), np.array([len(c) for c in out.candidates])
+    return data.x, data.y, data.groups
 
 
-def variant_rows(data: AblationData, rounds: int, seed: int) -> dict[str, dict[str, float]]:
-    """Top-k of the pair model's order, of each feature subset, and of the full ranker on fewer formulas."""
+def variant_rows(
+    data: AblationData, rounds: int, seed: int, other: tuple[str, np.ndarray, np.ndarray, np.ndarray] | None = None
+) -> dict[str, dict[str, float]]:
+    """Top-k (with standard errors) of the pair model's order, of each feature subset, of the full ranker on
+    fewer formulas and (``other``: setting name and training rows) of the shipped features trained for the
+    other setting; each row's top-1 difference to the shipped ranker, paired over the same queries."""
     rows: dict[str, dict[str, float]] = {}
-    rows["pair-model order (no ranker)"] = top_k(data.labels, [-np.arange(n, dtype=float) for n in data.sizes])
+    scores: dict[str, list[np.ndarray]] = {
+        "pair-model order (no ranker)": [-np.arange(n, dtype=float) for n in data.sizes]
+    }
     for name, feats in VARIANTS.items():
         cols = [FEATURES.index(f) for f in feats]
         booster = _train(data.xt[:, cols], data.yt, data.groups, rounds, seed)
-        rows[f"ranker: {name}"] = top_k(data.labels, data.split(booster.predict(data.xq[:, cols])))
-        logger.info("%s: %s", name, rows[f"ranker: {name}"])
+        scores[f"ranker: {name}"] = data.split(booster.predict(data.xq[:, cols]))
     starts = np.cumsum([0, *data.groups])
     for n in TRAINING_SIZES:
         if n >= len(data.groups):
             continue
         take = np.concatenate([np.arange(starts[i], starts[i + 1]) for i in range(n)])
         booster = _train(data.xt[take], data.yt[take], data.groups[:n], rounds, seed)
-        rows[f"ranker: all features, {n} training formulas"] = top_k(data.labels, data.split(booster.predict(data.xq)))
+        scores[f"ranker: all features, {n} training formulas"] = data.split(booster.predict(data.xq))
+    if other is not None:
+        name, xo, yo, go = other
+        cols = [FEATURES.index(f) for f in DEFAULT_FEATURES]
+        booster = _train(xo[:, cols], yo, go, rounds, seed)
+        scores[f"ranker: default features, trained for the {name} setting"] = data.split(
+            booster.predict(data.xq[:, cols])
+        )
+    full = scores[f"ranker: {SHIPPED}"]
+    for name, sc in scores.items():
+        rows[name] = top_k(data.labels, sc)
+        rows[name]["top1_minus_shipped"], rows[name]["top1_minus_shipped_se"] = paired_difference(data.labels, sc, full)
+        logger.info("%s: %s", name, rows[name])
     return rows
 
 
@@ -204,10 +244,14 @@ def run_ablation(
     labels = query_labels(cfg, index, q_roles, cands, gts, key)
     t_labels = time.perf_counter() - t0
     xt, yt, groups = training_rows(cfg, train_index, model, k)
-    xq = candidate_features(index, q_roles, cands, model.std, magpie_stats([r.reduced_formula for r in q_roles]))
+    q_stats = magpie_stats([r.reduced_formula for r in q_roles])
+    held = [index.rows_of_formula(r) for r in q_roles] if strict else None
+    xq = candidate_features(index, q_roles, cands, model.std, q_stats, held, FEATURES)
     data = AblationData(labels, [len(c) for c in cands], xq, xt, yt, groups)
     rounds = int((model.ranker.meta.get("report") or {}).get("rounds", 200)) if model.ranker else 200
-    rows = variant_rows(data, rounds, seed)
+    other_setting = "standard" if strict else "strict"
+    xo, yo, go = training_rows(replace(cfg, setting=other_setting), train_index, model, k)
+    rows = variant_rows(data, rounds, seed, (other_setting, xo, yo, go))
     recall = float(np.mean([max(lab, default=0) == 1 for lab in labels]))
     return {
         "protocol": protocol,
@@ -226,17 +270,29 @@ def run_ablation(
 
 
 def markdown(result: dict[str, Any]) -> str:
-    """The variants' top-k rates as a Markdown table under one line that says what was compared."""
+    """The variants' top-k rates (± standard error) as a Markdown table under one line that says what was
+    compared; the last column is each row's top-1 minus the shipped ranker's, paired over the queries."""
     k = result["candidates_per_query"]
+
+    def pm(m: dict[str, float], key: str) -> str:
+        return f"{m[key]:.1%} ± {m[key + '_se']:.1%}" if f"{key}_se" in m else f"{m[key]:.1%}"
+
     rows = [
-        [name, f"{m['top1']:.1%}", f"{m['top5']:.1%}", f"{m['top20']:.1%}"] for name, m in result["variants"].items()
+        [
+            name,
+            pm(m, "top1"),
+            pm(m, "top5"),
+            pm(m, "top20"),
+            pm(m, "top1_minus_shipped") if "top1_minus_shipped" in m else "",
+        ]
+        for name, m in result["variants"].items()
     ]
     lines = [
         f"{result['protocol']} {result['setting']}, {result['n_queries']} queries (seed {result['seed']}), the same "
         f"{k} candidates per query reordered; recall@{k} {result[f'recall_at_{k}']:.1%}; rankers trained on "
         f"{result['training_formulas']} held-out pool formulas unless stated",
         "",
-        markdown_table(["ranking", "top-1", "top-5", "top-20"], rows, align="lrrr"),
+        markdown_table(["ranking", "top-1", "top-5", "top-20", "top-1 minus shipped ranker"], rows, align="lrrrr"),
     ]
     return "\n".join(lines) + "\n"
 

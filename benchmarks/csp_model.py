@@ -48,6 +48,7 @@ def benchmark_model(
             seed=cfg.seed,
             workers=cfg.workers,
             cache_dir=folder / "outcomes",
+            strict=cfg.setting == "strict",
         )
         model.save(path)
     report = dict(model.meta.get("report", {}))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
-from benchmarks.ablation import CHEMISTRY, PAIR, PROTOTYPE, label_queries, top_k
+from benchmarks.ablation import CHEMISTRY, ENVIRONMENT, PAIR, PROTOTYPE, VOTES, label_queries, paired_difference, top_k
 
 from cspml_flows.core.composition import roles
 from cspml_flows.core.equivalence import structure_matcher
@@ -13,15 +13,19 @@ from cspml_flows.predict.substitute import substitute
 
 
 def test_feature_groups_cover_every_feature_once():
-    assert sorted(PAIR + PROTOTYPE + CHEMISTRY) == sorted(FEATURES)
+    assert sorted(PAIR + PROTOTYPE + CHEMISTRY + ENVIRONMENT + VOTES) == sorted(FEATURES)
 
 
 def test_top_k_reorders_the_same_candidates():
     labels = [[0, 1, 0], [0, 0, 0], [1, 0, 0]]
     pair_order = [-np.arange(3.0)] * 3
-    assert top_k(labels, pair_order, ks=(1, 2)) == {"top1": 1 / 3, "top2": 2 / 3}
+    rates = top_k(labels, pair_order, ks=(1, 2))
+    assert (rates["top1"], rates["top2"]) == (1 / 3, 2 / 3)
+    assert rates["top1_se"] == np.std([0, 0, 1], ddof=1) / np.sqrt(3)
     better = [np.array([0.0, 1.0, 0.0]), np.zeros(3), np.array([1.0, 0.0, 0.0])]
     assert top_k(labels, better, ks=(1,))["top1"] == 2 / 3  # the second query has no match at all
+    diff, se = paired_difference(labels, better, pair_order)
+    assert diff == 1 / 3 and se == np.std([1, 0, 0], ddof=1) / np.sqrt(3)
 
 
 def test_labels_agree_with_the_matcher_and_the_gate(template_index, trained_model, hand_structures):

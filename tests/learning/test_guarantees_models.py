@@ -24,7 +24,7 @@ from cspml_flows.learning.hetero.embeddings import EMBED_VERSION, N_EMBED, embed
 from cspml_flows.learning.hetero.encoders import GEOMETRY_VERSION, N_GEOMETRY, geometry_features
 from cspml_flows.learning.hetero.model import HETERO_FORMAT, N_STACK_FEATURES, HeteroModel, Stacker, index_geometry
 from cspml_flows.learning.model import SimilarityModel
-from cspml_flows.learning.ranker import FEATURES
+from cspml_flows.learning.ranker import DEFAULT_FEATURES
 from cspml_flows.templates.index import TemplateIndex
 from cspml_flows.training.hetero_towers import init_model
 
@@ -99,8 +99,9 @@ MODEL_DAMAGES = [
     ("infinite-std", setter("std.stats_sd.0", float("inf")), "std.stats_sd holds NaN or infinite values"),
     (
         "ranker-feature-count",
-        setter("ranker.booster", lgb_text(len(FEATURES) - 1)),
-        f"ranker.booster is a LightGBM model of {len(FEATURES) - 1} features, this version computes {len(FEATURES)}",
+        setter("ranker.booster", lgb_text(len(DEFAULT_FEATURES) - 1)),
+        f"ranker.booster is a LightGBM model of {len(DEFAULT_FEATURES) - 1} features, "
+        f"this version computes {len(DEFAULT_FEATURES)}",
     ),
     ("ranker-booster-missing", setter("ranker.booster", _DELETE), "field ranker.booster is missing"),
     ("ranker-text", setter("ranker", "lambdarank"), "field ranker is text, expected a mapping"),
@@ -123,7 +124,7 @@ def test_shipped_model_passes_its_schema(template_folder, capfd):
     """The valid shipped model loads and predicts; its boosters read exactly the features this version computes."""
     model = SimilarityModel.load(SHIPPED)
     assert model.booster.num_feature() == n_pair_features()
-    assert model.ranker is not None and model.ranker.booster.num_feature() == len(FEATURES)
+    assert model.ranker is not None and model.ranker.booster.num_feature() == len(DEFAULT_FEATURES)
     assert np.all(model.std.stats_sd > 0) and np.all(model.std.role_sd > 0)
     assert main(["predict", "NaCl", "--model", str(SHIPPED), "--store", template_folder, "--top", "1"]) == 0
     out, err = capfd.readouterr()

@@ -36,12 +36,15 @@ from cspml_flows.core.composition import Roles
 from cspml_flows.core.descriptors import MAGPIE_PROPERTIES, MAX_ROLES, ROLE_PROPERTIES, element_table
 from cspml_flows.core.errors import ModelError
 from cspml_flows.learning import checks
+from cspml_flows.learning.environment import ENV_FEATURES, ElementEnvironments, environment_features
 from cspml_flows.learning.features import Standardizer, role_distance, unlearned_distance
+from cspml_flows.learning.votes import VOTE_FEATURES, vote_features
 from cspml_flows.templates.index import TemplateIndex
 
-RANKER_FORMAT = 2  # 2: substitution probabilities with the lambda table's species spelling
+RANKER_FORMAT = 3  # 3: a ranker reads the subset of FEATURES its meta lists
+READABLE_FORMATS = (2, 3)  # 2: the DEFAULT_FEATURES, lambda-table species spelling
 CANDIDATES = 40  # candidates per query (the pair ranking's best) that the ranker orders
-FEATURES = (
+DEFAULT_FEATURES = (
     "pair_score",
     "best_prob",
     "mean_prob",
@@ -64,6 +67,9 @@ FEATURES = (
     "role_distance",
     "magpie_distance",
 )
+# Every column candidate_features can fill. The site-environment and prototype-vote groups are measured in the
+# ranking ablation (benchmarks.ablation) and opt-in: they did not add to the default features' match rate.
+FEATURES = (*DEFAULT_FEATURES, *ENV_FEATURES, *VOTE_FEATURES)
 RANKER_PARAMS: dict[str, Any] = {  # LightGBM lambdarank settings of every ranker fit (the seed is per fit)
     "objective": "lambdarank",
     "metric": "ndcg",
@@ -209,12 +215,17 @@ def candidate_features(
     candidates: Sequence[Sequence[Any]],
     std: Standardizer,
     q_stats: np.ndarray,
+    held_out: list[np.ndarray] | None = None,
+    features: Sequence[str] = FEATURES,
 ) -> np.ndarray:
-    """Feature matrix (sum of candidates, len(FEATURES)) for each query's candidate list, in order.
+    """Feature matrix (sum of candidates, len(FEATURES)) for each query's candidate list, in order; the
+    site-environment and prototype-vote columns are computed only where ``features`` names one (else NaN).
 
     ``candidates[i]``: the query's :class:`~cspml_flows.predict.retrieve.Ranked` list (with ``stats``);
-    ``q_stats``: Magpie statistics of the queries (for the unlearned distance). Vectorised over all
-    candidates: per candidate only its template, assignment and pair statistics are read in Python.
+    ``q_stats``: Magpie statistics of the queries (for the unlearned distance); ``held_out[i]``: template
+    rows of query ``i`` itself (a pool template held out for training), left out of the pool statistics.
+    Vectorised over all candidates: per candidate only its template, assignment and pair statistics are read
+    in Python.
     """
     n = sum(len(c) for c in candidates)
     x = np.zeros((n, len(FEATURES)))
@@ -227,6 +238,14 @@ def candidate_features(
     q_props = np.where((c.qz > 0)[:, :, None], table[c.qz], np.nan)
     x[:, _F["role_distance"]] = role_distance(q_props, index.role_props[c.t_row], std)
     x[:, _F["magpie_distance"]] = unlearned_distance(q_stats[c.q_row], index.stats[c.t_row], std)
+    env = slice(_F[ENV_FEATURES[0]], _F[ENV_FEATURES[-1]] + 1)
+    votes = slice(_F[VOTE_FEATURES[0]], _F[VOTE_FEATURES[-1]] + 1)
+    x[:, env] = x[:, votes] = np.nan
+    if set(features) & set(ENV_FEATURES):
+        stats = index.memo("element_environments", lambda: ElementEnvironments.from_index(index))
+        x[:, env] = environment_features(index, c.t_row, c.qz, c.tz, c.q_ox, c.real, c.q_row, stats, held_out)
+    if set(features) & set(VOTE_FEATURES):
+        x[:, votes] = vote_features(index, list(queries), c.q_row, c.t_row, c.stats, q_stats)
     return x
 
 
@@ -279,17 +298,23 @@ def _assignment_columns(x: np.ndarray, c: CandidateRows) -> None:
 
 
 class CandidateRanker:
-    """LightGBM lambdarank model over :data:`FEATURES`."""
+    """LightGBM lambdarank model over :data:`FEATURES` or a subset of them (``meta["features"]``, in order)."""
 
     def __init__(self, booster: lgb.Booster | None = None, meta: dict | None = None):
         self.booster = booster
         self.meta = meta or {}
 
+    @property
+    def features(self) -> list[str]:
+        """The features the booster reads, in its column order."""
+        return list(self.meta.get("features") or DEFAULT_FEATURES)
+
     def scores(self, x: np.ndarray, threads: int = 0) -> np.ndarray:
-        """Ranking score of each feature row (higher first)."""
+        """Ranking score of each row of :data:`FEATURES` (higher first)."""
         if self.booster is None:
             raise ModelError("ranker is not trained")
-        return self.booster.predict(x, num_threads=threads) if len(x) else np.zeros(0)
+        cols = [_F[f] for f in self.features]
+        return self.booster.predict(x[:, cols], num_threads=threads) if len(x) else np.zeros(0)
 
     def rerank(
         self,
@@ -299,10 +324,12 @@ class CandidateRanker:
         std: Standardizer,
         q_stats: np.ndarray,
         threads: int = 0,
+        held_out: list[np.ndarray] | None = None,
     ) -> list[list[Any]]:
         """Each query's candidates reordered by the ranker's score (stable for ties), which replaces the pair
-        score as the candidates' ``score`` (higher is better; not a probability)."""
-        x = candidate_features(index, queries, candidates, std, q_stats)
+        score as the candidates' ``score`` (higher is better; not a probability). ``held_out``: see
+        :func:`candidate_features`."""
+        x = candidate_features(index, queries, candidates, std, q_stats, held_out, self.features)
         s = self.scores(x, threads)
         out, k = [], 0
         for cands in candidates:
@@ -320,13 +347,19 @@ class CandidateRanker:
         valid: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
         max_iter: int = 300,
         seed: int = 0,
+        features: Sequence[str] = DEFAULT_FEATURES,
     ) -> CandidateRanker:
-        """Fit on rows ``x`` with 0/1 labels ``y``; ``groups``: rows per query, in order."""
+        """Fit on rows ``x`` (all of :data:`FEATURES`) with 0/1 labels ``y`` reading only ``features``;
+        ``groups``: rows per query, in order."""
+        unknown = sorted(set(features) - set(FEATURES))
+        if unknown:
+            raise ValueError(f"unknown ranker features: {', '.join(unknown)}")
+        cols = [_F[f] for f in features]
         params = {**RANKER_PARAMS, "seed": seed}
-        train = lgb.Dataset(x, y, group=groups, feature_name=list(FEATURES), free_raw_data=True)
+        train = lgb.Dataset(x[:, cols], y, group=groups, feature_name=list(features), free_raw_data=True)
         sets, callbacks = [], []
         if valid is not None and len(valid[2]):
-            sets = [lgb.Dataset(valid[0], valid[1], group=valid[2], reference=train)]
+            sets = [lgb.Dataset(valid[0][:, cols], valid[1], group=valid[2], reference=train)]
             callbacks.append(lgb.early_stopping(30, first_metric_only=True, verbose=False))
         with progress.bar(max_iter, "ranker rounds", unit="round") as shown:
             booster = lgb.train(
@@ -336,7 +369,7 @@ class CandidateRanker:
                 valid_sets=sets,
                 callbacks=[*callbacks, lambda _env: shown.update(1)],
             )
-        return cls(booster, {"format": RANKER_FORMAT, "features": list(FEATURES)})
+        return cls(booster, {"format": RANKER_FORMAT, "features": list(features)})
 
     def to_blob(self) -> dict[str, Any]:
         """What a model file holds of the ranker: JSON types only."""
@@ -347,10 +380,16 @@ class CandidateRanker:
     @classmethod
     def from_blob(cls, blob: Any, where: str = "ranker.") -> CandidateRanker:
         """Inverse of :meth:`to_blob`: ModelError for a ranker of another version, SchemaError (naming the field)
-        for a damaged one, e.g. a booster that does not read exactly :data:`FEATURES`."""
+        for a damaged one, e.g. a booster that does not read exactly its listed subset of :data:`FEATURES`."""
         meta = checks.field(blob, "meta", dict, where)
-        if meta.get("format") != RANKER_FORMAT or meta.get("features") != list(FEATURES):
+        features = meta.get("features")
+        if (
+            meta.get("format") not in READABLE_FORMATS
+            or not isinstance(features, list)
+            or not features
+            or not set(features) <= set(FEATURES)
+        ):
             raise ModelError("the ranker in this model file was made by another version: retrain it")
         checks.field(meta, "report", dict, f"{where}meta.", optional=True)
-        booster = checks.booster(f"{where}booster", checks.field(blob, "booster", str, where), len(FEATURES))
+        booster = checks.booster(f"{where}booster", checks.field(blob, "booster", str, where), len(features))
         return cls(booster, meta)

@@ -14,9 +14,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 from pymatgen.core import Structure
@@ -26,6 +27,7 @@ from cspml_flows.core.config import max_template_atoms
 from cspml_flows.core.descriptors import MAX_ROLES, ROLE_PROPERTIES
 from cspml_flows.core.prototype import cluster_prototypes
 from cspml_flows.core.structure_checks import min_periodic_distance
+from cspml_flows.templates.environment import RoleEnvironments, environment_arrays
 from cspml_flows.templates.geometry import cell_arrays, role_symmetry_perms
 from cspml_flows.templates.index_checks import STATS_WIDTH, role_counts
 from cspml_flows.templates.index_rows import doc_rows, roles_of, split_usable, warn_left_out
@@ -42,6 +44,7 @@ from cspml_flows.templates.store import TemplateStore
 from cspml_flows.templates.store_rows import doc_digest
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 TEXT_FIELDS = ("ids", "formulas", "anon", "prototype")  # text arrays of an index
 NUMERIC_FIELDS = ("nprim", "e_above_hull", "spacegroup", "stats", "role_props", "role_fracs", "min_dist")
@@ -75,7 +78,8 @@ class TemplateIndex:
     source: np.ndarray | None = None  # the documents' ``source`` (None: not known)
     round: np.ndarray | None = None  # the documents' ``round``
     digest: np.ndarray | None = None  # 64-bit digest of each stored document (uint64)
-    _cells: dict[int, tuple] = field(default_factory=dict, repr=False)
+    env: RoleEnvironments | None = None  # see environments() (None: computed on first use)
+    _cells: dict[Any, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if not self.by_anon and len(self.anon):
@@ -205,6 +209,27 @@ class TemplateIndex:
             self._cells[key] = role_symmetry_perms(matrix, frac, site_roles, self.roles[i])
         return self._cells[key]
 
+    def rows_of_formula(self, r: Roles) -> np.ndarray:
+        """The rows of the templates of the reduced formula of ``r`` (looked up within its anonymous formula)."""
+        members = self.by_anon.get(r.anonymous_formula)
+        if members is None:
+            return np.zeros(0, dtype=np.int64)
+        return members[self.formulas[members] == r.reduced_formula]
+
+    def memo(self, key: str, compute: Callable[[], T]) -> T:
+        """``compute()`` once per index and ``key`` (derived data of the whole pool, e.g. a model's statistics)."""
+        if key not in self._cells:
+            self._cells[key] = compute()
+        return self._cells[key]
+
+    def environments(self) -> RoleEnvironments:
+        """Per-role site environments of every template (:mod:`cspml_flows.templates.environment`), computed
+        once on first use."""
+        if self.env is None:
+            cells = (cell_arrays(self.structures[i], self.roles[i]) for i in range(len(self)))
+            self.env = environment_arrays(cells, len(self))
+        return self.env
+
     def subset(self, mask: np.ndarray) -> TemplateIndex:
         """A new index over the templates where ``mask`` is True (cluster ids kept)."""
         sel = np.flatnonzero(mask)
@@ -228,6 +253,7 @@ class TemplateIndex:
             source=None if self.source is None else self.source[sel],
             round=None if self.round is None else self.round[sel],
             digest=None if self.digest is None else self.digest[sel],
+            env=None if self.env is None else self.env.take(sel),
         )
 
     def content_token(self, mask: np.ndarray | None = None) -> str:

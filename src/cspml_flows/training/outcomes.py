@@ -2,7 +2,8 @@
 
 Pool compositions are held out one formula at a time: the query is a template's composition, its
 ground truth that template's structure, and its candidates come from the rest of the pool without any
-template of its reduced formula (leave-one-formula-out, as the strict benchmark setting). The pair model
+template of its reduced formula (leave-one-formula-out, as the strict benchmark setting), or, for a ranker
+of the standard setting, without the template itself only. The pair model
 that scores them was trained without the query's formula (cross-fitting over formula folds), so the
 features the ranker learns from look like those of a new composition. Each candidate is substituted
 exactly as ``predict`` does it (template, then alternates under the 0.5 A rule) and labelled 1 when
@@ -125,14 +126,15 @@ def map_chunks_forked(fn, chunks: list[list[int]], workers: int, total: int) -> 
 
 
 def label_outcomes(
-    index: TemplateIndex, model, rows: np.ndarray, k: int, workers: int = 2, chunk: int = 20
+    index: TemplateIndex, model, rows: np.ndarray, k: int, workers: int = 2, chunk: int = 20, strict: bool = True
 ) -> Outcomes:
     """Candidates of the held-out ``rows`` (scored by ``model``, which must not have seen their formulas)
-    and their match labels."""
+    and their match labels. ``strict``: no template of a query's formula is a candidate (else only the
+    query's own template is left out, as in the standard benchmark setting)."""
     rows = [int(i) for i in rows]
     queries = [index.roles[i] for i in rows]
     exclude = [{str(index.ids[i])} for i in rows]
-    ranked = rank(model, index, queries, top=k, exclude_ids=exclude, strict=True, threads=workers)
+    ranked = rank(model, index, queries, top=k, exclude_ids=exclude, strict=strict, threads=workers)
     cands_of = dict(zip(rows, ranked, strict=True))
     global _FORKED
     _FORKED = (index, cands_of)
@@ -172,10 +174,11 @@ def fold_outcomes(
     workers: int = 2,
     cache_dir: Path | None = None,
     pair_kwargs: dict | None = None,
+    strict: bool = True,
 ) -> tuple[Outcomes, dict[str, float]]:
     """Outcomes for ``n_queries`` pool templates (one per reduced formula, at random), cross-fitted over
     ``folds`` formula folds: the queries of a fold are scored by a pair model trained on the other folds.
-    Returns the outcomes and timings."""
+    ``strict``: see :func:`label_outcomes`. Returns the outcomes and timings."""
     rng = np.random.default_rng(seed)
     formulas = np.unique(index.formulas)
     pick = rng.permutation(len(formulas))[: min(n_queries, len(formulas))]
@@ -191,9 +194,8 @@ def fold_outcomes(
     out = Outcomes()
     for f in range(folds):
         held = {formula for formula, fd in fold_of_formula.items() if fd == f}
-        key = outcome_key(
-            training_hash(index), seed, folds, f, k, n_queries, sorted(pair_kwargs or {}), MAX_ASSIGNMENTS
-        )
+        parts = [training_hash(index), seed, folds, f, k, n_queries, sorted(pair_kwargs or {}), MAX_ASSIGNMENTS]
+        key = outcome_key(*parts, *([] if strict else ["standard"]))
         path = cache_dir / f"outcomes-{key}.json.gz" if cache_dir is not None else None
 
         def build(held=held, f=f) -> Outcomes:
@@ -202,7 +204,7 @@ def fold_outcomes(
             model, _ = SimilarityModel.train(train, seed=seed + f, check_labels=0, **(pair_kwargs or {}))
             timings["pair_models_seconds"] += time.perf_counter() - t
             t = time.perf_counter()
-            res = label_outcomes(index, model, rows_arr[fold == f], k, workers)
+            res = label_outcomes(index, model, rows_arr[fold == f], k, workers, strict=strict)
             timings["labels_seconds"] += time.perf_counter() - t
             return res
 

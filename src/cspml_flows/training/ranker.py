@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +13,7 @@ import numpy as np
 
 from cspml_flows.core.errors import ModelError
 from cspml_flows.learning.features import Standardizer
-from cspml_flows.learning.ranker import CANDIDATES, CandidateRanker, candidate_features
+from cspml_flows.learning.ranker import CANDIDATES, DEFAULT_FEATURES, CandidateRanker, candidate_features
 from cspml_flows.templates.index import TemplateIndex
 from cspml_flows.training.outcomes import fold_outcomes
 
@@ -28,7 +30,17 @@ def top_hits(y: np.ndarray, scores: np.ndarray, groups: np.ndarray, k: int) -> f
     return float(np.mean(hits)) if hits else float("nan")
 
 
-def fit_ranker(
+@dataclass
+class RankerData:
+    """The ranker's training rows: features of every candidate of the held-out pool queries, labels, groups."""
+
+    x: np.ndarray
+    y: np.ndarray
+    groups: np.ndarray
+    report: dict[str, Any]
+
+
+def ranker_data(  # noqa: PLR0913 - fold_outcomes' keyword options, passed through
     index: TemplateIndex,
     std: Standardizer,
     n_queries: int = 2000,
@@ -38,43 +50,79 @@ def fit_ranker(
     workers: int = 2,
     cache_dir: Path | None = None,
     pair_kwargs: dict | None = None,
-) -> tuple[CandidateRanker, dict[str, Any]]:
-    """Train the ranker on CSP outcomes of the pool (see :mod:`cspml_flows.training.outcomes`).
-
-    20 % of the held-out formulas are kept back to choose the number of rounds and to report top-k of
-    the pair-model order against the ranker's; the ranker is then refitted on every formula.
-    """
-    t0 = time.perf_counter()
-    out, timings = fold_outcomes(index, n_queries, k, folds, seed, workers, cache_dir, pair_kwargs)
+    strict: bool = True,
+    features: Sequence[str] = DEFAULT_FEATURES,
+) -> RankerData:
+    """Labelled candidates of held-out pool formulas (see :mod:`cspml_flows.training.outcomes`) as features;
+    what a query may not use as a template (its formula, or with ``strict=False`` its own template) is left
+    out of the pool statistics its features read. Columns outside ``features`` are not computed (NaN)."""
+    out, timings = fold_outcomes(index, n_queries, k, folds, seed, workers, cache_dir, pair_kwargs, strict)
     queries = [index.roles[i] for i in out.rows]
-    x = candidate_features(index, queries, out.candidates, std, index.stats[np.array(out.rows, dtype=int)])
+    if strict:
+        held_out = [index.rows_of_formula(index.roles[i]) for i in out.rows]
+    else:
+        held_out = [np.array([i]) for i in out.rows]
+    rows = np.array(out.rows, dtype=int)
+    x = candidate_features(index, queries, out.candidates, std, index.stats[rows], held_out, features)
     y = np.concatenate(out.labels) if out.labels else np.zeros(0)
     groups = np.array([len(c) for c in out.candidates])
     if len(y) == 0 or y.max() == 0:
         raise ModelError("no candidate of the held-out pool formulas matched: the pool is too small for a ranker")
-    val_q = np.random.default_rng(seed + 7).random(len(groups)) < 0.2
-    val_rows = np.repeat(val_q, groups)
-    probe = CandidateRanker.train(x[~val_rows], y[~val_rows], groups[~val_q], (x[val_rows], y[val_rows], groups[val_q]))
-    best = max(int(probe.booster.best_iteration or 0), 30)
     pair_order = -np.concatenate([np.arange(n) for n in groups]).astype(float)
-    yv, gv = y[val_rows], groups[val_q]
-    report: dict[str, Any] = {
+    report = {
+        "setting": "strict" if strict else "standard",
         "n_queries": len(groups),
         "n_candidates": len(y),
         "candidates_per_query": k,
-        "rounds": best,
         f"recall_at_{k}": top_hits(y, pair_order, groups, k),
         **timings,
     }
+    return RankerData(x, y, groups, report)
+
+
+def fit_on(data: RankerData, features: Sequence[str] = DEFAULT_FEATURES, seed: int = 0) -> tuple[CandidateRanker, dict]:
+    """A ranker reading ``features`` fitted on ``data``: 20 % of the queries are kept back to choose the number
+    of rounds and to report top-k of the pair-model order against the ranker's, then it is refitted on all."""
+    x, y, groups = data.x, data.y, data.groups
+    val_q = np.random.default_rng(seed + 7).random(len(groups)) < 0.2
+    val_rows = np.repeat(val_q, groups)
+    probe = CandidateRanker.train(
+        x[~val_rows], y[~val_rows], groups[~val_q], (x[val_rows], y[val_rows], groups[val_q]), features=features
+    )
+    best = max(int(probe.booster.best_iteration or 0), 30)
+    pair_order = -np.concatenate([np.arange(n) for n in groups]).astype(float)
+    yv, gv = y[val_rows], groups[val_q]
+    report: dict[str, Any] = {**data.report, "rounds": best, "features": list(features)}
     for kk in (1, 5, 20):
         report[f"held_out_top{kk}_pair"] = top_hits(yv, pair_order[val_rows], gv, kk)
         report[f"held_out_top{kk}_ranker"] = top_hits(yv, probe.scores(x[val_rows]), gv, kk)
-    ranker = CandidateRanker.train(x, y, groups, max_iter=best, seed=seed)
+    ranker = CandidateRanker.train(x, y, groups, max_iter=best, seed=seed, features=features)
     ranker.meta["report"] = report
+    return ranker, report
+
+
+def fit_ranker(  # noqa: PLR0913 - fold_outcomes' keyword options, passed through
+    index: TemplateIndex,
+    std: Standardizer,
+    n_queries: int = 2000,
+    k: int = CANDIDATES,
+    folds: int = 2,
+    seed: int = 0,
+    workers: int = 2,
+    cache_dir: Path | None = None,
+    pair_kwargs: dict | None = None,
+    strict: bool = True,
+) -> tuple[CandidateRanker, dict[str, Any]]:
+    """Train the ranker on CSP outcomes of the pool (:func:`ranker_data`, then :func:`fit_on`) for the setting
+    it serves: ``strict`` for compositions whose formula the pool does not hold (the default), else the
+    standard setting, where templates of the query's formula (other polymorphs) are candidates."""
+    t0 = time.perf_counter()
+    data = ranker_data(index, std, n_queries, k, folds, seed, workers, cache_dir, pair_kwargs, strict)
+    ranker, report = fit_on(data, seed=seed)
     report["train_seconds"] = time.perf_counter() - t0
     logger.info(
         "ranker on %d held-out pool formulas: top-1 %.3f (pair order) -> %.3f (ranker) on the 20 %% kept back",
-        len(groups),
+        len(data.groups),
         report["held_out_top1_pair"],
         report["held_out_top1_ranker"],
     )

@@ -1,0 +1,74 @@
+"""Site-environment features: the wrong assignment of SrTiO3 onto a perovskite reads as the wrong chemistry."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from pymatgen.core import Lattice, Structure
+
+from cspml_flows.core.composition import roles
+from cspml_flows.core.descriptors import magpie_stats
+from cspml_flows.learning.environment import ElementEnvironments, bond_valence_r0, ecn_bins
+from cspml_flows.learning.features import Standardizer
+from cspml_flows.learning.ranker import FEATURES, candidate_features
+from cspml_flows.predict.retrieve import Ranked
+from cspml_flows.templates.index import TemplateIndex
+from cspml_flows.templates.schema import template_doc_from_structure
+
+PEROVSKITE = [[0, 0, 0], [0.5, 0.5, 0.5], [0.5, 0.5, 0], [0.5, 0, 0.5], [0, 0.5, 0.5]]
+POOL = {"BaTiO3": 4.00, "CaTiO3": 3.84, "SrZrO3": 4.10, "BaZrO3": 4.19, "SrHfO3": 4.07, "PbTiO3": 3.97}
+
+
+def perovskite(formula: str, a: float) -> Structure:
+    r = roles(formula)
+    big, small = r.elements[0], r.elements[1]
+    return Structure(Lattice.cubic(a), [big, small, "O", "O", "O"], PEROVSKITE)
+
+
+@pytest.fixture(scope="module")
+def pool() -> TemplateIndex:
+    docs = [
+        template_doc_from_structure(perovskite(f, a), f"hand-{f}", source="hand-built").model_dump(mode="json")
+        for f, a in POOL.items()
+    ]
+    return TemplateIndex.from_docs(docs, workers=1)
+
+
+def features_of(index: TemplateIndex, query: str, template: str, perms: list[tuple[int, ...]]) -> dict[str, np.ndarray]:
+    t = int(np.flatnonzero(index.formulas == template)[0])
+    cands = [Ranked(t, p, 0.5, int(index.cluster[t]), (), (0.5, 0.5, 1.0)) for p in perms]
+    std = Standardizer(index.stats, index.role_props)
+    x = candidate_features(index, [roles(query)], [cands], std, magpie_stats([query]))
+    return {f: x[:, k] for k, f in enumerate(FEATURES)}
+
+
+def test_the_right_sites_for_sr_and_ti(pool):
+    r = roles("SrTiO3")
+    t_roles = roles("BaTiO3")
+    assert (r.elements[:2], t_roles.elements[:2]) == (("Sr", "Ti"), ("Ba", "Ti"))
+    right, swapped = (0, 1, 2), (1, 0, 2)  # Sr on the Ba site / Ti on the Ba site
+    f = features_of(pool, "SrTiO3", "BaTiO3", [right, swapped])
+    assert f["env_logp_mean"][0] > f["env_logp_mean"][1]
+    assert f["env_logp_gain"][0] > f["env_logp_gain"][1]
+    assert f["bond_strain_spread"][0] < f["bond_strain_spread"][1]
+    assert f["bvs_deviation_max"][0] < f["bvs_deviation_max"][1]
+    assert f["bvs_deviation_max"][0] < 0.5  # Sr2+ and Ti4+ near their valences in a rescaled BaTiO3 cell
+
+
+def test_held_out_rows_leave_the_pool_statistics(pool):
+    stats = ElementEnvironments.from_index(pool)
+    rows = np.flatnonzero(pool.formulas == "BaTiO3")
+    fewer = stats.without(rows)
+    assert stats.counts.sum() - fewer.sum() == 3  # Ba, Ti and O of BaTiO3
+    ba = 56
+    assert stats.counts[ba].sum() == 2 and fewer[ba].sum() == 1
+    z = np.array([[ba]])
+    bins = ecn_bins(pool.environments().ecn[rows[:1], :1])  # the Ba site's own ECoN bin
+    alone = stats.logp(z, bins, np.array([0]), None)
+    held = stats.logp(z, bins, np.array([0]), [rows])
+    assert held[0, 0] < alone[0, 0]  # one Ba site fewer seen at ECoN 12
+
+
+def test_bond_valence_r0_as_pymatgen():
+    """O'Keeffe-Brese R0 of Ti-O is near the tabulated 1.815 A."""
+    assert bond_valence_r0(np.array([22]), np.array([8]))[0] == pytest.approx(1.815, abs=0.05)
