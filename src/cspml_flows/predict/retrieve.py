@@ -118,6 +118,7 @@ def rank(  # noqa: PLR0913 - the retrieval entry's keyword options (callers pass
     metric: str = "learned",
     threads: int = 1,
     ann_threshold: int | None = ANN_THRESHOLD,
+    member: str = "probability",
 ) -> list[list[Ranked]]:
     """Top candidates per query.
 
@@ -125,7 +126,8 @@ def rank(  # noqa: PLR0913 - the retrieval entry's keyword options (callers pass
     template, canonical assignment, no clustering). ``threads`` score row chunks concurrently. Groups of at
     least ``ann_threshold`` templates are prefiltered through their nearest-neighbour graph once it is loaded
     or worth building (:mod:`cspml_flows.predict.prefilter`), smaller ones exactly; ``None``: every group
-    exactly; 0: every group through its graph from the start.
+    exactly; 0: every group through its graph from the start. ``member``: which template of a prototype
+    cluster realises its candidates (see :func:`aggregate_rows`).
     """
     qb = QueryBatch.from_roles(list(queries))
     std = model.std if model is not None else Standardizer(index.stats, index.role_props)
@@ -162,7 +164,12 @@ def rank(  # noqa: PLR0913 - the retrieval entry's keyword options (callers pass
         raise ValueError("metric='learned' needs a model")
     qi, ti, pi = (np.concatenate(r) for r in (rows.rows_q, rows.rows_t, rows.rows_p))
     prob = _score_rows(model, index, qb, rows, threads)
-    return aggregate_rows(index, qi, ti, pi, prob, perms_of, top, vote)
+    distance = None
+    if member == "nearest":
+        distance = unlearned_distance(qb.stats[qi], index.stats[ti], model.std)
+    elif member != "probability":
+        raise ValueError(f"member must be 'probability' or 'nearest', not {member!r}")
+    return aggregate_rows(index, qi, ti, pi, prob, perms_of, top, vote, distance=distance)
 
 
 def _by_group(queries: Sequence[Roles]) -> dict[str, list[int]]:
@@ -223,7 +230,7 @@ def _score_rows(
     return prob
 
 
-def aggregate_rows(
+def aggregate_rows(  # noqa: PLR0913 - the scored rows as aligned arrays, then options
     index: TemplateIndex,
     qi: np.ndarray,
     ti: np.ndarray,
@@ -233,14 +240,16 @@ def aggregate_rows(
     top: int,
     vote: float,
     n_alt: int = 3,
+    distance: np.ndarray | None = None,
 ) -> list[list[Ranked]]:
     """Collapse scored (query, template, perm) rows into one candidate per (query, cluster, perm), vectorised.
 
     Score = best + vote * (1 - best) * P(at least one other member matches), the members independent. All
     assignments of one cluster are realised on one template: the best member under the cluster's
     best-scoring assignment (the next best are the alternates), so that two assignments of a cluster are
-    the same crystal exactly when that template's symmetry maps one onto the other (the member nearest in
-    element properties, tried instead, ranked worse).
+    the same crystal exactly when that template's symmetry maps one onto the other. With ``distance`` (a
+    composition distance per row), the member nearest the query is that template instead, the next nearest
+    the alternates (the scores are the same).
     """
     out: list[list[Ranked]] = [[] for _ in perms_of]
     cl = index.cluster[ti]
@@ -272,7 +281,11 @@ def aggregate_rows(
         q, c = int(g_query[g]), int(g_cluster[g])
         lg = lead_of[(q, c)]
         s, e = starts[lg], ends[lg]
-        members = ti[order[s : min(e, s + 1 + n_alt)]].tolist()
+        if distance is None:
+            members = ti[order[s : min(e, s + 1 + n_alt)]].tolist()
+        else:
+            rows_ = order[s:e]
+            members = ti[rows_[np.argsort(distance[rows_], kind="stable")[: 1 + n_alt]]].tolist()
         stats = (float(best[g]), float(mean[g]), float(count[g]))
         out[q].append(
             Ranked(members[0], perms_of[q][int(ps[starts[g]])], float(score[g]), c, tuple(members[1:]), stats)
