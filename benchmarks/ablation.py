@@ -31,6 +31,7 @@ from benchmarks.csp_model import benchmark_model
 from benchmarks.csp_tables import write_reports
 from benchmarks.logs import configure_logging
 from benchmarks.protocols import formula_from_cif, load_queries, pool_index, query_structures
+from benchmarks.prototype_classifier import query_feature, training_feature
 from cspml_flows.core.composition import MAX_ASSIGNMENTS, roles
 from cspml_flows.core.config import home_dir
 from cspml_flows.core.descriptors import magpie_stats
@@ -54,6 +55,7 @@ PROTOTYPE = ("cluster_share", "log_cluster_size", "e_above_hull", "log_nprim")
 ENVIRONMENT = ENV_FEATURES
 VOTES = VOTE_FEATURES
 CHEMISTRY = tuple(f for f in FEATURES if f not in PAIR + PROTOTYPE + ENVIRONMENT + VOTES)
+PROTOTYPE_PROBABILITY = "prototype_probability"  # benchmarks.prototype_classifier
 SHIPPED = "default features (the shipped ranker: pair + prototype + chemistry)"
 VARIANTS: dict[str, tuple[str, ...]] = {
     "pair-model features only": PAIR,
@@ -65,7 +67,10 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "all but bond strain and bond valence": tuple(f for f in FEATURES if not f.startswith(("bond_", "bvs_"))),
     "all but prototype votes and query class": PAIR + PROTOTYPE + CHEMISTRY + ENVIRONMENT,
     "all features": FEATURES,
+    "default features + prototype classifier": (*DEFAULT_FEATURES, PROTOTYPE_PROBABILITY),
+    "all features + prototype classifier": (*FEATURES, PROTOTYPE_PROBABILITY),
 }
+COLUMNS = (*FEATURES, PROTOTYPE_PROBABILITY)  # the ablation's feature matrices: the ranker's, then the classifier
 TRAINING_SIZES = (250, 500, 1000)  # learning curve: held-out pool formulas the full ranker learns from
 
 _FORKED: tuple[TemplateIndex, list, list, list] | None = None
@@ -165,7 +170,8 @@ def query_labels(
 def training_rows(
     cfg: BenchmarkConfig, train_index: TemplateIndex, model: SimilarityModel, k: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The ranker's training data: CSP outcomes of held-out pool formulas (cached by the benchmark's fit)."""
+    """The ranker's training data: CSP outcomes of held-out pool formulas (cached by the benchmark's fit), with
+    the cross-fitted prototype-classifier column last."""
     data = ranker_data(
         train_index,
         model.std,
@@ -177,7 +183,8 @@ def training_rows(
         strict=cfg.setting == "strict",
         features=FEATURES,
     )
-    return data.x, data.y, data.groups
+    proto = training_feature(train_index, data.query_rows, data.template_rows, data.groups, cfg.seed)
+    return np.column_stack([data.x, proto]), data.y, data.groups
 
 
 def variant_rows(
@@ -191,7 +198,7 @@ def variant_rows(
         "pair-model order (no ranker)": [-np.arange(n, dtype=float) for n in data.sizes]
     }
     for name, feats in VARIANTS.items():
-        cols = [FEATURES.index(f) for f in feats]
+        cols = [COLUMNS.index(f) for f in feats]
         booster = _train(data.xt[:, cols], data.yt, data.groups, rounds, seed)
         scores[f"ranker: {name}"] = data.split(booster.predict(data.xq[:, cols]))
     starts = np.cumsum([0, *data.groups])
@@ -199,11 +206,12 @@ def variant_rows(
         if n >= len(data.groups):
             continue
         take = np.concatenate([np.arange(starts[i], starts[i + 1]) for i in range(n)])
-        booster = _train(data.xt[take], data.yt[take], data.groups[:n], rounds, seed)
-        scores[f"ranker: all features, {n} training formulas"] = data.split(booster.predict(data.xq))
+        cols = [COLUMNS.index(f) for f in FEATURES]
+        booster = _train(data.xt[take][:, cols], data.yt[take], data.groups[:n], rounds, seed)
+        scores[f"ranker: all features, {n} training formulas"] = data.split(booster.predict(data.xq[:, cols]))
     if other is not None:
         name, xo, yo, go = other
-        cols = [FEATURES.index(f) for f in DEFAULT_FEATURES]
+        cols = [COLUMNS.index(f) for f in DEFAULT_FEATURES]
         booster = _train(xo[:, cols], yo, go, rounds, seed)
         scores[f"ranker: default features, trained for the {name} setting"] = data.split(
             booster.predict(data.xq[:, cols])
@@ -247,6 +255,8 @@ def run_ablation(
     q_stats = magpie_stats([r.reduced_formula for r in q_roles])
     held = [index.rows_of_formula(r) for r in q_roles] if strict else None
     xq = candidate_features(index, q_roles, cands, model.std, q_stats, held, FEATURES)
+    proto = query_feature(train_index, np.arange(len(train_index)), q_roles, cands, seed)
+    xq = np.column_stack([xq, proto])
     data = AblationData(labels, [len(c) for c in cands], xq, xt, yt, groups)
     rounds = int((model.ranker.meta.get("report") or {}).get("rounds", 200)) if model.ranker else 200
     other_setting = "standard" if strict else "strict"

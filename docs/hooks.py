@@ -405,14 +405,14 @@ def training_bounds() -> str:
     return "\n".join(lines) + "\n"
 
 
-def csp_results(folder: str) -> Callable[[], str]:
+def csp_results(folder: str, pattern: str = "*.json") -> Callable[[], str]:
     """The methods table (:mod:`benchmarks.csp_tables`) of every ``python -m benchmarks csp`` result in
     ``benchmarks/results/<folder>/``, one row block per file, with the code each was measured on."""
 
     def generate() -> str:
-        files = sorted((RESULTS / folder).glob("*.json"))
+        files = sorted((RESULTS / folder).glob(pattern))
         if not files:
-            raise PluginError(f"benchmark results missing: benchmarks/results/{folder}/*.json")
+            raise PluginError(f"benchmark results missing: benchmarks/results/{folder}/{pattern}")
         try:
             from benchmarks.csp_tables import methods_table
         except ImportError as exc:
@@ -427,6 +427,23 @@ def csp_results(folder: str) -> Callable[[], str]:
     return generate
 
 
+def ablation_results(folder: str) -> Callable[[], str]:
+    """The ranking ablation table (:func:`benchmarks.ablation.markdown`) of every ``python -m benchmarks.ablation``
+    result in ``benchmarks/results/<folder>/``."""
+
+    def generate() -> str:
+        files = sorted((RESULTS / folder).glob("ablation-*.json"))
+        if not files:
+            raise PluginError(f"benchmark results missing: benchmarks/results/{folder}/ablation-*.json")
+        try:
+            from benchmarks.ablation import markdown
+        except ImportError as exc:
+            raise PluginError(f"cannot import benchmarks.ablation from {ROOT}: {exc}") from exc
+        return "\n".join(f"`{p.name}`: {markdown(json.loads(p.read_text()))}" for p in files)
+
+    return generate
+
+
 GENERATORS: dict[str, Callable[[], str]] = {
     "config-reference": config_reference,
     "scale": scale_full("scale"),
@@ -436,6 +453,8 @@ GENERATORS: dict[str, Callable[[], str]] = {
     "scale-workers1": scale_full("scale-workers1"),
     "training-bounds": training_bounds,
     "restructure": csp_results("restructure"),
+    "ranking-ablation": ablation_results("ranking"),
+    "ranking-csp": csp_results("ranking", "csp-*.json"),
     "layers": layers_table,
 }
 

@@ -124,10 +124,9 @@ def rank(  # noqa: PLR0913 - the retrieval entry's keyword options (callers pass
 
     ``metric='learned'`` uses the model; ``'nearest'`` the unlearned Magpie distance (then one candidate per
     template, canonical assignment, no clustering). ``threads`` score row chunks concurrently. Groups of at
-    least ``ann_threshold`` templates are prefiltered through their nearest-neighbour graph once it is loaded
-    or worth building (:mod:`cspml_flows.predict.prefilter`), smaller ones exactly; ``None``: every group
-    exactly; 0: every group through its graph from the start. ``member``: which template of a prototype
-    cluster realises its candidates (see :func:`aggregate_rows`).
+    least ``ann_threshold`` templates are prefiltered through their nearest-neighbour graph once loaded or
+    worth building (:mod:`cspml_flows.predict.prefilter`), smaller ones exactly (``None``: all exactly; 0: all
+    through the graph). ``member``: a cluster is realised on its most ``'probability'`` or ``'nearest'`` member.
     """
     qb = QueryBatch.from_roles(list(queries))
     std = model.std if model is not None else Standardizer(index.stats, index.role_props)
@@ -163,13 +162,19 @@ def rank(  # noqa: PLR0913 - the retrieval entry's keyword options (callers pass
     if model is None:
         raise ValueError("metric='learned' needs a model")
     qi, ti, pi = (np.concatenate(r) for r in (rows.rows_q, rows.rows_t, rows.rows_p))
-    prob = _score_rows(model, index, qb, rows, threads)
-    distance = None
-    if member == "nearest":
-        distance = unlearned_distance(qb.stats[qi], index.stats[ti], model.std)
-    elif member != "probability":
-        raise ValueError(f"member must be 'probability' or 'nearest', not {member!r}")
+    prob, distance = _score_rows(model, index, qb, rows, threads), member_distance(member, qb, index, qi, ti, model.std)
     return aggregate_rows(index, qi, ti, pi, prob, perms_of, top, vote, distance=distance)
+
+
+def member_distance(
+    member: str, qb: QueryBatch, index: TemplateIndex, qi: np.ndarray, ti: np.ndarray, std: Standardizer
+) -> np.ndarray | None:
+    """Per scored row, the composition distance that chooses a cluster's member (None: by probability)."""
+    if member == "probability":
+        return None
+    if member == "nearest":
+        return unlearned_distance(qb.stats[qi], index.stats[ti], std)
+    raise ValueError(f"member must be 'probability' or 'nearest', not {member!r}")
 
 
 def _by_group(queries: Sequence[Roles]) -> dict[str, list[int]]:
@@ -280,12 +285,10 @@ def aggregate_rows(  # noqa: PLR0913 - the scored rows as aligned arrays, then o
     for g in keep:
         q, c = int(g_query[g]), int(g_cluster[g])
         lg = lead_of[(q, c)]
-        s, e = starts[lg], ends[lg]
-        if distance is None:
-            members = ti[order[s : min(e, s + 1 + n_alt)]].tolist()
-        else:
-            rows_ = order[s:e]
-            members = ti[rows_[np.argsort(distance[rows_], kind="stable")[: 1 + n_alt]]].tolist()
+        group_rows = order[starts[lg] : ends[lg]]  # by probability, highest first
+        if distance is not None:
+            group_rows = group_rows[np.argsort(distance[group_rows], kind="stable")]
+        members = ti[group_rows[: 1 + n_alt]].tolist()
         stats = (float(best[g]), float(mean[g]), float(count[g]))
         out[q].append(
             Ranked(members[0], perms_of[q][int(ps[starts[g]])], float(score[g]), c, tuple(members[1:]), stats)

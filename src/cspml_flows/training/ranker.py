@@ -32,12 +32,15 @@ def top_hits(y: np.ndarray, scores: np.ndarray, groups: np.ndarray, k: int) -> f
 
 @dataclass
 class RankerData:
-    """The ranker's training rows: features of every candidate of the held-out pool queries, labels, groups."""
+    """The ranker's training rows: features of every candidate of the held-out pool queries, labels, groups,
+    and the index rows of the queries and of each candidate's template."""
 
     x: np.ndarray
     y: np.ndarray
     groups: np.ndarray
     report: dict[str, Any]
+    query_rows: np.ndarray
+    template_rows: np.ndarray
 
 
 def ranker_data(  # noqa: PLR0913 - fold_outcomes' keyword options, passed through
@@ -77,7 +80,8 @@ def ranker_data(  # noqa: PLR0913 - fold_outcomes' keyword options, passed throu
         f"recall_at_{k}": top_hits(y, pair_order, groups, k),
         **timings,
     }
-    return RankerData(x, y, groups, report)
+    templates = np.array([c.template for cands in out.candidates for c in cands], dtype=np.int64)
+    return RankerData(x, y, groups, report, rows, templates)
 
 
 def fit_on(data: RankerData, features: Sequence[str] = DEFAULT_FEATURES, seed: int = 0) -> tuple[CandidateRanker, dict]:
