@@ -224,6 +224,32 @@ def variant_rows(
     return rows
 
 
+def miss_kinds(cands: list[list[Ranked]], labels: list[list[int]], scores: list[np.ndarray]) -> dict[str, float]:
+    """Why the top-1 of an order misses, per query: no match among the candidates; a match on the top-1's own
+    cluster under another element assignment; or a match only on other prototype clusters (shares of all
+    queries), and where the first match ranks then."""
+    kinds = {"top-1 match": 0, "no match among the candidates": 0, "same cluster, other assignment": 0}
+    kinds |= {"other prototype cluster": 0, "first match at rank 2": 0, "first match at rank 3-5": 0}
+    kinds |= {"first match at rank 6-20": 0, "first match beyond rank 20": 0}
+    for cs, lab, sc in zip(cands, labels, scores, strict=True):
+        lab = np.asarray(lab)
+        if not len(lab) or lab.max() == 0:
+            kinds["no match among the candidates"] += 1
+            continue
+        order = np.argsort(-sc, kind="stable")
+        if lab[order[0]]:
+            kinds["top-1 match"] += 1
+            continue
+        top = cs[order[0]]
+        same = any(cs[j].cluster == top.cluster for j in np.flatnonzero(lab))
+        kinds["same cluster, other assignment" if same else "other prototype cluster"] += 1
+        first = int(np.flatnonzero(lab[order])[0]) + 1
+        band = "2" if first == 2 else "3-5" if first <= 5 else "6-20" if first <= 20 else None
+        kinds[f"first match at rank {band}" if band else "first match beyond rank 20"] += 1
+    n = max(len(cands), 1)
+    return {k: v / n for k, v in kinds.items()}
+
+
 def run_ablation(
     protocol: str,
     limit: int | None = 1000,
@@ -262,6 +288,9 @@ def run_ablation(
     other_setting = "standard" if strict else "strict"
     xo, yo, go = training_rows(replace(cfg, setting=other_setting), train_index, model, k)
     rows = variant_rows(data, rounds, seed, (other_setting, xo, yo, go))
+    shipped = [FEATURES.index(f) for f in DEFAULT_FEATURES]
+    booster = _train(xt[:, shipped], yt, groups, rounds, seed)
+    misses = miss_kinds(cands, labels, data.split(booster.predict(xq[:, shipped])))
     recall = float(np.mean([max(lab, default=0) == 1 for lab in labels]))
     return {
         "protocol": protocol,
@@ -274,6 +303,7 @@ def run_ablation(
         "training_formulas": len(groups),
         "ranker_rounds": rounds,
         "variants": rows,
+        "shipped_ranker_misses": misses,
         "seconds": time.perf_counter() - t0,
         "label_seconds": t_labels,
     }
@@ -304,6 +334,11 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         markdown_table(["ranking", "top-1", "top-5", "top-20", "top-1 minus shipped ranker"], rows, align="lrrrr"),
     ]
+    misses = result.get("shipped_ranker_misses")
+    if misses:
+        rows = [[kind, f"{share:.1%}"] for kind, share in misses.items()]
+        lines += ["", "The shipped ranker's top-1 by kind (share of the queries):", ""]
+        lines.append(markdown_table(["top-1", "share"], rows, align="lr"))
     return "\n".join(lines) + "\n"
 
 

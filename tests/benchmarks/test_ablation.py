@@ -42,3 +42,20 @@ def test_labels_agree_with_the_matcher_and_the_gate(template_index, trained_mode
         for c, lab in zip(cs, labs, strict=True):
             s, _ = substitute(sub, c.template, r, c.perm)
             assert bool(lab) == (structure_matcher().get_rms_dist(s, g) is not None)
+
+
+def test_miss_kinds_tell_assignment_from_prototype_errors():
+    from benchmarks.ablation import miss_kinds
+
+    from cspml_flows.predict.retrieve import Ranked
+
+    def c(cluster: int) -> Ranked:
+        return Ranked(template=0, perm=(0,), score=0.0, cluster=cluster)
+
+    cands = [[c(1), c(1)], [c(1), c(2)], [c(1), c(2)], [c(3)]]
+    labels = [[0, 1], [0, 1], [1, 0], [0]]
+    scores = [np.array([1.0, 0.0])] * 3 + [np.array([1.0])]
+    kinds = miss_kinds(cands, labels, scores)
+    assert kinds["top-1 match"] == 0.25 and kinds["no match among the candidates"] == 0.25
+    assert kinds["same cluster, other assignment"] == kinds["other prototype cluster"] == 0.25
+    assert kinds["first match at rank 2"] == 0.5
