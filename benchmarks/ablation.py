@@ -175,13 +175,13 @@ def training_rows(
     data = ranker_data(
         train_index,
         model.std,
-        cfg.ranker_queries,
-        k,
+        FEATURES,
+        n_queries=cfg.ranker_queries,
+        k=k,
         seed=cfg.seed,
         workers=cfg.workers,
         cache_dir=home_dir() / "benchmark" / "outcomes",
         strict=cfg.setting == "strict",
-        features=FEATURES,
     )
     proto = training_feature(train_index, data.query_rows, data.template_rows, data.groups, cfg.seed)
     return np.column_stack([data.x, proto]), data.y, data.groups

@@ -44,7 +44,7 @@ def benchmark_model(
         model.ranker, _ = fit_ranker(
             sub,
             model.std,
-            cfg.ranker_queries,
+            n_queries=cfg.ranker_queries,
             seed=cfg.seed,
             workers=cfg.workers,
             cache_dir=folder / "outcomes",

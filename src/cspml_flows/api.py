@@ -103,7 +103,7 @@ def train_model(  # noqa: PLR0913 - the public training entry's keyword options
     if ranker_queries:
         try:
             sim.ranker, ranker_report = fit_ranker(
-                index, sim.std, ranker_queries, seed=seed, workers=workers, cache_dir=home_dir() / "outcomes"
+                index, sim.std, n_queries=ranker_queries, seed=seed, workers=workers, cache_dir=home_dir() / "outcomes"
             )
         except ModelError as exc:
             ranker_report = {"skipped": str(exc)}

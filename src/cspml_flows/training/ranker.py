@@ -7,7 +7,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import numpy as np
 
@@ -43,23 +43,31 @@ class RankerData:
     template_rows: np.ndarray
 
 
-def ranker_data(  # noqa: PLR0913 - fold_outcomes' keyword options, passed through
+class OutcomeOptions(TypedDict, total=False):
+    """How the ranker's training outcomes are made (:func:`~cspml_flows.training.outcomes.fold_outcomes`)."""
+
+    n_queries: int  # held-out pool formulas (default 2000)
+    k: int  # candidates per query (default CANDIDATES)
+    folds: int
+    seed: int
+    workers: int
+    cache_dir: Path | None
+    pair_kwargs: dict | None
+    strict: bool  # the setting the ranker serves (default True)
+
+
+def ranker_data(
     index: TemplateIndex,
     std: Standardizer,
-    n_queries: int = 2000,
-    k: int = CANDIDATES,
-    folds: int = 2,
-    seed: int = 0,
-    workers: int = 2,
-    cache_dir: Path | None = None,
-    pair_kwargs: dict | None = None,
-    strict: bool = True,
     features: Sequence[str] = DEFAULT_FEATURES,
+    **options: Unpack[OutcomeOptions],
 ) -> RankerData:
     """Labelled candidates of held-out pool formulas (see :mod:`cspml_flows.training.outcomes`) as features;
     what a query may not use as a template (its formula, or with ``strict=False`` its own template) is left
     out of the pool statistics its features read. Columns outside ``features`` are not computed (NaN)."""
-    out, timings = fold_outcomes(index, n_queries, k, folds, seed, workers, cache_dir, pair_kwargs, strict)
+    opts: dict[str, Any] = {"n_queries": 2000, "k": CANDIDATES, "strict": True, **options}
+    k, strict = opts["k"], opts["strict"]
+    out, timings = fold_outcomes(index, **opts)
     queries = [index.roles[i] for i in out.rows]
     if strict:
         held_out = [index.rows_of_formula(index.roles[i]) for i in out.rows]
@@ -105,23 +113,15 @@ def fit_on(data: RankerData, features: Sequence[str] = DEFAULT_FEATURES, seed: i
     return ranker, report
 
 
-def fit_ranker(  # noqa: PLR0913 - fold_outcomes' keyword options, passed through
-    index: TemplateIndex,
-    std: Standardizer,
-    n_queries: int = 2000,
-    k: int = CANDIDATES,
-    folds: int = 2,
-    seed: int = 0,
-    workers: int = 2,
-    cache_dir: Path | None = None,
-    pair_kwargs: dict | None = None,
-    strict: bool = True,
+def fit_ranker(
+    index: TemplateIndex, std: Standardizer, **options: Unpack[OutcomeOptions]
 ) -> tuple[CandidateRanker, dict[str, Any]]:
     """Train the ranker on CSP outcomes of the pool (:func:`ranker_data`, then :func:`fit_on`) for the setting
     it serves: ``strict`` for compositions whose formula the pool does not hold (the default), else the
     standard setting, where templates of the query's formula (other polymorphs) are candidates."""
     t0 = time.perf_counter()
-    data = ranker_data(index, std, n_queries, k, folds, seed, workers, cache_dir, pair_kwargs, strict)
+    data = ranker_data(index, std, **options)
+    seed = options.get("seed", 0)
     ranker, report = fit_on(data, seed=seed)
     report["train_seconds"] = time.perf_counter() - t0
     logger.info(
