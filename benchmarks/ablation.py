@@ -19,7 +19,7 @@ import argparse
 import logging
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import lightgbm as lgb
@@ -168,10 +168,10 @@ def query_labels(
 
 
 def training_rows(
-    cfg: BenchmarkConfig, train_index: TemplateIndex, model: SimilarityModel, k: int
+    cfg: BenchmarkConfig, train_index: TemplateIndex, model: SimilarityModel, k: int, strict: bool = True
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The ranker's training data: CSP outcomes of held-out pool formulas (cached by the benchmark's fit), with
-    the cross-fitted prototype-classifier column last."""
+    the cross-fitted prototype-classifier column last; ``strict=False``: outcomes of the standard setting."""
     data = ranker_data(
         train_index,
         model.std,
@@ -181,7 +181,7 @@ def training_rows(
         seed=cfg.seed,
         workers=cfg.workers,
         cache_dir=home_dir() / "benchmark" / "outcomes",
-        strict=cfg.setting == "strict",
+        strict=strict,
     )
     proto = training_feature(train_index, data.query_rows, data.template_rows, data.groups, cfg.seed)
     return np.column_stack([data.x, proto]), data.y, data.groups
@@ -285,9 +285,8 @@ def run_ablation(
     xq = np.column_stack([xq, proto])
     data = AblationData(labels, [len(c) for c in cands], xq, xt, yt, groups)
     rounds = int((model.ranker.meta.get("report") or {}).get("rounds", 200)) if model.ranker else 200
-    other_setting = "standard" if strict else "strict"
-    xo, yo, go = training_rows(replace(cfg, setting=other_setting), train_index, model, k)
-    rows = variant_rows(data, rounds, seed, (other_setting, xo, yo, go))
+    xo, yo, go = training_rows(cfg, train_index, model, k, strict=False)  # the shipped ranker's are strict
+    rows = variant_rows(data, rounds, seed, ("standard", xo, yo, go))
     shipped = [FEATURES.index(f) for f in DEFAULT_FEATURES]
     booster = _train(xt[:, shipped], yt, groups, rounds, seed)
     misses = miss_kinds(cands, labels, data.split(booster.predict(xq[:, shipped])))

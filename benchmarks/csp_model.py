@@ -48,7 +48,6 @@ def benchmark_model(
             seed=cfg.seed,
             workers=cfg.workers,
             cache_dir=folder / "outcomes",
-            strict=cfg.setting == "strict",
         )
         model.save(path)
     report = dict(model.meta.get("report", {}))
