@@ -43,7 +43,6 @@ logger = logging.getLogger(__name__)
 TOP = 20
 CAP_ABLATION = 6  # the assignment cap before lazy enumeration, run beside the current one where it matters
 NO_RANKER = "pair score only (no ranker)"
-NEAREST_MEMBER = "clusters realised on the member nearest in composition"
 STANDARD = CSP_TOLERANCES.name  # the tolerance set of the result's top-level rates
 RmsByTolerance = dict[str, list[list[float | None]]]
 
@@ -104,8 +103,7 @@ def timed_rates(cfg: BenchmarkConfig, sample: Sample, predict: Any) -> tuple[dic
 def ablations(
     cfg: BenchmarkConfig, index: TemplateIndex, model: SimilarityModel, sample: Sample
 ) -> dict[str, tuple[dict[str, float], RmsByTolerance]]:
-    """The same engine without the ranker, with each cluster realised on its member nearest the query in
-    composition, and with the earlier cap on assignments (where a query has more)."""
+    """The same engine without the ranker, and with the earlier cap on assignments (where a query has more)."""
     out: dict[str, tuple[dict[str, float], RmsByTolerance]] = {}
     args = {"top": TOP, "exclude_ids": sample.exclude, "strict": sample.strict}
     if model.ranker is not None:  # the same pair model without the second stage
@@ -114,11 +112,6 @@ def ablations(
         )
         out[NO_RANKER] = timed_rates(cfg, sample, lambda: pair_only.predict(sample.comps, **args))
         logger.info("pair score only: top1=%.4f", out[NO_RANKER][0]["top1"])
-    nearest_member = CSPPredictor(
-        index, model, workers=cfg.workers, max_assignments=cfg.max_assignments, member="nearest"
-    )
-    out[NEAREST_MEMBER] = timed_rates(cfg, sample, lambda: nearest_member.predict(sample.comps, **args))
-    logger.info("%s: top1=%.4f", NEAREST_MEMBER, out[NEAREST_MEMBER][0]["top1"])
     capped = [len(r.permutations(limit=CAP_ABLATION + 1)) > CAP_ABLATION for r in sample.roles]
     if any(capped) and cfg.max_assignments > CAP_ABLATION:  # the earlier cap on assignments
         few = CSPPredictor(index, model, workers=cfg.workers, max_assignments=CAP_ABLATION)

@@ -112,10 +112,8 @@ class CSPPredictor:
         prefilter: int = 48,
         workers: int = 1,
         max_assignments: int = MAX_ASSIGNMENTS,
-        member: str = "probability",
     ):
         self.index = index
-        self.member = member  # the template that realises a prototype cluster (see retrieve.aggregate_rows)
         self.model = model
         self.prefilter = prefilter
         self.max_assignments = max_assignments  # element-to-site assignments per composition (fewest swaps first)
@@ -170,7 +168,6 @@ class CSPPredictor:
             max_perms=self.max_assignments,
             metric=metric,
             threads=self.workers,
-            member=self.member,
         )
         if ranker is not None:
             q_stats = magpie_stats([r.reduced_formula for r in rl])

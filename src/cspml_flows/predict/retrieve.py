@@ -118,7 +118,6 @@ def rank(  # noqa: PLR0913 - the retrieval entry's keyword options (callers pass
     metric: str = "learned",
     threads: int = 1,
     ann_threshold: int | None = ANN_THRESHOLD,
-    member: str = "probability",
 ) -> list[list[Ranked]]:
     """Top candidates per query.
 
@@ -126,7 +125,7 @@ def rank(  # noqa: PLR0913 - the retrieval entry's keyword options (callers pass
     template, canonical assignment, no clustering). ``threads`` score row chunks concurrently. Groups of at
     least ``ann_threshold`` templates are prefiltered through their nearest-neighbour graph once loaded or
     worth building (:mod:`cspml_flows.predict.prefilter`), smaller ones exactly (``None``: all exactly; 0: all
-    through the graph). ``member``: a cluster is realised on its most ``'probability'`` or ``'nearest'`` member.
+    through the graph).
     """
     qb = QueryBatch.from_roles(list(queries))
     std = model.std if model is not None else Standardizer(index.stats, index.role_props)
@@ -162,19 +161,8 @@ def rank(  # noqa: PLR0913 - the retrieval entry's keyword options (callers pass
     if model is None:
         raise ValueError("metric='learned' needs a model")
     qi, ti, pi = (np.concatenate(r) for r in (rows.rows_q, rows.rows_t, rows.rows_p))
-    prob, distance = _score_rows(model, index, qb, rows, threads), member_distance(member, qb, index, qi, ti, model.std)
-    return aggregate_rows(index, qi, ti, pi, prob, perms_of, top, vote, distance=distance)
-
-
-def member_distance(
-    member: str, qb: QueryBatch, index: TemplateIndex, qi: np.ndarray, ti: np.ndarray, std: Standardizer
-) -> np.ndarray | None:
-    """Per scored row, the composition distance that chooses a cluster's member (None: by probability)."""
-    if member == "probability":
-        return None
-    if member == "nearest":
-        return unlearned_distance(qb.stats[qi], index.stats[ti], std)
-    raise ValueError(f"member must be 'probability' or 'nearest', not {member!r}")
+    prob = _score_rows(model, index, qb, rows, threads)
+    return aggregate_rows(index, qi, ti, pi, prob, perms_of, top, vote)
 
 
 def _by_group(queries: Sequence[Roles]) -> dict[str, list[int]]:
@@ -235,7 +223,7 @@ def _score_rows(
     return prob
 
 
-def aggregate_rows(  # noqa: PLR0913 - the scored rows as aligned arrays, then options
+def aggregate_rows(
     index: TemplateIndex,
     qi: np.ndarray,
     ti: np.ndarray,
@@ -245,16 +233,14 @@ def aggregate_rows(  # noqa: PLR0913 - the scored rows as aligned arrays, then o
     top: int,
     vote: float,
     n_alt: int = 3,
-    distance: np.ndarray | None = None,
 ) -> list[list[Ranked]]:
     """Collapse scored (query, template, perm) rows into one candidate per (query, cluster, perm), vectorised.
 
     Score = best + vote * (1 - best) * P(at least one other member matches), the members independent. All
     assignments of one cluster are realised on one template: the best member under the cluster's
     best-scoring assignment (the next best are the alternates), so that two assignments of a cluster are
-    the same crystal exactly when that template's symmetry maps one onto the other. With ``distance`` (a
-    composition distance per row), the member nearest the query is that template instead, the next nearest
-    the alternates (the scores are the same).
+    the same crystal exactly when that template's symmetry maps one onto the other (the member nearest the
+    query in composition, tried instead, matched no more often and with a larger RMSE).
     """
     out: list[list[Ranked]] = [[] for _ in perms_of]
     cl = index.cluster[ti]
@@ -286,8 +272,6 @@ def aggregate_rows(  # noqa: PLR0913 - the scored rows as aligned arrays, then o
         q, c = int(g_query[g]), int(g_cluster[g])
         lg = lead_of[(q, c)]
         group_rows = order[starts[lg] : ends[lg]]  # by probability, highest first
-        if distance is not None:
-            group_rows = group_rows[np.argsort(distance[group_rows], kind="stable")]
         members = ti[group_rows[: 1 + n_alt]].tolist()
         stats = (float(best[g]), float(mean[g]), float(count[g]))
         out[q].append(
