@@ -117,6 +117,17 @@ def tie_heavy_block(r: dict[str, Any]) -> list[str]:
     return ["", title, "", table(["method", *RATES], rows, align="lrrrr")]
 
 
+def paired_rmse_block(r: dict[str, Any]) -> list[str]:
+    """The engine's top-1 RMSE beside each other method's on the queries both match at top-1 (none when the
+    result has no such comparison)."""
+    paired = r.get("paired_rmse") or {}
+    if not paired:
+        return []
+    rows = [[name, p["n"], f"{p['rmse_top1']:.4f}", f"{p['other_rmse_top1']:.4f}"] for name, p in paired.items()]
+    title = f"{r['protocol']} {r['setting']}: top-1 RMSE on the queries both the engine and the method match at top-1"
+    return ["", title, "", table(["method", "queries", "RMSE, cspml", "RMSE, method"], rows, align="lrrr")]
+
+
 def speed_block(r: dict[str, Any]) -> list[str]:
     """Top-k throughput and the time per composition of each composition class (none when not measured)."""
     sp = r.get("speed_top5") or {}
@@ -138,7 +149,7 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
     lines = [methods_table(results)]
     for tolerances in EXTRA_TOLERANCE_SETS:
         lines += tolerance_block(results, tolerances)
-    for block in (misses_block, tie_heavy_block, speed_block):
+    for block in (misses_block, paired_rmse_block, tie_heavy_block, speed_block):
         for r in results:
             lines += block(r)
     return "\n".join(lines) + "\n"

@@ -29,7 +29,14 @@ from benchmarks.protocols import (
     pool_store,
     query_structures,
 )
-from benchmarks.scoring import EXTRA_TOLERANCE_SETS, TOLERANCE_SETS, rms_tables, summarize, tolerance_key
+from benchmarks.scoring import (
+    EXTRA_TOLERANCE_SETS,
+    TOLERANCE_SETS,
+    paired_rmse,
+    rms_tables,
+    summarize,
+    tolerance_key,
+)
 from benchmarks.speed import SPEED_TOP, prediction_speed
 from cspml_flows.core.composition import Roles, roles
 from cspml_flows.core.equivalence import CSP_TOLERANCES, Tolerances
@@ -312,6 +319,7 @@ def result_record(
         "speed_top5": run.speed,
         "score_seconds": run.score_seconds,
         "baselines": {name: summary for name, (summary, _) in others.items()},
+        "paired_rmse": {name: paired_rmse(run.rms, rms[STANDARD]) for name, (_, rms) in others.items()},
         "tolerances": CSP_TOLERANCES.kwargs,
         **{tolerance_key(t): tolerance_record(t, run, others) for t in EXTRA_TOLERANCE_SETS},
         "training": train_report,

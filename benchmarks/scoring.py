@@ -129,3 +129,15 @@ def summarize(rms: Sequence[Sequence[float | None]], ks: Sequence[int] = KS) -> 
         if k <= RMSE_RANK:
             out[f"rmse_top{k}"] = float(np.nanmean(hits)) if hits else float("nan")
     return out
+
+
+def paired_rmse(a: Sequence[Sequence[float | None]], b: Sequence[Sequence[float | None]]) -> dict[str, float]:
+    """RMSE of the top-1 matches of two methods on the queries both match at top-1 (``n`` of them), so that a
+    method that matches harder queries is not charged for their larger distances."""
+    pairs = [
+        (ra[0], rb[0]) for ra, rb in zip(a, b, strict=True) if ra and rb and ra[0] is not None and rb[0] is not None
+    ]
+    if not pairs:
+        return {"n": 0, "rmse_top1": float("nan"), "other_rmse_top1": float("nan")}
+    x = np.array(pairs, dtype=float)
+    return {"n": len(pairs), "rmse_top1": float(x[:, 0].mean()), "other_rmse_top1": float(x[:, 1].mean())}

@@ -163,9 +163,19 @@ def test_benchmark_result_carries_both_tolerance_sets(hand_pool):
         assert tight["baselines"][name]["top20"] <= loose["top20"]
         assert set(tight["baselines"][name]) == {k for k in loose if k != "predict_seconds"}
     assert tight["top1_over_ceiling"] == pytest.approx(tight["top1"] / 0.5)
+    assert set(result["paired_rmse"]) == methods and all(p["n"] <= 4 for p in result["paired_rmse"].values())
     assert run.covered.tolist() == run.covered_by_tolerance[STANDARD].tolist() == [True] * 4
 
     md = markdown_table([result])
     standard_table, rest = md.split("\n\nThe same predictions at the pymatgen default StructureMatcher tolerances ")
     assert "(ltol=0.2, stol=0.3, angle_tol=5)" in rest
     assert standard_table.count("| hand ") == rest.split("\n\n")[1].count("| hand ") == 4
+
+
+def test_paired_rmse_compares_common_matches_only():
+    from benchmarks.scoring import paired_rmse
+
+    a = [[0.1, None], [None], [0.3], []]
+    b = [[0.2], [0.05], [0.1], [0.4]]
+    assert paired_rmse(a, b) == {"n": 2, "rmse_top1": pytest.approx(0.2), "other_rmse_top1": pytest.approx(0.15)}
+    assert paired_rmse([[None]], [[0.1]])["n"] == 0
