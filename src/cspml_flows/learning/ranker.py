@@ -309,6 +309,11 @@ class CandidateRanker:
         """The features the booster reads, in its column order."""
         return list(self.meta.get("features") or DEFAULT_FEATURES)
 
+    @property
+    def reads_pool_statistics(self) -> bool:
+        """Whether it reads pool-wide statistics (site environments): a strict query's formula is left out."""
+        return bool(set(self.features) & set(ENV_FEATURES))
+
     def scores(self, x: np.ndarray, threads: int = 0) -> np.ndarray:
         """Ranking score of each row of :data:`FEATURES` (higher first)."""
         if self.booster is None:
