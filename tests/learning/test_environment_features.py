@@ -72,3 +72,20 @@ def test_held_out_rows_leave_the_pool_statistics(pool):
 def test_bond_valence_r0_as_pymatgen():
     """O'Keeffe-Brese R0 of Ti-O is near the tabulated 1.815 A."""
     assert bond_valence_r0(np.array([22]), np.array([8]))[0] == pytest.approx(1.815, abs=0.05)
+
+
+def test_volume_scales_equal_the_substitution_rescaling():
+    from pymatgen.core import Element
+
+    from cspml_flows.core.descriptors import MAX_ROLES, role_fractions
+    from cspml_flows.learning.environment import volume_scales
+    from cspml_flows.predict.substitute import volume_scale
+
+    q, t = roles("Li3PS4"), roles("Na3AsO4")
+    perm = tuple(range(len(q.elements)))
+    qz, tz = np.zeros((1, MAX_ROLES), dtype=int), np.zeros((1, MAX_ROLES), dtype=int)
+    qz[0, :3] = [Element(q.elements[j]).Z for j in perm]
+    tz[0, :3] = [Element(e).Z for e in t.elements]
+    real = np.arange(MAX_ROLES)[None, :] < 3
+    expected = volume_scale(q, t, perm) ** (1 / 3)
+    assert volume_scales(qz, tz, role_fractions([t]), real)[0] == pytest.approx(expected, rel=1e-12)

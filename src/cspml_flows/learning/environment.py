@@ -136,11 +136,13 @@ def _column(name: str) -> np.ndarray:
     return element_table()[:, MAGPIE_PROPERTIES.index(name)]
 
 
-def volume_scales(qz: np.ndarray, tz: np.ndarray, amounts: np.ndarray, real: np.ndarray) -> np.ndarray:
-    """Linear scale factor of each candidate's cell (cube root of the element-volume ratio; 1 where unknown)."""
+def volume_scales(qz: np.ndarray, tz: np.ndarray, fractions: np.ndarray, real: np.ndarray) -> np.ndarray:
+    """Linear scale factor of each candidate's cell (cube root of the element-volume ratio, the roles weighted
+    by their atomic ``fractions``; 1 where unknown): :func:`cspml_flows.predict.substitute.volume_scale`
+    for many candidates at once."""
     vol = _column("GSvolume_pa")
-    vq = np.where(real, vol[qz] * amounts, 0.0).sum(axis=1)
-    vt = np.where(real, vol[tz] * amounts, 0.0).sum(axis=1)
+    vq = np.where(real, vol[qz] * fractions, 0.0).sum(axis=1)
+    vt = np.where(real, vol[tz] * fractions, 0.0).sum(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
         ratio = vq / vt
     return np.where(np.isfinite(ratio) & (ratio > 0), np.cbrt(ratio), 1.0)
@@ -168,8 +170,7 @@ def environment_features(
     ok = real & np.isfinite(env.ecn)
     lq = stats.logp(qz, bins, owner, held_out)
     lt = stats.logp(tz, bins, owner, held_out)
-    amounts = np.array([_amounts(index, t) for t in t_row.tolist()])
-    scale = volume_scales(qz, tz, amounts, real)
+    scale = volume_scales(qz, tz, index.role_fracs[t_row], real)
     strain = _bond_strain(env.shell_n, env.shell_d, qz, tz, ok, scale)
     bvs = _bvs_deviation(env.shell_n, env.shell_d, qz, q_ox, ok, scale)
     with np.errstate(invalid="ignore"), warnings.catch_warnings():
@@ -182,13 +183,6 @@ def environment_features(
         x[:, 5] = np.nanmax(bvs, axis=1)
         x[:, 6] = np.nanmean(bvs, axis=1)
     return x
-
-
-def _amounts(index: TemplateIndex, t: int) -> np.ndarray:
-    a = np.zeros(MAX_ROLES)
-    amounts = index.roles[t].amounts[:MAX_ROLES]
-    a[: len(amounts)] = amounts
-    return a
 
 
 def _bond_strain(
