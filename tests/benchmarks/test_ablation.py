@@ -59,3 +59,19 @@ def test_miss_kinds_tell_assignment_from_prototype_errors():
     assert kinds["top-1 match"] == 0.25 and kinds["no match among the candidates"] == 0.25
     assert kinds["same cluster, other assignment"] == kinds["other prototype cluster"] == 0.25
     assert kinds["first match at rank 2"] == 0.5
+
+
+def test_variant_rows_score_every_variant_on_the_same_candidates():
+    from benchmarks.ablation import COLUMNS, SHIPPED, VARIANTS, AblationData, variant_rows
+
+    rng = np.random.default_rng(0)
+    groups = np.full(60, 5)
+    xt = rng.random((int(groups.sum()), len(COLUMNS)))
+    yt = (rng.random(len(xt)) < 0.3).astype(int)
+    sizes = [4] * 10
+    labels = [list((rng.random(4) < 0.3).astype(int)) for _ in sizes]
+    data = AblationData(labels, sizes, rng.random((sum(sizes), len(COLUMNS))), xt, yt, groups)
+    rows, scores = variant_rows(data, rounds=5, seed=0)
+    assert set(rows) == set(scores) and {f"ranker: {name}" for name in VARIANTS} <= set(rows)
+    assert all(len(s) == len(sizes) for s in scores.values())
+    assert rows[f"ranker: {SHIPPED}"]["top1_minus_shipped"] == 0.0
