@@ -29,19 +29,20 @@ from pymatgen.core import Structure
 from benchmarks.config import BenchmarkConfig
 from benchmarks.csp_model import benchmark_model
 from benchmarks.csp_tables import write_reports
+from benchmarks.environment_features import ENV_FEATURES
+from benchmarks.lever_columns import LEVER_FEATURES, lever_columns, training_held_out
 from benchmarks.logs import configure_logging
 from benchmarks.protocols import formula_from_cif, load_queries, pool_index, query_structures
 from benchmarks.prototype_classifier import query_feature, training_feature
+from benchmarks.vote_features import VOTE_FEATURES
 from cspml_flows.core.composition import MAX_ASSIGNMENTS, roles
 from cspml_flows.core.config import home_dir
 from cspml_flows.core.descriptors import magpie_stats
 from cspml_flows.core.equivalence import Matcher
 from cspml_flows.core.safeio import read_json_gz, write_json_gz
 from cspml_flows.core.tables import markdown_table
-from cspml_flows.learning.environment import ENV_FEATURES
 from cspml_flows.learning.model import SimilarityModel, training_hash
-from cspml_flows.learning.ranker import CANDIDATES, DEFAULT_FEATURES, FEATURES, RANKER_PARAMS, candidate_features
-from cspml_flows.learning.votes import VOTE_FEATURES
+from cspml_flows.learning.ranker import CANDIDATES, DEFAULT_FEATURES, RANKER_PARAMS, candidate_features
 from cspml_flows.predict.retrieve import Ranked, rank
 from cspml_flows.predict.validity import smact_valid
 from cspml_flows.templates.index import TemplateIndex
@@ -54,6 +55,7 @@ PAIR = ("pair_score", "best_prob", "mean_prob", "log_members", "pair_rank", "sco
 PROTOTYPE = ("cluster_share", "log_cluster_size", "e_above_hull", "log_nprim")
 ENVIRONMENT = ENV_FEATURES
 VOTES = VOTE_FEATURES
+FEATURES = (*DEFAULT_FEATURES, *LEVER_FEATURES)  # the library ranker's features, then the ablation's levers
 CHEMISTRY = tuple(f for f in FEATURES if f not in PAIR + PROTOTYPE + ENVIRONMENT + VOTES)
 PROTOTYPE_PROBABILITY = "prototype_probability"  # benchmarks.prototype_classifier
 SHIPPED = "default features (the shipped ranker: pair + prototype + chemistry)"
@@ -70,7 +72,7 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "default features + prototype classifier": (*DEFAULT_FEATURES, PROTOTYPE_PROBABILITY),
     "all features + prototype classifier": (*FEATURES, PROTOTYPE_PROBABILITY),
 }
-COLUMNS = (*FEATURES, PROTOTYPE_PROBABILITY)  # the ablation's feature matrices: the ranker's, then the classifier
+COLUMNS = (*FEATURES, PROTOTYPE_PROBABILITY)  # the ablation's feature matrices: the features, then the classifier
 TRAINING_SIZES = (250, 500, 1000)  # learning curve: held-out pool formulas the full ranker learns from
 
 _FORKED: tuple[TemplateIndex, list, list, list] | None = None
@@ -170,12 +172,13 @@ def query_labels(
 def training_rows(
     cfg: BenchmarkConfig, train_index: TemplateIndex, model: SimilarityModel, k: int, strict: bool = True
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The ranker's training data: CSP outcomes of held-out pool formulas (cached by the benchmark's fit), with
-    the cross-fitted prototype-classifier column last; ``strict=False``: outcomes of the standard setting."""
+    """The ranker's training data: CSP outcomes of held-out pool formulas (cached by the benchmark's fit) as
+    :data:`COLUMNS` rows: the library's features, the lever columns (what a query may not use as a template,
+    its formula or with ``strict=False`` its own template, left out of the pool statistics) and the
+    cross-fitted prototype-classifier column; ``strict=False``: outcomes of the standard setting."""
     data = ranker_data(
         train_index,
         model.std,
-        FEATURES,
         n_queries=cfg.ranker_queries,
         k=k,
         seed=cfg.seed,
@@ -183,8 +186,10 @@ def training_rows(
         cache_dir=home_dir() / "benchmark" / "outcomes",
         strict=strict,
     )
+    held = training_held_out(train_index, data.query_rows.tolist(), strict)
+    levers = lever_columns(train_index, data.queries, data.candidates, train_index.stats[data.query_rows], held)
     proto = training_feature(train_index, data.query_rows, data.template_rows, data.groups, cfg.seed)
-    return np.column_stack([data.x, proto]), data.y, data.groups
+    return np.column_stack([data.x, levers, proto]), data.y, data.groups
 
 
 def variant_rows(
@@ -281,9 +286,10 @@ def run_ablation(
     xt, yt, groups = training_rows(cfg, train_index, model, k)
     q_stats = magpie_stats([r.reduced_formula for r in q_roles])
     held = [index.rows_of_formula(r) for r in q_roles] if strict else None
-    xq = candidate_features(index, q_roles, cands, model.std, q_stats, held, FEATURES)
+    xq = candidate_features(index, q_roles, cands, model.std, q_stats)
+    levers = lever_columns(index, q_roles, cands, q_stats, held)
     proto = query_feature(train_index, np.arange(len(train_index)), q_roles, cands, seed)
-    xq = np.column_stack([xq, proto])
+    xq = np.column_stack([xq, levers, proto])
     data = AblationData(labels, [len(c) for c in cands], xq, xt, yt, groups)
     rounds = int((model.ranker.meta.get("report") or {}).get("rounds", 200)) if model.ranker else 200
     xo, yo, go = training_rows(cfg, train_index, model, k, strict=False)  # the shipped ranker's are strict

@@ -3,17 +3,31 @@
 from __future__ import annotations
 
 import numpy as np
-from benchmarks.ablation import CHEMISTRY, ENVIRONMENT, PAIR, PROTOTYPE, VOTES, label_queries, paired_difference, top_k
+from benchmarks.ablation import (
+    CHEMISTRY,
+    COLUMNS,
+    ENVIRONMENT,
+    FEATURES,
+    PAIR,
+    PROTOTYPE,
+    PROTOTYPE_PROBABILITY,
+    VOTES,
+    label_queries,
+    paired_difference,
+    top_k,
+)
 
 from cspml_flows.core.composition import roles
 from cspml_flows.core.equivalence import structure_matcher
-from cspml_flows.learning.ranker import FEATURES
+from cspml_flows.learning.ranker import DEFAULT_FEATURES
 from cspml_flows.predict.retrieve import rank
 from cspml_flows.predict.substitute import substitute
 
 
 def test_feature_groups_cover_every_feature_once():
     assert sorted(PAIR + PROTOTYPE + CHEMISTRY + ENVIRONMENT + VOTES) == sorted(FEATURES)
+    # the matrices: the library ranker's columns first, then the ablation's levers, then the classifier
+    assert (*DEFAULT_FEATURES, *ENVIRONMENT, *VOTES, PROTOTYPE_PROBABILITY) == COLUMNS
 
 
 def test_top_k_reorders_the_same_candidates():

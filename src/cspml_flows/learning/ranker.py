@@ -36,9 +36,7 @@ from cspml_flows.core.composition import Roles
 from cspml_flows.core.descriptors import MAGPIE_PROPERTIES, MAX_ROLES, ROLE_PROPERTIES, element_table
 from cspml_flows.core.errors import ModelError
 from cspml_flows.learning import checks
-from cspml_flows.learning.environment import ENV_FEATURES, ElementEnvironments, environment_features
 from cspml_flows.learning.features import Standardizer, role_distance, unlearned_distance
-from cspml_flows.learning.votes import VOTE_FEATURES, vote_features
 from cspml_flows.templates.index import TemplateIndex
 
 RANKER_FORMAT = 3  # 3: a ranker reads the subset of FEATURES its meta lists
@@ -67,9 +65,8 @@ DEFAULT_FEATURES = (
     "role_distance",
     "magpie_distance",
 )
-# Every column candidate_features can fill. The site-environment and prototype-vote groups are measured in the
-# ranking ablation (benchmarks.ablation) and opt-in: they did not add to the default features' match rate.
-FEATURES = (*DEFAULT_FEATURES, *ENV_FEATURES, *VOTE_FEATURES)
+# The columns candidate_features fills, in order; a ranker reads all of them or a subset (its meta lists which).
+FEATURES = DEFAULT_FEATURES
 RANKER_PARAMS: dict[str, Any] = {  # LightGBM lambdarank settings of every ranker fit (the seed is per fit)
     "objective": "lambdarank",
     "metric": "ndcg",
@@ -159,6 +156,8 @@ class CandidateRows:
 
     Per-role arrays (atomic number ``z``, oxidation guess ``ox``, lambda-table species ``sp``) are padded to
     ``MAX_ROLES``; the query's are permuted by each candidate's assignment. ``real`` marks the roles compared.
+    Rows are in the order of :func:`candidate_features`, so further columns of the same candidates can be
+    computed from them.
     """
 
     sizes: np.ndarray
@@ -215,17 +214,12 @@ def candidate_features(
     candidates: Sequence[Sequence[Any]],
     std: Standardizer,
     q_stats: np.ndarray,
-    held_out: list[np.ndarray] | None = None,
-    features: Sequence[str] = FEATURES,
 ) -> np.ndarray:
-    """Feature matrix (sum of candidates, len(FEATURES)) for each query's candidate list, in order; the
-    site-environment and prototype-vote columns are computed only where ``features`` names one (else NaN).
+    """Feature matrix (sum of candidates, len(FEATURES)) for each query's candidate list, in order.
 
     ``candidates[i]``: the query's :class:`~cspml_flows.predict.retrieve.Ranked` list (with ``stats``);
-    ``q_stats``: Magpie statistics of the queries (for the unlearned distance); ``held_out[i]``: template
-    rows of query ``i`` itself (a pool template held out for training), left out of the pool statistics.
-    Vectorised over all candidates: per candidate only its template, assignment and pair statistics are read
-    in Python.
+    ``q_stats``: Magpie statistics of the queries (for the unlearned distance). Vectorised over all
+    candidates: per candidate only its template, assignment and pair statistics are read in Python.
     """
     n = sum(len(c) for c in candidates)
     x = np.zeros((n, len(FEATURES)))
@@ -238,14 +232,6 @@ def candidate_features(
     q_props = np.where((c.qz > 0)[:, :, None], table[c.qz], np.nan)
     x[:, _F["role_distance"]] = role_distance(q_props, index.role_props[c.t_row], std)
     x[:, _F["magpie_distance"]] = unlearned_distance(q_stats[c.q_row], index.stats[c.t_row], std)
-    env = slice(_F[ENV_FEATURES[0]], _F[ENV_FEATURES[-1]] + 1)
-    votes = slice(_F[VOTE_FEATURES[0]], _F[VOTE_FEATURES[-1]] + 1)
-    x[:, env] = x[:, votes] = np.nan
-    if set(features) & set(ENV_FEATURES):
-        stats = index.memo("element_environments", lambda: ElementEnvironments.from_index(index))
-        x[:, env] = environment_features(index, c.t_row, c.qz, c.tz, c.q_ox, c.real, c.q_row, stats, held_out)
-    if set(features) & set(VOTE_FEATURES):
-        x[:, votes] = vote_features(index, list(queries), c.q_row, c.t_row, c.stats, q_stats)
     return x
 
 
@@ -309,11 +295,6 @@ class CandidateRanker:
         """The features the booster reads, in its column order."""
         return list(self.meta.get("features") or DEFAULT_FEATURES)
 
-    @property
-    def reads_pool_statistics(self) -> bool:
-        """Whether it reads pool-wide statistics (site environments): a strict query's formula is left out."""
-        return bool(set(self.features) & set(ENV_FEATURES))
-
     def scores(self, x: np.ndarray, threads: int = 0) -> np.ndarray:
         """Ranking score of each row of :data:`FEATURES` (higher first)."""
         if self.booster is None:
@@ -329,12 +310,10 @@ class CandidateRanker:
         std: Standardizer,
         q_stats: np.ndarray,
         threads: int = 0,
-        held_out: list[np.ndarray] | None = None,
     ) -> list[list[Any]]:
         """Each query's candidates reordered by the ranker's score (stable for ties), which replaces the pair
-        score as the candidates' ``score`` (higher is better; not a probability). ``held_out``: see
-        :func:`candidate_features`."""
-        x = candidate_features(index, queries, candidates, std, q_stats, held_out, self.features)
+        score as the candidates' ``score`` (higher is better; not a probability)."""
+        x = candidate_features(index, queries, candidates, std, q_stats)
         s = self.scores(x, threads)
         out, k = [], 0
         for cands in candidates:

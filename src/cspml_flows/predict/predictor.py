@@ -171,10 +171,7 @@ class CSPPredictor:
         )
         if ranker is not None:
             q_stats = magpie_stats([r.reduced_formula for r in rl])
-            # strict: the query's formula is not in the pool, not even in the pool statistics the ranker reads
-            held = strict and ranker.reads_pool_statistics
-            held_out = [self.index.rows_of_formula(r) for r in rl] if held else None
-            ranked = ranker.rerank(self.index, rl, ranked, self.model.std, q_stats, self.workers, held_out)
+            ranked = ranker.rerank(self.index, rl, ranked, self.model.std, q_stats, self.workers)
         return self.realize(comps, ranked, top, dedup)
 
     def realize(

@@ -27,7 +27,6 @@ from cspml_flows.core.config import max_template_atoms
 from cspml_flows.core.descriptors import MAX_ROLES, ROLE_PROPERTIES
 from cspml_flows.core.prototype import cluster_prototypes
 from cspml_flows.core.structure_checks import min_periodic_distance
-from cspml_flows.templates.environment import RoleEnvironments, environment_arrays
 from cspml_flows.templates.geometry import cell_arrays, role_symmetry_perms
 from cspml_flows.templates.index_checks import STATS_WIDTH, role_counts
 from cspml_flows.templates.index_rows import doc_rows, roles_of, split_usable, warn_left_out
@@ -78,7 +77,6 @@ class TemplateIndex:
     source: np.ndarray | None = None  # the documents' ``source`` (None: not known)
     round: np.ndarray | None = None  # the documents' ``round``
     digest: np.ndarray | None = None  # 64-bit digest of each stored document (uint64)
-    env: RoleEnvironments | None = None  # see environments() (None: computed on first use)
     _cells: dict[Any, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -222,14 +220,6 @@ class TemplateIndex:
             self._cells[key] = compute()
         return self._cells[key]
 
-    def environments(self) -> RoleEnvironments:
-        """Per-role site environments of every template (:mod:`cspml_flows.templates.environment`), computed
-        once on first use."""
-        if self.env is None:
-            cells = (cell_arrays(self.structures[i], self.roles[i]) for i in range(len(self)))
-            self.env = environment_arrays(cells, len(self))
-        return self.env
-
     def subset(self, mask: np.ndarray) -> TemplateIndex:
         """A new index over the templates where ``mask`` is True (cluster ids kept)."""
         sel = np.flatnonzero(mask)
@@ -253,7 +243,6 @@ class TemplateIndex:
             source=None if self.source is None else self.source[sel],
             round=None if self.round is None else self.round[sel],
             digest=None if self.digest is None else self.digest[sel],
-            env=None if self.env is None else self.env.take(sel),
         )
 
     def content_token(self, mask: np.ndarray | None = None) -> str:

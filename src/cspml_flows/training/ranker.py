@@ -11,9 +11,11 @@ from typing import Any, TypedDict, Unpack
 
 import numpy as np
 
+from cspml_flows.core.composition import Roles
 from cspml_flows.core.errors import ModelError
 from cspml_flows.learning.features import Standardizer
 from cspml_flows.learning.ranker import CANDIDATES, DEFAULT_FEATURES, CandidateRanker, candidate_features
+from cspml_flows.predict.retrieve import Ranked
 from cspml_flows.templates.index import TemplateIndex
 from cspml_flows.training.outcomes import fold_outcomes
 
@@ -33,7 +35,8 @@ def top_hits(y: np.ndarray, scores: np.ndarray, groups: np.ndarray, k: int) -> f
 @dataclass
 class RankerData:
     """The ranker's training rows: features of every candidate of the held-out pool queries, labels, groups,
-    and the index rows of the queries and of each candidate's template."""
+    the index rows of the queries and of each candidate's template, and the labelled candidates themselves
+    (each query's Ranked list, in the order of the rows) with the queries' Roles."""
 
     x: np.ndarray
     y: np.ndarray
@@ -41,6 +44,8 @@ class RankerData:
     report: dict[str, Any]
     query_rows: np.ndarray
     template_rows: np.ndarray
+    candidates: list[list[Ranked]]
+    queries: list[Roles]
 
 
 class OutcomeOptions(TypedDict, total=False):
@@ -56,25 +61,15 @@ class OutcomeOptions(TypedDict, total=False):
     strict: bool  # the setting the ranker serves (default True)
 
 
-def ranker_data(
-    index: TemplateIndex,
-    std: Standardizer,
-    features: Sequence[str] = DEFAULT_FEATURES,
-    **options: Unpack[OutcomeOptions],
-) -> RankerData:
-    """Labelled candidates of held-out pool formulas (see :mod:`cspml_flows.training.outcomes`) as features;
-    what a query may not use as a template (its formula, or with ``strict=False`` its own template) is left
-    out of the pool statistics its features read. Columns outside ``features`` are not computed (NaN)."""
+def ranker_data(index: TemplateIndex, std: Standardizer, **options: Unpack[OutcomeOptions]) -> RankerData:
+    """Labelled candidates of held-out pool formulas (see :mod:`cspml_flows.training.outcomes`) as
+    :data:`~cspml_flows.learning.ranker.FEATURES` rows."""
     opts: dict[str, Any] = {"n_queries": 2000, "k": CANDIDATES, "strict": True, **options}
     k, strict = opts["k"], opts["strict"]
     out, timings = fold_outcomes(index, **opts)
     queries = [index.roles[i] for i in out.rows]
-    if strict:
-        held_out = [index.rows_of_formula(index.roles[i]) for i in out.rows]
-    else:
-        held_out = [np.array([i]) for i in out.rows]
     rows = np.array(out.rows, dtype=int)
-    x = candidate_features(index, queries, out.candidates, std, index.stats[rows], held_out, features)
+    x = candidate_features(index, queries, out.candidates, std, index.stats[rows])
     y = np.concatenate(out.labels) if out.labels else np.zeros(0)
     groups = np.array([len(c) for c in out.candidates])
     if len(y) == 0 or y.max() == 0:
@@ -89,7 +84,7 @@ def ranker_data(
         **timings,
     }
     templates = np.array([c.template for cands in out.candidates for c in cands], dtype=np.int64)
-    return RankerData(x, y, groups, report, rows, templates)
+    return RankerData(x, y, groups, report, rows, templates, out.candidates, queries)
 
 
 def fit_on(data: RankerData, features: Sequence[str] = DEFAULT_FEATURES, seed: int = 0) -> tuple[CandidateRanker, dict]:

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from benchmarks.environment_features import BV_ANIONS
 from cspml_flows.core.composition import Roles
 from cspml_flows.core.descriptors import MAGPIE_PROPERTIES, MAGPIE_STATS
-from cspml_flows.learning.environment import BV_ANIONS
 from cspml_flows.templates.index import TemplateIndex
 
 VOTE_FEATURES = ("cluster_vote", "label_vote", "query_en_range", "query_n_elements", "query_anion_fraction")

@@ -10,7 +10,9 @@ shell, found by a few fixed-point steps from the nearest neighbour's distance. P
 - ``shell_d[k, l]``: their weighted mean distance in Å (NaN where role ``l`` is not in the shell).
 
 Substituting elements onto the roles keeps these (distances scale with the cell), so they say on which kind
-of site each element of a query would sit.
+of site each element of a query would sit. :func:`template_environments` computes them once per index (the
+index's ``memo``); the ranking ablation's site-environment features (:mod:`benchmarks.environment_features`)
+read them.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from pymatgen.optimization.neighbors import find_points_in_spheres
 
 from cspml_flows.core import progress
 from cspml_flows.core.descriptors import MAX_ROLES
+from cspml_flows.templates.geometry import cell_arrays
+from cspml_flows.templates.index import TemplateIndex
 
 SEARCH_RADIUS = 5.0  # Å searched first; further for sites whose nearest neighbour is far
 SHELL_FACTOR = 1.6  # neighbours beyond this multiple of a site's nearest distance weigh below exp(-15)
@@ -108,3 +112,13 @@ def environment_arrays(cells: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]
     for k, (matrix, frac, site_roles) in enumerate(progress.track(cells, n, "site environments", unit="template")):
         ecn[k], shell_n[k], shell_d[k] = role_environments(matrix, frac, site_roles)
     return RoleEnvironments(ecn, shell_n, shell_d)
+
+
+def template_environments(index: TemplateIndex) -> RoleEnvironments:
+    """The per-role site environments of every template of ``index``, computed once per index."""
+
+    def compute() -> RoleEnvironments:
+        cells = (cell_arrays(index.structures[i], index.roles[i]) for i in range(len(index)))
+        return environment_arrays(cells, len(index))
+
+    return index.memo("site_environments", compute)

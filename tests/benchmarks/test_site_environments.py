@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from benchmarks.site_environments import environment_arrays, role_environments
 from pymatgen.core import Lattice, Structure
 
 from cspml_flows.core.composition import roles
-from cspml_flows.templates.environment import environment_arrays, role_environments
 
 
 def envs(s: Structure):

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from benchmarks.environment_features import ElementEnvironments, bond_valence_r0, ecn_bins, volume_scales
+from benchmarks.lever_columns import LEVER_FEATURES, lever_columns, training_held_out
+from benchmarks.site_environments import template_environments
 from pymatgen.core import Lattice, Structure
 
 from cspml_flows.core.composition import roles
 from cspml_flows.core.descriptors import magpie_stats
-from cspml_flows.learning.environment import ElementEnvironments, bond_valence_r0, ecn_bins
-from cspml_flows.learning.features import Standardizer
-from cspml_flows.learning.ranker import FEATURES, candidate_features
 from cspml_flows.predict.retrieve import Ranked
 from cspml_flows.templates.index import TemplateIndex
 from cspml_flows.templates.schema import template_doc_from_structure
@@ -37,9 +37,8 @@ def pool() -> TemplateIndex:
 def features_of(index: TemplateIndex, query: str, template: str, perms: list[tuple[int, ...]]) -> dict[str, np.ndarray]:
     t = int(np.flatnonzero(index.formulas == template)[0])
     cands = [Ranked(t, p, 0.5, int(index.cluster[t]), (), (0.5, 0.5, 1.0)) for p in perms]
-    std = Standardizer(index.stats, index.role_props)
-    x = candidate_features(index, [roles(query)], [cands], std, magpie_stats([query]))
-    return {f: x[:, k] for k, f in enumerate(FEATURES)}
+    x = lever_columns(index, [roles(query)], [cands], magpie_stats([query]))
+    return {f: x[:, k] for k, f in enumerate(LEVER_FEATURES)}
 
 
 def test_the_right_sites_for_sr_and_ti(pool):
@@ -63,10 +62,24 @@ def test_held_out_rows_leave_the_pool_statistics(pool):
     ba = 56
     assert stats.counts[ba].sum() == 2 and fewer[ba].sum() == 1
     z = np.array([[ba]])
-    bins = ecn_bins(pool.environments().ecn[rows[:1], :1])  # the Ba site's own ECoN bin
+    bins = ecn_bins(template_environments(pool).ecn[rows[:1], :1])  # the Ba site's own ECoN bin
     alone = stats.logp(z, bins, np.array([0]), None)
     held = stats.logp(z, bins, np.array([0]), [rows])
     assert held[0, 0] < alone[0, 0]  # one Ba site fewer seen at ECoN 12
+
+
+def test_lever_columns_leave_a_held_out_query_out_of_the_pool_statistics(pool):
+    t = int(np.flatnonzero(pool.formulas == "BaTiO3")[0])
+    q = pool.roles[t]
+    cands = [Ranked(t, (0, 1, 2), 0.5, int(pool.cluster[t]), (), (0.5, 0.5, 1.0))]
+    strict, standard = training_held_out(pool, [t], True), training_held_out(pool, [t], False)
+    assert strict[0].tolist() == pool.rows_of_formula(q).tolist() and standard[0].tolist() == [t]
+    q_stats = pool.stats[[t]]
+    seen, held = (lever_columns(pool, [q], [cands], q_stats, h) for h in (None, strict))
+    logp = LEVER_FEATURES.index("env_logp_mean")
+    assert held[0, logp] < seen[0, logp]  # its own sites no longer in the element distributions
+    others = [k for k, f in enumerate(LEVER_FEATURES) if not f.startswith("env_logp")]
+    np.testing.assert_array_equal(held[0, others], seen[0, others])
 
 
 def test_bond_valence_r0_as_pymatgen():
@@ -78,7 +91,6 @@ def test_volume_scales_equal_the_substitution_rescaling():
     from pymatgen.core import Element
 
     from cspml_flows.core.descriptors import MAX_ROLES, role_fractions
-    from cspml_flows.learning.environment import volume_scales
     from cspml_flows.predict.substitute import volume_scale
 
     q, t = roles("Li3PS4"), roles("Na3AsO4")

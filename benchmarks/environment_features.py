@@ -1,7 +1,7 @@
 """Site-environment compatibility of a substituted candidate: chemistry the composition features do not carry.
 
 From the template pool, each element's distribution of effective coordination numbers (the ECoN of
-:mod:`cspml_flows.templates.environment`, rounded) over the roles it occupies: Zn tetrahedral, Mg octahedral,
+:mod:`benchmarks.site_environments`, rounded) over the roles it occupies: Zn tetrahedral, Mg octahedral,
 Sr 8-12 coordinated. A candidate puts query element ``q[k]`` on template role ``k``; its features are
 
 - ``env_logp_mean`` / ``env_logp_min``: log P(ECoN of role ``k`` | element ``q[k]``) over the roles;
@@ -30,6 +30,7 @@ import pymatgen.core as pmg_core
 from monty.serialization import loadfn
 from pymatgen.core import Element
 
+from benchmarks.site_environments import template_environments
 from cspml_flows.core.descriptors import MAGPIE_PROPERTIES, MAX_ROLES, N_ELEMENTS, element_table
 from cspml_flows.templates.index import TemplateIndex
 
@@ -74,7 +75,7 @@ class ElementEnvironments:
     @classmethod
     def from_index(cls, index: TemplateIndex) -> ElementEnvironments:
         """The distributions of every template of ``index``."""
-        env = index.environments()
+        env = template_environments(index)
         role_z = role_atomic_numbers(index, np.arange(len(index)))
         role_bin = ecn_bins(env.ecn)
         real = (role_z > 0) & np.isfinite(env.ecn)
@@ -161,7 +162,7 @@ def environment_features(
 ) -> np.ndarray:
     """The :data:`ENV_FEATURES` of each candidate (rows aligned with ``t_row``; per-role arrays ``qz``, ``tz``,
     ``q_ox`` of the query's and template's elements on the template's roles)."""
-    env = index.environments().take(t_row)
+    env = template_environments(index).take(t_row)
     n = len(t_row)
     x = np.full((n, len(ENV_FEATURES)), np.nan)
     if n == 0:
