@@ -30,7 +30,7 @@ from benchmarks.config import BenchmarkConfig
 from benchmarks.csp_model import benchmark_model
 from benchmarks.csp_tables import write_reports
 from benchmarks.environment_features import ENV_FEATURES
-from benchmarks.lever_columns import LEVER_FEATURES, lever_columns, training_held_out
+from benchmarks.lever_columns import LEVER_FEATURES, VOLUME_FEATURES, lever_columns, training_held_out
 from benchmarks.logs import configure_logging
 from benchmarks.protocols import formula_from_cif, load_queries, pool_index, query_structures
 from benchmarks.prototype_classifier import query_feature, training_feature
@@ -55,8 +55,9 @@ PAIR = ("pair_score", "best_prob", "mean_prob", "log_members", "pair_rank", "sco
 PROTOTYPE = ("cluster_share", "log_cluster_size", "e_above_hull", "log_nprim")
 ENVIRONMENT = ENV_FEATURES
 VOTES = VOTE_FEATURES
+VOLUME = VOLUME_FEATURES
 FEATURES = (*DEFAULT_FEATURES, *LEVER_FEATURES)  # the library ranker's features, then the ablation's levers
-CHEMISTRY = tuple(f for f in FEATURES if f not in PAIR + PROTOTYPE + ENVIRONMENT + VOTES)
+CHEMISTRY = tuple(f for f in FEATURES if f not in PAIR + PROTOTYPE + ENVIRONMENT + VOTES + VOLUME)
 PROTOTYPE_PROBABILITY = "prototype_probability"  # benchmarks.prototype_classifier
 SHIPPED = "default features (the shipped ranker: pair + prototype + chemistry)"
 VARIANTS: dict[str, tuple[str, ...]] = {
@@ -65,9 +66,11 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "pair + assignment chemistry": PAIR + CHEMISTRY,
     "prototype statistics + chemistry (no pair score)": PROTOTYPE + CHEMISTRY + ENVIRONMENT + VOTES,
     SHIPPED: DEFAULT_FEATURES,
-    "all but site environments": PAIR + PROTOTYPE + CHEMISTRY + VOTES,
+    "default features + volume fit of the member": (*DEFAULT_FEATURES, *VOLUME),
+    "all but site environments": PAIR + PROTOTYPE + CHEMISTRY + VOTES + VOLUME,
     "all but bond strain and bond valence": tuple(f for f in FEATURES if not f.startswith(("bond_", "bvs_"))),
-    "all but prototype votes and query class": PAIR + PROTOTYPE + CHEMISTRY + ENVIRONMENT,
+    "all but prototype votes and query class": PAIR + PROTOTYPE + CHEMISTRY + ENVIRONMENT + VOLUME,
+    "all but the volume fit": PAIR + PROTOTYPE + CHEMISTRY + ENVIRONMENT + VOTES,
     "all features": FEATURES,
     "default features + prototype classifier": (*DEFAULT_FEATURES, PROTOTYPE_PROBABILITY),
     "all features + prototype classifier": (*FEATURES, PROTOTYPE_PROBABILITY),

@@ -444,6 +444,23 @@ def ablation_results(folder: str) -> Callable[[], str]:
     return generate
 
 
+def volume_results(folder: str) -> Callable[[], str]:
+    """The cell-volume table (:func:`benchmarks.volumes.markdown`) of every ``python -m benchmarks.volumes``
+    result in ``benchmarks/results/<folder>/``."""
+
+    def generate() -> str:
+        files = sorted((RESULTS / folder).glob("volumes-*.json"))
+        if not files:
+            raise PluginError(f"benchmark results missing: benchmarks/results/{folder}/volumes-*.json")
+        try:
+            from benchmarks.volumes import markdown
+        except ImportError as exc:
+            raise PluginError(f"cannot import benchmarks.volumes from {ROOT}: {exc}") from exc
+        return "\n".join(f"`{p.name}`:\n\n{markdown(json.loads(p.read_text()))}" for p in files)
+
+    return generate
+
+
 GENERATORS: dict[str, Callable[[], str]] = {
     "config-reference": config_reference,
     "scale": scale_full("scale"),
@@ -455,6 +472,7 @@ GENERATORS: dict[str, Callable[[], str]] = {
     "restructure": csp_results("restructure"),
     "ranking-ablation": ablation_results("ranking"),
     "ranking-csp": csp_results("ranking", "csp-*.json"),
+    "ranking-volumes": volume_results("ranking"),
     "layers": layers_table,
 }
 

@@ -11,6 +11,7 @@ from benchmarks.ablation import (
     PAIR,
     PROTOTYPE,
     PROTOTYPE_PROBABILITY,
+    VOLUME,
     VOTES,
     label_queries,
     paired_difference,
@@ -25,9 +26,9 @@ from cspml_flows.predict.substitute import substitute
 
 
 def test_feature_groups_cover_every_feature_once():
-    assert sorted(PAIR + PROTOTYPE + CHEMISTRY + ENVIRONMENT + VOTES) == sorted(FEATURES)
+    assert sorted(PAIR + PROTOTYPE + CHEMISTRY + ENVIRONMENT + VOTES + VOLUME) == sorted(FEATURES)
     # the matrices: the library ranker's columns first, then the ablation's levers, then the classifier
-    assert (*DEFAULT_FEATURES, *ENVIRONMENT, *VOTES, PROTOTYPE_PROBABILITY) == COLUMNS
+    assert (*DEFAULT_FEATURES, *ENVIRONMENT, *VOTES, *VOLUME, PROTOTYPE_PROBABILITY) == COLUMNS
 
 
 def test_top_k_reorders_the_same_candidates():

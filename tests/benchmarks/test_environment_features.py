@@ -101,3 +101,19 @@ def test_volume_scales_equal_the_substitution_rescaling():
     real = np.arange(MAX_ROLES)[None, :] < 3
     expected = volume_scale(q, t, perm) ** (1 / 3)
     assert volume_scales(qz, tz, role_fractions([t]), real)[0] == pytest.approx(expected, rel=1e-12)
+
+
+def test_volume_fit_of_the_member(pool):
+    """The member's volume residual against the pool's mixing rule, and the rescaling substitution needs: none
+    for a template's own formula, the same for both assignments of one element pair."""
+    from benchmarks.lever_columns import template_volume_residuals
+
+    volumes, residual = template_volume_residuals(pool)
+    t = int(np.flatnonzero(pool.formulas == "BaTiO3")[0])
+    own = features_of(pool, "BaTiO3", "BaTiO3", [(0, 1, 2)])
+    assert own["volume_rescale"][0] == pytest.approx(0.0, abs=1e-12)
+    assert own["volume_residual"][0] == pytest.approx(residual[t])
+    mix = (volumes[56] + volumes[22] + 3 * volumes[8]) / 5
+    assert np.exp(residual[t]) == pytest.approx(4.00**3 / 5 / mix)
+    f = features_of(pool, "SrTiO3", "BaTiO3", [(0, 1, 2), (1, 0, 2)])
+    assert f["volume_rescale"][0] > 0 and np.all(f["volume_residual"] == residual[t])

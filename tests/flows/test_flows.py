@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from jobflow import Flow, JobStore, run_locally
 from maggma.stores import MemoryStore
@@ -192,3 +193,32 @@ def test_job_outputs_readable_from_new_process(template_folder: str, tmp_path: P
     assert name == "StabilityOutput"  # the typed schema comes back
     values = json.loads(values)
     assert values and all(v is not None for v in values)
+
+
+def test_substitution_job_rescales_by_the_model_volumes(template_folder: str, tmp_path: Path, trained_model):
+    """The retrieval job hands its model's learned element volumes to the substitution job, which rescales
+    each candidate's cell by them (not by the pure elements' volumes)."""
+    from cspml_flows.core.composition import roles
+    from cspml_flows.core.schemas import CandidateSet, RetrievalOutput
+    from cspml_flows.flows import SubstitutionMaker
+    from cspml_flows.flows.retrieval import load_index
+    from cspml_flows.predict.substitute import volume_scale
+
+    model = trained_model.save(tmp_path / "model.json.gz")
+    retrieve = TemplateRetrievalMaker(top=3).make(["KBr"], template_folder, str(model))
+    substitute = SubstitutionMaker().make(retrieve.output, template_folder)
+    store = JobStore(MemoryStore())
+    run_locally(Flow([retrieve, substitute]), store=store, create_folders=False, log=False)
+    store.connect()
+    ret = RetrievalOutput.coerce(retrieve.output.resolve(store))
+    cands = CandidateSet.coerce(substitute.output.resolve(store)).candidates
+    store.close()
+    assert ret.element_volumes == trained_model.meta["element_volumes"]
+    index = load_index(template_folder)
+    hit = ret.queries[0].hits[0]
+    t = int(list(index.ids).index(hit.template_id))
+    scale = volume_scale(roles("KBr"), index.roles[t], tuple(hit.perm), trained_model.volumes)
+    assert abs(scale - volume_scale(roles("KBr"), index.roles[t], tuple(hit.perm))) > 0.01 * scale
+    template_volume = abs(np.linalg.det(index.cell(t)[0]))
+    first = next(c for c in cands if c.template_id == hit.template_id)
+    assert first.structure.volume == pytest.approx(template_volume * scale, rel=1e-6)

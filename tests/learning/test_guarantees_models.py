@@ -105,6 +105,10 @@ MODEL_DAMAGES = [
     ),
     ("ranker-booster-missing", setter("ranker.booster", _DELETE), "field ranker.booster is missing"),
     ("ranker-text", setter("ranker", "lambdarank"), "field ranker is text, expected a mapping"),
+    ("volumes-a-list", setter("meta.element_volumes", [1.0]), "field meta.element_volumes is a list, expected"),
+    ("volume-negative", setter("meta.element_volumes.O", -8.0), "meta.element_volumes.O is -8.0, expected a positive"),
+    ("volume-text", setter("meta.element_volumes.O", "8"), "meta.element_volumes.O is text, expected a finite number"),
+    ("volume-not-an-element", setter("meta.element_volumes.Xx", 8.0), "the key 'Xx', which is not an element symbol"),
 ]
 
 
@@ -126,9 +130,19 @@ def test_shipped_model_passes_its_schema(template_folder, capfd):
     assert model.booster.num_feature() == n_pair_features()
     assert model.ranker is not None and model.ranker.booster.num_feature() == len(DEFAULT_FEATURES)
     assert np.all(model.std.stats_sd > 0) and np.all(model.std.role_sd > 0)
+    assert model.volumes is not None and np.nanmin(model.volumes) > 0  # learned from the demo store
     assert main(["predict", "NaCl", "--model", str(SHIPPED), "--store", template_folder, "--top", "1"]) == 0
     out, err = capfd.readouterr()
     assert "NaCl" in out and "error" not in err
+
+
+def test_model_file_without_element_volumes_rescales_by_the_pure_elements(tmp_path):
+    """A model file written before models carried element volumes loads; its substitutions use the pure
+    elements' volumes."""
+    blob = read_json_gz(SHIPPED)
+    del blob["meta"]["element_volumes"]
+    model = SimilarityModel.load(write_json_gz(tmp_path / "old.json.gz", blob))
+    assert model.volumes is None and SimilarityModel.load(SHIPPED).volumes is not None
 
 
 # ---------------------------------------------------------------- hetero model files (format 4)

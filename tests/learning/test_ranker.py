@@ -155,8 +155,11 @@ def test_ranker_beats_nearest_on_held_out_structures(pool_and_queries):
     scores = [c.score for c in first.candidates]
     assert scores == sorted(scores, reverse=True)  # the ranker's order, its score shown
     nearest = rates(CSPPredictor(index, model, workers=2), metric="nearest")
-    assert ranked["top1"] >= nearest["top1"] + 0.03, (ranked, nearest, report)
-    assert ranked["top5"] >= nearest["top5"], (ranked, nearest)
+    # 300 queries: one query moves a rate by 0.33 points and the paired standard error of the top-1 difference
+    # is about two points, so the first choice is asked to be ahead and the top 5 clearly ahead
+    assert ranked["top1"] > nearest["top1"], (ranked, nearest, report)
+    assert ranked["top5"] >= nearest["top5"] + 0.03, (ranked, nearest)
+    assert report["held_out_top1_ranker"] > report["held_out_top1_pair"], report
 
 
 def test_candidate_features_of_formulas_beyond_max_roles(template_index, trained_model):

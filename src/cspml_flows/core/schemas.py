@@ -78,6 +78,11 @@ class RetrievalOutput(Document):
     queries: list[QueryHits] = Field(description="one entry per query composition, in input order")
     n_templates: int = Field(description="templates in the index retrieved from")
     round: int = Field(1, description="campaign round")
+    element_volumes: dict[str, float] | None = Field(
+        None,
+        description="volume per atom of each element that substitution rescales cells with (the similarity "
+        "model's, learned from its pool; None: the pure elements')",
+    )
 
 
 class CandidateDoc(Document):

@@ -15,6 +15,7 @@ from cspml_flows.core.schemas import CandidateDoc, CandidateSet, RetrievalOutput
 from cspml_flows.flows.retrieval import load_index
 from cspml_flows.predict.predictor import CSPPredictor
 from cspml_flows.predict.retrieve import Ranked
+from cspml_flows.templates.volumes import volume_table
 
 
 def candidate_doc(structure: Structure, formula: str, round_number: int, **fields: Any) -> CandidateDoc:
@@ -31,7 +32,8 @@ def candidate_doc(structure: Structure, formula: str, round_number: int, **field
 
 @dataclass
 class SubstitutionMaker(Maker):
-    """Put each query's elements on its retrieved templates (volume rescaled, 0.5 A distance gate).
+    """Put each query's elements on its retrieved templates (cells rescaled by the retrieval's element volumes,
+    0.5 A distance gate).
 
     Parameters
     ----------
@@ -64,7 +66,8 @@ class SubstitutionMaker(Maker):
                 ]
             )
         out = CandidateSet(candidates=[], round=retrieval.round)
-        preds = CSPPredictor(index, None).realize(comps, ranked, top=10**6, dedup=False)
+        volumes = volume_table(retrieval.element_volumes) if retrieval.element_volumes else None
+        preds = CSPPredictor(index, None, volumes=volumes).realize(comps, ranked, top=10**6, dedup=False)
         for q, pred in zip(retrieval.queries, preds, strict=True):
             if pred.message or q.message:
                 out.messages[q.formula] = q.message or pred.message or ""

@@ -80,7 +80,7 @@ class HeteroRetrievalMaker(RetrievalMaker):
         later = promoted_later(template_store, campaign, round_number)
         if later:
             ranked = [[h for h in hits if str(index.ids[h.template]) not in later] for hits in ranked]
-        return retrieval_output(index, comps, rl, ranked, round_number)
+        return retrieval_output(index, comps, rl, ranked, round_number, hetero.core)
 
 
 @dataclass

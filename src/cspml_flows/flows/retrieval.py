@@ -69,8 +69,10 @@ def retrieval_output(
     rl: list[Roles],
     ranked: list[list[Ranked]],
     round_number: int,
+    model: SimilarityModel | None = None,
 ) -> RetrievalOutput:
-    """Ranked (template, assignment) lists of a retrieval as the stage's typed output."""
+    """Ranked (template, assignment) lists of a retrieval as the stage's typed output, with the element volumes
+    of the similarity ``model`` that ranked them."""
     queries = []
     for c, r, hits in zip(comps, rl, ranked, strict=True):
         q = QueryHits(formula=c.reduced_formula, anonymous_formula=r.anonymous_formula, smact_valid=smact_valid(c))
@@ -87,7 +89,8 @@ def retrieval_output(
         if not hits:
             q.message = f"no template with anonymous formula {r.anonymous_formula} in {len(index)} templates"
         queries.append(q)
-    return RetrievalOutput(queries=queries, n_templates=len(index), round=round_number)
+    volumes = model.meta.get("element_volumes") if model is not None else None
+    return RetrievalOutput(queries=queries, n_templates=len(index), round=round_number, element_volumes=volumes)
 
 
 @dataclass
@@ -200,4 +203,4 @@ class TemplateRetrievalMaker(RetrievalMaker):
             strict=self.strict,
             metric="learned" if sim is not None else "nearest",
         )
-        return retrieval_output(index, comps, rl, ranked, round_number)
+        return retrieval_output(index, comps, rl, ranked, round_number, sim)

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 import lightgbm as lgb
 import numpy as np
+from pymatgen.core import Element
 
 from cspml_flows.core.errors import ModelError
 from cspml_flows.core.safeio import read_json_gz
@@ -100,6 +101,18 @@ def numbers(name: str, value: Any, shape: tuple[int | None, ...], positive: bool
 def _shape(shape: tuple[int | None, ...]) -> str:
     """``(3, 4)`` as ``3 x 4``, ``(5,)`` as ``5``, ``()`` as ``a single value``; None reads ``n``."""
     return " x ".join("n" if s is None else str(s) for s in shape) or "a single value"
+
+
+def element_values(name: str, value: Any) -> dict[str, float]:
+    """A mapping of element symbols to positive finite numbers (per-element volumes)."""
+    if not isinstance(value, dict):
+        raise SchemaError(f"field {name} is {kind(value)}, expected a mapping of element symbols to numbers")
+    for symbol, v in value.items():
+        if not (isinstance(symbol, str) and Element.is_valid_symbol(symbol)):
+            raise SchemaError(f"field {name} has the key {symbol!r}, which is not an element symbol")
+        if number(f"{name}.{symbol}", v) <= 0:
+            raise SchemaError(f"field {name}.{symbol} is {v}, expected a positive number")
+    return value
 
 
 def texts(name: str, value: Any, n: int | None = None) -> np.ndarray:

@@ -48,6 +48,7 @@ from cspml_flows.learning.features import (
 from cspml_flows.learning.pairs import pair_labels, sample_pairs
 from cspml_flows.learning.ranker import CandidateRanker
 from cspml_flows.templates.index import TemplateIndex
+from cspml_flows.templates.volumes import fit_element_volumes, volume_mapping, volume_table
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +112,9 @@ class SimilarityModel:
         self.booster = booster
         self.meta = meta or {}
         self.ranker: CandidateRanker | None = None  # second stage over a query's candidates (optional)
+        # volume per atom of each element (by atomic number) learned from the training pool, which rescales
+        # substituted cells; None for a model file without them (the pure elements' volumes are used)
+        self.volumes = volume_table(self.meta["element_volumes"]) if "element_volumes" in self.meta else None
 
     # ---- features -------------------------------------------------------------------------------------
     def standardized_index(self, index: TemplateIndex) -> tuple[np.ndarray, np.ndarray]:
@@ -220,6 +224,7 @@ class SimilarityModel:
             x_all, y_all = cls._pairs_xy(index, model, a_all, t_all)
             model.booster = _fit_booster(x_all, y_all, max_iter, seed)
         model.meta = _model_meta(index)
+        model.volumes = volume_table(model.meta["element_volumes"])
         report = TrainingReport(
             n_templates=len(index),
             n_train_pairs=len(y_tr),
@@ -315,6 +320,8 @@ def _check_meta(blob: Any, where: str = "") -> dict[str, Any]:
     """A model's ``meta`` mapping; its ``report`` (training metrics), where present, a mapping too."""
     meta = checks.field(blob, "meta", dict, where)
     checks.field(meta, "report", dict, f"{where}meta.", optional=True)
+    if "element_volumes" in meta:
+        checks.element_values(f"{where}meta.element_volumes", meta["element_volumes"])
     return meta
 
 
@@ -386,6 +393,7 @@ def _model_meta(index: TemplateIndex) -> dict[str, Any]:
         "descriptor_version": DESCRIPTOR_VERSION,
         "training_hash": training_hash(index),
         "n_templates": len(index),
+        "element_volumes": volume_mapping(fit_element_volumes(index)),
         "created": datetime.now(UTC).isoformat(),
         "lightgbm": lgb.__version__,
     }

@@ -324,7 +324,7 @@ def inverse_design(
             smact_valid=smact_valid(qs[k].reduced_formula),
         )
         if build:
-            s, dmin = substitute(index, t, qs[k], perms[k])
+            s, dmin = substitute(index, t, qs[k], perms[k], model.core.volumes if model.core is not None else None)
             if dmin < MIN_DISTANCE:
                 continue
             cand.structure, cand.min_distance = s, dmin

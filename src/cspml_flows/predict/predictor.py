@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 from pydantic import ConfigDict, Field
 from pymatgen.core import Composition, Structure
 
@@ -112,9 +113,12 @@ class CSPPredictor:
         prefilter: int = 48,
         workers: int = 1,
         max_assignments: int = MAX_ASSIGNMENTS,
+        volumes: np.ndarray | None = None,
     ):
         self.index = index
         self.model = model
+        # element volumes that rescale substituted cells (by atomic number; default the model's learned ones)
+        self.volumes = volumes if volumes is not None or model is None else model.volumes
         self.prefilter = prefilter
         self.max_assignments = max_assignments  # element-to-site assignments per composition (fewest swaps first)
         self.workers = workers  # processes that build structures for large batches (forked; see realize)
@@ -220,7 +224,7 @@ class CSPPredictor:
         self._reduced_cache.clear()
         for c in cands:
             for t in (c.template, *c.alternates):
-                s, dmin = substitute(self.index, t, r, c.perm)
+                s, dmin = substitute(self.index, t, r, c.perm, self.volumes)
                 if dmin >= MIN_DISTANCE:
                     c = replace(c, template=t, alternates=())
                     break

@@ -80,29 +80,34 @@ class Outcomes:
         return cls(list(d["rows"]), cands, [np.asarray(lab, dtype=np.int8) for lab in d["labels"]])
 
 
-_FORKED: tuple[TemplateIndex, dict[int, list[Ranked]]] | None = None
+_FORKED: tuple[TemplateIndex, dict[int, list[Ranked]], np.ndarray | None] | None = None
 
 
 def _label_chunk(rows: list[int]) -> list[np.ndarray]:
     """Worker: match every candidate of each held-out row against that row's own structure."""
     assert _FORKED is not None
-    index, cands_of = _FORKED
+    index, cands_of, volumes = _FORKED
     matcher = Matcher()
     out = []
     for i in rows:
         gt = matcher.reduce(index.structure(i))
         q = index.roles[i]
-        out.append(np.array([candidate_matches(matcher, index, c, q, gt) for c in cands_of[i]], dtype=np.int8))
+        out.append(np.array([candidate_matches(matcher, index, c, q, gt, volumes) for c in cands_of[i]], dtype=np.int8))
     return out
 
 
 def candidate_matches(
-    matcher: Matcher, index: TemplateIndex, c: Ranked, q: Roles, gt_reduced: Structure | None
+    matcher: Matcher,
+    index: TemplateIndex,
+    c: Ranked,
+    q: Roles,
+    gt_reduced: Structure | None,
+    volumes: np.ndarray | None = None,
 ) -> bool:
     """Whether candidate ``c`` of query roles ``q``, substituted as ``predict`` does it (template, then
     alternates under the 0.5 A rule), matches the reduced answer; a candidate predict drops never does."""
     for t in (c.template, *c.alternates):
-        s, dmin = substitute(index, t, q, c.perm)
+        s, dmin = substitute(index, t, q, c.perm, volumes)
         if dmin >= MIN_DISTANCE:
             return matcher.rms(s, gt_reduced, first=True) is not None
     return False
@@ -137,7 +142,7 @@ def label_outcomes(
     ranked = rank(model, index, queries, top=k, exclude_ids=exclude, strict=strict, threads=workers)
     cands_of = dict(zip(rows, ranked, strict=True))
     global _FORKED
-    _FORKED = (index, cands_of)
+    _FORKED = (index, cands_of, model.volumes)
     chunks = [rows[s : s + chunk] for s in range(0, len(rows), chunk)]
     try:
         labels = map_chunks_forked(_label_chunk, chunks, workers, len(rows))
