@@ -19,6 +19,7 @@ import argparse
 import logging
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,6 +77,7 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "all features + prototype classifier": (*FEATURES, PROTOTYPE_PROBABILITY),
 }
 COLUMNS = (*FEATURES, PROTOTYPE_PROBABILITY)  # the ablation's feature matrices: the features, then the classifier
+CROSS_FIT_FOLDS = 5  # a variant's outcome folds: pair models closer to the one trained on the whole pool
 TRAINING_SIZES = (250, 500, 1000)  # learning curve: held-out pool formulas the full ranker learns from
 
 _FORKED: tuple[TemplateIndex, list, list, list] | None = None
@@ -173,12 +175,18 @@ def query_labels(
 
 
 def training_rows(
-    cfg: BenchmarkConfig, train_index: TemplateIndex, model: SimilarityModel, k: int, strict: bool = True
+    cfg: BenchmarkConfig,
+    train_index: TemplateIndex,
+    model: SimilarityModel,
+    k: int,
+    strict: bool = True,
+    folds: int = 2,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The ranker's training data: CSP outcomes of held-out pool formulas (cached by the benchmark's fit) as
     :data:`COLUMNS` rows: the library's features, the lever columns (what a query may not use as a template,
     its formula or with ``strict=False`` its own template, left out of the pool statistics) and the
-    cross-fitted prototype-classifier column; ``strict=False``: outcomes of the standard setting."""
+    cross-fitted prototype-classifier column; ``strict=False``: outcomes of the standard setting; ``folds``: formula
+    folds the outcomes' pair models are cross-fitted over (the shipped ranker's: 2)."""
     data = ranker_data(
         train_index,
         model.std,
@@ -188,6 +196,7 @@ def training_rows(
         workers=cfg.workers,
         cache_dir=home_dir() / "benchmark" / "outcomes",
         strict=strict,
+        folds=folds,
     )
     held = training_held_out(train_index, data.query_rows.tolist(), strict)
     levers = lever_columns(train_index, data.queries, data.candidates, train_index.stats[data.query_rows], held)
@@ -196,11 +205,14 @@ def training_rows(
 
 
 def variant_rows(
-    data: AblationData, rounds: int, seed: int, other: tuple[str, np.ndarray, np.ndarray, np.ndarray] | None = None
+    data: AblationData,
+    rounds: int,
+    seed: int,
+    others: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarray]] = (),
 ) -> tuple[dict[str, dict[str, float]], dict[str, list[np.ndarray]]]:
     """Top-k (with standard errors) of the pair model's order, of each feature subset, of the full ranker on
-    fewer formulas and (``other``: setting name and training rows) of the shipped features trained for the
-    other setting; each row's top-1 difference to the shipped ranker, paired over the same queries. Returns the
+    fewer formulas and (``others``: what differs, and the training rows) of the shipped features trained on
+    other outcomes; each row's top-1 difference to the shipped ranker, paired over the same queries. Returns the
     rows and each ranking's scores of the queries' candidates."""
     rows: dict[str, dict[str, float]] = {}
     scores: dict[str, list[np.ndarray]] = {
@@ -218,13 +230,10 @@ def variant_rows(
         cols = [COLUMNS.index(f) for f in FEATURES]
         booster = _train(data.xt[take][:, cols], data.yt[take], data.groups[:n], rounds, seed)
         scores[f"ranker: all features, {n} training formulas"] = data.split(booster.predict(data.xq[:, cols]))
-    if other is not None:
-        name, xo, yo, go = other
+    for name, xo, yo, go in others:
         cols = [COLUMNS.index(f) for f in DEFAULT_FEATURES]
         booster = _train(xo[:, cols], yo, go, rounds, seed)
-        scores[f"ranker: default features, trained for the {name} setting"] = data.split(
-            booster.predict(data.xq[:, cols])
-        )
+        scores[f"ranker: default features, {name}"] = data.split(booster.predict(data.xq[:, cols]))
     full = scores[f"ranker: {SHIPPED}"]
     for name, sc in scores.items():
         rows[name] = top_k(data.labels, sc)
@@ -295,8 +304,13 @@ def run_ablation(
     xq = np.column_stack([xq, levers, proto])
     data = AblationData(labels, [len(c) for c in cands], xq, xt, yt, groups)
     rounds = int((model.ranker.meta.get("report") or {}).get("rounds", 200)) if model.ranker else 200
-    xo, yo, go = training_rows(cfg, train_index, model, k, strict=False)  # the shipped ranker's are strict
-    rows, scores = variant_rows(data, rounds, seed, ("standard", xo, yo, go))
+    standard = training_rows(cfg, train_index, model, k, strict=False)  # the shipped ranker's are strict
+    folds = training_rows(cfg, train_index, model, k, folds=CROSS_FIT_FOLDS)
+    others = [
+        ("trained for the standard setting", *standard),
+        (f"outcomes cross-fitted over {CROSS_FIT_FOLDS} formula folds", *folds),
+    ]
+    rows, scores = variant_rows(data, rounds, seed, others)
     misses = miss_kinds(cands, labels, scores[f"ranker: {SHIPPED}"])
     recall = float(np.mean([max(lab, default=0) == 1 for lab in labels]))
     return {

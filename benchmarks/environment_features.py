@@ -138,9 +138,9 @@ def _column(name: str) -> np.ndarray:
 
 
 def volume_scales(qz: np.ndarray, tz: np.ndarray, fractions: np.ndarray, real: np.ndarray) -> np.ndarray:
-    """Linear scale factor of each candidate's cell (cube root of the element-volume ratio, the roles weighted
-    by their atomic ``fractions``; 1 where unknown): :func:`cspml_flows.predict.substitute.volume_scale`
-    for many candidates at once."""
+    """Linear scale factor of each candidate's cell (cube root of the pure elements' volume ratio, the roles
+    weighted by their atomic ``fractions``; 1 where unknown): :func:`cspml_flows.predict.substitute.volume_scale`
+    with its default volumes, for many candidates at once."""
     vol = _column("GSvolume_pa")
     vq = np.where(real, vol[qz] * fractions, 0.0).sum(axis=1)
     vt = np.where(real, vol[tz] * fractions, 0.0).sum(axis=1)
