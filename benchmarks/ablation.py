@@ -15,7 +15,6 @@ so it reads a little below the benchmark's deduplicated top-k.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 import time
@@ -29,12 +28,11 @@ from pymatgen.core import Structure
 
 from benchmarks.config import BenchmarkConfig
 from benchmarks.csp_model import benchmark_model
-from benchmarks.csp_tables import write_reports
 from benchmarks.environment_features import ENV_FEATURES
 from benchmarks.lever_columns import LEVER_FEATURES, VOLUME_FEATURES, lever_columns, training_held_out
-from benchmarks.logs import configure_logging
 from benchmarks.protocols import formula_from_cif, load_queries, pool_index, query_structures
 from benchmarks.prototype_classifier import query_feature, training_feature
+from benchmarks.study_cli import run_study, study_parser
 from benchmarks.vote_features import VOTE_FEATURES
 from cspml_flows.core.composition import MAX_ASSIGNMENTS, roles
 from cspml_flows.core.config import home_dir
@@ -365,25 +363,10 @@ def markdown(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m benchmarks.ablation``: run, print the Markdown, write ``--json``/``--markdown``."""
-    p = argparse.ArgumentParser(
-        prog="python -m benchmarks.ablation",
-        description=__doc__.splitlines()[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("--protocol", default="mp20bt", choices=["mp20bt", "mpts52"])
+    p = study_parser("python -m benchmarks.ablation", __doc__.splitlines()[0])
     p.add_argument("--setting", default="standard", choices=["standard", "strict"])
-    p.add_argument("--limit", type=int, default=1000)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--json")
-    p.add_argument("--markdown")
     a = p.parse_args(argv)
-    configure_logging()
-    result = run_ablation(a.protocol, a.limit, a.seed, a.setting, a.workers)
-    md = markdown(result)
-    write_reports(result, a.json, a.markdown, markdown=md)
-    print(md)
-    return 0
+    return run_study(a, lambda a: run_ablation(a.protocol, a.limit, a.seed, a.setting, a.workers), markdown)
 
 
 if __name__ == "__main__":

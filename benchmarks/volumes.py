@@ -19,7 +19,6 @@ scales both structures to one volume before comparing.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 import time
@@ -31,9 +30,8 @@ from pymatgen.core import Element
 
 from benchmarks.config import BenchmarkConfig
 from benchmarks.csp_model import benchmark_model
-from benchmarks.csp_tables import write_reports
-from benchmarks.logs import configure_logging
 from benchmarks.protocols import formula_from_cif, load_queries, pool_index, query_structures
+from benchmarks.study_cli import run_study, study_parser
 from cspml_flows.core.tables import markdown_table
 from cspml_flows.predict.predictor import CSPPredictor
 from cspml_flows.templates.index import TemplateIndex
@@ -183,20 +181,8 @@ def markdown(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m benchmarks.volumes``: run, print the Markdown, write ``--json``/``--markdown``."""
-    p = argparse.ArgumentParser(prog="python -m benchmarks.volumes", description=__doc__.splitlines()[0])
-    p.add_argument("--protocol", default="mp20bt", choices=["mp20bt", "mpts52"])
-    p.add_argument("--limit", type=int, default=1000)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--json")
-    p.add_argument("--markdown")
-    a = p.parse_args(argv)
-    configure_logging()
-    result = run(a.protocol, a.limit, a.seed, a.workers)
-    md = markdown(result)
-    write_reports(result, a.json, a.markdown, markdown=md)
-    print(md)
-    return 0
+    a = study_parser("python -m benchmarks.volumes", __doc__.splitlines()[0]).parse_args(argv)
+    return run_study(a, lambda a: run(a.protocol, a.limit, a.seed, a.workers), markdown)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ast
 import configparser
+import importlib
 import inspect
 import io
 import json
@@ -427,35 +428,18 @@ def csp_results(folder: str, pattern: str = "*.json") -> Callable[[], str]:
     return generate
 
 
-def ablation_results(folder: str) -> Callable[[], str]:
-    """The ranking ablation table (:func:`benchmarks.ablation.markdown`) of every ``python -m benchmarks.ablation``
-    result in ``benchmarks/results/<folder>/``."""
+def study_results(folder: str, study: str) -> Callable[[], str]:
+    """The table (``benchmarks.<study>.markdown``) of every ``python -m benchmarks.<study>`` result
+    ``benchmarks/results/<folder>/<study>-*.json``."""
 
     def generate() -> str:
-        files = sorted((RESULTS / folder).glob("ablation-*.json"))
+        files = sorted((RESULTS / folder).glob(f"{study}-*.json"))
         if not files:
-            raise PluginError(f"benchmark results missing: benchmarks/results/{folder}/ablation-*.json")
+            raise PluginError(f"benchmark results missing: benchmarks/results/{folder}/{study}-*.json")
         try:
-            from benchmarks.ablation import markdown
+            markdown = importlib.import_module(f"benchmarks.{study}").markdown
         except ImportError as exc:
-            raise PluginError(f"cannot import benchmarks.ablation from {ROOT}: {exc}") from exc
-        return "\n".join(f"`{p.name}`: {markdown(json.loads(p.read_text()))}" for p in files)
-
-    return generate
-
-
-def volume_results(folder: str) -> Callable[[], str]:
-    """The cell-volume table (:func:`benchmarks.volumes.markdown`) of every ``python -m benchmarks.volumes``
-    result in ``benchmarks/results/<folder>/``."""
-
-    def generate() -> str:
-        files = sorted((RESULTS / folder).glob("volumes-*.json"))
-        if not files:
-            raise PluginError(f"benchmark results missing: benchmarks/results/{folder}/volumes-*.json")
-        try:
-            from benchmarks.volumes import markdown
-        except ImportError as exc:
-            raise PluginError(f"cannot import benchmarks.volumes from {ROOT}: {exc}") from exc
+            raise PluginError(f"cannot import benchmarks.{study} from {ROOT}: {exc}") from exc
         return "\n".join(f"`{p.name}`:\n\n{markdown(json.loads(p.read_text()))}" for p in files)
 
     return generate
@@ -470,9 +454,9 @@ GENERATORS: dict[str, Callable[[], str]] = {
     "scale-workers1": scale_full("scale-workers1"),
     "training-bounds": training_bounds,
     "restructure": csp_results("restructure"),
-    "ranking-ablation": ablation_results("ranking"),
+    "ranking-ablation": study_results("ranking", "ablation"),
     "ranking-csp": csp_results("ranking", "csp-*.json"),
-    "ranking-volumes": volume_results("ranking"),
+    "ranking-volumes": study_results("ranking", "volumes"),
     "layers": layers_table,
 }
 
