@@ -31,7 +31,7 @@ from monty.serialization import loadfn
 from pymatgen.core import Element
 
 from benchmarks.site_environments import template_environments
-from cspml_flows.core.descriptors import MAGPIE_PROPERTIES, MAX_ROLES, N_ELEMENTS, element_table
+from cspml_flows.core.descriptors import MAGPIE_PROPERTIES, MAX_ROLES, N_ELEMENTS, element_table, elemental_volumes
 from cspml_flows.templates.index import TemplateIndex
 
 ENV_FEATURES = (
@@ -141,7 +141,7 @@ def volume_scales(qz: np.ndarray, tz: np.ndarray, fractions: np.ndarray, real: n
     """Linear scale factor of each candidate's cell (cube root of the pure elements' volume ratio, the roles
     weighted by their atomic ``fractions``; 1 where unknown): :func:`cspml_flows.predict.substitute.volume_scale`
     with its default volumes, for many candidates at once."""
-    vol = _column("GSvolume_pa")
+    vol = elemental_volumes()
     vq = np.where(real, vol[qz] * fractions, 0.0).sum(axis=1)
     vt = np.where(real, vol[tz] * fractions, 0.0).sum(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):

@@ -32,10 +32,11 @@ from benchmarks.config import BenchmarkConfig
 from benchmarks.csp_model import benchmark_model
 from benchmarks.protocols import formula_from_cif, load_queries, pool_index, query_structures
 from benchmarks.study_cli import run_study, study_parser
+from cspml_flows.core.descriptors import elemental_volumes
 from cspml_flows.core.tables import markdown_table
 from cspml_flows.predict.predictor import CSPPredictor
 from cspml_flows.templates.index import TemplateIndex
-from cspml_flows.templates.volumes import elemental_volumes, fit_element_volumes, volume_rows
+from cspml_flows.templates.volumes import fit_element_volumes, volume_rows
 
 logger = logging.getLogger(__name__)
 
@@ -58,11 +59,14 @@ def log_errors(predicted: np.ndarray, true: np.ndarray) -> dict[str, float]:
 
 
 def scaled(x_query: np.ndarray, x_template: np.ndarray, v_template: np.ndarray, table: np.ndarray) -> np.ndarray:
-    """Template volumes per atom rescaled by the ratio of the composition-weighted element volumes."""
-    t = np.nan_to_num(table)
+    """Template volumes per atom rescaled by the ratio of the composition-weighted element volumes (unscaled
+    where an element has none, as :func:`cspml_flows.predict.substitute.volume_scale`)."""
+    known = np.isfinite(table)
+    t = np.where(known, table, 0.0)
+    unknown = ((x_query > 0) | (x_template > 0)) @ ~known > 0
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = (x_query @ t) / (x_template @ t)
-    return v_template * np.where(np.isfinite(ratio) & (ratio > 0), ratio, 1.0)
+    return v_template * np.where(np.isfinite(ratio) & (ratio > 0) & ~unknown, ratio, 1.0)
 
 
 def pool_pairs(index: TemplateIndex, seed: int = 0) -> dict[str, dict[str, float]]:

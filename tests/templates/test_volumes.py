@@ -7,10 +7,11 @@ import pytest
 from pymatgen.core import Element, Lattice, Structure
 
 from cspml_flows.core.composition import roles
+from cspml_flows.core.descriptors import elemental_volumes
 from cspml_flows.predict.substitute import substitute, volume_scale
 from cspml_flows.templates.index import TemplateIndex
 from cspml_flows.templates.schema import template_doc_from_structure
-from cspml_flows.templates.volumes import elemental_volumes, fit_element_volumes, volume_mapping, volume_table
+from cspml_flows.templates.volumes import fit_element_volumes, volume_mapping, volume_table
 
 # made-up volumes per atom (Å^3), far from the pure elements' for the alkali metals
 TRUE = {"Li": 6.0, "Na": 11.0, "K": 19.0, "Rb": 24.0, "F": 12.0, "Cl": 21.0, "Br": 25.0, "I": 31.0}

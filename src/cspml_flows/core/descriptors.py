@@ -165,7 +165,13 @@ def role_fractions(role_list: Sequence[Roles]) -> np.ndarray:
     return out
 
 
+@lru_cache(maxsize=1)
+def elemental_volumes() -> np.ndarray:
+    """DFT ground-state volume per atom of each pure element by atomic number (Magpie GSvolume_pa; NaN where
+    unknown)."""
+    return element_table()[:, MAGPIE_PROPERTIES.index("GSvolume_pa")].copy()
+
+
 def element_volume(symbols: list[str] | tuple[str, ...]) -> np.ndarray:
     """DFT ground-state volume per atom of each element (Magpie GSvolume_pa)."""
-    table = element_table()
-    return np.array([table[Element(s).Z, MAGPIE_PROPERTIES.index("GSvolume_pa")] for s in symbols])
+    return elemental_volumes()[[Element(s).Z for s in symbols]]

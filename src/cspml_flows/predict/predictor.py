@@ -118,7 +118,7 @@ class CSPPredictor:
         self.index = index
         self.model = model
         # element volumes that rescale substituted cells (by atomic number; default the model's learned ones)
-        self.volumes = volumes if volumes is not None or model is None else model.volumes
+        self.volumes = model.volumes if volumes is None and model is not None else volumes
         self.prefilter = prefilter
         self.max_assignments = max_assignments  # element-to-site assignments per composition (fewest swaps first)
         self.workers = workers  # processes that build structures for large batches (forked; see realize)

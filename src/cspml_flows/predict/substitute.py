@@ -6,8 +6,8 @@ import numpy as np
 from pymatgen.core import Element, Lattice, Structure
 
 from cspml_flows.core.composition import Roles
+from cspml_flows.core.descriptors import elemental_volumes
 from cspml_flows.templates.index import TemplateIndex
-from cspml_flows.templates.volumes import elemental_volumes
 
 
 def volume_scale(query: Roles, template: Roles, perm: tuple[int, ...], volumes: np.ndarray | None = None) -> float:

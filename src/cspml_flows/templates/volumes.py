@@ -11,25 +11,17 @@ the pool rarely holds keeps a sensible value and one it never holds keeps the el
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 import numpy as np
 from pymatgen.core import Element
 from scipy.optimize import lsq_linear
 
-from cspml_flows.core.descriptors import MAGPIE_PROPERTIES, N_ELEMENTS, element_table
+from cspml_flows.core.descriptors import N_ELEMENTS, elemental_volumes
 from cspml_flows.templates.geometry import cell_arrays
 from cspml_flows.templates.index import TemplateIndex
 
 MAX_ROWS = 50_000  # templates the fit reads at most (evenly spaced over the pool)
 PRIOR_WEIGHT = 0.1  # weight of each element's elemental volume, in templates' worth of evidence
 MIN_VOLUME = 0.5  # Å^3 per atom: the least volume an element may take
-
-
-@lru_cache(maxsize=1)
-def elemental_volumes() -> np.ndarray:
-    """DFT ground-state volume per atom of each pure element by atomic number (NaN where unknown)."""
-    return element_table()[:, MAGPIE_PROPERTIES.index("GSvolume_pa")].copy()
 
 
 def volume_mapping(table: np.ndarray) -> dict[str, float]:
